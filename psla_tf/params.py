@@ -1,0 +1,25 @@
+"""Constants of the PSLA recipe (paper Sec. II; numbers from the reference code).
+
+One flat module, as YAMNet's ``params.py``: every default that the features, the data
+pipeline and the recipes share lives here, so flags and layers agree.
+"""
+
+SAMPLE_RATE: int = 16000          # Hz, the rate every clip is resampled to
+FRAME_LENGTH: int = 400           # samples (25 ms)
+FRAME_SHIFT: int = 160            # samples (10 ms)
+FFT_LENGTH: int = 512             # FFT size (400 padded to the next power of two)
+NUM_MEL_BINS: int = 128
+LOW_FREQ: float = 20.0            # Hz, Kaldi's default lower mel edge
+PREEMPHASIS: float = 0.97
+LOG_FLOOR: float = 1.1920928955078125e-07  # float32 machine epsilon (torch.finfo(float).eps)
+
+TARGET_LENGTH: int = 1056         # frames, AudioSet 10-s clips padded (FSD50K: 3000)
+DATASET_MEAN: float = -4.6476     # AudioSet fbank mean (reference's normalisation)
+DATASET_STD: float = 4.5699       # AudioSet fbank std
+
+FREQM: int = 48                   # max frequency-mask width (bins)
+TIMEM: int = 192                  # max time-mask width (frames)
+MIXUP: float = 0.5                # mixup rate
+MIXUP_ALPHA: float = 10.0         # Beta(alpha, alpha)
+
+CLAMP_EPS: float = 1e-7           # outputs clamped to [eps, 1 - eps] for BCE / attention
