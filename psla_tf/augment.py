@@ -1,0 +1,97 @@
+"""Frequency and time masking (paper Alg. 1, lines 16-18; DESIGN.md "Features").
+
+SpecAugment-style masking with torchaudio's exact semantics, as PSLA applies it per clip in its
+dataloader (``torchaudio.transforms.FrequencyMasking(48)`` then ``TimeMasking(192)`` on the
+padded fbank, before normalisation)::
+
+    v ~ U[0, W)                 # W = max_width
+    s ~ U[0, dim - v)
+    start = long(s); end = long(s) + long(v)      # long() truncates toward zero
+    x[start:end] = 0            # so the width long(v) is uniform on {0, ..., W - 1}
+
+(torchaudio's ``mask_along_axis`` computes ``end`` as ``s.long() + v.long()``, not
+``(s + v).long()``; the masked width is therefore always < W.) One mask per example, drawn
+independently per example; identity unless ``training=True``. Pure TensorFlow ops on a
+``[batch, time, freq]`` tensor: runs in ``tf.data``, in a Keras model and under XLA.
+"""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from psla_tf import params
+
+__all__ = ["FrequencyMasking", "TimeMasking", "mask_along_axis"]
+
+
+def mask_along_axis(x: tf.Tensor, max_width: int, axis: int, uniform: tf.Tensor,
+                    mask_value: float = 0.0) -> tf.Tensor:
+    """Mask one run per example of ``x`` ``[B, T, F]`` along ``axis`` (1 time, 2 frequency).
+
+    ``uniform`` ``[B, 2]`` holds U[0, 1) draws: column 0 gives v = u0 * max_width, column 1
+    gives s = u1 * (dim - v); positions long(s) .. long(s) + long(v) - 1 are set to
+    ``mask_value`` (torchaudio's ``mask_along_axis_iid``).
+    """
+    if axis not in (1, 2):
+        raise ValueError(f"axis must be 1 (time) or 2 (frequency) of [B, T, F], got {axis}")
+    dim = tf.shape(x)[axis]
+    uniform = tf.cast(uniform, tf.float32)
+    value = uniform[:, 0] * float(max_width)
+    min_value = uniform[:, 1] * (tf.cast(dim, tf.float32) - value)
+    start = tf.cast(min_value, tf.int32)                  # .long(): truncation toward zero
+    end = start + tf.cast(value, tf.int32)
+    pos = tf.range(dim, dtype=tf.int32)[tf.newaxis, :]
+    mask = (pos >= start[:, tf.newaxis]) & (pos < end[:, tf.newaxis])  # [B, dim]
+    mask = mask[:, :, tf.newaxis] if axis == 1 else mask[:, tf.newaxis, :]
+    return tf.where(mask, tf.cast(mask_value, x.dtype), x)
+
+
+class _AxisMasking(keras.layers.Layer):
+    """Shared body of FrequencyMasking / TimeMasking (one mask per example)."""
+
+    _axis: int = 1
+
+    def __init__(self, max_width: int, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if int(max_width) < 0:
+            raise ValueError(f"max_width must be >= 0, got {max_width}")
+        self.max_width = int(max_width)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.supports_masking = True
+
+    def call(self, inputs, training=None):
+        if not training or self.max_width < 1:
+            return inputs
+        batch = tf.shape(inputs)[0]
+        uniform = keras.random.uniform(tf.stack([batch, 2]), seed=self.seed_generator,
+                                       dtype="float32")
+        return mask_along_axis(inputs, self.max_width, self._axis, uniform)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(max_width=self.max_width, seed=self.seed)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="psla_tf")
+class FrequencyMasking(_AxisMasking):
+    """Zero one run of < ``max_width`` mel bins of each ``[B, T, F]`` example (training only)."""
+
+    _axis = 2
+
+    def __init__(self, max_width: int = params.FREQM, seed: int | None = None, **kwargs):
+        super().__init__(max_width, seed, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="psla_tf")
+class TimeMasking(_AxisMasking):
+    """Zero one run of < ``max_width`` frames of each ``[B, T, F]`` example (training only)."""
+
+    _axis = 1
+
+    def __init__(self, max_width: int = params.TIMEM, seed: int | None = None, **kwargs):
+        super().__init__(max_width, seed, **kwargs)

@@ -1,0 +1,141 @@
+"""Frequency / time masking (Alg. 1 lines 16-18) against torchaudio's exact distribution."""
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import stats
+
+from psla_tf.augment import FrequencyMasking, TimeMasking
+
+
+def _runs(masked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(start, width) of the zero run of each row of a 0/1 matrix; start -1 when width 0.
+    Asserts the zeros form one contiguous run."""
+    zero = masked == 0
+    width = zero.sum(axis=1)
+    start = np.where(width > 0, zero.argmax(axis=1), -1)
+    for row, s, w in zip(zero, start, width):
+        if w:
+            assert row[s:s + w].all(), "masked positions are not contiguous"
+    return start, width
+
+
+def _exact_joint(dim: int, max_width: int, points: int = 4000) -> np.ndarray:
+    """P(width = k, start = j) of torchaudio's mask_along_axis, by quadrature over v.
+
+    v ~ U[0, W); s | v ~ U[0, dim - v); width = floor(v), start = floor(s).
+    """
+    joint = np.zeros((max_width, dim))
+    j = np.arange(dim)[None, :]
+    for k in range(max_width):
+        v = k + (np.arange(points) + 0.5) / points          # midpoints of [k, k + 1)
+        span = (dim - v)[:, None]
+        p = np.clip(np.minimum(j + 1, span) - j, 0.0, 1.0) / span   # P(floor(s) = j | v)
+        joint[k] = p.mean(axis=0) / max_width
+    return joint
+
+
+def _chi_square_p(start: np.ndarray, width: np.ndarray, joint: np.ndarray) -> float:
+    """Chi-square p-value of observed (width, start) against ``joint``; width 0 is one cell
+    (its start is invisible), cells with expected count < 5 are pooled."""
+    n = len(width)
+    expected = [joint[0].sum() * n]
+    observed = [np.sum(width == 0)]
+    small_e, small_o = 0.0, 0
+    for k in range(1, joint.shape[0]):
+        for j in range(joint.shape[1]):
+            e = joint[k, j] * n
+            o = np.sum((width == k) & (start == j))
+            if e < 5:
+                small_e += e
+                small_o += o
+            else:
+                expected.append(e)
+                observed.append(o)
+    if small_e > 0:
+        expected.append(small_e)
+        observed.append(small_o)
+    expected = np.asarray(expected)
+    expected *= n / expected.sum()   # quadrature rounding
+    return stats.chisquare(np.asarray(observed), expected).pvalue
+
+
+def test_exact_joint_is_a_distribution():
+    joint = _exact_joint(24, 10)
+    assert joint.sum() == pytest.approx(1.0, abs=1e-6)
+    np.testing.assert_allclose(joint.sum(axis=1), 0.1, atol=1e-6)  # width uniform on 0..9
+
+
+@pytest.mark.parametrize("layer_cls,axis", [(FrequencyMasking, 2), (TimeMasking, 1)])
+def test_distribution_matches_torchaudio(layer_cls, axis):
+    dim, max_width, n = 24, 10, 20000
+    shape = (n, dim, 2) if axis == 1 else (n, 2, dim)
+    layer = layer_cls(max_width, seed=1234)
+    out = layer(tf.ones(shape), training=True).numpy()
+    rows = out[:, :, 0] if axis == 1 else out[:, 0, :]
+    other = out[:, :, 1] if axis == 1 else out[:, 1, :]
+    np.testing.assert_array_equal(rows, other)             # whole columns/rows masked
+    start, width = _runs(rows)
+    assert width.max() < max_width
+    # widths uniform on {0..W-1}: KS-free exact check by chi-square, p > 1e-3 (fixed seed)
+    assert stats.chisquare(np.bincount(width, minlength=max_width)).pvalue > 1e-3
+    joint = _exact_joint(dim, max_width)
+    assert _chi_square_p(start, width, joint) > 1e-3
+    # power: the same samples reject the "end = floor(s + v)" variant (widths up to W)
+    alt = np.zeros((max_width + 1, dim))
+    rng = np.random.default_rng(0)
+    v = rng.uniform(0, max_width, 400000)
+    s = rng.uniform(0, 1, v.size) * (dim - v)
+    w_alt = np.floor(s + v).astype(int) - np.floor(s).astype(int)
+    np.add.at(alt, (w_alt, np.floor(s).astype(int)), 1.0)
+    alt /= alt.sum()
+    assert _chi_square_p(start, width, alt) < 1e-6
+
+
+def test_independent_per_example_and_seeded():
+    x = tf.ones((64, 50, 40))
+    a = TimeMasking(30, seed=7)(x, training=True).numpy()
+    b = TimeMasking(30, seed=7)(x, training=True).numpy()
+    np.testing.assert_array_equal(a, b)                     # same seed, same masks
+    starts, widths = _runs(a[:, :, 0])
+    assert len(set(zip(starts.tolist(), widths.tolist()))) > 20   # not one mask for the batch
+    layer = TimeMasking(30, seed=7)
+    first = layer(x, training=True).numpy()
+    second = layer(x, training=True).numpy()
+    assert not np.array_equal(first, second)                # generator state advances
+
+
+def test_identity_at_inference_and_zero_width():
+    x = tf.random.normal((3, 20, 16))
+    for layer in (FrequencyMasking(8), TimeMasking(8)):
+        np.testing.assert_array_equal(layer(x).numpy(), x.numpy())
+        np.testing.assert_array_equal(layer(x, training=False).numpy(), x.numpy())
+    np.testing.assert_array_equal(TimeMasking(0)(x, training=True).numpy(), x.numpy())
+
+
+def test_values_outside_mask_untouched_and_xla():
+    keras.utils.set_random_seed(0)
+    x = tf.random.normal((8, 40, 32)) + 10.0                # no natural zeros
+    layer = FrequencyMasking(12, seed=3)
+
+    @tf.function(jit_compile=True)
+    def run(v):
+        return layer(v, training=True)
+
+    y = run(x).numpy()
+    keep = y != 0
+    np.testing.assert_array_equal(y[keep], x.numpy()[keep])
+    for b in range(8):
+        _, width = _runs(y[b].T)                            # rows = frequency bins
+        assert set(width.tolist()) <= {0, 40}               # whole bins masked over time
+        assert (width == 40).sum() < 12
+
+
+def test_config_round_trip():
+    layer = TimeMasking(192, seed=5, name="tm")
+    clone = TimeMasking.from_config(layer.get_config())
+    assert (clone.max_width, clone.seed, clone.name) == (192, 5, "tm")
+    with pytest.raises(ValueError, match="max_width"):
+        FrequencyMasking(-1)
