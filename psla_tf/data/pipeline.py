@@ -1,0 +1,387 @@
+"""Training and evaluation input pipelines (tf.data) over psla_tf TFRecord shards.
+
+Training (paper Algorithm 1, lines 1-15), per epoch e:
+
+1. the shard list (this input pipeline's share) is shuffled and read with a deterministic
+   parallel ``interleave``; each record is checked against the manifest's per-shard count;
+2. balanced sampling (:mod:`psla_tf.data.sampling`): record i is emitted k_i ~ Poisson(N p_i)
+   times; non-balanced: every record once;
+3. the emitted stream is shuffled (``shuffle_buffer`` serialised records, ~320 kB per 10-s
+   clip), then parsed (:func:`psla_tf.data.records.parse_example`);
+4. mixup (:mod:`psla_tf.data.mixup`) against a second, independently shuffled and repeated
+   traversal of the same shards (the uniformly drawn partner j);
+5. the waveform is cut or zero-padded to ``clip_samples`` (``num_samples`` keeps the valid
+   length), batched (remainder dropped) and cut at exactly ``N // batch_size`` batches. If the
+   Poisson stream runs short, a further independent draw of the same epoch follows.
+
+Every random number comes from stateless ops (or tf.data shuffles with explicit seeds)
+derived from (seed, epoch, input_pipeline_id, draw, ...), so a given (seed, epoch) gives the
+same batches in any run: resuming at ``initial_epoch`` after a kill continues exactly, and
+each input pipeline of a distributed run draws its own stream.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Callable
+
+import numpy as np
+import tensorflow as tf
+
+from psla_tf import params
+from psla_tf.data import records
+from psla_tf.data import sampling
+from psla_tf.data.mixup import mixup_example
+from psla_tf.data.records import DataError, DataSpec
+
+__all__ = ["DEFAULT_CLIP_SAMPLES", "make_train_dataset", "make_eval_dataset",
+           "clip_samples_for_frames", "steps_per_epoch", "resolve_data", "shard_counts",
+           "READ_BUFFER_BYTES"]
+
+steps_per_epoch = sampling.steps_per_epoch
+AUTOTUNE = tf.data.AUTOTUNE
+READ_BUFFER_BYTES = 4 << 20
+MAX_DRAWS_PER_EPOCH = 100
+_KEY_SHIFT = 32  # key = file_index * 2**32 + position in the file
+_SALT_MAIN, _SALT_PARTNER, _SALT_MIX = 11, 12, 13
+
+
+def clip_samples_for_frames(frames: int = params.TARGET_LENGTH) -> int:
+    """Samples that give exactly ``frames`` Kaldi frames: (frames - 1) * 160 + 400."""
+    return (frames - 1) * params.FRAME_SHIFT + params.FRAME_LENGTH
+
+
+DEFAULT_CLIP_SAMPLES = clip_samples_for_frames(params.TARGET_LENGTH)  # 169360
+
+
+def resolve_data(data: str | DataSpec) -> DataSpec:
+    """A DataSpec from a shard glob (or the DataSpec itself)."""
+    return data if isinstance(data, DataSpec) else records.load_data_spec(data)
+
+
+def shard_counts(spec: DataSpec) -> np.ndarray:
+    """Records per file of ``spec.files`` according to the manifests (int64 ``[F]``)."""
+    per_file: dict[str, int] = {}
+    for m in spec.manifests:
+        for path, s in zip(m.shard_paths(), m.shards):
+            per_file[os.path.basename(path)] = int(s["num_examples"])
+    try:
+        return np.array([per_file[os.path.basename(f)] for f in spec.files], np.int64)
+    except KeyError as e:
+        raise DataError(f"shard {e.args[0]} is not listed in any manifest") from None
+
+
+def example_key_parts(key: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
+    """(file index into spec.files, record position in the file) of a pipeline ``key``."""
+    key = np.asarray(key, np.int64)
+    return key >> _KEY_SHIFT, key & ((1 << _KEY_SHIFT) - 1)
+
+
+# ----------------------------------------------------------------------------- reading
+class _Reader:
+    """Reads shards by index, checking every shard yields its manifest count of records.
+
+    TFRecordDataset's DataLossError names no file, so each shard is read with
+    ``ignore_errors`` (stopping at the first bad record) and the number of records read is
+    compared with the manifest: a mismatch raises InvalidArgumentError whose message names the
+    shard ("corrupt or truncated TFRecord shard <path>: read r of n records"), or, with
+    ``skip_corrupt=True``, prints that line to stderr and goes on with the records read.
+    """
+
+    def __init__(self, spec: DataSpec, skip_corrupt: bool = False,
+                 record_shard: tuple[int, int] | None = None):
+        self.files = tf.constant(spec.files)
+        self.expected = tf.constant(shard_counts(spec))
+        self.compression = spec.compression or ""
+        self.skip_corrupt = skip_corrupt
+        self.record_shard = record_shard
+
+    def __call__(self, file_index: tf.Tensor) -> tf.data.Dataset:
+        """(key int64, serialised record) of one shard, in file order."""
+        file_index = tf.cast(file_index, tf.int64)
+        fname = tf.gather(self.files, file_index)
+        expected = tf.gather(self.expected, file_index)
+        raw = tf.data.TFRecordDataset(fname, compression_type=self.compression,
+                                      buffer_size=READ_BUFFER_BYTES).ignore_errors()
+        sentinel = tf.data.Dataset.from_tensors((tf.constant(-1, tf.int64), tf.constant(b"")))
+        ds = raw.enumerate().concatenate(sentinel)
+        skip_corrupt = self.skip_corrupt
+
+        def check(pos, rec, count):
+            # count = records seen before this element; at the sentinel: all records read
+            ok = tf.logical_or(pos >= 0, tf.equal(count, expected))
+            if skip_corrupt:
+                msg = tf.cond(ok, lambda: tf.constant(True), lambda: _warn(fname, count, expected))
+                with tf.control_dependencies([msg]):
+                    return tf.identity(pos), rec
+            assert_op = tf.debugging.Assert(
+                ok, ["corrupt or truncated TFRecord shard", fname, "read", count,
+                     "of", expected, "records listed in its manifest"], summarize=1)
+            with tf.control_dependencies([assert_op]):
+                return tf.identity(pos), rec
+
+        ds = ds.scan(tf.constant(0, tf.int64),
+                     lambda c, el: (c + 1, check(el[0], el[1], c)))
+        ds = ds.filter(lambda pos, rec: pos >= 0)
+        if self.record_shard is not None:
+            n, i = self.record_shard
+            ds = ds.filter(lambda pos, rec: tf.equal(pos % n, i))
+        return ds.map(lambda pos, rec: (file_index * (1 << _KEY_SHIFT) + pos, rec))
+
+
+def _warn(fname, count, expected):
+    op = tf.print("WARNING: corrupt or truncated TFRecord shard", fname, "read", count, "of",
+                  expected, "records listed in its manifest; skipping the rest",
+                  output_stream=sys.stderr)
+    with tf.control_dependencies([op]):
+        return tf.constant(True)
+
+
+def _labels_only(rec: tf.Tensor, num_classes: int) -> tf.Tensor:
+    ex = tf.io.parse_single_example(rec, {"labels": records.FEATURE_SPEC["labels"]})
+    return records.labels_to_multi_hot(tf.sparse.to_dense(ex["labels"]), num_classes)
+
+
+def _traversal(reader: _Reader, file_ids: np.ndarray, seed: tf.Tensor, cycle_length: int
+               ) -> tf.data.Dataset:
+    """(key, record) of the given shards, shard order shuffled by ``seed``, interleaved."""
+    files = tf.data.Dataset.from_tensor_slices(tf.constant(file_ids, tf.int64))
+    files = files.shuffle(len(file_ids), seed=sampling.seed_to_int(seed),
+                          reshuffle_each_iteration=False)
+    return files.interleave(reader, cycle_length=min(cycle_length, len(file_ids)),
+                            block_length=1, num_parallel_calls=AUTOTUNE, deterministic=True)
+
+
+def _parse(key: tf.Tensor, rec: tf.Tensor, num_classes: int) -> dict[str, tf.Tensor]:
+    ex = records.parse_example(rec, num_classes)
+    ex["key"] = key
+    return ex
+
+
+def _pad_or_cut(ex: dict[str, tf.Tensor], clip_samples: int) -> dict[str, tf.Tensor]:
+    x = ex["waveform"][:clip_samples]
+    n = tf.shape(x)[0]
+    out = dict(ex)
+    out["waveform"] = tf.ensure_shape(tf.pad(x, [[0, clip_samples - n]]), [clip_samples])
+    out["num_samples"] = tf.cast(n, tf.int32)
+    return out
+
+
+def _format(ex: dict[str, tf.Tensor], with_ids: bool, id_keys: tuple[str, ...]):
+    feats = {"waveform": ex["waveform"], "num_samples": ex["num_samples"]}
+    if with_ids:
+        for k in id_keys:
+            feats[k] = ex[k]
+    return feats, ex["labels"]
+
+
+def _apply_frontend(frontend: Callable, keep: tuple[str, ...]):
+    def fn(feats, labels):
+        out = {"fbank": frontend(feats["waveform"], feats["num_samples"])}
+        for k in keep:
+            if k in feats:
+                out[k] = feats[k]
+        return out, labels
+    return fn
+
+
+def _or_fail_when_exhausted(ds: tf.data.Dataset, what: str) -> tf.data.Dataset:
+    """Append an element that raises: reached only if ``ds`` ends before ``take`` stops."""
+    def zeros(spec):
+        return tf.zeros(spec.shape, spec.dtype)
+    filler = tf.data.Dataset.from_tensors(tf.nest.map_structure(zeros, ds.element_spec))
+
+    def fail(*el):
+        op = tf.debugging.Assert(tf.constant(False), [what])
+        with tf.control_dependencies([op]):
+            return tf.nest.map_structure(tf.identity, el if len(el) > 1 else el[0])
+    return ds.concatenate(filler.map(fail))
+
+
+# ----------------------------------------------------------------------------- training
+def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
+                       clip_samples: int | None = None, balanced_sampling: bool = True,
+                       mixup: float = params.MIXUP, mixup_alpha: float = params.MIXUP_ALPHA,
+                       shuffle_buffer: int = 1000, seed: int = 0, initial_epoch: int = 0,
+                       num_epochs: int = 1,
+                       input_context: tf.distribute.InputContext | None = None,
+                       features_in_pipeline: bool = False, frontend: Callable | None = None,
+                       with_ids: bool = False, skip_corrupt_records: bool = False,
+                       cycle_length: int = 8, num_parallel_calls: int = AUTOTUNE,
+                       prefetch: int = AUTOTUNE) -> tf.data.Dataset:
+    """The training stream (Algorithm 1 lines 1-15) for epochs initial_epoch..+num_epochs-1.
+
+    Yields exactly ``steps_per_epoch(N, batch_size)`` batches per epoch, each
+    ``({"waveform": [B, clip_samples] float32, "num_samples": [B] int32}, labels [B, C])``
+    (``{"fbank": [B, T, 128]}`` instead when ``features_in_pipeline``; B is the per-replica
+    batch under ``input_context``). ``with_ids`` adds ``id`` (string), ``key`` (int64:
+    file index * 2**32 + record position, see :func:`example_key_parts`), ``partner_key``
+    (-1 when not mixed) and ``mix_lambda`` (1 when not mixed) to the features.
+    Epochs are counted from 0 as in Keras' ``initial_epoch``.
+    """
+    spec = resolve_data(data)
+    n_total = int(spec.num_examples)
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not 0.0 <= mixup <= 1.0:
+        raise ValueError(f"mixup rate must be in [0, 1], got {mixup}")
+    if mixup > 0 and mixup_alpha <= 0:
+        raise ValueError(f"mixup_alpha must be positive, got {mixup_alpha}")
+    if shuffle_buffer < 1:
+        raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
+    if features_in_pipeline and frontend is None:
+        raise ValueError("features_in_pipeline=True needs a frontend "
+                         "(a callable (waveform, num_samples) -> fbank)")
+    clip_samples = DEFAULT_CLIP_SAMPLES if clip_samples is None else int(clip_samples)
+    if clip_samples <= 0:
+        raise ValueError(f"clip_samples must be positive, got {clip_samples}")
+    steps = steps_per_epoch(n_total, batch_size)
+    if steps == 0:
+        raise DataError(f"{n_total} training examples give no full batch of {batch_size}; "
+                        "lower --batch_size")
+    num_classes = spec.num_classes
+
+    # ---- this input pipeline's share of the data
+    pid, npipe = 0, 1
+    per_batch = batch_size
+    if input_context is not None:
+        pid, npipe = input_context.input_pipeline_id, input_context.num_input_pipelines
+        per_batch = input_context.get_per_replica_batch_size(batch_size)
+    all_ids = np.arange(len(spec.files), dtype=np.int64)
+    counts = shard_counts(spec)
+    if npipe > 1 and len(spec.files) >= npipe:
+        file_ids, record_shard = all_ids[pid::npipe], None
+        share = int(counts[file_ids].sum())
+    else:
+        file_ids, record_shard = all_ids, ((npipe, pid) if npipe > 1 else None)
+        share = int(sum((c - pid + npipe - 1) // npipe for c in counts))
+    if share == 0:
+        raise DataError(f"input pipeline {pid} of {npipe} gets no training example")
+    reader = _Reader(spec, skip_corrupt=skip_corrupt_records, record_shard=record_shard)
+
+    # ---- balanced sampling constants (W from the manifests, no pass over the data)
+    inv_counts = tf.constant(sampling.inverse_class_counts(spec.class_counts))
+    rate_scale = 0.0
+    if balanced_sampling:
+        w_total = sampling.total_weight(spec.class_counts)
+        if w_total == 0:
+            raise DataError("balanced sampling: no class has a positive count in the "
+                            "manifests (class_counts are all zero)")
+        manifest_n = sum(m.num_examples for m in spec.manifests)
+        if manifest_n != n_total:  # the glob picked part of a set: W scales with the share
+            logging.warning("balanced sampling: %d of %d examples of the manifests selected; "
+                            "W approximated as (#classes) * %d / %d", n_total, manifest_n,
+                            n_total, manifest_n)
+            w_total *= n_total / manifest_n
+        rate_scale = n_total / w_total
+    base_seed = tf.constant([int(seed), 0x5053_4C41], tf.int64)
+
+    def sampled_draw(epoch, draw):
+        s = sampling.derive_seed(base_seed, _SALT_MAIN, epoch, pid, draw)
+        ds = _traversal(reader, file_ids, sampling.derive_seed(s, 0), cycle_length)
+        if balanced_sampling:
+            k_seed = sampling.derive_seed(s, 1)
+
+            def with_count(key, rec):
+                labels = _labels_only(rec, num_classes)
+                k = sampling.poisson_counts(labels, sampling.derive_seed(k_seed, key),
+                                            inv_counts, rate_scale)
+                return key, rec, k
+            ds = ds.map(with_count, num_parallel_calls=num_parallel_calls, deterministic=True)
+            ds = ds.filter(lambda key, rec, k: k > 0)
+            ds = ds.flat_map(lambda key, rec, k:
+                             tf.data.Dataset.from_tensors((key, rec)).repeat(k))
+        ds = ds.shuffle(shuffle_buffer, seed=sampling.seed_to_int(sampling.derive_seed(s, 2)),
+                        reshuffle_each_iteration=False)
+        return ds
+
+    def partner_pass(epoch, rep):
+        s = sampling.derive_seed(base_seed, _SALT_PARTNER, epoch, pid, rep)
+        ds = _traversal(reader, file_ids, sampling.derive_seed(s, 0), cycle_length)
+        return ds.shuffle(shuffle_buffer, seed=sampling.seed_to_int(sampling.derive_seed(s, 2)),
+                          reshuffle_each_iteration=False)
+
+    parse = lambda key, rec: _parse(key, rec, num_classes)  # noqa: E731
+
+    def epoch_dataset(epoch):
+        main = tf.data.Dataset.range(MAX_DRAWS_PER_EPOCH).flat_map(
+            lambda d: sampled_draw(epoch, d))
+        main = main.map(parse, num_parallel_calls=num_parallel_calls, deterministic=True)
+        if mixup > 0:
+            partners = tf.data.Dataset.range(MAX_DRAWS_PER_EPOCH).flat_map(
+                lambda r: partner_pass(epoch, r))
+            partners = partners.map(parse, num_parallel_calls=num_parallel_calls,
+                                    deterministic=True)
+            mix_seed = sampling.derive_seed(base_seed, _SALT_MIX, epoch, pid)
+
+            def mix(index, pair):
+                ex, partner = pair
+                return mixup_example(ex, partner, sampling.derive_seed(mix_seed, index),
+                                     mixup, mixup_alpha)
+            main = tf.data.Dataset.zip(main, partners).enumerate().map(
+                mix, num_parallel_calls=num_parallel_calls, deterministic=True)
+        else:
+            main = main.map(lambda ex: dict(ex, mix_lambda=tf.constant(1.0),
+                                            partner_key=tf.constant(-1, tf.int64)))
+        main = main.map(lambda ex: _format(_pad_or_cut(ex, clip_samples), with_ids,
+                                           ("id", "key", "partner_key", "mix_lambda")),
+                        num_parallel_calls=num_parallel_calls, deterministic=True)
+        batches = main.batch(per_batch, drop_remainder=True)
+        batches = _or_fail_when_exhausted(
+            batches, f"input pipeline ran out of examples before {steps} batches "
+                     f"in {MAX_DRAWS_PER_EPOCH} draws (do the examples have labels?)")
+        return batches.take(steps)
+
+    epochs = tf.data.Dataset.range(int(initial_epoch), int(initial_epoch) + int(num_epochs))
+    ds = epochs.flat_map(epoch_dataset)
+    if features_in_pipeline:
+        ds = ds.map(_apply_frontend(frontend, ("id", "key", "partner_key", "mix_lambda")),
+                    num_parallel_calls=num_parallel_calls, deterministic=True)
+    return _finish(ds, prefetch)
+
+
+def _finish(ds: tf.data.Dataset, prefetch: int) -> tf.data.Dataset:
+    opts = tf.data.Options()
+    opts.deterministic = True
+    ds = ds.with_options(opts)
+    return ds.prefetch(prefetch) if prefetch else ds
+
+
+# ----------------------------------------------------------------------------- evaluation
+def make_eval_dataset(data: str | DataSpec, batch_size: int = 100,
+                      clip_samples: int | None = None, with_ids: bool = False,
+                      features_in_pipeline: bool = False, frontend: Callable | None = None,
+                      skip_corrupt_records: bool = False, prefetch: int = AUTOTUNE
+                      ) -> tf.data.Dataset:
+    """Every example once, shards and records in file order, last partial batch kept.
+
+    Elements as in :func:`make_train_dataset`; ``with_ids`` adds ``id`` and ``key``.
+    """
+    spec = resolve_data(data)
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if features_in_pipeline and frontend is None:
+        raise ValueError("features_in_pipeline=True needs a frontend")
+    clip_samples = DEFAULT_CLIP_SAMPLES if clip_samples is None else int(clip_samples)
+    reader = _Reader(spec, skip_corrupt=skip_corrupt_records)
+    num_classes = spec.num_classes
+    ds = tf.data.Dataset.range(len(spec.files)).flat_map(reader)
+    ds = ds.map(lambda key, rec: _format(_pad_or_cut(_parse(key, rec, num_classes),
+                                                     clip_samples), with_ids, ("id", "key")),
+                num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=False)
+    if features_in_pipeline:
+        ds = ds.map(_apply_frontend(frontend, ("id", "key")), num_parallel_calls=AUTOTUNE,
+                    deterministic=True)
+    return _finish(ds, prefetch)
+
+
+def data_error_from(exc: Exception) -> DataError | None:
+    """The DataError for a tf.errors exception raised by a shard check, else None."""
+    msg = getattr(exc, "message", str(exc))
+    for marker in ("corrupt or truncated TFRecord shard", "input pipeline ran out"):
+        if marker in msg:
+            start = msg.index(marker)
+            return DataError(msg[start:].split("\n")[0].strip())
+    return None
