@@ -1,0 +1,93 @@
+"""Optimizer and losses of the PSLA recipe (Sec. II-B).
+
+The reference trains with ``torch.optim.Adam(params, lr, betas=(0.95, 0.999), eps=1e-8,
+weight_decay=5e-7)``. Two details differ from ``keras.optimizers.Adam`` and are reproduced
+here exactly:
+
+* weight decay is *coupled* L2: ``g ← g + wd · w`` before the moment estimates (Keras'
+  ``weight_decay`` argument is decoupled, AdamW-style, so it is not used);
+* epsilon placement: torch divides by ``sqrt(v̂) + eps`` with ``v̂ = v / (1 − β2ᵗ)``; Keras
+  divides by ``sqrt(v) + eps`` after folding ``sqrt(1 − β2ᵗ)`` into the step size, which is
+  ``sqrt(v̂) + eps / sqrt(1 − β2ᵗ)`` — a larger effective eps early in training.
+
+Losses: BCE on outputs clamped to [1e-7, 1 − 1e-7], mean over batch and classes; and, for
+single-label data, the reference's ``CrossEntropyLoss`` applied to the scores (softmax over
+the scores as logits, target = argmax of the label vector).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+from psla_tf import params
+
+ADAM_BETA_1 = 0.95
+ADAM_BETA_2 = 0.999
+ADAM_EPSILON = 1e-8
+WEIGHT_DECAY = 5e-7
+
+
+@keras.saving.register_keras_serializable(package="psla_tf")
+class TorchAdam(keras.optimizers.Adam):
+    """Adam with torch.optim.Adam's update and coupled L2 weight decay (Sec. II-B).
+
+    ``l2_weight_decay`` is added to every trainable variable's gradient (torch applies it to
+    all parameters it is given; the reference gives it all trainable parameters).
+    """
+
+    def __init__(self, learning_rate: Any = 1e-3, beta_1: float = ADAM_BETA_1,
+                 beta_2: float = ADAM_BETA_2, epsilon: float = ADAM_EPSILON,
+                 l2_weight_decay: float = WEIGHT_DECAY, name: str = "torch_adam", **kwargs):
+        kwargs.pop("weight_decay", None)  # decoupled decay: deliberately not supported
+        kwargs.pop("amsgrad", None)
+        super().__init__(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
+                         epsilon=epsilon, amsgrad=False, name=name, **kwargs)
+        self.l2_weight_decay = float(l2_weight_decay)
+
+    def update_step(self, gradient, variable, learning_rate):
+        dtype = variable.dtype
+        lr = ops.cast(learning_rate, dtype)
+        g = ops.cast(gradient, dtype)
+        if self.l2_weight_decay:
+            g = ops.add(g, ops.multiply(ops.cast(self.l2_weight_decay, dtype), variable))
+        t = ops.cast(self.iterations + 1, dtype)
+        bc1 = 1 - ops.power(ops.cast(self.beta_1, dtype), t)
+        bc2 = 1 - ops.power(ops.cast(self.beta_2, dtype), t)
+        m = self._momentums[self._get_variable_index(variable)]
+        v = self._velocities[self._get_variable_index(variable)]
+        self.assign_add(m, ops.multiply(ops.subtract(g, m), 1 - self.beta_1))
+        self.assign_add(v, ops.multiply(ops.subtract(ops.square(g), v), 1 - self.beta_2))
+        denom = ops.add(ops.divide(ops.sqrt(v), ops.sqrt(bc2)), ops.cast(self.epsilon, dtype))
+        self.assign_sub(variable, ops.divide(ops.multiply(m, lr / bc1), denom))
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config["l2_weight_decay"] = self.l2_weight_decay
+        config.pop("weight_decay", None)
+        config.pop("amsgrad", None)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="psla_tf")
+def psla_bce(y_true, y_pred):
+    """Per-example BCE of clamped scores, mean over classes (Keras then means over batch)."""
+    y_true = ops.cast(y_true, "float32")
+    p = ops.clip(ops.cast(y_pred, "float32"), params.CLAMP_EPS, 1.0 - params.CLAMP_EPS)
+    return -ops.mean(y_true * ops.log(p) + (1.0 - y_true) * ops.log(1.0 - p), axis=-1)
+
+
+@keras.saving.register_keras_serializable(package="psla_tf")
+def psla_ce(y_true, y_pred):
+    """Softmax cross-entropy of the scores against argmax(labels) (reference's CE option)."""
+    target = ops.one_hot(ops.argmax(y_true, axis=-1), ops.shape(y_true)[-1])
+    return keras.losses.categorical_crossentropy(target, y_pred, from_logits=True)
+
+
+def make_loss(name: str):
+    """``bce`` (multi-label, default) or ``ce`` (single-label) → a Keras loss function."""
+    losses = {"bce": psla_bce, "ce": psla_ce}
+    if name not in losses:
+        raise ValueError(f"unknown loss {name!r}; choose one of {sorted(losses)}")
+    return losses[name]
