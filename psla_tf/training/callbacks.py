@@ -1,0 +1,262 @@
+"""Per-epoch evaluation, weight averaging and checkpoint ensemble (paper Sec. II-B, VI).
+
+* :class:`EpochEvaluation` — after every epoch, scores of the evaluation set → mAP, mean AUC,
+  d′ and BCE loss written into the epoch ``logs`` (so CSVLogger / TensorBoard record them)
+  and, optionally, the score matrix to ``{predictions_dir}/{prefix}_epoch_{e:03d}.npy``.
+* :class:`CheckpointEnsemble` — Sec. VI-B: the average of every epoch's evaluation scores
+  (epochs 1..E), accumulated as training goes; its metrics are logged each epoch.
+* :class:`WeightAveraging` — Sec. VI-A: the equal average of all weights (``model.weights``:
+  trainable weights and BatchNorm moving statistics, not optimizer state) of the epoch-end
+  models from ``wa_start`` to ``wa_end`` inclusive (1-based epochs), accumulated in float64.
+  The reference loads the start epoch and then adds start..end again, counting the start
+  epoch twice; we implement the equal average the paper describes.
+
+Accumulators save their state to an ``.npz`` (atomically: temp file + rename) after every
+epoch and restore it with :meth:`restore`, so a killed run can resume without double counting.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from psla_tf import metrics
+
+
+def _atomic_savez(path: str, **arrays: Any) -> None:
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _atomic_save_npy(path: str, array: np.ndarray) -> None:
+    tmp = path + ".tmp.npy"
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def inputs_only(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """``(features, labels)`` batches → features only (for ``model.predict``)."""
+    return dataset.map(lambda x, y: x)
+
+
+def collect_targets(dataset: tf.data.Dataset) -> np.ndarray:
+    """Concatenate the label batches of a ``(features, labels)`` dataset."""
+    return np.concatenate([y.numpy() for y in dataset.map(lambda x, y: y)], axis=0)
+
+
+class EpochEvaluation(keras.callbacks.Callback):
+    """Evaluate on a held-out set after every epoch (Sec. II-B) and log the metrics.
+
+    Logs ``{prefix}_mAP``, ``{prefix}_AUC``, ``{prefix}_d_prime``, ``{prefix}_loss``.
+    ``history`` keeps one dict per epoch; ``last_scores`` the latest score matrix.
+    """
+
+    def __init__(self, dataset: tf.data.Dataset, prefix: str = "eval",
+                 predictions_dir: str | None = None, targets: np.ndarray | None = None,
+                 verbose: int = 1):
+        super().__init__()
+        self.dataset = dataset
+        self.prefix = prefix
+        self.predictions_dir = predictions_dir
+        self.targets = collect_targets(dataset) if targets is None else np.asarray(targets)
+        self.verbose = verbose
+        self.history: list[dict[str, float]] = []
+        self.last_scores: np.ndarray | None = None
+        self.last_epoch: int | None = None
+        if predictions_dir:
+            os.makedirs(predictions_dir, exist_ok=True)
+            _atomic_save_npy(os.path.join(predictions_dir, f"{prefix}_targets.npy"),
+                             self.targets.astype(np.float32))
+
+    def predict(self, model: keras.Model | None = None) -> np.ndarray:
+        """Scores of the whole set ``[N, C]`` (inference mode: no masking)."""
+        model = model or self.model
+        scores = model.predict(inputs_only(self.dataset), verbose=0)
+        scores = np.asarray(scores, np.float32)
+        if scores.shape != self.targets.shape:
+            raise ValueError(f"{self.prefix}: scores {scores.shape} vs targets "
+                             f"{self.targets.shape}")
+        return scores
+
+    def score(self, scores: np.ndarray) -> dict[str, float]:
+        """mAP / AUC / d′ / loss of a score matrix against this set's targets."""
+        out = metrics.scalar_metrics(metrics.evaluate(self.targets, scores))
+        out["loss"] = metrics.bce(self.targets, scores)
+        return out
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        scores = self.predict()
+        result = self.score(scores)
+        self.last_scores, self.last_epoch = scores, epoch + 1
+        self.history.append(dict(result, epoch=epoch + 1))
+        if self.predictions_dir:
+            _atomic_save_npy(os.path.join(self.predictions_dir,
+                                          f"{self.prefix}_epoch_{epoch + 1:03d}.npy"), scores)
+        if logs is not None:
+            for k, v in result.items():
+                logs[f"{self.prefix}_{k}"] = v
+        if self.verbose:
+            print(f"epoch {epoch + 1}: {self.prefix} mAP {result['mAP']:.4f} "
+                  f"AUC {result['AUC']:.4f} d' {result['d_prime']:.3f} "
+                  f"loss {result['loss']:.4f}", flush=True)
+
+
+class CheckpointEnsemble(keras.callbacks.Callback):
+    """Average of every epoch's scores of ``evaluation``'s set (Sec. VI-B), as training goes.
+
+    Must come after ``evaluation`` in the callback list. Logs ``ens_mAP``/``ens_AUC``/
+    ``ens_d_prime``; ``result`` holds the latest ensemble metrics.
+    """
+
+    def __init__(self, evaluation: EpochEvaluation, state_path: str | None = None,
+                 prefix: str = "ens", verbose: int = 1):
+        super().__init__()
+        self.evaluation = evaluation
+        self.state_path = state_path
+        self.prefix = prefix
+        self.verbose = verbose
+        self.sum: np.ndarray | None = None
+        self.epochs: list[int] = []
+        self.result: dict[str, float] | None = None
+
+    @property
+    def scores(self) -> np.ndarray | None:
+        return None if self.sum is None else (self.sum / len(self.epochs)).astype(np.float32)
+
+    def restore(self, path: str | None = None) -> bool:
+        """Load accumulated state from ``path`` (default ``state_path``); False if absent."""
+        path = path or self.state_path
+        if not path or not os.path.exists(path):
+            return False
+        with np.load(path) as z:
+            self.sum = z["sum"].astype(np.float64)
+            self.epochs = [int(e) for e in z["epochs"]]
+        return True
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        e = epoch + 1
+        if self.evaluation.last_epoch != e:
+            raise RuntimeError("CheckpointEnsemble must follow its EpochEvaluation")
+        if e not in self.epochs:
+            s = self.evaluation.last_scores.astype(np.float64)
+            self.sum = s if self.sum is None else self.sum + s
+            self.epochs.append(e)
+            if self.state_path:
+                _atomic_savez(self.state_path, sum=self.sum, epochs=np.asarray(self.epochs))
+        self.result = self.evaluation.score(self.scores)
+        if logs is not None:
+            for k in ("mAP", "AUC", "d_prime"):
+                logs[f"{self.prefix}_{k}"] = self.result[k]
+        if self.verbose:
+            print(f"epoch {e}: checkpoint ensemble of {len(self.epochs)} epochs "
+                  f"mAP {self.result['mAP']:.4f}", flush=True)
+
+
+def _is_float(v: keras.Variable) -> bool:
+    return "float" in str(v.dtype)
+
+
+class WeightAveraging(keras.callbacks.Callback):
+    """Equal average of the epoch-end weights from ``wa_start`` to ``wa_end`` (Sec. VI-A).
+
+    Averages every floating-point variable of ``model.weights`` (BatchNorm moving mean and
+    variance included; integer variables, if any, keep the last value). When epoch
+    ``wa_end`` ends (or training ends early after ``wa_start``) the averaged model is saved to
+    ``save_path`` and, given ``evaluation``, evaluated; the live model then gets its own
+    weights back, so training and the "single" results are unaffected.
+    """
+
+    def __init__(self, wa_start: int, wa_end: int, save_path: str | None = None,
+                 state_path: str | None = None, evaluation: EpochEvaluation | None = None,
+                 verbose: int = 1):
+        super().__init__()
+        if not 1 <= wa_start <= wa_end:
+            raise ValueError(f"need 1 ≤ wa_start ≤ wa_end, got {wa_start}, {wa_end}")
+        self.wa_start, self.wa_end = int(wa_start), int(wa_end)
+        self.save_path = save_path
+        self.state_path = state_path
+        self.evaluation = evaluation
+        self.verbose = verbose
+        self.sums: list[np.ndarray] | None = None
+        self.epochs: list[int] = []
+        self.result: dict[str, float] | None = None
+        self.averaged: list[np.ndarray] | None = None
+
+    def restore(self, path: str | None = None) -> bool:
+        path = path or self.state_path
+        if not path or not os.path.exists(path):
+            return False
+        with np.load(path) as z:
+            n = int(z["num_arrays"])
+            self.sums = [z[f"w{i}"] for i in range(n)]
+            self.epochs = [int(e) for e in z["epochs"]]
+        return True
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        e = epoch + 1
+        if not self.wa_start <= e <= self.wa_end or e in self.epochs:
+            return
+        values = [np.asarray(v.numpy(), np.float64) if _is_float(v) else None
+                  for v in self.model.weights]
+        if self.sums is None:
+            self.sums = [v if v is not None else np.zeros(0) for v in values]
+        else:
+            if len(self.sums) != len(values):
+                raise ValueError("the model's weights changed during weight averaging")
+            for s, v in zip(self.sums, values):
+                if v is not None:
+                    s += v
+        self.epochs.append(e)
+        if self.state_path:
+            _atomic_savez(self.state_path, num_arrays=len(self.sums),
+                          epochs=np.asarray(self.epochs),
+                          **{f"w{i}": s for i, s in enumerate(self.sums)})
+        if e == self.wa_end:
+            self.finalize()
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self.epochs and self.averaged is None:
+            self.finalize()
+
+    def average(self) -> list[np.ndarray]:
+        """The averaged weights (in ``model.weights`` order, each in its variable's dtype)."""
+        if not self.epochs:
+            raise ValueError("no epoch in the weight-averaging window has finished")
+        n = len(self.epochs)
+        out = []
+        for s, v in zip(self.sums, self.model.weights):
+            out.append((s / n).astype(v.dtype) if _is_float(v) else np.asarray(v.numpy()))
+        return out
+
+    def finalize(self) -> None:
+        """Save (and evaluate) the averaged model, then put the live weights back."""
+        self.averaged = self.average()
+        live = [np.asarray(v.numpy()) for v in self.model.weights]
+        try:
+            for v, a in zip(self.model.weights, self.averaged):
+                v.assign(a)
+            if self.save_path:
+                os.makedirs(os.path.dirname(os.path.abspath(self.save_path)), exist_ok=True)
+                self.model.save(self.save_path)
+            if self.evaluation is not None:
+                self.result = self.evaluation.score(self.evaluation.predict(self.model))
+                self.result["epochs"] = list(self.epochs)
+                if self.verbose:
+                    print(f"weight averaging of epochs {self.epochs[0]}-{self.epochs[-1]} "
+                          f"({len(self.epochs)} models): mAP {self.result['mAP']:.4f}",
+                          flush=True)
+        finally:
+            for v, w in zip(self.model.weights, live):
+                v.assign(w)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
