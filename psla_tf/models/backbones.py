@@ -1,0 +1,183 @@
+"""CNN backbones on a 1-channel spectrogram image (paper Sec. III, Fig. 2, Table XIII).
+
+``build_backbone`` returns a Keras functional model ``[B, mel, time, 1] → [B, F', T', D]``:
+
+* ``efficientnet`` B0..B7 (``keras.applications.EfficientNetB{n}``, no top) — PSLA's model;
+  B2 on ``[128, 1056, 1]`` gives ``[4, 33, 1408]``.
+* ``mobilenet_v2`` (``keras.applications.MobileNetV2``) and ``resnet50``
+  (``keras.applications.ResNet50``): the Table XIII baselines.
+
+keras.applications' EfficientNet starts with ``Rescaling(1/255)`` and a ``Normalization``
+layer that holds ImageNet's RGB statistics once ImageNet weights are loaded. Neither belongs
+in front of a log-mel spectrogram, so the backbone starts at the stem's padding layer:
+those layers are not part of the returned model at all.
+
+ImageNet pretraining (Sec. III): ``pretrained="imagenet"`` (Keras' own download and cache) or
+a path to a ``.h5`` / ``.weights.h5`` file of the 3-channel no-top model. Every layer's
+weights are copied by name from the 3-channel model except the stem convolution, which takes
+1 channel: randomly initialised as in the paper (``stem_init="random"``) or the sum of the
+pretrained RGB kernels over the input-channel axis (``stem_init="rgb_sum"``).
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import keras
+import numpy as np
+
+__all__ = ["build_backbone", "BACKBONES", "PretrainedWeightsError", "stem_layer_name",
+           "backbone_channels", "stem_kernel_from_rgb"]
+
+BACKBONES = ("efficientnet", "mobilenet_v2", "resnet50")
+_STEM = {"efficientnet": "stem_conv", "mobilenet_v2": "Conv1", "resnet50": "conv1_conv"}
+# first layer of the backbone proper (everything before it is image preprocessing)
+_FIRST = {"efficientnet": "stem_conv_pad"}
+_CHANNELS = {"mobilenet_v2": 1280, "resnet50": 2048}
+_EFFNET_CHANNELS = (1280, 1280, 1408, 1536, 1792, 2048, 2304, 2560)
+_RGB_SHAPE = (224, 224, 3)
+
+
+class PretrainedWeightsError(ValueError):
+    """Pretrained weights could not be obtained or do not fit the backbone."""
+
+
+def stem_layer_name(model: str) -> str:
+    """Name of the backbone's first convolution (the one that takes 1 channel)."""
+    _check_model(model)
+    return _STEM[model]
+
+
+def backbone_channels(model: str, eff_b: int = 2) -> int:
+    """D, the channel count of the backbone's output feature map."""
+    _check_model(model)
+    if model == "efficientnet":
+        _check_b(eff_b)
+        return _EFFNET_CHANNELS[eff_b]
+    return _CHANNELS[model]
+
+
+def _check_model(model: str) -> None:
+    if model not in BACKBONES:
+        raise ValueError(f"model must be one of {BACKBONES}, got {model!r}")
+
+
+def _check_b(eff_b: int) -> None:
+    if int(eff_b) not in range(8):
+        raise ValueError(f"eff_b must be 0..7 (EfficientNet-B0..B7), got {eff_b}")
+
+
+def _application(model: str, eff_b: int) -> Callable[..., keras.Model]:
+    """The keras.applications constructor for ``model``."""
+    if model == "efficientnet":
+        _check_b(eff_b)
+        return getattr(keras.applications, f"EfficientNetB{int(eff_b)}")
+    if model == "mobilenet_v2":
+        return keras.applications.MobileNetV2
+    return keras.applications.ResNet50
+
+
+def _rgb_model(model: str, eff_b: int, pretrained: str) -> keras.Model:
+    """The 3-channel no-top model holding the pretrained weights."""
+    app = _application(model, eff_b)
+    label = f"{app.__name__}(include_top=False, 3 channels)"
+    if pretrained == "imagenet":
+        try:
+            return app(include_top=False, weights="imagenet", input_shape=_RGB_SHAPE)
+        except Exception as e:  # download / cache failure: say what to do instead
+            raise PretrainedWeightsError(
+                f"could not obtain ImageNet weights for {label} through keras.applications "
+                f"({type(e).__name__}: {e}). Keras downloads them to ~/.keras/models on first "
+                f"use; without internet access, copy the keras-applications no-top .h5 file "
+                f"there, or pass pretrained=PATH to a weights file of {label}, or "
+                f"pretrained='none'.") from e
+    path = os.fspath(pretrained)
+    if not os.path.exists(path):
+        raise PretrainedWeightsError(
+            f"pretrained must be 'none', 'imagenet' or a path to a weights file of {label}; "
+            f"{path!r} does not exist")
+    rgb = app(include_top=False, weights=None, input_shape=_RGB_SHAPE)
+    try:
+        rgb.load_weights(path)
+    except Exception as e:
+        raise PretrainedWeightsError(
+            f"weights file {path!r} does not match {label} "
+            f"({type(e).__name__}: {e}); it must be saved with save_weights() from "
+            f"keras.applications.{app.__name__}(include_top=False, input_shape=(H, W, 3))") from e
+    return rgb
+
+
+def _copy_weights(backbone: keras.Model, rgb: keras.Model, stem: str, stem_init: str,
+                  source: str) -> None:
+    """Copy every weight of ``rgb`` into ``backbone`` by layer name; the stem is random or
+    the RGB sum. Raises PretrainedWeightsError on any mismatch."""
+    rgb_layers = {layer.name: layer for layer in rgb.layers}
+    used = set()
+    for layer in backbone.layers:
+        if not layer.weights:
+            continue
+        src = rgb_layers.get(layer.name)
+        if src is None:
+            raise PretrainedWeightsError(
+                f"layer {layer.name!r} of the backbone has no counterpart in {source}")
+        used.add(layer.name)
+        values = src.get_weights()
+        if layer.name == stem:
+            if stem_init == "random":
+                continue
+            # rgb_sum: kernel [kh, kw, 3, out] -> [kh, kw, 1, out]; a bias stays as it is
+            values = [stem_kernel_from_rgb(values[0])] + values[1:]
+        shapes = [tuple(w.shape) for w in layer.weights]
+        if shapes != [v.shape for v in values]:
+            raise PretrainedWeightsError(
+                f"layer {layer.name!r}: {source} has weights of shapes "
+                f"{[v.shape for v in values]}, the backbone expects {shapes}")
+        layer.set_weights(values)
+    # weights the backbone did not take may only be the dropped image preprocessing
+    for name, layer in rgb_layers.items():
+        if layer.weights and name not in used and not isinstance(
+                layer, keras.layers.Normalization):
+            raise PretrainedWeightsError(
+                f"{source} has weights for layer {name!r}, which the backbone lacks")
+
+
+def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
+                   input_shape: tuple[int, int, int] = (128, 1056, 1),
+                   pretrained: str | os.PathLike = "none", stem_init: str = "random",
+                   name: str = "backbone") -> keras.Model:
+    """``[B, mel, time, 1] → [B, F', T', D]`` backbone (Sec. III), optionally ImageNet-pretrained.
+
+    ``pretrained``: ``"none"``, ``"imagenet"`` or a path to weights of the 3-channel no-top
+    keras.applications model. ``stem_init``: ``"random"`` (the paper) or ``"rgb_sum"``.
+    """
+    _check_model(model)
+    if stem_init not in ("random", "rgb_sum"):
+        raise ValueError(f"stem_init must be 'random' or 'rgb_sum', got {stem_init!r}")
+    pretrained = "none" if pretrained is None else pretrained
+    if isinstance(pretrained, str) and pretrained.lower() == "none":
+        pretrained = "none"
+        if stem_init != "random":
+            raise ValueError("stem_init='rgb_sum' needs pretrained weights "
+                             "(pretrained='imagenet' or a weights file)")
+    if len(input_shape) != 3 or input_shape[-1] != 1:
+        raise ValueError(f"input_shape must be (mel, time, 1), got {input_shape}")
+    app = _application(model, eff_b)
+    full = app(include_top=False, weights=None, input_shape=tuple(input_shape))
+    first = _FIRST.get(model)
+    start = full.get_layer(first).input if first else full.inputs[0]
+    backbone = keras.Model(start, full.outputs[0], name=name)
+    for layer in backbone.layers:   # no ImageNet preprocessing in front of a spectrogram
+        if isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization)):
+            raise AssertionError(f"unexpected preprocessing layer {layer.name} in backbone")
+    if pretrained != "none":
+        rgb = _rgb_model(model, eff_b, pretrained)
+        source = ("ImageNet weights" if pretrained == "imagenet"
+                  else f"weights file {os.fspath(pretrained)!r}")
+        _copy_weights(backbone, rgb, _STEM[model], stem_init, source)
+        del rgb
+    return backbone
+
+
+def stem_kernel_from_rgb(rgb_kernel: np.ndarray) -> np.ndarray:
+    """The ``rgb_sum`` stem: ``[kh, kw, 3, out]`` → ``[kh, kw, 1, out]`` by summing channels."""
+    return np.asarray(rgb_kernel).sum(axis=2, keepdims=True)

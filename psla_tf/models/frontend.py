@@ -1,0 +1,103 @@
+"""Waveform → normalised log-mel fbank inside the model (paper Sec. II-C, Alg. 1 lines 16-18).
+
+``AudioFrontend`` follows PSLA's dataloader order for a batch of padded waveforms:
+
+1. subtract each clip's mean over its ``num_samples`` valid samples; zero the padding;
+2. Kaldi fbank (``psla_tf.features.kaldi_fbank``);
+3. zero the frames past the clip's end (frame f is valid iff 160 f + 400 ≤ n, so the kept
+   frames equal the fbank of the unpadded clip);
+4. zero-pad or cut to ``target_length`` frames;
+5. training only: FrequencyMasking(freqm) then TimeMasking(timem) (skipped when 0);
+6. normalise: (x − dataset_mean) / dataset_std.
+
+Output ``[B, target_length, num_mel_bins]`` float32 under any mixed-precision policy.
+"""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from psla_tf import params
+from psla_tf.augment import FrequencyMasking, TimeMasking
+from psla_tf.features import kaldi_fbank
+
+__all__ = ["AudioFrontend"]
+
+
+@keras.saving.register_keras_serializable(package="psla_tf")
+class AudioFrontend(keras.layers.Layer):
+    """``(waveform [B, S], num_samples [B]) → normalised fbank [B, target_length, mel]``."""
+
+    def __init__(self, target_length: int = params.TARGET_LENGTH,
+                 num_mel_bins: int = params.NUM_MEL_BINS, freqm: int = params.FREQM,
+                 timem: int = params.TIMEM, dataset_mean: float = params.DATASET_MEAN,
+                 dataset_std: float = params.DATASET_STD, seed: int | None = None,
+                 dft: str = "matmul", **kwargs):
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+        if int(target_length) < 1:
+            raise ValueError(f"target_length must be >= 1 frame, got {target_length}")
+        if float(dataset_std) <= 0:
+            raise ValueError(f"dataset_std must be > 0, got {dataset_std}")
+        if int(freqm) < 0 or int(timem) < 0:
+            raise ValueError(f"freqm and timem must be >= 0, got {freqm}, {timem}")
+        self.target_length = int(target_length)
+        self.num_mel_bins = int(num_mel_bins)
+        self.freqm = int(freqm)
+        self.timem = int(timem)
+        self.dataset_mean = float(dataset_mean)
+        self.dataset_std = float(dataset_std)
+        self.seed = seed
+        self.dft = dft
+        self.frequency_masking = FrequencyMasking(
+            self.freqm, seed=seed, name="frequency_masking") if self.freqm else None
+        self.time_masking = TimeMasking(
+            self.timem, seed=None if seed is None else seed + 1,
+            name="time_masking") if self.timem else None
+
+    def build(self, waveform_shape=None, num_samples_shape=None):
+        shape = (None, self.target_length, self.num_mel_bins)
+        for layer in (self.frequency_masking, self.time_masking):
+            if layer is not None and not layer.built:
+                layer.build(shape)
+        self.built = True
+
+    def fbank(self, waveform, num_samples):
+        """Steps 1-4: padded, un-normalised fbank ``[B, target_length, mel]``."""
+        w = tf.cast(waveform, tf.float32)
+        total = tf.shape(w)[1]
+        n = tf.minimum(tf.cast(tf.reshape(num_samples, [-1]), tf.int32), total)
+        n = tf.maximum(n, 0)
+        valid = tf.cast(tf.range(total)[tf.newaxis, :] < n[:, tf.newaxis], tf.float32)
+        mean = tf.reduce_sum(w * valid, axis=1) / tf.cast(tf.maximum(n, 1), tf.float32)
+        w = (w - mean[:, tf.newaxis]) * valid
+        fb = kaldi_fbank(w, params.SAMPLE_RATE, self.num_mel_bins, dft=self.dft)  # [B, F, M]
+        frames = tf.shape(fb)[1]
+        n_frames = tf.where(n >= params.FRAME_LENGTH,
+                            1 + (n - params.FRAME_LENGTH) // params.FRAME_SHIFT, 0)
+        keep = tf.range(frames)[tf.newaxis, :] < n_frames[:, tf.newaxis]
+        fb = tf.where(keep[:, :, tf.newaxis], fb, 0.0)
+        fb = fb[:, :self.target_length]
+        pad = tf.maximum(self.target_length - tf.shape(fb)[1], 0)
+        fb = tf.pad(fb, [[0, 0], [0, pad], [0, 0]])
+        return tf.ensure_shape(fb, [None, self.target_length, self.num_mel_bins])
+
+    def call(self, waveform, num_samples, training=None):
+        fb = self.fbank(waveform, num_samples)
+        if training:
+            if self.frequency_masking is not None:
+                fb = self.frequency_masking(fb, training=True)
+            if self.time_masking is not None:
+                fb = self.time_masking(fb, training=True)
+        return (fb - self.dataset_mean) / self.dataset_std
+
+    def compute_output_shape(self, waveform_shape, num_samples_shape=None):
+        return (waveform_shape[0], self.target_length, self.num_mel_bins)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("dtype", None)
+        config.update(target_length=self.target_length, num_mel_bins=self.num_mel_bins,
+                      freqm=self.freqm, timem=self.timem, dataset_mean=self.dataset_mean,
+                      dataset_std=self.dataset_std, seed=self.seed, dft=self.dft)
+        return config

@@ -1,0 +1,142 @@
+"""The PSLA tagger: waveform → fbank → CNN → attention pooling → scores (paper Fig. 2).
+
+``build_tagger`` returns a Keras functional model::
+
+    {"waveform": [B, S] float32, "num_samples": [B] int32}
+      → AudioFrontend ("frontend": mean removal, Kaldi fbank, pad/cut, [train] masking,
+        normalisation)                                                    [B, T, 128]
+      → "classifier" (``build_classifier``): transpose to [B, 128 mel, T, 1] → backbone
+        → mean over frequency [B, T', D] → pooling                        [B, C]
+      → "scores" float32
+
+``build_classifier`` alone maps a normalised fbank ``[B, T, 128]`` (time, mel: the
+reference's layout) to scores, for pipelines that compute features in tf.data and for
+importing PyTorch checkpoints. ``embedding_model`` gives the pooled backbone features
+``[B, D]`` (mean over frequency and time of the backbone output).
+
+Mixed precision: under a ``mixed_float16`` / ``mixed_bfloat16`` global policy the backbone
+runs in half precision; the front end, the pooling head and the outputs stay float32.
+"""
+from __future__ import annotations
+
+import os
+
+import keras
+
+from psla_tf import params
+from psla_tf.models.backbones import BACKBONES, build_backbone
+from psla_tf.models.frontend import AudioFrontend
+from psla_tf.models.pooling import make_pooling
+
+__all__ = ["build_tagger", "build_classifier", "embedding_model", "classifier_features"]
+
+
+@keras.saving.register_keras_serializable(package="psla_tf")
+class FrequencyMean(keras.layers.Layer):
+    """Mean over the frequency axis of ``[B, F', T', D]`` → ``[B, T', D]`` (the reference's
+    ``AvgPool2d((4, 1))`` over the 4 frequency rows), computed in float32."""
+
+    def __init__(self, **kwargs):
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+
+    def call(self, x):
+        return keras.ops.mean(keras.ops.cast(x, "float32"), axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0],) + tuple(input_shape[2:])
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("dtype", None)
+        return config
+
+
+def build_classifier(num_classes: int, *, model: str = "efficientnet", eff_b: int = 2,
+                     att_head: int = 4, pretrained: str | os.PathLike = "none",
+                     stem_init: str = "random", target_length: int = params.TARGET_LENGTH,
+                     num_mel_bins: int = params.NUM_MEL_BINS,
+                     name: str = "classifier") -> keras.Model:
+    """Normalised fbank ``[B, target_length, num_mel_bins]`` → scores ``[B, num_classes]``.
+
+    ``model``: ``efficientnet`` (B``eff_b``, pooling by ``att_head``: 0 mean, 1 single head,
+    > 1 multi-head), ``resnet50`` (pooling by ``att_head``; Table XIII uses 1 head) or
+    ``mobilenet_v2`` (Table XIII: global average pooling, linear classifier, sigmoid;
+    ``att_head`` is ignored).
+    """
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if model not in BACKBONES:
+        raise ValueError(f"model must be one of {BACKBONES}, got {model!r}")
+    fbank = keras.Input((target_length, num_mel_bins), name="fbank", dtype="float32")
+    # [B, T, mel] -> [B, mel, T] -> [B, mel, T, 1]: the image the reference feeds the CNN
+    x = keras.layers.Permute((2, 1), name="mel_time")(fbank)
+    x = keras.layers.Reshape((num_mel_bins, target_length, 1), name="add_channel")(x)
+    backbone = build_backbone(model, eff_b=eff_b, input_shape=(num_mel_bins, target_length, 1),
+                              pretrained=pretrained, stem_init=stem_init, name="backbone")
+    features = backbone(x)                                   # [B, F', T', D]
+    if model == "mobilenet_v2":
+        pooled = keras.layers.GlobalAveragePooling2D(name="global_pool", dtype="float32")(
+            features)
+        scores = keras.layers.Dense(num_classes, activation="sigmoid", name="pooling",
+                                    dtype="float32")(pooled)
+    else:
+        x = FrequencyMean(name="frequency_mean")(features)  # [B, T', D]
+        scores = make_pooling(num_classes, att_head, name="pooling")(x)
+    return keras.Model(fbank, scores, name=name)
+
+
+def build_tagger(num_classes: int, *, model: str = "efficientnet", eff_b: int = 2,
+                 att_head: int = 4, pretrained: str | os.PathLike = "none",
+                 stem_init: str = "random", target_length: int = params.TARGET_LENGTH,
+                 num_mel_bins: int = params.NUM_MEL_BINS, freqm: int = params.FREQM,
+                 timem: int = params.TIMEM, dataset_mean: float = params.DATASET_MEAN,
+                 dataset_std: float = params.DATASET_STD, seed: int | None = None,
+                 name: str = "psla_tagger") -> keras.Model:
+    """The full PSLA model, waveform in, scores out (Fig. 2; masking of Alg. 1 inside).
+
+    Inputs ``{"waveform": [B, S] float32, "num_samples": [B] int32}`` (S may vary between
+    batches; samples past ``num_samples`` are padding); output ``scores`` ``[B, C]``.
+    """
+    waveform = keras.Input((None,), name="waveform", dtype="float32")
+    num_samples = keras.Input((), name="num_samples", dtype="int32")
+    frontend = AudioFrontend(target_length, num_mel_bins, freqm, timem, dataset_mean,
+                             dataset_std, seed=seed, name="frontend")
+    fbank = frontend(waveform, num_samples)
+    classifier = build_classifier(num_classes, model=model, eff_b=eff_b, att_head=att_head,
+                                  pretrained=pretrained, stem_init=stem_init,
+                                  target_length=target_length, num_mel_bins=num_mel_bins,
+                                  name="classifier")
+    scores = classifier(fbank)
+    scores = keras.layers.Activation("linear", name="scores", dtype="float32")(scores)
+    return keras.Model({"waveform": waveform, "num_samples": num_samples}, scores, name=name)
+
+
+def classifier_features(classifier: keras.Model, fbank) -> "keras.KerasTensor":
+    """Pooled backbone features ``[B, D]`` of ``classifier`` applied to ``fbank``: the mean
+    over frequency and time of the backbone output (reuses the classifier's layers)."""
+    x = classifier.get_layer("mel_time")(fbank)
+    x = classifier.get_layer("add_channel")(x)
+    x = classifier.get_layer("backbone")(x)
+    return keras.layers.GlobalAveragePooling2D(name="embedding", dtype="float32")(x)
+
+
+def embedding_model(model: keras.Model) -> keras.Model:
+    """A model sharing ``model``'s weights whose output is the embedding ``[B, D]``.
+
+    ``model`` is a tagger (inputs waveform / num_samples) or a classifier (input fbank).
+    """
+    names = {layer.name for layer in model.layers}
+    if "classifier" in names and "frontend" in names:
+        waveform = keras.Input((None,), name="waveform", dtype="float32")
+        num_samples = keras.Input((), name="num_samples", dtype="int32")
+        fbank = model.get_layer("frontend")(waveform, num_samples)
+        out = classifier_features(model.get_layer("classifier"), fbank)
+        return keras.Model({"waveform": waveform, "num_samples": num_samples}, out,
+                           name=f"{model.name}_embedding")
+    if {"mel_time", "add_channel", "backbone"} <= names:
+        fbank = keras.Input(model.inputs[0].shape[1:], name="fbank", dtype="float32")
+        return keras.Model(fbank, classifier_features(model, fbank),
+                           name=f"{model.name}_embedding")
+    raise ValueError(f"model {model.name!r} is neither a tagger from build_tagger nor a "
+                     f"classifier from build_classifier")
