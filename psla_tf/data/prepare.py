@@ -113,13 +113,24 @@ def _source_seconds(path: str) -> float:
 _FBANK_FN = None
 
 
+def _fbank_fn():
+    """kaldi_fbank as one tf.function over a 1-D waveform of any length (no retracing)."""
+    global _FBANK_FN
+    if _FBANK_FN is None:
+        import tensorflow as tf
+        from psla_tf.features import kaldi_fbank
+        _FBANK_FN = tf.function(kaldi_fbank, input_signature=[
+            tf.TensorSpec([None], tf.float32)], reduce_retracing=True)
+    return _FBANK_FN
+
+
 def fbank_sums(pcm: np.ndarray, target_length: int = params.TARGET_LENGTH
                ) -> tuple[float, float, int]:
     """(Σx, Σx², count) of the fbank values training sees for one stored int16 clip.
 
     waveform = pcm / 32768 minus its mean; frames cut to ``target_length``; count = frames·128.
     """
-    from psla_tf.features import kaldi_fbank, num_frames
+    from psla_tf.features import num_frames
     n = pcm.shape[0]
     frames = min(num_frames(n), target_length)
     if frames <= 0:
@@ -127,7 +138,7 @@ def fbank_sums(pcm: np.ndarray, target_length: int = params.TARGET_LENGTH
     w = pcm.astype(np.float32) / 32768.0
     w = w - w.mean(dtype=np.float64).astype(np.float32)
     used = params.FRAME_LENGTH + (frames - 1) * params.FRAME_SHIFT
-    fb = np.asarray(kaldi_fbank(w[:used]), dtype=np.float64)
+    fb = _fbank_fn()(w[:used]).numpy().astype(np.float64)
     return float(fb.sum()), float(np.square(fb).sum()), int(fb.size)
 
 

@@ -97,7 +97,9 @@ def decode_waveform(pcm_bytes: tf.Tensor) -> tf.Tensor:
 
 def labels_to_multi_hot(labels: tf.Tensor, num_classes: int) -> tf.Tensor:
     """Class indices ``[k]`` → float32 multi-hot ``[num_classes]`` (duplicates count once)."""
-    hot = tf.reduce_max(tf.one_hot(labels, num_classes, dtype=tf.float32), axis=0)
+    # max over an empty label list is -inf: clamp at 0 so "no event" clips get all zeros
+    hot = tf.maximum(tf.reduce_max(tf.one_hot(labels, num_classes, dtype=tf.float32), axis=0),
+                     0.0)
     return tf.reshape(hot, [num_classes])  # one_hot of an empty list reduces to [] otherwise
 
 
