@@ -21,6 +21,8 @@ each input pipeline of a distributed run draws its own stream.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import sys
@@ -45,6 +47,38 @@ READ_BUFFER_BYTES = 4 << 20
 MAX_DRAWS_PER_EPOCH = 100
 _KEY_SHIFT = 32  # key = file_index * 2**32 + position in the file
 _SALT_MAIN, _SALT_PARTNER, _SALT_MIX = 11, 12, 13
+# The dataset functions hold no Python control flow on tensors: skipping AutoGraph's source
+# conversion roughly halves the time to build the (nested) training dataset.
+_nag = tf.autograph.experimental.do_not_convert
+
+
+@contextlib.contextmanager
+def _independent_of_global_seed():
+    """Build datasets as if no global TF seed were set.
+
+    Every shuffle here takes an explicit seed derived from ``seed`` (and the epoch), so a
+    global seed (``tf.random.set_seed`` / ``keras.utils.set_random_seed``) would only change
+    the streams from one caller to the next; worse, a global seed of 0 makes TF's
+    ``random_seed.get_seed`` compare our tensor-valued op seed with 0 in Python, which fails.
+    The dataset functions are traced while the datasets are built, so clearing the seed for
+    that time is enough.
+    """
+    from tensorflow.python.eager import context
+    ctx = context.context()
+    saved = ctx._seed  # noqa: SLF001  (no public getter/setter that leaves the op counter)
+    ctx._seed = None
+    try:
+        yield
+    finally:
+        ctx._seed = saved
+
+
+def _seed_independent(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with _independent_of_global_seed():
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def clip_samples_for_frames(frames: int = params.TARGET_LENGTH) -> int:
@@ -122,12 +156,12 @@ class _Reader:
                 return tf.identity(pos), rec
 
         ds = ds.scan(tf.constant(0, tf.int64),
-                     lambda c, el: (c + 1, check(el[0], el[1], c)))
-        ds = ds.filter(lambda pos, rec: pos >= 0)
+                     _nag(lambda c, el: (c + 1, check(el[0], el[1], c))))
+        ds = ds.filter(_nag(lambda pos, rec: pos >= 0))
         if self.record_shard is not None:
             n, i = self.record_shard
-            ds = ds.filter(lambda pos, rec: tf.equal(pos % n, i))
-        return ds.map(lambda pos, rec: (file_index * (1 << _KEY_SHIFT) + pos, rec))
+            ds = ds.filter(_nag(lambda pos, rec: tf.equal(pos % n, i)))
+        return ds.map(_nag(lambda pos, rec: (file_index * (1 << _KEY_SHIFT) + pos, rec)))
 
 
 def _warn(fname, count, expected):
@@ -149,7 +183,7 @@ def _traversal(reader: _Reader, file_ids: np.ndarray, seed: tf.Tensor, cycle_len
     files = tf.data.Dataset.from_tensor_slices(tf.constant(file_ids, tf.int64))
     files = files.shuffle(len(file_ids), seed=sampling.seed_to_int(seed),
                           reshuffle_each_iteration=False)
-    return files.interleave(reader, cycle_length=min(cycle_length, len(file_ids)),
+    return files.interleave(_nag(reader), cycle_length=min(cycle_length, len(file_ids)),
                             block_length=1, num_parallel_calls=AUTOTUNE, deterministic=True)
 
 
@@ -196,10 +230,11 @@ def _or_fail_when_exhausted(ds: tf.data.Dataset, what: str) -> tf.data.Dataset:
         op = tf.debugging.Assert(tf.constant(False), [what])
         with tf.control_dependencies([op]):
             return tf.nest.map_structure(tf.identity, el if len(el) > 1 else el[0])
-    return ds.concatenate(filler.map(fail))
+    return ds.concatenate(filler.map(_nag(fail)))
 
 
 # ----------------------------------------------------------------------------- training
+@_seed_independent
 def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
                        clip_samples: int | None = None, balanced_sampling: bool = True,
                        mixup: float = params.MIXUP, mixup_alpha: float = params.MIXUP_ALPHA,
@@ -288,10 +323,10 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
                 k = sampling.poisson_counts(labels, sampling.derive_seed(k_seed, key),
                                             inv_counts, rate_scale)
                 return key, rec, k
-            ds = ds.map(with_count, num_parallel_calls=num_parallel_calls, deterministic=True)
-            ds = ds.filter(lambda key, rec, k: k > 0)
-            ds = ds.flat_map(lambda key, rec, k:
-                             tf.data.Dataset.from_tensors((key, rec)).repeat(k))
+            ds = ds.map(_nag(with_count), num_parallel_calls=num_parallel_calls, deterministic=True)
+            ds = ds.filter(_nag(lambda key, rec, k: k > 0))
+            ds = ds.flat_map(_nag(lambda key, rec, k:
+                                  tf.data.Dataset.from_tensors((key, rec)).repeat(k)))
         ds = ds.shuffle(shuffle_buffer, seed=sampling.seed_to_int(sampling.derive_seed(s, 2)),
                         reshuffle_each_iteration=False)
         return ds
@@ -302,15 +337,15 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
         return ds.shuffle(shuffle_buffer, seed=sampling.seed_to_int(sampling.derive_seed(s, 2)),
                           reshuffle_each_iteration=False)
 
-    parse = lambda key, rec: _parse(key, rec, num_classes)  # noqa: E731
+    parse = _nag(lambda key, rec: _parse(key, rec, num_classes))
 
     def epoch_dataset(epoch):
         main = tf.data.Dataset.range(MAX_DRAWS_PER_EPOCH).flat_map(
-            lambda d: sampled_draw(epoch, d))
+            _nag(lambda d: sampled_draw(epoch, d)))
         main = main.map(parse, num_parallel_calls=num_parallel_calls, deterministic=True)
         if mixup > 0:
             partners = tf.data.Dataset.range(MAX_DRAWS_PER_EPOCH).flat_map(
-                lambda r: partner_pass(epoch, r))
+                _nag(lambda r: partner_pass(epoch, r)))
             partners = partners.map(parse, num_parallel_calls=num_parallel_calls,
                                     deterministic=True)
             mix_seed = sampling.derive_seed(base_seed, _SALT_MIX, epoch, pid)
@@ -320,12 +355,12 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
                 return mixup_example(ex, partner, sampling.derive_seed(mix_seed, index),
                                      mixup, mixup_alpha)
             main = tf.data.Dataset.zip(main, partners).enumerate().map(
-                mix, num_parallel_calls=num_parallel_calls, deterministic=True)
+                _nag(mix), num_parallel_calls=num_parallel_calls, deterministic=True)
         else:
-            main = main.map(lambda ex: dict(ex, mix_lambda=tf.constant(1.0),
-                                            partner_key=tf.constant(-1, tf.int64)))
-        main = main.map(lambda ex: _format(_pad_or_cut(ex, clip_samples), with_ids,
-                                           ("id", "key", "partner_key", "mix_lambda")),
+            main = main.map(_nag(lambda ex: dict(ex, mix_lambda=tf.constant(1.0),
+                                                 partner_key=tf.constant(-1, tf.int64))))
+        main = main.map(_nag(lambda ex: _format(_pad_or_cut(ex, clip_samples), with_ids,
+                                                ("id", "key", "partner_key", "mix_lambda"))),
                         num_parallel_calls=num_parallel_calls, deterministic=True)
         batches = main.batch(per_batch, drop_remainder=True)
         batches = _or_fail_when_exhausted(
@@ -334,9 +369,9 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
         return batches.take(steps)
 
     epochs = tf.data.Dataset.range(int(initial_epoch), int(initial_epoch) + int(num_epochs))
-    ds = epochs.flat_map(epoch_dataset)
+    ds = epochs.flat_map(_nag(epoch_dataset))
     if features_in_pipeline:
-        ds = ds.map(_apply_frontend(frontend, ("id", "key", "partner_key", "mix_lambda")),
+        ds = ds.map(_nag(_apply_frontend(frontend, ("id", "key", "partner_key", "mix_lambda"))),
                     num_parallel_calls=num_parallel_calls, deterministic=True)
     return _finish(ds, prefetch)
 
@@ -349,6 +384,7 @@ def _finish(ds: tf.data.Dataset, prefetch: int) -> tf.data.Dataset:
 
 
 # ----------------------------------------------------------------------------- evaluation
+@_seed_independent
 def make_eval_dataset(data: str | DataSpec, batch_size: int = 100,
                       clip_samples: int | None = None, with_ids: bool = False,
                       features_in_pipeline: bool = False, frontend: Callable | None = None,
@@ -366,13 +402,13 @@ def make_eval_dataset(data: str | DataSpec, batch_size: int = 100,
     clip_samples = DEFAULT_CLIP_SAMPLES if clip_samples is None else int(clip_samples)
     reader = _Reader(spec, skip_corrupt=skip_corrupt_records)
     num_classes = spec.num_classes
-    ds = tf.data.Dataset.range(len(spec.files)).flat_map(reader)
-    ds = ds.map(lambda key, rec: _format(_pad_or_cut(_parse(key, rec, num_classes),
-                                                     clip_samples), with_ids, ("id", "key")),
+    ds = tf.data.Dataset.range(len(spec.files)).flat_map(_nag(reader))
+    ds = ds.map(_nag(lambda key, rec: _format(_pad_or_cut(_parse(key, rec, num_classes),
+                                                     clip_samples), with_ids, ("id", "key"))),
                 num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=False)
     if features_in_pipeline:
-        ds = ds.map(_apply_frontend(frontend, ("id", "key")), num_parallel_calls=AUTOTUNE,
+        ds = ds.map(_nag(_apply_frontend(frontend, ("id", "key"))), num_parallel_calls=AUTOTUNE,
                     deterministic=True)
     return _finish(ds, prefetch)
 

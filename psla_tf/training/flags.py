@@ -1,0 +1,94 @@
+"""absl flag definitions of the training job (main.py); reusable by tools.
+
+Defaults are the paper's full-AudioSet recipe (Sec. II-B); ``configs/*.flags`` hold the
+three recipes. Call :func:`define_flags` once, then :func:`config_from_flags`.
+"""
+from __future__ import annotations
+
+from absl import flags
+
+from psla_tf import params
+from psla_tf.training.trainer import TrainConfig
+
+_BOOL_FIELDS = ("wa", "balanced_sampling", "dry_run", "save_predictions", "demo", "resume")
+
+
+def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
+    d = TrainConfig()
+    S, I, F, B, E = (flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_float,
+                     flags.DEFINE_bool, flags.DEFINE_enum)
+    S("train_data", None, "Glob of training TFRecord shards (manifest beside them).",
+      flag_values=fv)
+    S("eval_data", None, "Glob of evaluation shards: metrics every epoch; results reported "
+      "on it.", flag_values=fv)
+    S("val_data", None, "Optional validation shards (FSD50K): the 'single' result is the "
+      "epoch with the best validation mAP, evaluated on --eval_data.", flag_values=fv)
+    S("exp_dir", None, "Experiment folder (checkpoints, logs, predictions, summary.json).",
+      flag_values=fv)
+    I("n_epochs", d.n_epochs, "Epochs (paper: 30 full AudioSet, 60 balanced, 40 FSD50K).",
+      flag_values=fv)
+    I("batch_size", d.batch_size, "Batch size (paper: 100; FSD50K 24).", flag_values=fv)
+    I("eval_batch_size", d.eval_batch_size, "Batch size for evaluation.", flag_values=fv)
+    F("lr", d.lr, "Initial learning rate (paper: 1e-4 full, 1e-3 balanced, 5e-4 FSD50K).",
+      flag_values=fv)
+    I("warmup_steps", d.warmup_steps, "Linear warm-up over this many steps (paper: 1000; "
+      "0 disables).", flag_values=fv)
+    I("warmup_every", d.warmup_every, "The warm-up raises the lr every this many steps "
+      "(reference: 50).", flag_values=fv)
+    I("lrscheduler_start", d.lrscheduler_start, "Halve the lr after this epoch (paper: 10 "
+      "full, 35 balanced, 10 FSD50K) ...", flag_values=fv)
+    I("lrscheduler_step", d.lrscheduler_step, "... and again every this many epochs (5).",
+      flag_values=fv)
+    F("lrscheduler_decay", d.lrscheduler_decay, "Factor at each milestone (0.5).",
+      flag_values=fv)
+    B("wa", d.wa, "Weight averaging of epochs --wa_start..--wa_end (Sec. VI-A).",
+      flag_values=fv)
+    I("wa_start", d.wa_start, "First epoch averaged (paper: 16 full, 41 balanced, 21 FSD50K).",
+      flag_values=fv)
+    I("wa_end", d.wa_end, "Last epoch averaged (paper: the last epoch).", flag_values=fv)
+    B("balanced_sampling", d.balanced_sampling, "Class-balanced sampling (Alg. 1; paper: on "
+      "for full AudioSet and FSD50K, off for balanced AudioSet).", flag_values=fv)
+    F("mixup", d.mixup, "Mixup rate (paper: 0.5).", flag_values=fv)
+    F("mixup_alpha", d.mixup_alpha, "Mixup λ ~ Beta(α, α) (paper: 10).", flag_values=fv)
+    I("freqm", d.freqm, "Max frequency-mask width in bins (paper: 48; 0 off).", flag_values=fv)
+    I("timem", d.timem, "Max time-mask width in frames (paper: 192; 0 off).", flag_values=fv)
+    I("target_length", d.target_length, "Frames per clip (1056 AudioSet, 3000 FSD50K).",
+      flag_values=fv)
+    I("clip_samples", None, "Waveform samples per training clip (default: enough for "
+      "--target_length, but no more than the longest stored clip).", flag_values=fv)
+    F("dataset_mean", None, "Fbank normalisation mean (default: the train manifest's "
+      f"fbank_mean, else AudioSet's {params.DATASET_MEAN}).", flag_values=fv)
+    F("dataset_std", None, "Fbank normalisation std (default: the train manifest's "
+      f"fbank_std, else AudioSet's {params.DATASET_STD}).", flag_values=fv)
+    E("model", d.model, ["efficientnet", "mobilenet_v2", "resnet50"], "Backbone (Sec. III).",
+      flag_values=fv)
+    I("eff_b", d.eff_b, "EfficientNet size B0..B7 (paper: B2).", flag_values=fv)
+    I("att_head", d.att_head, "Attention heads: 0 mean pooling, 1 single, >1 multi (paper: 4).",
+      flag_values=fv)
+    S("pretrained", d.pretrained, "none | imagenet | PATH to an RGB backbone's weights.",
+      flag_values=fv)
+    E("stem_init", d.stem_init, ["random", "mean"], "First conv: random (reference) or the "
+      "mean of the RGB filters.", flag_values=fv)
+    E("loss", d.loss, ["bce", "ce"], "bce (multi-label, paper) or ce (single-label).",
+      flag_values=fv)
+    I("shuffle_buffer", d.shuffle_buffer, "Shuffle buffer (records).", flag_values=fv)
+    I("seed", d.seed, "Seed of the data order, augmentation and initialisation.",
+      flag_values=fv)
+    B("save_predictions", d.save_predictions, "Save every epoch's eval scores (.npy).",
+      flag_values=fv)
+    B("resume", d.resume, "Continue a killed run from exp_dir's last epoch checkpoint.",
+      flag_values=fv)
+    B("dry_run", d.dry_run, "Print the resolved configuration, parameter count, per-epoch "
+      "lr and WA window, then exit.", flag_values=fv)
+    B("demo", d.demo, "Generate (cached) the synthetic demo dataset in --demo_dir, prepare "
+      "shards, and train on it (configs/demo.flags).", flag_values=fv)
+    S("demo_dir", d.demo_dir, "Cache folder of the demo dataset.", flag_values=fv)
+    I("verbose", d.verbose, "Keras fit verbosity (1 progress bar, 2 one line per epoch).",
+      flag_values=fv)
+
+
+def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> TrainConfig:
+    import dataclasses
+    values = {f.name: fv[f.name].value for f in dataclasses.fields(TrainConfig)
+              if f.name in fv}
+    return TrainConfig(**values)

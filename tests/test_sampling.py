@@ -1,0 +1,192 @@
+"""Balanced sampling (Algorithm 1, lines 1-8) as the training pipeline draws it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from scipy import stats
+
+from helpers_data import random_labels, random_waveforms, write_shards
+from psla_tf.data import pipeline, report, sampling
+
+C = 6
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    rng = np.random.default_rng(1)
+    n = 120
+    labels = random_labels(n, C, rng)
+    labels[7] = []          # an example without labels: weight 0, never drawn
+    d = tmp_path_factory.mktemp("sampling")
+    glob = write_shards(str(d), random_waveforms(n, rng, 300, 500), labels, C, num_shards=4)
+    return glob, labels
+
+
+def _keys(ds):
+    return [f["key"] for f, _ in ds.as_numpy_iterator()]
+
+
+
+
+def test_weights_and_total_weight_identity():
+    rng = np.random.default_rng(0)
+    labels = random_labels(300, 10, rng)
+    labels[3] = []
+    counts = np.zeros(12, np.int64)  # classes 10, 11 never occur
+    for row in labels:
+        counts[row] += 1
+    w = sampling.balanced_sampling_weights(labels, counts)
+    direct = np.array([sum(1.0 / counts[k] for k in row) for row in labels])
+    np.testing.assert_allclose(w, direct, rtol=1e-12)
+    assert w[3] == 0.0
+    # W = sum_i w_i = number of classes with c_k > 0, computable from the counts alone
+    assert sampling.total_weight(counts) == np.count_nonzero(counts)
+    np.testing.assert_allclose(w.sum(), sampling.total_weight(counts), rtol=1e-12)
+    hot = np.zeros((300, 12))
+    for i, row in enumerate(labels):
+        hot[i, row] = 1
+    np.testing.assert_allclose(sampling.balanced_sampling_weights(hot, counts), direct)
+    exp = sampling.expected_class_frequency(hot, counts)
+    np.testing.assert_allclose(exp, 300 * (direct / direct.sum()) @ hot)
+
+
+def _example_rows(keys, shard_sizes):
+    fi, pos = pipeline.example_key_parts(np.asarray(keys))
+    starts = np.concatenate([[0], np.cumsum(shard_sizes)])
+    return starts[fi] + pos
+
+
+def test_draw_counts_match_exact_expectation(data):
+    glob, labels = data
+    spec = pipeline.resolve_data(glob)
+    sizes = pipeline.shard_counts(spec)
+    n, epochs, batch = 120, 25, 10
+    ds = pipeline.make_train_dataset(glob, batch_size=batch, clip_samples=64, mixup=0.0,
+                                     seed=3, num_epochs=epochs, with_ids=True,
+                                     shuffle_buffer=400)
+    keys = np.concatenate(_keys(ds))
+    assert keys.shape[0] == epochs * n
+    rows = _example_rows(keys, sizes)
+    observed = np.bincount(rows, minlength=n)
+    w = sampling.balanced_sampling_weights(labels, spec.class_counts)
+    expected = epochs * n * w / w.sum()
+    assert observed[7] == 0  # no labels
+    # chi-square goodness of fit over the examples that can be drawn (multinomial counts)
+    m = expected > 0
+    chi2 = ((observed[m] - expected[m]) ** 2 / expected[m]).sum()
+    p = stats.chi2.sf(chi2, m.sum() - 1)
+    assert p > 1e-3, (chi2, p)
+    # per class: binomial z-scores against N * sum_{i in k} p_i per epoch
+    hot = np.zeros((n, C))
+    for i, row in enumerate(labels):
+        hot[i, row] = 1
+    q = (w / w.sum()) @ hot
+    obs_k = observed @ hot
+    z = (obs_k - epochs * n * q) / np.sqrt(epochs * n * q * (1 - q))
+    assert np.all(np.abs(z) < 4.0), z
+    # balanced sampling flattens the class distribution relative to traversal
+    assert (obs_k / epochs).std() < spec.class_counts.std()
+
+
+def test_non_balanced_each_example_once_per_epoch(data):
+    glob, _ = data
+    ds = pipeline.make_train_dataset(glob, batch_size=10, clip_samples=64, mixup=0.0,
+                                     balanced_sampling=False, seed=0, num_epochs=2,
+                                     with_ids=True, shuffle_buffer=50)
+    keys = np.concatenate(_keys(ds))
+    e0, e1 = keys[:120], keys[120:]
+    assert len(e1) == 120
+    assert len(set(e0.tolist())) == 120 and set(e0.tolist()) == set(e1.tolist())
+    assert not np.array_equal(e0, e1)  # a different shuffle every epoch
+
+
+def test_steps_exact_with_remainder_and_reproducible_resume(data):
+    glob, _ = data
+    kw = dict(batch_size=7, clip_samples=64, mixup=0.5, seed=5, with_ids=True,
+              shuffle_buffer=100)
+    steps = sampling.steps_per_epoch(120, 7)
+    assert steps == 17
+    full = list(pipeline.make_train_dataset(glob, num_epochs=3, **kw).as_numpy_iterator())
+    assert len(full) == 3 * steps
+    resumed = list(pipeline.make_train_dataset(glob, initial_epoch=2, num_epochs=1, **kw)
+                   .as_numpy_iterator())
+    assert len(resumed) == steps
+    for (fa, ya), (fb, yb) in zip(full[2 * steps:], resumed):
+        np.testing.assert_array_equal(fa["key"], fb["key"])
+        np.testing.assert_array_equal(fa["waveform"], fb["waveform"])
+        np.testing.assert_array_equal(ya, yb)
+    epoch = [np.concatenate([f["key"] for f, _ in full[e * steps:(e + 1) * steps]])
+             for e in range(3)]
+    assert not np.array_equal(epoch[0], epoch[1])
+    other = np.concatenate(_keys(pipeline.make_train_dataset(
+        glob, num_epochs=1, **dict(kw, seed=6))))
+    assert not np.array_equal(other, epoch[0])
+
+
+def test_short_stream_continues_with_a_further_draw(tmp_path):
+    # 10 examples, 3 batches of 3 = 9 draws per epoch from a Poisson(10) stream: in some
+    # epochs the stream has fewer than 9 and a second draw must fill the epoch.
+    rng = np.random.default_rng(0)
+    glob = write_shards(str(tmp_path), random_waveforms(10, rng, 100, 200),
+                        random_labels(10, 3, rng), 3, num_shards=2)
+    ds = pipeline.make_train_dataset(glob, batch_size=3, clip_samples=16, mixup=0.0,
+                                     num_epochs=40, seed=1)
+    assert sum(1 for _ in ds) == 40 * 3
+
+
+@pytest.mark.parametrize("num_shards", [4, 1])
+def test_two_input_pipelines_split_the_data(tmp_path, num_shards):
+    rng = np.random.default_rng(2)
+    n = 40
+    glob = write_shards(str(tmp_path), random_waveforms(n, rng, 100, 200),
+                        random_labels(n, 4, rng), 4, num_shards=num_shards)
+    streams = []
+    for pid in range(2):
+        ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pid,
+                                         num_replicas_in_sync=2)
+        ds = pipeline.make_train_dataset(glob, batch_size=10, clip_samples=16, mixup=0.0,
+                                         balanced_sampling=False, input_context=ctx,
+                                         with_ids=True, seed=0, shuffle_buffer=64)
+        b = list(ds.as_numpy_iterator())
+        assert len(b) == 4 and b[0][0]["waveform"].shape == (5, 16)  # per-replica batch
+        streams.append(np.concatenate([f["key"] for f, _ in b]))
+    a, b = set(streams[0].tolist()), set(streams[1].tolist())
+    assert not a & b and len(a | b) == n
+    # balanced: different draws per pipeline
+    bal = []
+    for pid in range(2):
+        ctx = tf.distribute.InputContext(2, pid, 2)
+        bal.append(np.concatenate(_keys(pipeline.make_train_dataset(
+            glob, batch_size=10, clip_samples=16, mixup=0.0, input_context=ctx,
+            with_ids=True, seed=0))))
+    assert not np.array_equal(bal[0], bal[1])
+
+
+def test_unseen_fraction_matches_numpy(data):
+    glob, labels = data
+    r = report.sampling_report(glob, 4, mixup=0.5, balanced_sampling=True, batch_size=10,
+                               seed=9, clip_samples=16, progress=False, shuffle_buffer=64)
+    # the same draws again (same seed), counted directly with numpy
+    ds = pipeline.make_train_dataset(glob, batch_size=10, clip_samples=16, mixup=0.5,
+                                     seed=9, num_epochs=4, with_ids=True, shuffle_buffer=64)
+    b = list(ds.as_numpy_iterator())
+    steps = 12
+    used: set[int] = set()
+    unseen = []
+    for e in range(4):
+        for f, _ in b[e * steps:(e + 1) * steps]:
+            used.update(f["key"].tolist())
+            used.update(k for k in f["partner_key"].tolist() if k >= 0)
+        unseen.append(1 - len(used) / 120)
+    np.testing.assert_allclose(r["tally"].unseen, unseen)
+    assert r["tally"].unseen[-1] < r["tally"].unseen[0]
+    # expected class frequency from the label pass equals the formula on the known labels
+    hot = np.zeros((120, C))
+    for i, row in enumerate(labels):
+        hot[i, row] = 1
+    w = sampling.balanced_sampling_weights(labels, r["spec"].class_counts)
+    np.testing.assert_allclose(r["expected"], 120 * (w / w.sum()) @ hot)
+    drawn = np.concatenate([f["key"] for f, _ in b])
+    obs = np.bincount(_example_rows(drawn, pipeline.shard_counts(r["spec"])), minlength=120)
+    np.testing.assert_allclose(r["tally"].observed_class_frequency(), (obs @ hot) / 4)

@@ -1,0 +1,119 @@
+"""End-to-end: main.py (subprocess) trains two epochs on tiny shards written here, then
+summary.json is checked against the saved per-epoch predictions (Sec. II-B, VI)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from psla_tf import metrics
+from psla_tf.data import records
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MIDS = ["/m/a", "/m/b", "/m/c"]
+FREQS = [300.0, 1200.0, 3000.0]
+
+
+def _write_set(prefix, n, seed, mids=MIDS):
+    rng = np.random.default_rng(seed)
+    t = np.arange(6400) / 16000.0  # 0.4 s → 38 frames
+    counts = np.zeros(len(mids), int)
+    examples = []
+    for i in range(n):
+        labels = sorted({i % len(mids)} | ({(i + 1) % len(mids)} if i % 4 == 0 else set()))
+        w = 0.05 * rng.normal(size=t.size)
+        for k in labels:
+            w += 0.3 * np.sin(2 * np.pi * FREQS[k] * t + rng.uniform(0, 6))
+        counts[labels] += 1
+        examples.append(records.make_example(f"clip{i}.wav", records.float_to_int16(w),
+                                             labels, [mids[k] for k in labels]))
+    shard = records.shard_name(prefix, 0, 1)
+    import tensorflow as tf
+    with tf.io.TFRecordWriter(shard) as wr:
+        for ex in examples:
+            wr.write(ex)
+    m = records.Manifest(num_examples=n, shards=[{"file": os.path.basename(shard),
+                                                  "num_examples": n}],
+                         mids=list(mids), names=[m.strip("/") for m in mids],
+                         class_counts=counts.tolist(), max_seconds=0.4,
+                         fbank_mean=-6.0, fbank_std=4.0, fbank_frames=38 * n)
+    m.write(records.manifest_path(prefix))
+    return prefix + "-*.tfrecord"
+
+
+def _main(*args, timeout=240):
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args],
+                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+TINY = ["--n_epochs=2", "--batch_size=4", "--eval_batch_size=8", "--lr=1e-3",
+        "--warmup_steps=4", "--warmup_every=2", "--lrscheduler_start=1",
+        "--lrscheduler_step=1", "--wa_start=1", "--wa_end=2", "--eff_b=0", "--att_head=2",
+        "--target_length=48", "--freqm=8", "--timem=8", "--shuffle_buffer=16", "--verbose=2"]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    return (_write_set(str(d / "train"), 16, 0), _write_set(str(d / "eval"), 9, 1), d)
+
+
+def test_two_epoch_run(data, tmp_path):
+    train, ev, _ = data
+    exp = str(tmp_path / "exp")
+    p = _main(f"--train_data={train}", f"--eval_data={ev}", f"--exp_dir={exp}", *TINY)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    s = json.load(open(os.path.join(exp, "summary.json")))
+    assert s["epochs"] == 2 and s["train_examples"] == 16 and s["eval_examples"] == 9
+    pred = os.path.join(exp, "predictions")
+    targets = np.load(os.path.join(pred, "eval_targets.npy"))
+    per_epoch = [np.load(os.path.join(pred, f"eval_epoch_{e:03d}.npy")) for e in (1, 2)]
+    assert targets.shape == per_epoch[0].shape == (9, 3)
+    ens = metrics.evaluate(targets, np.mean(per_epoch, axis=0))
+    single = [metrics.evaluate(targets, p_) for p_ in per_epoch]
+    for k in ("mAP", "AUC", "d_prime"):
+        assert s["ensemble"][k] == pytest.approx(ens[k], abs=1e-6)
+        assert s["single"][k] == pytest.approx(np.mean([r[k] for r in single]), abs=1e-6)
+        assert np.isfinite(s["weight_averaging"][k])
+    assert s["weight_averaging"]["epochs"] == [1, 2]
+    assert s["normalisation"] == {"mean": -6.0, "std": 4.0, "source": "train manifest"}
+    for f in ("wa_model.keras", "log.csv", "flags.txt", "checkpoints/epoch_001.weights.h5",
+              "checkpoints/epoch_002.weights.h5"):
+        assert os.path.exists(os.path.join(exp, f)), f
+    log = open(os.path.join(exp, "log.csv")).read().splitlines()
+    assert "eval_mAP" in log[0] and "ens_mAP" in log[0] and len(log) == 3
+    assert "weight averaging" in p.stdout and "checkpoint ensemble" in p.stdout
+    flags_txt = open(os.path.join(exp, "flags.txt")).read()
+    assert "--dataset_mean=-6.0" in flags_txt and "--n_epochs=2" in flags_txt
+
+
+def test_dry_run_prints_plan(data, tmp_path):
+    train, ev, _ = data
+    p = _main(f"--train_data={train}", f"--eval_data={ev}", f"--exp_dir={tmp_path}/x",
+              "--flagfile=" + os.path.join(ROOT, "configs", "balanced.flags"),
+              "--eff_b=0", "--att_head=1", "--target_length=48", "--batch_size=4",
+              "--pretrained=none", "--dry_run")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "36:0.0005" in p.stdout and "41:0.00025" in p.stdout and "35:0.001" in p.stdout
+    assert "weight averaging: epochs 41-60" in p.stdout
+    assert "parameters:" in p.stdout and "steps/epoch 4" in p.stdout
+    assert not os.path.exists(f"{tmp_path}/x/summary.json")
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--wa_start=3"], "wa_start"),
+    (["--train_data=/nonexistent/x-*.tfrecord"], "no TFRecord shards"),
+    (["--batch_size=64"], "larger than the training set"),
+    (["--eval_data=OTHER"], "different vocabularies"),
+])
+def test_bad_flags_fail_cleanly(data, tmp_path, extra, message):
+    train, ev, d = data
+    if extra == ["--eval_data=OTHER"]:
+        extra = [f"--eval_data={_write_set(str(d / 'other'), 4, 2, ['/m/x', '/m/b', '/m/c'])}"]
+    p = _main(f"--train_data={train}", f"--eval_data={ev}", f"--exp_dir={tmp_path}/x",
+              *TINY, *extra, "--dry_run", timeout=120)
+    assert p.returncode != 0
+    assert message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
