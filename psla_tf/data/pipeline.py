@@ -407,6 +407,9 @@ def make_eval_dataset(data: str | DataSpec, batch_size: int = 100,
                                                      clip_samples), with_ids, ("id", "key"))),
                 num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=False)
+    if not skip_corrupt_records:  # known length: Keras' predict needs no end-of-data probe
+        ds = ds.apply(tf.data.experimental.assert_cardinality(
+            -(-int(spec.num_examples) // batch_size)))
     if features_in_pipeline:
         ds = ds.map(_nag(_apply_frontend(frontend, ("id", "key"))), num_parallel_calls=AUTOTUNE,
                     deterministic=True)

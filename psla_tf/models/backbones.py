@@ -144,11 +144,13 @@ def _copy_weights(backbone: keras.Model, rgb: keras.Model, stem: str, stem_init:
 def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
                    input_shape: tuple[int, int, int] = (128, 1056, 1),
                    pretrained: str | os.PathLike = "none", stem_init: str = "random",
-                   name: str = "backbone") -> keras.Model:
+                   bn_momentum: float | None = None, name: str = "backbone") -> keras.Model:
     """``[B, mel, time, 1] → [B, F', T', D]`` backbone (Sec. III), optionally ImageNet-pretrained.
 
     ``pretrained``: ``"none"``, ``"imagenet"`` or a path to weights of the 3-channel no-top
     keras.applications model. ``stem_init``: ``"random"`` (the paper) or ``"rgb_sum"``.
+    ``bn_momentum``: BatchNormalization momentum of every BN layer (Keras convention; None
+    keeps keras.applications' 0.99, which equals efficientnet_pytorch's PyTorch momentum 0.01).
     """
     _check_model(model)
     if stem_init not in ("random", "rgb_sum"):
@@ -169,6 +171,12 @@ def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
     for layer in backbone.layers:   # no ImageNet preprocessing in front of a spectrogram
         if isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization)):
             raise AssertionError(f"unexpected preprocessing layer {layer.name} in backbone")
+    if bn_momentum is not None:
+        if not 0.0 <= float(bn_momentum) < 1.0:
+            raise ValueError(f"bn_momentum must be in [0, 1), got {bn_momentum}")
+        for layer in backbone.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = float(bn_momentum)
     if pretrained != "none":
         rgb = _rgb_model(model, eff_b, pretrained)
         source = ("ImageNet weights" if pretrained == "imagenet"

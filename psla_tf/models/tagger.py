@@ -55,7 +55,7 @@ class FrequencyMean(keras.layers.Layer):
 def build_classifier(num_classes: int, *, model: str = "efficientnet", eff_b: int = 2,
                      att_head: int = 4, pretrained: str | os.PathLike = "none",
                      stem_init: str = "random", target_length: int = params.TARGET_LENGTH,
-                     num_mel_bins: int = params.NUM_MEL_BINS,
+                     num_mel_bins: int = params.NUM_MEL_BINS, bn_momentum: float | None = None,
                      name: str = "classifier") -> keras.Model:
     """Normalised fbank ``[B, target_length, num_mel_bins]`` → scores ``[B, num_classes]``.
 
@@ -73,7 +73,8 @@ def build_classifier(num_classes: int, *, model: str = "efficientnet", eff_b: in
     x = keras.layers.Permute((2, 1), name="mel_time")(fbank)
     x = keras.layers.Reshape((num_mel_bins, target_length, 1), name="add_channel")(x)
     backbone = build_backbone(model, eff_b=eff_b, input_shape=(num_mel_bins, target_length, 1),
-                              pretrained=pretrained, stem_init=stem_init, name="backbone")
+                              pretrained=pretrained, stem_init=stem_init,
+                              bn_momentum=bn_momentum, name="backbone")
     features = backbone(x)                                   # [B, F', T', D]
     if model == "mobilenet_v2":
         pooled = keras.layers.GlobalAveragePooling2D(name="global_pool", dtype="float32")(
@@ -92,7 +93,7 @@ def build_tagger(num_classes: int, *, model: str = "efficientnet", eff_b: int = 
                  num_mel_bins: int = params.NUM_MEL_BINS, freqm: int = params.FREQM,
                  timem: int = params.TIMEM, dataset_mean: float = params.DATASET_MEAN,
                  dataset_std: float = params.DATASET_STD, seed: int | None = None,
-                 name: str = "psla_tagger") -> keras.Model:
+                 bn_momentum: float | None = None, name: str = "psla_tagger") -> keras.Model:
     """The full PSLA model, waveform in, scores out (Fig. 2; masking of Alg. 1 inside).
 
     Inputs ``{"waveform": [B, S] float32, "num_samples": [B] int32}`` (S may vary between
@@ -106,7 +107,7 @@ def build_tagger(num_classes: int, *, model: str = "efficientnet", eff_b: int = 
     classifier = build_classifier(num_classes, model=model, eff_b=eff_b, att_head=att_head,
                                   pretrained=pretrained, stem_init=stem_init,
                                   target_length=target_length, num_mel_bins=num_mel_bins,
-                                  name="classifier")
+                                  bn_momentum=bn_momentum, name="classifier")
     scores = classifier(fbank)
     scores = keras.layers.Activation("linear", name="scores", dtype="float32")(scores)
     return keras.Model({"waveform": waveform, "num_samples": num_samples}, scores, name=name)

@@ -67,8 +67,12 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       flag_values=fv)
     S("pretrained", d.pretrained, "none | imagenet | PATH to an RGB backbone's weights.",
       flag_values=fv)
-    E("stem_init", d.stem_init, ["random", "mean"], "First conv: random (reference) or the "
-      "mean of the RGB filters.", flag_values=fv)
+    E("stem_init", d.stem_init, ["random", "rgb_sum"], "First conv (1 channel) with "
+      "pretrained weights: random (the paper) or the sum of the pretrained RGB kernels.",
+      flag_values=fv)
+    F("bn_momentum", d.bn_momentum, "BatchNorm moving-average momentum, Keras convention "
+      "(new = m * old + (1 - m) * batch). 0.99 = the reference (efficientnet_pytorch's "
+      "PyTorch momentum 0.01); short runs on small data do better with 0.9.", flag_values=fv)
     E("loss", d.loss, ["bce", "ce"], "bce (multi-label, paper) or ce (single-label).",
       flag_values=fv)
     I("shuffle_buffer", d.shuffle_buffer, "Shuffle buffer (records).", flag_values=fv)

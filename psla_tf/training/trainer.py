@@ -67,6 +67,7 @@ class TrainConfig:
     att_head: int = 4
     pretrained: str = "none"
     stem_init: str = "random"
+    bn_momentum: float = 0.99
     loss: str = "bce"
     shuffle_buffer: int = 1000
     seed: int = 0
@@ -123,6 +124,8 @@ def check_config(cfg: TrainConfig) -> None:
                               "set --wa_end to at most --n_epochs or --nowa")
     if not 0 <= cfg.mixup <= 1 or cfg.mixup_alpha <= 0:
         raise ConfigError("--mixup must be in [0, 1] and --mixup_alpha > 0")
+    if not 0 <= cfg.bn_momentum < 1:
+        raise ConfigError(f"--bn_momentum must be in [0, 1), got {cfg.bn_momentum}")
     if cfg.target_length < 1 or cfg.freqm < 0 or cfg.timem < 0:
         raise ConfigError("--target_length must be ≥ 1, --freqm and --timem ≥ 0")
     if (cfg.dataset_mean is None) != (cfg.dataset_std is None):
@@ -185,6 +188,7 @@ def build_model(cfg: TrainConfig, num_classes: int):
     from psla_tf.models.tagger import build_tagger
     return build_tagger(num_classes, model=cfg.model, eff_b=cfg.eff_b, att_head=cfg.att_head,
                         pretrained=cfg.pretrained, stem_init=cfg.stem_init,
+                        bn_momentum=cfg.bn_momentum,
                         target_length=cfg.target_length, freqm=cfg.freqm, timem=cfg.timem,
                         dataset_mean=cfg.dataset_mean, dataset_std=cfg.dataset_std,
                         seed=cfg.seed)
@@ -371,7 +375,7 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
         try:
             model.fit(train_ds, epochs=cfg.n_epochs, initial_epoch=initial_epoch,
                       steps_per_epoch=r.steps_per_epoch, callbacks=callbacks,
-                      verbose=cfg.verbose)
+                      verbose=cfg.verbose, shuffle=False)
         except tf.errors.OpError as e:
             err = pipeline.data_error_from(e)
             if err is not None:
