@@ -80,7 +80,7 @@ def test_two_epoch_run(data, tmp_path):
         assert np.isfinite(s["weight_averaging"][k])
     assert s["weight_averaging"]["epochs"] == [1, 2]
     assert s["normalisation"] == {"mean": -6.0, "std": 4.0, "source": "train manifest"}
-    for f in ("wa_model.keras", "log.csv", "flags.txt", "checkpoints/epoch_001.weights.h5",
+    for f in ("wa_model.keras", "final_model.keras", "labels.csv", "log.csv", "flags.txt", "checkpoints/epoch_001.weights.h5",
               "checkpoints/epoch_002.weights.h5"):
         assert os.path.exists(os.path.join(exp, f)), f
     log = open(os.path.join(exp, "log.csv")).read().splitlines()

@@ -330,6 +330,9 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
     os.makedirs(ckpt_dir, exist_ok=True)
     with open(os.path.join(exp, "flags.txt"), "w") as f:
         f.write(flagfile_text(cfg))
+    # the vocabulary travels with the models (predict / infer / export read it from here)
+    from psla_tf.data.records import write_label_csv
+    write_label_csv(os.path.join(exp, "labels.csv"), r.train.mids, r.train.names)
 
     model.compile(optimizer=TorchAdam(make_schedule(cfg, r.steps_per_epoch)),
                   loss=make_loss(cfg.loss), jit_compile=False)
@@ -382,6 +385,9 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
                 raise err from None
             raise
     seconds = time.time() - t0
+    final_path = os.path.join(exp, "final_model.keras")  # the last epoch, whole (.keras)
+    model.save(final_path + ".tmp.keras")
+    os.replace(final_path + ".tmp.keras", final_path)
     summary: dict[str, Any] = {
         "single": single_result(evaluation.history, val_eval.history if val_eval else None),
         "weight_averaging": ({k: wa.result[k] for k in SUMMARY_KEYS} | {"epochs": wa.epochs}
