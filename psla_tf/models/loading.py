@@ -1,0 +1,154 @@
+"""Find and load a trained psla_tf tagger: a ``.keras`` file, an experiment folder, or an
+epoch checkpoint (``.weights.h5``) of one, and the vocabulary that goes with it.
+
+Accepted ``path`` forms (what ``--model`` of the tools takes):
+
+* ``model.keras`` — a whole saved model (``final_model.keras``, ``wa_model.keras``, or any
+  model saved by the tools); the vocabulary is the ``labels.csv`` in the same folder;
+* ``EXP_DIR`` — a training run's folder (``main.py --exp_dir``): its weight-averaged model
+  ``wa_model.keras`` if the run made one, else ``final_model.keras``;
+* ``EXP_DIR/checkpoints/epoch_NNN.weights.h5`` — one epoch of a run: the model is rebuilt
+  from the run's ``flags.txt`` and ``labels.csv``, then the weights are loaded.
+
+Exported SavedModels (tools/export.py) are loaded with ``tf.saved_model.load``; see
+:mod:`psla_tf.export`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import keras
+
+from psla_tf.data.records import DataError, read_label_csv
+
+__all__ = ["ModelLoadError", "resolve_model_path", "find_label_csv", "read_flagfile",
+           "config_from_flagfile", "load_tagger", "load_vocabulary"]
+
+LABELS_FILE = "labels.csv"
+FLAGS_FILE = "flags.txt"
+_EXP_MODELS = ("wa_model.keras", "final_model.keras")
+
+
+class ModelLoadError(DataError):
+    """The model path does not name a loadable psla_tf model (message says what to pass)."""
+
+
+def _exp_dir_of(path: str) -> str | None:
+    """The experiment folder a path belongs to (the folder holding flags.txt), if any."""
+    d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    for cand in (d, os.path.dirname(d)):
+        if os.path.exists(os.path.join(cand, FLAGS_FILE)):
+            return cand
+    return None
+
+
+def resolve_model_path(path: str) -> str:
+    """The concrete ``.keras`` / ``.weights.h5`` file ``path`` stands for."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model {path!r} does not exist")
+    if os.path.isdir(path):
+        for name in _EXP_MODELS:
+            cand = os.path.join(path, name)
+            if os.path.exists(cand):
+                return cand
+        if os.path.exists(os.path.join(path, "saved_model.pb")):
+            raise ModelLoadError(f"{path!r} is a SavedModel; load it with tf.saved_model.load")
+        raise ModelLoadError(f"folder {path!r} holds none of {', '.join(_EXP_MODELS)} "
+                             "(pass a .keras file, an experiment folder of a finished run, or "
+                             "a checkpoints/epoch_NNN.weights.h5 file)")
+    if path.endswith(".keras") or path.endswith(".weights.h5"):
+        return path
+    raise ModelLoadError(f"{path!r}: expected a .keras file, an experiment folder or a "
+                         ".weights.h5 checkpoint")
+
+
+def find_label_csv(path: str) -> str | None:
+    """``labels.csv`` beside the model file or in its experiment folder, if present."""
+    path = os.fspath(path)
+    d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    for cand in (d, _exp_dir_of(path)):
+        if cand and os.path.exists(os.path.join(cand, LABELS_FILE)):
+            return os.path.join(cand, LABELS_FILE)
+    return None
+
+
+def load_vocabulary(path: str, label_csv: str | None = None) -> tuple[list[str], list[str]]:
+    """(mids, names) for the model at ``path`` (``label_csv`` overrides the lookup)."""
+    csv = label_csv or find_label_csv(path)
+    if csv is None:
+        raise ModelLoadError(f"no {LABELS_FILE} beside {path!r} or in its experiment folder; "
+                             "pass --label_csv")
+    return read_label_csv(csv)
+
+
+def read_flagfile(path: str) -> dict[str, str | bool]:
+    """``--name=value`` / ``--name`` / ``--noname`` lines of an absl flagfile (comments
+    skipped) as {name: value string or bool}."""
+    out: dict[str, str | bool] = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("#") or not line.startswith("--"):
+                continue
+            body = line[2:]
+            if "=" in body:
+                k, v = body.split("=", 1)
+                out[k] = v
+            elif body.startswith("no"):
+                out[body[2:]] = False
+            else:
+                out[body] = True
+    return out
+
+
+def config_from_flagfile(path: str):
+    """A TrainConfig from a run's ``flags.txt`` (unknown names are an error)."""
+    from psla_tf.training.trainer import TrainConfig
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    values = {}
+    defaults = TrainConfig()
+    for k, v in read_flagfile(path).items():
+        if k not in fields:
+            raise ModelLoadError(f"{path}: unknown flag --{k}")
+        cur = getattr(defaults, k)
+        if isinstance(v, bool) or isinstance(cur, bool):
+            values[k] = v if isinstance(v, bool) else v.lower() in ("1", "true", "yes")
+        elif isinstance(cur, int) and not isinstance(cur, bool):
+            values[k] = int(v)
+        elif isinstance(cur, float):
+            values[k] = float(v)
+        elif cur is None and k in ("dataset_mean", "dataset_std"):
+            values[k] = float(v)
+        elif cur is None and k == "clip_samples":
+            values[k] = int(v)
+        else:
+            values[k] = v
+    return dataclasses.replace(defaults, **values)
+
+
+def load_tagger(path: str, compile: bool = False) -> keras.Model:
+    """Load the tagger ``path`` names (see the module doc); inference-ready, not compiled."""
+    import psla_tf.models.tagger  # noqa: F401  (registers the custom layers)
+    file = resolve_model_path(path)
+    if file.endswith(".keras"):
+        try:
+            return keras.saving.load_model(file, compile=compile)
+        except Exception as e:
+            raise ModelLoadError(f"could not load {file!r}: {type(e).__name__}: {e}") from e
+    exp = _exp_dir_of(file)
+    if exp is None:
+        raise ModelLoadError(f"checkpoint {file!r} is not inside an experiment folder with "
+                             f"{FLAGS_FILE}; the architecture cannot be rebuilt")
+    from psla_tf.training.trainer import build_model
+    cfg = config_from_flagfile(os.path.join(exp, FLAGS_FILE))
+    mids, _ = load_vocabulary(exp)
+    cfg = dataclasses.replace(cfg, pretrained="none")
+    model = build_model(cfg, len(mids))
+    try:
+        model.load_weights(file)
+    except Exception as e:
+        raise ModelLoadError(f"checkpoint {file!r} does not match the model of {exp}/"
+                             f"{FLAGS_FILE}: {type(e).__name__}: {e}") from e
+    return model
