@@ -74,6 +74,7 @@ class Window:
     start: float      # seconds
     end: float        # seconds
     scores: np.ndarray
+    frames: dict[str, np.ndarray] | None = None   # frame-level arrays [H, T', C], if asked
 
 
 @dataclasses.dataclass
@@ -122,8 +123,13 @@ def iter_windows(path: str, window_seconds: float = 10.0, hop_seconds: float = 5
 
 def tag_file(score_fn: ScoreFn, path: str, *, window_seconds: float = 10.0,
              hop_seconds: float = 5.0, batch_size: int = 8, pooling: str = "max",
-             sample_rate: int = params.SAMPLE_RATE) -> FileResult:
-    """Score every window of ``path`` in batches; pool to clip level (max or mean)."""
+             sample_rate: int = params.SAMPLE_RATE,
+             frame_fn: Callable[[np.ndarray, np.ndarray], dict] | None = None) -> FileResult:
+    """Score every window of ``path`` in batches; pool to clip level (max or mean).
+
+    ``frame_fn`` (e.g. :meth:`KerasScorer.frame_level`) adds each window's frame-level
+    arrays to ``Window.frames``.
+    """
     if pooling not in ("max", "mean"):
         raise ValueError(f"pooling must be 'max' or 'mean', got {pooling!r}")
     window = int(round(window_seconds * sample_rate))
@@ -143,8 +149,10 @@ def tag_file(score_fn: ScoreFn, path: str, *, window_seconds: float = 10.0,
             batch[i, : w.size] = w
             lengths[i] = w.size
         scores = np.asarray(score_fn(batch, lengths), np.float32)
-        for (start, w), s in zip(pending, scores):
-            windows.append(Window(start / sample_rate, (start + w.size) / sample_rate, s))
+        frames = frame_fn(batch, lengths) if frame_fn is not None else None
+        for i, ((start, w), s) in enumerate(zip(pending, scores)):
+            fr = None if frames is None else {k: v[i] for k, v in frames.items()}
+            windows.append(Window(start / sample_rate, (start + w.size) / sample_rate, s, fr))
         if pooling == "max":
             m = scores.max(axis=0)
             pooled = m if pooled is None else np.maximum(pooled, m)
@@ -170,3 +178,152 @@ def tag_file(score_fn: ScoreFn, path: str, *, window_seconds: float = 10.0,
 def top_k(scores: np.ndarray, names: list[str], k: int) -> list[tuple[str, float]]:
     order = np.argsort(-scores, kind="stable")[:k]
     return [(names[i], float(scores[i])) for i in order]
+
+
+# ----------------------------------------------------------------------------- scorers
+class VocabularyMismatch(ValueError):
+    """The model's number of outputs differs from its vocabulary's number of classes."""
+
+
+class Scorer:
+    """A trained tagger behind one call, with its vocabulary and input length.
+
+    ``scorer(waveform [B, S] float32, num_samples [B] int32) -> scores [B, C] float32``;
+    attributes ``mids``, ``names`` (the class map), ``sample_rate`` (16 kHz),
+    ``clip_samples`` (the training input length in samples: longer inputs are cut by the
+    front end, so windows must not exceed it) and ``kind`` (``keras`` / ``saved_model``).
+    """
+
+    kind = "abstract"
+    mids: list[str]
+    names: list[str]
+    sample_rate: int = params.SAMPLE_RATE
+    clip_samples: int
+
+    def __call__(self, waveform: np.ndarray, num_samples: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def frame_level(self, waveform: np.ndarray, num_samples: np.ndarray
+                    ) -> dict[str, np.ndarray]:
+        raise NotImplementedError(f"frame-level output needs a Keras tagger, not a {self.kind}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.mids)
+
+    def _check_vocabulary(self, num_outputs: int, source: str) -> None:
+        if num_outputs != len(self.mids):
+            raise VocabularyMismatch(
+                f"{source} has {num_outputs} outputs but its vocabulary lists {len(self.mids)} "
+                "classes (wrong labels.csv / --label_csv?)")
+
+
+def _frontend_of(model) -> "object | None":
+    """The AudioFrontend of a tagger, or of the first member of an ensemble."""
+    for layer in model.layers:
+        if layer.name == "frontend":
+            return layer
+    for layer in model.layers:
+        if layer.name.startswith("member_") and hasattr(layer, "layers"):
+            return _frontend_of(layer)
+    return None
+
+
+class KerasScorer(Scorer):
+    """A Keras tagger (``build_tagger``) or ensemble (``psla_tf.ensemble``) in inference mode."""
+
+    kind = "keras"
+
+    def __init__(self, model, mids: list[str], names: list[str], source: str = "model"):
+        import tensorflow as tf
+        self.model = model
+        self.mids, self.names = list(mids), list(names)
+        frontend = _frontend_of(model)
+        if frontend is None:
+            raise ValueError(f"{source}: not a psla_tf tagger (no 'frontend' layer)")
+        self.target_length = int(frontend.target_length)
+        self.clip_samples = (self.target_length - 1) * params.FRAME_SHIFT + params.FRAME_LENGTH
+        self._check_vocabulary(int(model.outputs[0].shape[-1]), source)
+        spec = (tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.int32))
+        self._fn = tf.function(
+            lambda w, n: model({"waveform": w, "num_samples": n}, training=False),
+            input_signature=spec, reduce_retracing=True)
+        self._frame_fn = None
+        self._spec = spec
+
+    def __call__(self, waveform, num_samples):
+        out = self._fn(np.asarray(waveform, np.float32), np.asarray(num_samples, np.int32))
+        return np.asarray(out, np.float32)
+
+    def frame_level(self, waveform, num_samples):
+        """The attention-pooling time series of a tagger: ``attention`` (normalised attention,
+        sums to 1 over time) and ``frame_scores`` (per-frame class scores), both
+        ``[B, H, T', C]`` (paper Fig. 2; H heads, T' backbone frames)."""
+        import tensorflow as tf
+        if self._frame_fn is None:
+            names = {layer.name for layer in self.model.layers}
+            if not {"frontend", "classifier"} <= names:
+                raise NotImplementedError("frame-level output needs a single tagger "
+                                          "(an ensemble has one time series per member)")
+            frontend = self.model.get_layer("frontend")
+            clf = self.model.get_layer("classifier")
+            if "frequency_mean" not in {layer.name for layer in clf.layers}:
+                raise NotImplementedError("frame-level output needs an attention or mean "
+                                          "pooling head (mobilenet_v2 pools globally)")
+            pooling = clf.get_layer("pooling")
+
+            def fn(w, n):
+                x = frontend(w, n, training=False)
+                x = clf.get_layer("mel_time")(x)
+                x = clf.get_layer("add_channel")(x)
+                x = clf.get_layer("backbone")(x, training=False)
+                x = clf.get_layer("frequency_mean")(x)
+                return pooling.attention_maps(x), pooling.frame_scores(x)
+
+            self._frame_fn = tf.function(fn, input_signature=self._spec)
+        att, cla = self._frame_fn(np.asarray(waveform, np.float32),
+                                  np.asarray(num_samples, np.int32))
+        return {"attention": np.asarray(att, np.float32),
+                "frame_scores": np.asarray(cla, np.float32)}
+
+
+class ServingScorer(Scorer):
+    """An exported SavedModel (``psla_tf.export.load_saved_model``)."""
+
+    kind = "saved_model"
+
+    def __init__(self, serving, source: str = "SavedModel"):
+        self.serving = serving
+        self.mids, self.names = list(serving.mids), list(serving.names)
+        self.sample_rate = int(serving.sample_rate)
+        self.clip_samples = int(serving.clip_samples)
+        probe = serving(np.zeros((1, params.FRAME_LENGTH), np.float32),
+                        np.full((1,), params.FRAME_LENGTH, np.int32))
+        self._check_vocabulary(int(np.asarray(probe["scores"]).shape[-1]), source)
+
+    def __call__(self, waveform, num_samples):
+        out = self.serving(np.asarray(waveform, np.float32), np.asarray(num_samples, np.int32))
+        return np.asarray(out["scores"], np.float32)
+
+
+def window_samples(scorer: Scorer, window_seconds: float) -> int:
+    """``window_seconds`` in samples, checked against the model's input length (a longer
+    window would be cut by the front end, silently ignoring its end)."""
+    window = int(round(window_seconds * scorer.sample_rate))
+    if window <= 0:
+        raise ValueError("window_seconds must be positive")
+    if window > scorer.clip_samples:
+        raise ValueError(
+            f"window of {window_seconds:g} s ({window} samples) is longer than the model's "
+            f"input of {scorer.clip_samples / scorer.sample_rate:.3f} s ({scorer.clip_samples} "
+            "samples): the front end would cut it. Use a window ≤ the model's input length.")
+    return window
+
+
+def frame_times(start: float, clip_seconds: float, num_frames: int) -> tuple[np.ndarray,
+                                                                             np.ndarray]:
+    """Start and end seconds of the ``num_frames`` backbone frames of a window starting at
+    ``start`` (they evenly divide the model's input of ``clip_seconds``)."""
+    step = clip_seconds / num_frames
+    begin = start + np.arange(num_frames) * step
+    return begin, begin + step

@@ -10,8 +10,9 @@ Accepted ``path`` forms (what ``--model`` of the tools takes):
 * ``EXP_DIR/checkpoints/epoch_NNN.weights.h5`` — one epoch of a run: the model is rebuilt
   from the run's ``flags.txt`` and ``labels.csv``, then the weights are loaded.
 
-Exported SavedModels (tools/export.py) are loaded with ``tf.saved_model.load``; see
-:mod:`psla_tf.export`.
+Exported SavedModels (tools/export.py: ``DIR`` or ``DIR/<version>``) are not Keras models;
+:func:`load_scorer` accepts them too (through :func:`psla_tf.export.load_saved_model`) and
+gives the tools one interface (:class:`psla_tf.inference.Scorer`) for every form.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ import keras
 from psla_tf.data.records import DataError, read_label_csv
 
 __all__ = ["ModelLoadError", "resolve_model_path", "find_label_csv", "read_flagfile",
-           "config_from_flagfile", "load_tagger", "load_vocabulary"]
+           "config_from_flagfile", "load_tagger", "load_vocabulary", "is_saved_model",
+           "load_scorer"]
 
 LABELS_FILE = "labels.csv"
 FLAGS_FILE = "flags.txt"
@@ -53,8 +55,9 @@ def resolve_model_path(path: str) -> str:
             cand = os.path.join(path, name)
             if os.path.exists(cand):
                 return cand
-        if os.path.exists(os.path.join(path, "saved_model.pb")):
-            raise ModelLoadError(f"{path!r} is a SavedModel; load it with tf.saved_model.load")
+        if is_saved_model(path):
+            raise ModelLoadError(f"{path!r} is an exported SavedModel, not a Keras model "
+                                 "(the tools accept it through load_scorer)")
         raise ModelLoadError(f"folder {path!r} holds none of {', '.join(_EXP_MODELS)} "
                              "(pass a .keras file, an experiment folder of a finished run, or "
                              "a checkpoints/epoch_NNN.weights.h5 file)")
@@ -152,3 +155,52 @@ def load_tagger(path: str, compile: bool = False) -> keras.Model:
         raise ModelLoadError(f"checkpoint {file!r} does not match the model of {exp}/"
                              f"{FLAGS_FILE}: {type(e).__name__}: {e}") from e
     return model
+
+
+def is_saved_model(path: str) -> bool:
+    """``path`` is an exported SavedModel: ``DIR/<version>/saved_model.pb`` or ``DIR`` holding
+    numeric version folders with one."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return False
+    if os.path.exists(os.path.join(path, "saved_model.pb")):
+        return True
+    return any(name.isdigit() and os.path.exists(os.path.join(path, name, "saved_model.pb"))
+               for name in os.listdir(path))
+
+
+def load_scorer(path: str, label_csv: str | None = None,
+                vocabulary: tuple[list[str], list[str]] | None = None):
+    """A :class:`psla_tf.inference.Scorer` for any model form the tools take.
+
+    Keras forms (see the module doc) use ``label_csv``, else the ``labels.csv`` found beside
+    the model, else ``vocabulary`` (e.g. the data's manifest) as the class map; a SavedModel
+    carries its own. A model whose outputs do not match the class map is an error.
+    """
+    from psla_tf import inference
+    if is_saved_model(path):
+        try:
+            from psla_tf.export import load_saved_model
+        except ImportError as e:
+            raise ModelLoadError(f"{path!r} is a SavedModel but psla_tf.export is unavailable "
+                                 f"({e})") from None
+        try:
+            serving = load_saved_model(path)
+        except DataError:
+            raise
+        except Exception as e:
+            raise ModelLoadError(f"could not load SavedModel {path!r}: "
+                                 f"{type(e).__name__}: {e}") from e
+        try:
+            return inference.ServingScorer(serving, source=path)
+        except inference.VocabularyMismatch as e:
+            raise ModelLoadError(str(e)) from None
+    model = load_tagger(path)
+    if label_csv or find_label_csv(path) or vocabulary is None:
+        mids, names = load_vocabulary(path, label_csv)
+    else:
+        mids, names = vocabulary
+    try:
+        return inference.KerasScorer(model, mids, names, source=path)
+    except (inference.VocabularyMismatch, ValueError) as e:
+        raise ModelLoadError(str(e)) from None

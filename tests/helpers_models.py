@@ -1,0 +1,44 @@
+"""A tiny trained-looking tagger on disk (for the after-training tools' tests)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+TARGET_LENGTH = 64                                   # 0.65 s of audio at 16 kHz
+CLIP_SAMPLES = (TARGET_LENGTH - 1) * 160 + 400       # 10480
+
+
+def make_tagger(num_classes: int = 5, seed: int = 0, att_head: int = 2):
+    """EfficientNet-B0 tagger on 64 frames with seeded random weights (BN statistics
+    randomised too, so averaging them is visible)."""
+    import keras
+    from psla_tf.models.tagger import build_tagger
+    keras.utils.set_random_seed(seed)
+    model = build_tagger(num_classes, eff_b=0, att_head=att_head, target_length=TARGET_LENGTH,
+                         freqm=0, timem=0)
+    rng = np.random.default_rng(seed)
+    for v in model.weights:
+        if "moving_variance" in v.path:
+            v.assign(rng.uniform(0.5, 1.5, v.shape).astype("float32"))
+        elif "moving_mean" in v.path:
+            v.assign(rng.normal(0, 0.1, v.shape).astype("float32"))
+    return model
+
+
+def save_tagger(model, folder: str, name: str = "model.keras") -> str:
+    """Save ``model`` with a labels.csv beside it; returns the .keras path."""
+    from psla_tf.data.records import write_label_csv
+    os.makedirs(folder, exist_ok=True)
+    c = int(model.outputs[0].shape[-1])
+    write_label_csv(os.path.join(folder, "labels.csv"), [f"/m/c{k}" for k in range(c)],
+                    [f"class {k}" for k in range(c)])
+    path = os.path.join(folder, name)
+    model.save(path)
+    return path
+
+
+def write_wav(path: str, samples: np.ndarray, sample_rate: int) -> str:
+    import soundfile as sf
+    sf.write(path, samples, sample_rate, subtype="PCM_16")
+    return path

@@ -1,0 +1,72 @@
+"""Clip-level scores of a trained tagger over a data set → ``scores.npz`` (ids, scores,
+targets where labels are known, mids, names). Feeds evaluate.py, ensemble.py and
+enhance_labels.py (the teacher's scores, paper Sec. V).
+
+Examples:
+  python tools/predict.py --model=exp/full --data='data/eval-*.tfrecord' --output=eval.npz
+  python tools/predict.py --model=exp/full/checkpoints/epoch_030.weights.h5 \\
+      --data=train.json --output=train_scores.npz
+  python tools/predict.py --model=export/psla --data=clips.csv --output=clips.npz
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "A .keras file, a training run's folder (its wa_model.keras, "
+                    "else final_model.keras), a checkpoints/epoch_NNN.weights.h5 of a run, or "
+                    "an exported SavedModel folder (tools/export.py).")
+flags.DEFINE_string("data", None, "TFRecord shards (glob, e.g. 'data/eval-*.tfrecord'; their "
+                    "manifest gives the labels) or a listing of audio files: PSLA datafile "
+                    ".json, AudioSet segment CSV (with --audio_dir), plain CSV path,labels, "
+                    "or a folder of class sub-folders.")
+flags.DEFINE_string("output", None, "Output .npz (written atomically).")
+flags.DEFINE_string("label_csv", None, "Class map index,mid,display_name of a Keras model "
+                    "(default: the labels.csv beside the model / in its run folder).")
+flags.DEFINE_integer("batch_size", 32, "Clips per forward pass (memory: one batch of audio).")
+flags.DEFINE_string("audio_dir", None, "AudioSet CSV listings: folder holding the clips.")
+flags.DEFINE_string("filename_pattern", "{YTID}.wav", "AudioSet CSV listings: file name of a "
+                    "clip ({YTID}, {start}, {end}, {start:d}).")
+flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+
+
+def main(argv):
+    del argv
+    from psla_tf import prediction
+    from psla_tf.data.records import DataError
+    from psla_tf.models.loading import load_scorer
+    try:
+        for name in ("model", "data", "output"):
+            if not getattr(FLAGS, name):
+                raise DataError(f"--{name} is required")
+        vocab = None
+        if prediction.is_record_glob(FLAGS.data):
+            from psla_tf.data.records import load_data_spec
+            spec = load_data_spec(FLAGS.data)
+            vocab = (spec.mids, spec.names)
+        scorer = load_scorer(FLAGS.model, FLAGS.label_csv, vocabulary=vocab)
+        preds = prediction.predict(scorer, FLAGS.data, FLAGS.batch_size, FLAGS.progress,
+                                   audio_dir=FLAGS.audio_dir,
+                                   filename_pattern=FLAGS.filename_pattern)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    prediction.save_scores(FLAGS.output, preds)
+    for clip_id, reason in preds.failures:
+        print(f"skipped {clip_id}: {reason}", file=sys.stderr)
+    n, c = preds.scores.shape
+    what = "with targets" if preds.targets is not None else "no labels"
+    print(f"wrote {FLAGS.output}: {n} clips x {c} classes ({what})"
+          + (f"; {len(preds.failures)} clips skipped" if preds.failures else ""))
+    if preds.targets is not None and n:
+        from psla_tf import metrics
+        r = metrics.evaluate(preds.targets, preds.scores)
+        print(f"mAP {r['mAP']:.4f}  AUC {r['AUC']:.4f}  d-prime {r['d_prime']:.4f}")
+
+
+if __name__ == "__main__":
+    app.run(main)
