@@ -17,7 +17,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("train_data", None, "Glob of training TFRecord shards.")
 flags.DEFINE_integer("epochs", 5, "Epochs to draw.")
 flags.DEFINE_float("mixup", 0.0, "Mixup rate (0.5 in the paper).")
-flags.DEFINE_bool("balanced_sampling", False, "Balanced sampling (Algorithm 1).")
+flags.DEFINE_bool("balanced_sampling", True, "Balanced sampling (Algorithm 1; the full-AudioSet "
+                  "and FSD50K recipes use it). --nobalanced_sampling: plain shuffled epochs.")
 flags.DEFINE_string("out_dir", None, "Output folder.")
 flags.DEFINE_integer("batch_size", 100, "Batch size (sets the steps per epoch).")
 flags.DEFINE_integer("seed", 0, "Pipeline seed.")
