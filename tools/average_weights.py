@@ -1,0 +1,93 @@
+"""Offline weight averaging (paper Sec. VI-A): the equal average of all weights — BatchNorm
+moving statistics included — of saved epoch checkpoints of one run, saved as one model.
+
+Examples:
+  python tools/average_weights.py \\
+      --checkpoints='exp/full/checkpoints/epoch_0{16..30}.weights.h5' --output=exp/full/wa16-30.keras
+  python tools/average_weights.py --checkpoints=exp/full --epochs=16-30 --output=wa.keras
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("checkpoints", None, "Comma-separated checkpoints (.weights.h5 inside a run "
+                    "folder, or .keras files) and/or globs; or a run folder with --epochs.")
+flags.DEFINE_string("epochs", None, "With a run folder: inclusive 1-based epoch range A-B "
+                    "(checkpoints/epoch_NNN.weights.h5).")
+flags.DEFINE_string("output", None, "Averaged model: .keras (whole model; labels.csv written "
+                    "beside it) or .weights.h5 (weights only).")
+flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+
+
+def _paths():
+    import glob
+    from psla_tf.data.records import DataError
+    items = [p.strip() for p in FLAGS.checkpoints.split(",") if p.strip()]
+    if FLAGS.epochs:
+        if len(items) != 1 or not os.path.isdir(items[0]):
+            raise DataError("--epochs needs --checkpoints=RUN_FOLDER (one folder)")
+        try:
+            a, b = (int(x) for x in FLAGS.epochs.split("-"))
+        except ValueError:
+            raise DataError(f"--epochs must be A-B, got {FLAGS.epochs!r}") from None
+        if not 1 <= a <= b:
+            raise DataError(f"--epochs needs 1 <= A <= B, got {FLAGS.epochs}")
+        paths = [os.path.join(items[0], "checkpoints", f"epoch_{e:03d}.weights.h5")
+                 for e in range(a, b + 1)]
+        missing = [p for p in paths if not os.path.exists(p)]
+        if missing:
+            raise DataError(f"{len(missing)} checkpoints missing: {', '.join(missing[:3])}")
+        return paths
+    paths = []
+    for it in items:
+        found = sorted(glob.glob(it)) if any(c in it for c in "*?[") else [it]
+        if not found:
+            raise DataError(f"no checkpoint matches {it!r}")
+        paths.extend(found)
+    return paths
+
+
+def main(argv):
+    del argv
+    from psla_tf.data.records import DataError, write_label_csv
+    from psla_tf.ensemble import average_checkpoints
+    from psla_tf.models.loading import find_label_csv, load_vocabulary
+    try:
+        if not FLAGS.checkpoints or not FLAGS.output:
+            raise DataError("--checkpoints and --output are required")
+        if not FLAGS.output.endswith((".keras", ".weights.h5")):
+            raise DataError("--output must end in .keras or .weights.h5")
+        paths = _paths()
+        model = average_checkpoints(paths, progress=FLAGS.progress)
+        vocab = load_vocabulary(paths[0]) if find_label_csv(paths[0]) else None
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    out = os.path.abspath(FLAGS.output)
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    suffix = ".keras" if out.endswith(".keras") else ".weights.h5"
+    tmp = out[: -len(suffix)] + ".tmp" + suffix
+    if suffix == ".keras":
+        model.save(tmp)
+    else:
+        model.save_weights(tmp)
+    os.replace(tmp, out)
+    print(f"averaged {len(paths)} checkpoints ({os.path.basename(paths[0])} … "
+          f"{os.path.basename(paths[-1])}) → {out}")
+    if suffix == ".keras" and vocab is not None:
+        labels = os.path.join(os.path.dirname(out), "labels.csv")
+        if not os.path.exists(labels):
+            write_label_csv(labels, *vocab)
+            print(f"wrote {labels}")
+        elif load_vocabulary(out)[0] != vocab[0]:
+            print(f"warning: {labels} is not the class map of these checkpoints",
+                  file=sys.stderr)
+
+
+if __name__ == "__main__":
+    app.run(main)
