@@ -6,7 +6,18 @@ Examples:
   python tools/make_tfrecords.py --input=balanced_train_segments.csv --audio_dir=audio \\
       --filename_pattern='{YTID}_{start:d}.flac' --label_csv=class_labels_indices.csv \\
       --output_prefix=out/bal
-  python tools/make_tfrecords.py --audio_folder=recordings_by_digit --output_prefix=out/fsdd
+  # your own data: one sub-folder per class, 20 % held out for test (stratified by class)
+  python tools/make_tfrecords.py --audio_folder=my_sounds --test_fraction=0.2 \\
+      --output_prefix=data/mine
+  # a CSV path,label,speaker; test on one speaker (k-fold style: by a column)
+  python tools/make_tfrecords.py --input=fsdd.csv --fold_column=speaker --test_fold=theo \\
+      --output_prefix=data/fsdd
+
+Without --label_csv the vocabulary is written to labels.csv in the output folder
+(index,mid,display_name; mid = the label as written, e.g. the class folder's name) and
+reused by later runs into the same folder. With a split (--test_fraction / --val_fraction /
+--fold_column) the shard sets are {prefix}_train, {prefix}_val, {prefix}_test, each with its
+own manifest (clip counts, coverage, fbank statistics).
 """
 import os
 import sys
@@ -20,7 +31,7 @@ from psla_tf import params  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", None, "Listing: PSLA datafile .json, AudioSet segment CSV, or a "
-                    "plain CSV with path,labels columns.")
+                    "plain CSV with path,labels columns (extra columns kept for splitting).")
 flags.DEFINE_string("audio_folder", None, "Instead of --input: a folder whose sub-folders are "
                     "classes (single-label).")
 flags.DEFINE_enum("input_format", "auto", ["auto", "datafile", "audioset", "csv", "folder"],
@@ -28,26 +39,37 @@ flags.DEFINE_enum("input_format", "auto", ["auto", "datafile", "audioset", "csv"
 flags.DEFINE_string("audio_dir", None, "AudioSet CSV: folder holding the clips.")
 flags.DEFINE_string("filename_pattern", "{YTID}.wav", "AudioSet CSV: file name of a clip; "
                     "{YTID}, {start}, {end} (as written in the CSV), {start:d}/{start_int} (int).")
-flags.DEFINE_string("label_csv", None, "Vocabulary CSV index,mid,display_name. Without it the "
-                    "vocabulary is the sorted set of labels seen, written to "
-                    "{output_prefix}.labels.csv.")
+flags.DEFINE_string("label_csv", None, "Vocabulary CSV index,mid,display_name. Without it: "
+                    "labels.csv in the output folder if present, else the sorted set of labels "
+                    "seen, written there.")
 flags.DEFINE_string("output_prefix", None, "Output DIR/name: shards "
-                    "{prefix}-NNNNN-of-NNNNN.tfrecord and {prefix}.manifest.json.")
-flags.DEFINE_integer("num_shards", 1, "Number of shards (row i → shard i % num_shards).")
+                    "{prefix}-NNNNN-of-NNNNN.tfrecord and {prefix}.manifest.json ({prefix}_train "
+                    "etc. with a split).")
+flags.DEFINE_integer("num_shards", 1, "Number of shards per set (row i → shard i % num_shards).")
 flags.DEFINE_integer("workers", 1, "Worker processes.")
 flags.DEFINE_float("max_seconds", 10.0, "Clips longer than this are cut.")
 flags.DEFINE_enum("compression", "", ["", "GZIP"], "TFRecord compression.")
 flags.DEFINE_bool("strict", False, "Exit non-zero if any clip failed.")
 flags.DEFINE_bool("no_stats", False, "Skip the fbank normalisation statistics.")
 flags.DEFINE_integer("target_length", params.TARGET_LENGTH, "Frames per clip the statistics "
-                     "cover (training's target_length).")
+                     "cover (training's --target_length).")
+flags.DEFINE_float("val_fraction", 0.0, "Split: fraction of clips for a validation set "
+                   "(stratified by the rarest label; 0 = none).")
+flags.DEFINE_float("test_fraction", 0.0, "Split: fraction of clips for a test set (0 = none).")
+flags.DEFINE_integer("split_seed", 0, "Split: random seed (same seed + listing → same split).")
+flags.DEFINE_string("group_regex", None, "Split: clips whose file names give the same match "
+                    "(group 1 if any) stay together, e.g. '^\\d+_([a-z]+)_' (FSDD speaker).")
+flags.DEFINE_string("fold_column", None, "Split by a CSV column (ESC-50 'fold'): rows with "
+                    "--test_fold → test, the rest → train.")
+flags.DEFINE_string("test_fold", None, "Split: the --fold_column value of the test set.")
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
 
 
 def main(argv):
     del argv
-    from psla_tf.data import prepare, sources
-    from psla_tf.data.records import DataError, write_label_csv
+    from psla_tf.data import prepare, sources, splits
+    from psla_tf.data.records import DataError
+    manifests = []
     try:
         if bool(FLAGS.input) == bool(FLAGS.audio_folder):
             raise DataError("give exactly one of --input or --audio_folder")
@@ -56,16 +78,30 @@ def main(argv):
         src = FLAGS.audio_folder or FLAGS.input
         fmt = "folder" if FLAGS.audio_folder else FLAGS.input_format
         rows = sources.read_rows(src, fmt, FLAGS.audio_dir, FLAGS.filename_pattern)
-        vocab = sources.build_vocabulary(rows, FLAGS.label_csv)
-        sources.check_rows(rows, vocab[0], src)
-        if not FLAGS.label_csv:
-            os.makedirs(os.path.dirname(os.path.abspath(FLAGS.output_prefix)), exist_ok=True)
-            write_label_csv(FLAGS.output_prefix + ".labels.csv", *vocab)
-        manifest = prepare.prepare(
-            rows, vocab, FLAGS.output_prefix, num_shards=FLAGS.num_shards,
-            workers=FLAGS.workers, max_seconds=FLAGS.max_seconds,
-            compression=FLAGS.compression, strict=FLAGS.strict, stats=not FLAGS.no_stats,
-            target_length=FLAGS.target_length, progress=FLAGS.progress)
+        split = (FLAGS.val_fraction or FLAGS.test_fraction or FLAGS.fold_column
+                 or FLAGS.test_fold is not None)
+        parts = (splits.make_splits(rows, FLAGS.val_fraction, FLAGS.test_fraction,
+                                    FLAGS.split_seed, FLAGS.group_regex, FLAGS.fold_column,
+                                    FLAGS.test_fold)
+                 if split else {"": rows})
+        out_dir = os.path.dirname(os.path.abspath(FLAGS.output_prefix))
+        mids, names, where = sources.output_vocabulary(rows, FLAGS.label_csv, out_dir)
+        sources.check_rows(rows, mids, src)
+        print(where)
+        for name, part in parts.items():
+            prefix = f"{FLAGS.output_prefix}_{name}" if name else FLAGS.output_prefix
+            if name:
+                print(f"{name}: {len(part)} clips → {prefix}-*")
+            m = prepare.prepare(
+                part, (mids, names), prefix, num_shards=FLAGS.num_shards,
+                workers=FLAGS.workers, max_seconds=FLAGS.max_seconds,
+                compression=FLAGS.compression, strict=FLAGS.strict,
+                stats=not FLAGS.no_stats, target_length=FLAGS.target_length,
+                progress=FLAGS.progress)
+            manifests.append((prefix, m))
+            print(prepare.summary_line(m))
+            if m.failures:
+                print(f"failures listed in {prefix}.failures.csv", file=sys.stderr)
     except prepare.PreparationFailed as e:
         print(prepare.summary_line(e.manifest))
         print(f"error: {e}", file=sys.stderr)
@@ -73,9 +109,6 @@ def main(argv):
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    print(prepare.summary_line(manifest))
-    if manifest.failures:
-        print(f"failures listed in {FLAGS.output_prefix}.failures.csv", file=sys.stderr)
 
 
 if __name__ == "__main__":

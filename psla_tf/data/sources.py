@@ -253,6 +253,40 @@ def build_vocabulary(rows: Sequence[Row], label_csv: str | None = None
     return mids, list(mids)
 
 
+VOCABULARY_FILE = "labels.csv"
+
+
+def output_vocabulary(rows: Sequence[Row], label_csv: str | None, output_dir: str
+                      ) -> tuple[list[str], list[str], str]:
+    """The vocabulary for preparing ``rows`` into ``output_dir`` and a line saying where it
+    came from.
+
+    With ``label_csv``: that file. Without: ``output_dir/labels.csv`` (``index,mid,
+    display_name``; mid = display name = the label as written, e.g. the class folder's
+    name) — reused when it already exists and holds every label of ``rows`` (so a train and
+    a test set prepared into one folder share one vocabulary), else written from the sorted
+    set of labels seen. A ``labels.csv`` there that lacks some of the labels is an error
+    (never silently replaced).
+    """
+    from psla_tf.data.records import write_label_csv
+    if label_csv:
+        mids, names = read_label_csv(label_csv)
+        return mids, names, f"vocabulary: {len(mids)} classes from {label_csv}"
+    path = os.path.join(output_dir, VOCABULARY_FILE)
+    seen = build_vocabulary(rows)
+    if os.path.exists(path):
+        mids, names = read_label_csv(path)
+        lacking = sorted(set(seen[0]) - set(mids))
+        if lacking:
+            raise DataError(f"{path} already holds a vocabulary of {len(mids)} classes without "
+                            f"{', '.join(map(repr, lacking[:10]))}; prepare into another folder, "
+                            f"delete {path}, or pass --label_csv")
+        return mids, names, f"vocabulary: {len(mids)} classes from the existing {path}"
+    os.makedirs(output_dir, exist_ok=True)
+    write_label_csv(path, *seen)  # atomic (temp file + rename)
+    return seen[0], seen[1], f"vocabulary: {len(seen[0])} classes written to {path}"
+
+
 def check_rows(rows: Sequence[Row], mids: Sequence[str], source: str = "input") -> None:
     """Raise DataError (before anything is written) on unknown MIDs or duplicate ids."""
     if not rows:

@@ -109,6 +109,22 @@ def fold_split(rows: Sequence[Row], fold_column: str, test_fold: str) -> dict[st
     return out
 
 
+def make_splits(rows: Sequence[Row], val_fraction: float = 0.0, test_fraction: float = 0.0,
+                seed: int = 0, group_regex: str | None = None, fold_column: str | None = None,
+                test_fold: str | None = None) -> dict[str, list[Row]]:
+    """The split the tools' flags ask for: by ``fold_column``/``test_fold`` (k-fold), else
+    stratified (and grouped) by fractions. Empty splits are dropped."""
+    if fold_column or test_fold is not None:
+        if not fold_column or test_fold is None:
+            raise DataError("--fold_column and --test_fold go together")
+        parts = fold_split(rows, fold_column, test_fold)
+    else:
+        parts = split_rows(rows, val_fraction, test_fraction, seed, group_regex)
+    if not parts["train"]:
+        raise DataError("the split leaves no training clips")
+    return {k: v for k, v in parts.items() if v}
+
+
 def write_split(rows: Sequence[Row], fmt: str, path: str, input_path: str,
                 header: Sequence[str] | None = None) -> None:
     """Write ``rows`` in the input's format (datafile JSON, AudioSet CSV, plain CSV; folder

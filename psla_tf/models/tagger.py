@@ -28,7 +28,8 @@ from psla_tf.models.backbones import BACKBONES, build_backbone
 from psla_tf.models.frontend import AudioFrontend
 from psla_tf.models.pooling import make_pooling
 
-__all__ = ["build_tagger", "build_classifier", "embedding_model", "classifier_features"]
+__all__ = ["build_tagger", "build_classifier", "embedding_model", "classifier_features",
+           "SingleLabelScores"]
 
 
 @keras.saving.register_keras_serializable(package="psla_tf")
@@ -45,6 +46,33 @@ class FrequencyMean(keras.layers.Layer):
 
     def compute_output_shape(self, input_shape):
         return (input_shape[0],) + tuple(input_shape[2:])
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("dtype", None)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="psla_tf")
+class SingleLabelScores(keras.layers.Layer):
+    """Single-label output (``--loss=ce``): the pooled sigmoid scores ``p`` → softmax over
+    their logits ``log p - log(1 - p)`` (p clamped to [1e-7, 1 - 1e-7]). For mean and
+    single-head pooling the logit of ``p`` is the head's pre-sigmoid activation, so this is
+    the usual softmax classifier; class probabilities sum to 1. (The reference applies
+    PyTorch's CrossEntropyLoss to the sigmoid scores themselves, which caps the top class's
+    softmax probability at e / (e + C - 1); see BUILD.md.)"""
+
+    def __init__(self, **kwargs):
+        kwargs["dtype"] = "float32"
+        super().__init__(**kwargs)
+
+    def call(self, scores):
+        p = keras.ops.clip(keras.ops.cast(scores, "float32"), params.CLAMP_EPS,
+                           1.0 - params.CLAMP_EPS)
+        return keras.ops.softmax(keras.ops.log(p) - keras.ops.log1p(-p), axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
 
     def get_config(self):
         config = super().get_config()
@@ -93,11 +121,14 @@ def build_tagger(num_classes: int, *, model: str = "efficientnet", eff_b: int = 
                  num_mel_bins: int = params.NUM_MEL_BINS, freqm: int = params.FREQM,
                  timem: int = params.TIMEM, dataset_mean: float = params.DATASET_MEAN,
                  dataset_std: float = params.DATASET_STD, seed: int | None = None,
-                 bn_momentum: float | None = None, name: str = "psla_tagger") -> keras.Model:
+                 bn_momentum: float | None = None, single_label: bool = False,
+                 name: str = "psla_tagger") -> keras.Model:
     """The full PSLA model, waveform in, scores out (Fig. 2; masking of Alg. 1 inside).
 
     Inputs ``{"waveform": [B, S] float32, "num_samples": [B] int32}`` (S may vary between
-    batches; samples past ``num_samples`` are padding); output ``scores`` ``[B, C]``.
+    batches; samples past ``num_samples`` are padding); output ``scores`` ``[B, C]``:
+    independent sigmoid scores, or with ``single_label`` class probabilities summing to 1
+    (:class:`SingleLabelScores`, for ``--loss=ce``).
     """
     waveform = keras.Input((None,), name="waveform", dtype="float32")
     num_samples = keras.Input((), name="num_samples", dtype="int32")
@@ -109,6 +140,8 @@ def build_tagger(num_classes: int, *, model: str = "efficientnet", eff_b: int = 
                                   target_length=target_length, num_mel_bins=num_mel_bins,
                                   bn_momentum=bn_momentum, name="classifier")
     scores = classifier(fbank)
+    if single_label:
+        scores = SingleLabelScores(name="single_label")(scores)
     scores = keras.layers.Activation("linear", name="scores", dtype="float32")(scores)
     return keras.Model({"waveform": waveform, "num_samples": num_samples}, scores, name=name)
 

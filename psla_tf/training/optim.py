@@ -80,9 +80,12 @@ def psla_bce(y_true, y_pred):
 
 @keras.saving.register_keras_serializable(package="psla_tf")
 def psla_ce(y_true, y_pred):
-    """Softmax cross-entropy of the scores against argmax(labels) (reference's CE option)."""
-    target = ops.one_hot(ops.argmax(y_true, axis=-1), ops.shape(y_true)[-1])
-    return keras.losses.categorical_crossentropy(target, y_pred, from_logits=True)
+    """Cross-entropy of the single-label model's class probabilities (softmax output of
+    ``SingleLabelScores``) against argmax(labels), as the reference's CE option takes the
+    argmax of the (possibly mixed) label vector: ``-log p[argmax y]``, p clamped."""
+    target = ops.argmax(y_true, axis=-1)
+    p = ops.clip(ops.cast(y_pred, "float32"), params.CLAMP_EPS, 1.0)
+    return -ops.sum(ops.one_hot(target, ops.shape(y_true)[-1]) * ops.log(p), axis=-1)
 
 
 def make_loss(name: str):
