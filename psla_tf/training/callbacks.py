@@ -1,7 +1,7 @@
 """Per-epoch evaluation, weight averaging and checkpoint ensemble (paper Sec. II-B, VI).
 
 * :class:`EpochEvaluation` — after every epoch, scores of the evaluation set → mAP, mean AUC,
-  d′ and BCE loss written into the epoch ``logs`` (so CSVLogger / TensorBoard record them)
+  d′, BCE loss and top-1 accuracy written into the epoch ``logs`` (so CSVLogger / TensorBoard record them)
   and, optionally, the score matrix to ``{predictions_dir}/{prefix}_epoch_{e:03d}.npy``.
 * :class:`CheckpointEnsemble` — Sec. VI-B: the average of every epoch's evaluation scores
   (epochs 1..E), accumulated as training goes; its metrics are logged each epoch.
@@ -52,7 +52,8 @@ def collect_targets(dataset: tf.data.Dataset) -> np.ndarray:
 class EpochEvaluation(keras.callbacks.Callback):
     """Evaluate on a held-out set after every epoch (Sec. II-B) and log the metrics.
 
-    Logs ``{prefix}_mAP``, ``{prefix}_AUC``, ``{prefix}_d_prime``, ``{prefix}_loss``.
+    Logs ``{prefix}_mAP``, ``{prefix}_AUC``, ``{prefix}_d_prime``, ``{prefix}_loss``,
+    ``{prefix}_accuracy``.
     ``history`` keeps one dict per epoch; ``last_scores`` the latest score matrix.
     """
 
@@ -87,6 +88,7 @@ class EpochEvaluation(keras.callbacks.Callback):
         """mAP / AUC / d′ / loss of a score matrix against this set's targets."""
         out = metrics.scalar_metrics(metrics.evaluate(self.targets, scores))
         out["loss"] = metrics.bce(self.targets, scores)
+        out["accuracy"] = metrics.accuracy(self.targets, scores)  # top-1 (single-label sets)
         return out
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
@@ -103,7 +105,7 @@ class EpochEvaluation(keras.callbacks.Callback):
         if self.verbose:
             print(f"epoch {epoch + 1}: {self.prefix} mAP {result['mAP']:.4f} "
                   f"AUC {result['AUC']:.4f} d' {result['d_prime']:.3f} "
-                  f"loss {result['loss']:.4f}", flush=True)
+                  f"loss {result['loss']:.4f} accuracy {result['accuracy']:.4f}", flush=True)
 
 
 class CheckpointEnsemble(keras.callbacks.Callback):

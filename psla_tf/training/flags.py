@@ -73,8 +73,17 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     F("bn_momentum", d.bn_momentum, "BatchNorm moving-average momentum, Keras convention "
       "(new = m * old + (1 - m) * batch). 0.99 = the reference (efficientnet_pytorch's "
       "PyTorch momentum 0.01); short runs on small data do better with 0.9.", flag_values=fv)
-    E("loss", d.loss, ["bce", "ce"], "bce (multi-label, paper) or ce (single-label).",
+    E("loss", d.loss, ["bce", "ce"], "bce (multi-label, paper) or ce (single-label: softmax "
+      "cross-entropy of the scores against the label's class, as the reference's CE).",
       flag_values=fv)
+    E("metric", d.metric, ["map", "accuracy"], "Headline metric of the summary and of "
+      "best-on-validation selection: map (multi-label) or accuracy (single-label); mAP "
+      "is always reported too.", flag_values=fv)
+    S("init_from", d.init_from, "Fine-tune: a psla_tf .keras model, experiment folder or "
+      "epoch_NNN.weights.h5 checkpoint (e.g. an AudioSet model); every matching layer is "
+      "loaded, the heads are re-initialised when the vocabulary differs.", flag_values=fv)
+    I("freeze_backbone_epochs", d.freeze_backbone_epochs, "Fine-tune: train only the head "
+      "for this many first epochs (0: never freeze).", flag_values=fv)
     I("shuffle_buffer", d.shuffle_buffer, "Shuffle buffer (records).", flag_values=fv)
     I("seed", d.seed, "Seed of the data order, augmentation and initialisation.",
       flag_values=fv)

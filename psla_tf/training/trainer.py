@@ -27,7 +27,8 @@ import numpy as np
 from psla_tf import params
 from psla_tf.data.records import DataError
 
-SUMMARY_KEYS = ("mAP", "AUC", "d_prime")
+SUMMARY_KEYS = ("mAP", "AUC", "d_prime", "accuracy")
+METRIC_KEYS = {"map": "mAP", "accuracy": "accuracy"}  # --metric → summary key
 
 
 class ConfigError(ValueError):
@@ -69,6 +70,9 @@ class TrainConfig:
     stem_init: str = "random"
     bn_momentum: float = 0.99
     loss: str = "bce"
+    metric: str = "map"
+    init_from: str | None = None
+    freeze_backbone_epochs: int = 0
     shuffle_buffer: int = 1000
     seed: int = 0
     save_predictions: bool = True
@@ -132,6 +136,13 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError("give both --dataset_mean and --dataset_std, or neither")
     if cfg.dataset_std is not None and cfg.dataset_std <= 0:
         raise ConfigError("--dataset_std must be > 0")
+    if cfg.metric not in METRIC_KEYS:
+        raise ConfigError(f"--metric must be one of {sorted(METRIC_KEYS)}, got {cfg.metric!r}")
+    if cfg.freeze_backbone_epochs < 0:
+        raise ConfigError("--freeze_backbone_epochs must be ≥ 0")
+    if cfg.freeze_backbone_epochs and not cfg.init_from and cfg.pretrained == "none":
+        raise ConfigError("--freeze_backbone_epochs needs a pretrained backbone "
+                          "(--init_from or --pretrained)")
 
 
 @dataclasses.dataclass
@@ -191,7 +202,7 @@ def build_model(cfg: TrainConfig, num_classes: int):
                         bn_momentum=cfg.bn_momentum,
                         target_length=cfg.target_length, freqm=cfg.freqm, timem=cfg.timem,
                         dataset_mean=cfg.dataset_mean, dataset_std=cfg.dataset_std,
-                        seed=cfg.seed)
+                        seed=cfg.seed, single_label=cfg.loss == "ce")
 
 
 def make_schedule(cfg: TrainConfig, steps_per_epoch: int):
@@ -223,7 +234,8 @@ def describe(r: Resolved, num_params: int | None) -> str:
     out = ["resolved configuration:"]
     for f in dataclasses.fields(TrainConfig):
         out.append(f"  {f.name} = {getattr(cfg, f.name)}")
-    out.append(f"  normalisation from: {r.norm_source}")
+    out.append(f"  normalisation: mean {cfg.dataset_mean:.4f}, std {cfg.dataset_std:.4f} "
+               f"from {r.norm_source}")
     out.append(f"  train examples {r.train.num_examples}, eval {r.eval.num_examples}"
                + (f", val {r.val.num_examples}" if r.val else "")
                + f", classes {r.train.num_classes}, steps/epoch {r.steps_per_epoch}")
@@ -244,23 +256,35 @@ def summary_table(summary: dict[str, Any]) -> str:
     rows = [("single", summary.get("single")), ("weight averaging",
                                                 summary.get("weight_averaging")),
             ("checkpoint ensemble", summary.get("ensemble"))]
-    out = [f"{'':22s} {'mAP':>8s} {'AUC':>8s} {'d-prime':>8s}"]
+    acc = summary.get("metric") == "accuracy"
+    out = [f"{'':22s} " + (f"{'accuracy':>8s} " if acc else "")
+           + f"{'mAP':>8s} {'AUC':>8s} {'d-prime':>8s}"]
     for name, r in rows:
         if r:
-            out.append(f"{name:22s} {r['mAP']:8.4f} {r['AUC']:8.4f} {r['d_prime']:8.4f}")
+            out.append(f"{name:22s} " + (f"{r.get('accuracy', float('nan')):8.4f} " if acc
+                                         else "")
+                       + f"{r['mAP']:8.4f} {r['AUC']:8.4f} {r['d_prime']:8.4f}")
+    cov = summary.get("coverage")
+    if cov:
+        out.append("coverage: " + "; ".join(f"{k} {v['written']} of {v['listed']} listed clips"
+                                            for k, v in cov.items()))
     return "\n".join(out)
 
 
-def single_result(eval_history: list[dict], val_history: list[dict] | None) -> dict:
-    """'single' row of the summary (see the module doc)."""
+def single_result(eval_history: list[dict], val_history: list[dict] | None,
+                  metric: str = "map") -> dict:
+    """'single' row of the summary (see the module doc); with validation data the epoch is
+    selected on ``metric`` (map or accuracy)."""
+    keys = [k for k in SUMMARY_KEYS if all(k in h for h in eval_history)]
     if val_history:
-        best = max(range(len(val_history)), key=lambda i: val_history[i]["mAP"])
-        out = {k: float(eval_history[best][k]) for k in SUMMARY_KEYS}
-        out.update(epoch=int(eval_history[best]["epoch"]), selected_on="val",
-                   val_mAP=float(val_history[best]["mAP"]))
+        key = METRIC_KEYS[metric]
+        best = max(range(len(val_history)), key=lambda i: val_history[i][key])
+        out = {k: float(eval_history[best][k]) for k in keys}
+        out.update(epoch=int(eval_history[best]["epoch"]), selected_on="val")
+        out[f"val_{key}"] = float(val_history[best][key])
         return out
     last = eval_history[-5:]
-    out = {k: float(np.mean([h[k] for h in last])) for k in SUMMARY_KEYS}
+    out = {k: float(np.mean([h[k] for h in last])) for k in keys}
     out["epochs"] = [int(h["epoch"]) for h in last]
     return out
 
@@ -317,6 +341,10 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
     cfg = r.cfg
     keras.utils.set_random_seed(cfg.seed)  # deterministic initialisation
     model = build_model(cfg, r.train.num_classes)
+    init_report = None
+    if cfg.init_from:  # fine-tuning: copy matching layers, new heads for a new vocabulary
+        from psla_tf.training import finetune
+        init_report = finetune.init_from(model, cfg.init_from, target_mids=r.train.mids)
     # the input pipeline seeds every op explicitly (stateless from --seed); a global TF seed
     # would only change tf.data's seed handling (and breaks tensor-valued shuffle seeds)
     tf.random.set_seed(None)
@@ -324,12 +352,19 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
         print(describe(r, model.count_params()))
         return None
     print(describe(r, model.count_params()), flush=True)
+    if init_report is not None:
+        print(init_report.describe(), flush=True)
     exp = cfg.exp_dir
     ckpt_dir = os.path.join(exp, "checkpoints")
     pred_dir = os.path.join(exp, "predictions") if cfg.save_predictions else None
     os.makedirs(ckpt_dir, exist_ok=True)
-    with open(os.path.join(exp, "flags.txt"), "w") as f:
-        f.write(flagfile_text(cfg))
+    # flags.txt (reproduces the run), library versions, manifest hashes, git commit
+    from psla_tf import provenance
+    provenance.write_provenance(exp, flagfile_text(cfg), [
+        ("train", cfg.train_data), ("eval", cfg.eval_data), ("val", cfg.val_data)],
+        extra={"normalisation": {"mean": cfg.dataset_mean, "std": cfg.dataset_std,
+                                 "source": r.norm_source},
+               "init_from": init_report.as_dict() if init_report is not None else None})
     # the vocabulary travels with the models (predict / infer / export read it from here)
     from psla_tf.data.records import write_label_csv
     write_label_csv(os.path.join(exp, "labels.csv"), r.train.mids, r.train.names)
@@ -353,6 +388,9 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
                                  os.path.join(exp, "wa_model.keras"),
                                  os.path.join(exp, "wa_state.npz"), evaluation)
         callbacks.append(wa)
+    if cfg.freeze_backbone_epochs:
+        from psla_tf.training.finetune import FreezeBackbone
+        callbacks.insert(0, FreezeBackbone(cfg.freeze_backbone_epochs))
     state_path = os.path.join(exp, "train_state.json")
     initial_epoch = 0
     if cfg.resume and os.path.exists(state_path):
@@ -389,10 +427,12 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
     model.save(final_path + ".tmp.keras")
     os.replace(final_path + ".tmp.keras", final_path)
     summary: dict[str, Any] = {
-        "single": single_result(evaluation.history, val_eval.history if val_eval else None),
-        "weight_averaging": ({k: wa.result[k] for k in SUMMARY_KEYS} | {"epochs": wa.epochs}
+        "metric": cfg.metric,
+        "single": single_result(evaluation.history, val_eval.history if val_eval else None,
+                                cfg.metric),
+        "weight_averaging": ({k: wa.result[k] for k in SUMMARY_KEYS if k in wa.result} | {"epochs": wa.epochs}
                              if wa is not None and wa.result else None),
-        "ensemble": ({k: ensemble.result[k] for k in SUMMARY_KEYS}
+        "ensemble": ({k: ensemble.result[k] for k in SUMMARY_KEYS if k in ensemble.result}
                      | {"epochs": ensemble.epochs} if ensemble.result else None),
         "epochs": cfg.n_epochs,
         "train_examples": r.train.num_examples,
@@ -401,6 +441,10 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
         "per_epoch": evaluation.history,
         "normalisation": {"mean": cfg.dataset_mean, "std": cfg.dataset_std,
                           "source": r.norm_source},
+        "coverage": {name: {"written": spec.num_examples, "listed": spec.listed}
+                     for name, spec in (("train", r.train), ("eval", r.eval), ("val", r.val))
+                     if spec is not None},
+        "init_from": cfg.init_from,
     }
     cbs.write_json_atomic(os.path.join(exp, "summary.json"), summary)
     print(summary_table(summary), flush=True)
