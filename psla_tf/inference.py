@@ -25,7 +25,11 @@ class AudioError(ValueError):
 
 
 def _open(path: str):
+    import os
+
     import soundfile as sf
+    if not os.path.exists(path):
+        raise AudioError(f"{path}: file not found")
     try:
         return sf.SoundFile(path)
     except Exception as e:  # soundfile raises RuntimeError/LibsndfileError/OSError

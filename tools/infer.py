@@ -1,0 +1,143 @@
+"""Tag audio files of any length, format, sample rate and channel count with a trained model.
+
+Each file is streamed (bounded memory), mixed to mono, resampled to 16 kHz and cut into
+windows of --window_seconds every --hop_seconds (the last may be shorter); windows are scored
+in batches and pooled to clip level by max (or mean). Prints the clip-level top-k with class
+names and, per window, its top labels with start/end times; --json for machines;
+--frame_level writes each file's attention time series (paper Fig. 2) for localisation.
+
+Examples:
+  python tools/infer.py --model=exp/full recording.flac
+  python tools/infer.py --model=exp/full --top_k=5 --json long_meeting.wav > tags.json
+  python tools/infer.py --model=serving/psla --frame_level --frame_dir=frames a.wav b.ogg
+"""
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", os.environ.get("PSLA_MODEL"), "A .keras file, a training run's "
+                    "folder, an epoch checkpoint of a run, or an exported SavedModel folder "
+                    "(default: $PSLA_MODEL).")
+flags.DEFINE_string("label_csv", None, "Class map of a Keras model without a labels.csv.")
+flags.DEFINE_integer("top_k", 10, "Clip-level labels printed per file.")
+flags.DEFINE_integer("window_top_k", 3, "Labels printed per window.")
+flags.DEFINE_float("window_seconds", 10.0, "Window length in seconds (at most the model's "
+                   "input length).")
+flags.DEFINE_float("hop_seconds", 5.0, "Seconds between window starts.")
+flags.DEFINE_enum("pooling", "max", ["max", "mean"], "Clip-level pooling of window scores.")
+flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
+flags.DEFINE_bool("json", False, "Print one JSON document (files, windows, errors) instead "
+                  "of text.")
+flags.DEFINE_bool("frame_level", False, "Write per file {frame_dir}/{name}.frames.npz: "
+                  "attention and frame_scores [windows, heads, frames, classes] with window "
+                  "and frame start/end times (Keras models only).")
+flags.DEFINE_string("frame_dir", "frame_level", "Folder for --frame_level output.")
+
+
+def _labels(scores, mids, names, k):
+    import numpy as np
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [{"mid": mids[i], "name": names[i], "score": round(float(scores[i]), 6)}
+            for i in order]
+
+
+def _write_frames(result, scorer, out_dir):
+    import numpy as np
+    from psla_tf import inference
+    os.makedirs(out_dir, exist_ok=True)
+    att = np.stack([w.frames["attention"] for w in result.windows])
+    cla = np.stack([w.frames["frame_scores"] for w in result.windows])
+    clip_seconds = scorer.target_length * 0.01
+    t = att.shape[2]
+    starts, ends = zip(*(inference.frame_times(w.start, clip_seconds, t)
+                         for w in result.windows))
+    base = os.path.splitext(os.path.basename(result.path))[0]
+    path = os.path.join(out_dir, f"{base}.frames.npz")
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, attention=att, frame_scores=cla,
+             window_start=np.array([w.start for w in result.windows]),
+             window_end=np.array([w.end for w in result.windows]),
+             frame_start=np.stack(starts), frame_end=np.stack(ends),
+             mids=np.asarray(scorer.mids), names=np.asarray(scorer.names))
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv):
+    files = argv[1:]
+    from psla_tf import inference
+    from psla_tf.data.records import DataError
+    from psla_tf.models.loading import load_scorer
+    try:
+        if not files:
+            raise DataError("give one or more audio files: infer.py --model=M AUDIO...")
+        if not FLAGS.model:
+            raise DataError("--model is required (or set $PSLA_MODEL)")
+        if FLAGS.hop_seconds <= 0 or FLAGS.top_k < 1 or FLAGS.batch_size < 1:
+            raise DataError("--hop_seconds must be > 0, --top_k and --batch_size >= 1")
+        scorer = load_scorer(FLAGS.model, FLAGS.label_csv)
+        try:
+            inference.window_samples(scorer, FLAGS.window_seconds)
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        frame_fn = None
+        if FLAGS.frame_level:
+            if scorer.kind != "keras":
+                raise DataError("--frame_level needs a Keras model (.keras / run folder / "
+                                "checkpoint), not an exported SavedModel")
+            frame_fn = scorer.frame_level
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    from tqdm import tqdm
+    out, errors = [], []
+    for path in tqdm(files, desc="files", unit="file", file=sys.stderr,
+                     disable=len(files) < 2):
+        try:
+            r = inference.tag_file(scorer, path, window_seconds=FLAGS.window_seconds,
+                                   hop_seconds=FLAGS.hop_seconds, batch_size=FLAGS.batch_size,
+                                   pooling=FLAGS.pooling, sample_rate=scorer.sample_rate,
+                                   frame_fn=frame_fn)
+        except (inference.AudioError, NotImplementedError) as e:
+            errors.append({"path": path, "error": str(e)})
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        entry = {"path": path, "duration": round(r.duration, 4),
+                 "num_windows": len(r.windows), "pooling": FLAGS.pooling,
+                 "clip": _labels(r.clip_scores, scorer.mids, scorer.names, FLAGS.top_k),
+                 "windows": [{"start": round(w.start, 4), "end": round(w.end, 4),
+                              "top": _labels(w.scores, scorer.mids, scorer.names,
+                                             FLAGS.window_top_k)} for w in r.windows]}
+        if frame_fn is not None:
+            entry["frame_level"] = _write_frames(r, scorer, FLAGS.frame_dir)
+        out.append(entry)
+        if not FLAGS.json:
+            _print_text(entry)
+    if FLAGS.json:
+        json.dump({"model": FLAGS.model, "window_seconds": FLAGS.window_seconds,
+                   "hop_seconds": FLAGS.hop_seconds, "files": out, "errors": errors},
+                  sys.stdout, indent=1)
+        print()
+    sys.exit(1 if errors else 0)
+
+
+def _print_text(e):
+    print(f"{e['path']}  ({e['duration']:.2f} s, {e['num_windows']} windows, "
+          f"{e['pooling']} pooling)")
+    for lab in e["clip"]:
+        print(f"  {lab['score']:.4f}  {lab['name']}")
+    for w in e["windows"]:
+        tops = ", ".join(f"{lab['name']} {lab['score']:.3f}" for lab in w["top"])
+        print(f"    {w['start']:8.2f}-{w['end']:8.2f} s  {tops}")
+    if "frame_level" in e:
+        print(f"  frame-level: {e['frame_level']}")
+
+
+if __name__ == "__main__":
+    app.run(main)
