@@ -164,11 +164,34 @@ class _Reader:
         return ds.map(_nag(lambda pos, rec: (file_index * (1 << _KEY_SHIFT) + pos, rec)))
 
 
+# shard path → (records read, records listed) of every corrupt shard skipped in this process
+# (``skip_corrupt_records``); the trainer reports it and writes it into summary.json.
+CORRUPT_SHARDS: dict[str, tuple[int, int]] = {}
+
+
+def _record_corrupt(fname, count, expected) -> bool:
+    name = fname.decode() if isinstance(fname, bytes) else str(fname)
+    first = name not in CORRUPT_SHARDS
+    CORRUPT_SHARDS[name] = (int(count), int(expected))
+    if first:
+        logging.warning("corrupt or truncated TFRecord shard %s: read %d of %d records; "
+                        "skipping the rest (--skip_corrupt_records)", name, count, expected)
+    return True
+
+
+def corrupt_summary() -> dict[str, Any]:
+    """Shards skipped so far: ``{"shards": {path: [read, listed]}, "records_lost": n}``."""
+    return {"shards": {k: list(v) for k, v in sorted(CORRUPT_SHARDS.items())},
+            "records_lost": int(sum(e - r for r, e in CORRUPT_SHARDS.values()))}
+
+
 def _warn(fname, count, expected):
     op = tf.print("WARNING: corrupt or truncated TFRecord shard", fname, "read", count, "of",
                   expected, "records listed in its manifest; skipping the rest",
                   output_stream=sys.stderr)
-    with tf.control_dependencies([op]):
+    counted = tf.numpy_function(_record_corrupt, [fname, count, expected], tf.bool,
+                                stateful=True)
+    with tf.control_dependencies([op, counted]):
         return tf.constant(True)
 
 
@@ -280,9 +303,11 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
     # ---- this input pipeline's share of the data
     pid, npipe = 0, 1
     per_batch = batch_size
+    replicas_per_pipeline = 1  # one pipeline feeds its worker's local replicas in turn
     if input_context is not None:
         pid, npipe = input_context.input_pipeline_id, input_context.num_input_pipelines
         per_batch = input_context.get_per_replica_batch_size(batch_size)
+        replicas_per_pipeline = max(1, input_context.num_replicas_in_sync // npipe)
     all_ids = np.arange(len(spec.files), dtype=np.int64)
     counts = shard_counts(spec)
     if npipe > 1 and len(spec.files) >= npipe:
@@ -363,10 +388,11 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
                                                 ("id", "key", "partner_key", "mix_lambda"))),
                         num_parallel_calls=num_parallel_calls, deterministic=True)
         batches = main.batch(per_batch, drop_remainder=True)
+        n_batches = steps * replicas_per_pipeline
         batches = _or_fail_when_exhausted(
-            batches, f"input pipeline ran out of examples before {steps} batches "
+            batches, f"input pipeline ran out of examples before {n_batches} batches "
                      f"in {MAX_DRAWS_PER_EPOCH} draws (do the examples have labels?)")
-        return batches.take(steps)
+        return batches.take(n_batches)
 
     epochs = tf.data.Dataset.range(int(initial_epoch), int(initial_epoch) + int(num_epochs))
     ds = epochs.flat_map(_nag(epoch_dataset))
