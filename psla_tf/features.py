@@ -118,8 +118,9 @@ def kaldi_fbank(waveform: tf.Tensor | np.ndarray,
     frame and FFT sizes default to PSLA's 16 kHz / 25 ms / 10 ms / 512.
 
     ``power_scale`` (s) divides the spectrum's magnitude by s before squaring and adds
-    2 ln s back after the log (the floor is applied at eps / s²), so intermediate values stay
-    inside float16's range; the result is the same function.
+    2 ln s back after the log (the floor is applied in the log domain, at ln eps − 2 ln s), so
+    intermediate values and constants stay inside float16's range; the result is the same
+    function (within float32 rounding).
     """
     if dft not in ("matmul", "rfft"):
         raise ValueError(f"dft must be 'matmul' or 'rfft', got {dft!r}")
@@ -152,11 +153,14 @@ def kaldi_fbank(waveform: tf.Tensor | np.ndarray,
     banks = tf.constant(kaldi_mel_banks(num_mel_bins, sample_rate, fft_length,
                                         low_freq, high_freq))
     mel = tf.linalg.matmul(power, banks)  # [..., F, bins]
-    floor = params.LOG_FLOOR / (power_scale * power_scale)
-    out = tf.math.log(tf.maximum(mel, floor))
-    if power_scale != 1.0:
-        out = out + 2.0 * math.log(power_scale)
-    return out
+    if power_scale == 1.0:
+        return tf.math.log(tf.maximum(mel, params.LOG_FLOOR))
+    # log(max(m, eps / s²)) = max(log m, log eps − 2 ln s): the floor is applied in the log
+    # domain, where it is an ordinary number (eps / s² itself underflows float16; log 0 = −inf
+    # is lifted to the floor), then the scaling is undone
+    log_floor = math.log(params.LOG_FLOOR) - 2.0 * math.log(power_scale)
+    out = tf.maximum(tf.math.log(mel), log_floor)
+    return out + 2.0 * math.log(power_scale)
 
 
 @keras.saving.register_keras_serializable(package="psla_tf")

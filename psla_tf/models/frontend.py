@@ -10,6 +10,9 @@
 5. training only: FrequencyMasking(freqm) then TimeMasking(timem) (skipped when 0);
 6. normalise: (x − dataset_mean) / dataset_std.
 
+``power_scale`` (default 1) is passed to ``kaldi_fbank``: the TFLite export sets it so the
+power spectrum of a full-scale clip stays inside float16's range (same function).
+
 Output ``[B, target_length, num_mel_bins]`` float32 under any mixed-precision policy.
 """
 from __future__ import annotations
@@ -32,7 +35,7 @@ class AudioFrontend(keras.layers.Layer):
                  num_mel_bins: int = params.NUM_MEL_BINS, freqm: int = params.FREQM,
                  timem: int = params.TIMEM, dataset_mean: float = params.DATASET_MEAN,
                  dataset_std: float = params.DATASET_STD, seed: int | None = None,
-                 dft: str = "matmul", **kwargs):
+                 dft: str = "matmul", power_scale: float = 1.0, **kwargs):
         kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         if int(target_length) < 1:
@@ -49,6 +52,7 @@ class AudioFrontend(keras.layers.Layer):
         self.dataset_std = float(dataset_std)
         self.seed = seed
         self.dft = dft
+        self.power_scale = float(power_scale)   # kaldi_fbank's float16-safe scaling (export)
         self.frequency_masking = FrequencyMasking(
             self.freqm, seed=seed, name="frequency_masking") if self.freqm else None
         self.time_masking = TimeMasking(
@@ -71,7 +75,8 @@ class AudioFrontend(keras.layers.Layer):
         valid = tf.cast(tf.range(total)[tf.newaxis, :] < n[:, tf.newaxis], tf.float32)
         mean = tf.reduce_sum(w * valid, axis=1) / tf.cast(tf.maximum(n, 1), tf.float32)
         w = (w - mean[:, tf.newaxis]) * valid
-        fb = kaldi_fbank(w, params.SAMPLE_RATE, self.num_mel_bins, dft=self.dft)  # [B, F, M]
+        fb = kaldi_fbank(w, params.SAMPLE_RATE, self.num_mel_bins, dft=self.dft,
+                         power_scale=self.power_scale)  # [B, F, M]
         frames = tf.shape(fb)[1]
         n_frames = tf.where(n >= params.FRAME_LENGTH,
                             1 + (n - params.FRAME_LENGTH) // params.FRAME_SHIFT, 0)
@@ -99,5 +104,6 @@ class AudioFrontend(keras.layers.Layer):
         config.pop("dtype", None)
         config.update(target_length=self.target_length, num_mel_bins=self.num_mel_bins,
                       freqm=self.freqm, timem=self.timem, dataset_mean=self.dataset_mean,
-                      dataset_std=self.dataset_std, seed=self.seed, dft=self.dft)
+                      dataset_std=self.dataset_std, seed=self.seed, dft=self.dft,
+                      power_scale=self.power_scale)
         return config

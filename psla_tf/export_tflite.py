@@ -1,0 +1,217 @@
+"""Deployment to phones: TFLite / LiteRT models that take the raw 16-kHz waveform.
+
+``export_tflite`` converts the same waveform → scores graph as the SavedModel
+(:func:`psla_tf.export.serve`: front end of Sec. II-C, CNN, attention pooling of Fig. 2) for a
+fixed input of ``seconds`` (default 10 s) and batch 1:
+
+* input ``waveform`` float32 ``[1, seconds · 16000]`` in [-1, 1]; output ``scores`` ``[1, C]``;
+* ``quantize``: ``none`` (float32), ``float16`` (float16 weights), ``dynamic`` (int8 weights,
+  float activations), ``int8`` (full-integer: int8 weights and activations, calibrated on a
+  representative set of TFRecord clips; the input and output stay float32 so callers feed
+  audio unchanged).
+
+The front end converts with builtin ops only: the DFT is the constant ``[400, 514]`` matmul of
+``kaldi_fbank(dft="matmul")`` (TFLite has no general RFFT kernel), framing is a strided slice.
+Half precision: the mel energies of a full-scale clip reach ~1e5, beyond float16's 65504,
+so the TFLite front end is built with ``power_scale`` (magnitudes divided by 16 before
+squaring, 2 ln 16 added back after the log): the same function, finite in float16.
+
+Models carry the label list and sample rate: the labels as a ``labels.txt`` packed into the
+``.tflite`` (a zip appended to the flatbuffer, the TFLite associated-file convention; MediaPipe
+and ``zipfile`` read it) plus sidecar ``OUT.labels.txt`` and ``OUT.json``
+(sample rate, input samples, class MIDs and names, quantisation).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+import zipfile
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+from psla_tf import params
+from psla_tf.export import ExportError, ExportSpec, ScoringModel, default_clip_samples, serve
+
+__all__ = ["QUANTIZATIONS", "FLOAT16_POWER_SCALE", "export_tflite", "calibration_clips",
+           "TFLiteTagger", "read_embedded_labels"]
+
+QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+FLOAT16_POWER_SCALE = 16.0
+
+
+def _with_power_scale(model: keras.Model, scale: float):
+    """Set ``power_scale`` on every front end of ``model`` (restored by the caller)."""
+    from psla_tf.export import _members
+    fronts = [m.get_layer("frontend") for m in _members(model)]
+    old = [getattr(f, "power_scale", 1.0) for f in fronts]
+    for f in fronts:
+        f.power_scale = float(scale)
+    return fronts, old
+
+
+def calibration_clips(pattern: str, num_samples: int, limit: int = 100) -> list[np.ndarray]:
+    """Up to ``limit`` clips of the TFRecord shards matching ``pattern`` as float32
+    ``[num_samples]`` waveforms (cut / zero-padded), for int8 calibration."""
+    from psla_tf.data import records
+    spec = records.load_data_spec(pattern)
+    out = []
+    for ex in records.iter_examples(spec.files, spec.compression):
+        w = ex["waveform_int16"].astype(np.float32) / 32768.0
+        x = np.zeros(num_samples, np.float32)
+        x[:min(num_samples, w.size)] = w[:num_samples]
+        out.append(x)
+        if len(out) >= limit:
+            break
+    if not out:
+        raise ExportError(f"no calibration clips in {pattern!r}")
+    return out
+
+
+def export_tflite(model: keras.Model, out_path: str, mids: Sequence[str], names: Sequence[str],
+                  *, quantize: str = "none", seconds: float = 10.0,
+                  clip_samples: int | None = None, windowed: bool = False, window: int = 0,
+                  hop: int = 0, clip_scores: bool = False,
+                  calibration: Iterable[np.ndarray] | None = None,
+                  progress: Callable[[int], None] | None = None) -> dict:
+    """Convert ``model`` to ``out_path`` (+ sidecars); returns the metadata written to
+    ``OUT.json``. ``calibration``: float32 waveforms of ``seconds`` (int8 only)."""
+    if quantize not in QUANTIZATIONS:
+        raise ExportError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
+    input_samples = int(round(seconds * params.SAMPLE_RATE))
+    if input_samples < params.FRAME_LENGTH:
+        raise ExportError(f"tflite_seconds must give >= {params.FRAME_LENGTH} samples, got "
+                          f"{input_samples}")
+    if quantize == "int8" and calibration is None:
+        raise ExportError("int8 quantisation needs calibration data (--calibration_data)")
+    spec = ExportSpec(int(clip_samples or default_clip_samples(model)), windowed, window, hop)
+    fronts, old = _with_power_scale(model, FLOAT16_POWER_SCALE)
+    try:
+        scorer = ScoringModel(model, clip_scores)
+        if len(mids) != scorer.num_classes or len(names) != len(mids):
+            raise ExportError(f"the vocabulary has {len(mids)} classes, the model "
+                              f"{scorer.num_classes} outputs")
+
+        @tf.function(input_signature=[tf.TensorSpec([1, input_samples], tf.float32,
+                                                    name="waveform")])
+        def infer(waveform):
+            n = tf.constant([input_samples], tf.int32)
+            scores, _ = serve(scorer, spec, waveform, n)
+            return {"scores": scores}
+
+        # freeze the weights into constants first: converted with the trackable object, the
+        # Keras 3 variables stay resource variables without an initialiser in the flatbuffer
+        from tensorflow.python.framework.convert_to_constants import (
+            convert_variables_to_constants_v2)
+        concrete = convert_variables_to_constants_v2(infer.get_concrete_function())
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
+        converter.optimizations = [] if quantize == "none" else [tf.lite.Optimize.DEFAULT]
+        if quantize == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        elif quantize == "int8":
+            clips = list(calibration)
+
+            def representative():
+                for i, c in enumerate(clips):
+                    x = np.zeros([1, input_samples], np.float32)
+                    c = np.asarray(c, np.float32).reshape(-1)[:input_samples]
+                    x[0, :c.size] = c
+                    if progress:
+                        progress(i)
+                    yield [x]
+
+            converter.representative_dataset = representative
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.float32
+            converter.inference_output_type = tf.float32
+        flat = converter.convert()
+    finally:
+        for f, o in zip(fronts, old):
+            f.power_scale = o
+    meta = {"format": "psla_tf.tflite/1", "sample_rate": params.SAMPLE_RATE,
+            "input_samples": input_samples, "clip_samples": spec.clip_samples,
+            "windowed": spec.windowed, "window": spec.window, "hop": spec.hop,
+            "quantize": quantize, "clip_scores": bool(clip_scores), "num_classes": len(mids),
+            "input": "waveform float32 [1, input_samples], mono 16 kHz in [-1, 1]",
+            "output": "scores float32 [1, num_classes]", "mids": list(mids),
+            "names": list(names)}
+    flat = _append_associated_files(flat, {"labels.txt": "\n".join(names) + "\n",
+                                           "psla_tf.json": json.dumps(meta, indent=1)})
+    _write_atomic(out_path, flat)
+    base = os.path.splitext(out_path)[0]
+    _write_atomic(base + ".labels.txt", ("\n".join(names) + "\n").encode("utf-8"))
+    _write_atomic(base + ".json", json.dumps(meta, indent=1).encode("utf-8"))
+    meta["size_bytes"] = len(flat)
+    return meta
+
+
+def _append_associated_files(flat: bytes, files: dict[str, str]) -> bytes:
+    """Pack ``files`` as a zip after the flatbuffer (readers ignore trailing bytes; the zip's
+    central directory is found from the end of the file)."""
+    import io
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for name, text in files.items():
+            z.writestr(name, text)
+    return bytes(flat) + buf.getvalue()
+
+
+def read_embedded_labels(path: str) -> tuple[list[str], dict]:
+    """(label names, psla_tf metadata) packed into a ``.tflite`` by export_tflite."""
+    with zipfile.ZipFile(path) as z:
+        names = z.read("labels.txt").decode("utf-8").splitlines()
+        meta = json.loads(z.read("psla_tf.json").decode("utf-8"))
+    return names, meta
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+class TFLiteTagger:
+    """A ``.tflite`` written by export_tflite, run with the LiteRT interpreter
+    (``ai_edge_litert``), or ``tf.lite.Interpreter`` with ``runtime="tf"``."""
+
+    def __init__(self, path: str, num_threads: int = 1, runtime: str = "litert"):
+        if runtime == "litert":
+            from ai_edge_litert.interpreter import Interpreter
+        elif runtime == "tf":
+            Interpreter = tf.lite.Interpreter
+        else:
+            raise ValueError(f"runtime must be 'litert' or 'tf', got {runtime!r}")
+        self.interpreter = Interpreter(model_path=path, num_threads=num_threads)
+        self.interpreter.allocate_tensors()
+        self._in = self.interpreter.get_input_details()[0]
+        self._out = self.interpreter.get_output_details()[0]
+        self.input_samples = int(self._in["shape"][-1])
+
+    def __call__(self, waveform: np.ndarray) -> np.ndarray:
+        """``waveform [S]`` or ``[1, S]`` float32 (cut / zero-padded to the input length)
+        → scores ``[C]``."""
+        w = np.asarray(waveform, np.float32).reshape(-1)[:self.input_samples]
+        x = np.zeros([1, self.input_samples], np.float32)
+        x[0, :w.size] = w
+        self.interpreter.set_tensor(self._in["index"], x)
+        self.interpreter.invoke()
+        return self.interpreter.get_tensor(self._out["index"])[0].copy()
+
+    def latency(self, repeats: int = 10) -> float:
+        """Median seconds per invoke on a fixed input (after one warm-up run)."""
+        x = np.zeros([1, self.input_samples], np.float32)
+        self(x)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            self.interpreter.set_tensor(self._in["index"], x)
+            self.interpreter.invoke()
+            times.append(time.perf_counter() - t)
+        return float(np.median(times))
