@@ -1,19 +1,20 @@
-"""The PyTorch baseline of the benchmark: PSLA's training input pipeline in the reference's
-style (src/dataloader.py of the authors' code), run on the same 10-s clips as psla_tf.
+"""The PyTorch input pipeline in PSLA's reference style, timed (issue 8, baseline).
 
-Per clip, in DataLoader worker processes: read the wav (soundfile, as torchaudio's soundfile
-backend does), remove the mean, with probability 0.5 mix with a uniformly drawn partner
-(λ ~ Beta(10, 10), mean removed again), ``torchaudio.compliance.kaldi.fbank`` with PSLA's
-arguments, zero-pad/cut to 1056 frames, FrequencyMasking(48) and TimeMasking(192), normalise;
-labels with +λ / +(1-λ). Sampling: ``WeightedRandomSampler`` over PSLA's balanced weights,
-batch 100, ``num_workers`` = cores.
+What the reference's ``dataloader.AudiosetDataset`` + ``run.py`` do, per clip in DataLoader
+worker processes: read the wav (``torchaudio.load``), mixup with probability 0.5 against a
+uniformly drawn partner (both mean-removed, partner padded/cut, λ ~ Beta(10, 10), mean removed
+again), ``torchaudio.compliance.kaldi.fbank`` (PSLA's arguments), zero-pad/cut to 1056
+frames, ``torchaudio.transforms.FrequencyMasking(48)`` and ``TimeMasking(192)``, normalise;
+a ``WeightedRandomSampler`` over the weights of the reference's ``gen_weight`` (1000 / (c_k +
+0.01) summed over each clip's labels, N draws with replacement), batch 100,
+``num_workers`` = cores. Workers are kept between epochs (``persistent_workers``), which
+only helps the baseline.
 
-Needs torch + torchaudio (requirements-bench.txt); it is run by benchmarks/run.py with the
-interpreter given by ``--torch_python`` (a separate environment), or by hand:
+No TensorFlow import: runs wherever torch + torchaudio are installed
+(``requirements-bench.txt``). Prints ``RESULT {json}`` last.
 
-    TORCH_PY benchmarks/torch_reference.py --wav_dir=DIR --workers=2 --batches=6 --repeats=3
-
-and prints one JSON object: clips/s per repeat and the median.
+    python benchmarks/torch_reference.py --datafile=DATA.json --workers=2 --cores=2
+    python benchmarks/torch_reference.py --synthetic=300 --workers=2   # self-made clips
 """
 from __future__ import annotations
 
@@ -22,116 +23,205 @@ import json
 import os
 import random
 import statistics
+import sys
+import tempfile
 import time
 
 import numpy as np
-import soundfile as sf
-import torch
-import torchaudio
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
+TARGET_LENGTH, FREQM, TIMEM = 1056, 48, 192
 NORM_MEAN, NORM_STD = -4.6476, 4.5699
-TARGET_LENGTH, NUM_MEL_BINS, FREQM, TIMEM, MIXUP = 1056, 128, 48, 192, 0.5
 
 
-class ReferenceStyleDataset(Dataset):
-    """PSLA's AudiosetDataset, reduced to what the timing needs (same per-clip work)."""
+def read_wav(path: str):
+    """(waveform [1, n] float32 tensor, sample rate): torchaudio.load as the reference, or
+    soundfile / scipy where this torchaudio has no decoding backend."""
+    import torch
+    if READER == "torchaudio":
+        import torchaudio
+        return torchaudio.load(path)
+    if READER == "soundfile":
+        import soundfile as sf
+        x, sr = sf.read(path, dtype="float32", always_2d=True)
+        return torch.from_numpy(np.ascontiguousarray(x.T)), sr
+    from scipy.io import wavfile
+    sr, x = wavfile.read(path)
+    x = x.astype(np.float32) / 32768.0 if x.dtype == np.int16 else x.astype(np.float32)
+    return torch.from_numpy(x.reshape(1, -1) if x.ndim == 1 else np.ascontiguousarray(x.T)), sr
 
-    def __init__(self, files: list[str], labels: list[list[int]], num_classes: int):
-        self.files, self.labels, self.num_classes = files, labels, num_classes
 
-    def _load(self, path: str) -> torch.Tensor:
-        x, _ = sf.read(path, dtype="float32", always_2d=True)
-        return torch.from_numpy(x.T.copy())
+READER = "torchaudio"
 
-    def _wav2fbank(self, f1: str, f2: str | None):
-        w1 = self._load(f1)
-        w1 = w1 - w1.mean()
-        lam = 1.0
-        if f2 is not None:
-            w2 = self._load(f2)
-            w2 = w2 - w2.mean()
-            if w1.shape[1] != w2.shape[1]:
-                if w1.shape[1] > w2.shape[1]:
-                    w2 = torch.nn.functional.pad(w2, (0, w1.shape[1] - w2.shape[1]))
-                else:
-                    w2 = w2[:, :w1.shape[1]]
-            lam = float(np.random.beta(10, 10))
-            w1 = lam * w1 + (1 - lam) * w2
-            w1 = w1 - w1.mean()
-        fb = torchaudio.compliance.kaldi.fbank(
-            w1, htk_compat=True, sample_frequency=16000, use_energy=False,
-            window_type="hanning", num_mel_bins=NUM_MEL_BINS, dither=0.0, frame_shift=10)
-        p = TARGET_LENGTH - fb.shape[0]
-        fb = torch.nn.ZeroPad2d((0, 0, 0, p))(fb) if p > 0 else fb[:TARGET_LENGTH]
-        return fb, lam
 
-    def __getitem__(self, index: int):
-        y = np.zeros(self.num_classes, np.float32)
-        if random.random() < MIXUP:
-            j = random.randint(0, len(self.files) - 1)
-            fb, lam = self._wav2fbank(self.files[index], self.files[j])
-            y[self.labels[index]] += lam
-            y[self.labels[j]] += 1 - lam
+def pick_reader(path: str) -> str:
+    global READER
+    for name in ("torchaudio", "soundfile", "scipy"):
+        READER = name
+        try:
+            read_wav(path)
+            return name
+        except Exception:  # noqa: BLE001 - e.g. torchaudio without torchcodec / sox
+            continue
+    raise SystemExit(f"error: cannot read {path} with torchaudio, soundfile or scipy")
+
+
+class ReferenceDataset:
+    """PSLA's AudiosetDataset.__getitem__, step for step."""
+
+    def __init__(self, data: list[dict], index: dict[str, int], mixup: float = 0.5):
+        self.data, self.index, self.mixup = data, index, mixup
+
+    def __len__(self):
+        return len(self.data)
+
+    def _wav2fbank(self, filename, filename2=None):
+        import torch
+        import torchaudio
+        if filename2 is None:
+            waveform, sr = read_wav(filename)
+            waveform = waveform - waveform.mean()
+            mix_lambda = 0.0
         else:
-            fb, _ = self._wav2fbank(self.files[index], None)
-            y[self.labels[index]] = 1
-        fb = torch.transpose(fb, 0, 1).unsqueeze(0)
-        fb = torchaudio.transforms.FrequencyMasking(FREQM)(fb)
-        fb = torchaudio.transforms.TimeMasking(TIMEM)(fb)
-        fb = torch.transpose(fb.squeeze(0), 0, 1)
-        fb = (fb - NORM_MEAN) / NORM_STD
-        return fb, torch.from_numpy(y)
+            waveform1, sr = read_wav(filename)
+            waveform2, _ = read_wav(filename2)
+            waveform1 = waveform1 - waveform1.mean()
+            waveform2 = waveform2 - waveform2.mean()
+            if waveform1.shape[1] != waveform2.shape[1]:
+                if waveform1.shape[1] > waveform2.shape[1]:
+                    temp = torch.zeros(1, waveform1.shape[1])
+                    temp[0, 0:waveform2.shape[1]] = waveform2
+                    waveform2 = temp
+                else:
+                    waveform2 = waveform2[:, 0:waveform1.shape[1]]
+            mix_lambda = np.random.beta(10, 10)
+            waveform = mix_lambda * waveform1 + (1 - mix_lambda) * waveform2
+            waveform = waveform - waveform.mean()
+        fbank = torchaudio.compliance.kaldi.fbank(
+            waveform, htk_compat=True, sample_frequency=sr, use_energy=False,
+            window_type="hanning", num_mel_bins=128, dither=0.0, frame_shift=10)
+        p = TARGET_LENGTH - fbank.shape[0]
+        if p > 0:
+            fbank = torch.nn.ZeroPad2d((0, 0, 0, p))(fbank)
+        elif p < 0:
+            fbank = fbank[0:TARGET_LENGTH, :]
+        return fbank, mix_lambda
 
-    def __len__(self) -> int:
-        return len(self.files)
+    def __getitem__(self, i):
+        import torch
+        import torchaudio
+        datum = self.data[i]
+        labels = np.zeros(len(self.index))
+        if random.random() < self.mixup:
+            mix_datum = self.data[random.randint(0, len(self.data) - 1)]
+            fbank, lam = self._wav2fbank(datum["wav"], mix_datum["wav"])
+            for m in datum["labels"].split(","):
+                labels[self.index[m]] += lam
+            for m in mix_datum["labels"].split(","):
+                labels[self.index[m]] += 1.0 - lam
+        else:
+            fbank, _ = self._wav2fbank(datum["wav"])
+            for m in datum["labels"].split(","):
+                labels[self.index[m]] = 1.0
+        freqm = torchaudio.transforms.FrequencyMasking(FREQM)
+        timem = torchaudio.transforms.TimeMasking(TIMEM)
+        fbank = torch.transpose(fbank, 0, 1).unsqueeze(0)
+        fbank = timem(freqm(fbank))
+        fbank = torch.transpose(fbank.squeeze(0), 0, 1)
+        fbank = (fbank - NORM_MEAN) / NORM_STD
+        return fbank, torch.FloatTensor(labels)
 
 
-def balanced_weights(labels: list[list[int]], num_classes: int) -> np.ndarray:
-    """PSLA's gen_weight_csv: w_i = Σ_k 1000 / (c_k + 0.01)."""
-    counts = np.zeros(num_classes)
-    for row in labels:
-        counts[row] += 1
-    return np.array([sum(1000.0 / (counts[k] + 0.01) for k in row) for row in labels])
+def sample_weights(data: list[dict], index: dict[str, int]) -> np.ndarray:
+    """The reference's gen_weight: 1000 / (c_k + 0.01) summed over each clip's labels."""
+    counts = np.zeros(len(index))
+    for d in data:
+        for m in d["labels"].split(","):
+            counts[index[m]] += 1
+    w_class = 1000.0 / (counts + 0.01)
+    return np.array([sum(w_class[index[m]] for m in d["labels"].split(",")) for d in data])
 
 
-def run(wav_dir: str, workers: int, batches: int, batch_size: int, repeats: int) -> dict:
-    with open(os.path.join(wav_dir, "listing.json")) as f:
-        listing = json.load(f)
-    files = [os.path.join(wav_dir, e["wav"]) for e in listing["data"]]
-    labels = [e["labels"] for e in listing["data"]]
-    ds = ReferenceStyleDataset(files, labels, listing["num_classes"])
-    w = balanced_weights(labels, listing["num_classes"])
-    rates = []
-    for r in range(repeats):
-        sampler = WeightedRandomSampler(torch.from_numpy(w), len(w), replacement=True)
-        loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers,
-                            pin_memory=False, drop_last=True, persistent_workers=False)
-        it = iter(loader)
-        next(it)  # warm-up: workers started, first batch excluded
-        t0 = time.perf_counter()
-        n = 0
-        for _ in range(batches):
-            x, _ = next(it)
-            n += x.shape[0]
-        rates.append(n / (time.perf_counter() - t0))
-        del it, loader
-    return {"workers": workers, "batch_size": batch_size, "batches": batches,
-            "clips_per_s": rates, "median_clips_per_s": statistics.median(rates),
-            "torch": torch.__version__, "torchaudio": torchaudio.__version__}
+def synthetic(n: int, folder: str) -> str:
+    """``n`` 10-s 16-kHz PCM-16 wav clips with 1-3 of 20 labels and their datafile."""
+    from scipy.io import wavfile
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(n):
+        path = os.path.join(folder, f"clip{i:05d}.wav")
+        x = np.clip(0.1 * rng.standard_normal(160000), -1, 1)
+        wavfile.write(path, 16000, (x * 32767).astype(np.int16))
+        labs = sorted({f"/m/c{k}" for k in rng.integers(0, 20, int(rng.integers(1, 4)))})
+        entries.append({"wav": path, "labels": ",".join(labs)})
+    datafile = os.path.join(folder, "data.json")
+    with open(datafile, "w") as f:
+        json.dump({"data": entries}, f)
+    return datafile
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--wav_dir", required=True, help="folder with listing.json + wavs")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--batches", type=int, default=6)
+    ap.add_argument("--datafile", help="PSLA datafile JSON {'data': [{'wav', 'labels'}]}")
+    ap.add_argument("--synthetic", type=int, default=0, help="make this many clips instead")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    ap.add_argument("--cores", type=int, default=0, help="pin to the first N CPUs (0: all)")
     ap.add_argument("--batch_size", type=int, default=100)
-    ap.add_argument("--repeats", type=int, default=3)
-    a = ap.parse_args()
-    torch.set_num_threads(1)
-    print(json.dumps(run(a.wav_dir, a.workers, a.batches, a.batch_size, a.repeats)))
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs (median reported)")
+    ap.add_argument("--batches_per_repeat", type=int, default=3)
+    ap.add_argument("--warmup_batches", type=int, default=2)
+    args = ap.parse_args()
+    try:
+        import torch
+        from torch.utils.data import DataLoader, WeightedRandomSampler
+        import torchaudio  # noqa: F401
+    except ImportError as e:
+        print(f"error: {e} (pip install -r requirements-bench.txt)", file=sys.stderr)
+        return 2
+    if args.cores:
+        allowed = sorted(os.sched_getaffinity(0))
+        if args.cores > len(allowed):
+            print(f"error: --cores={args.cores} but {len(allowed)} usable", file=sys.stderr)
+            return 2
+        os.sched_setaffinity(0, allowed[:args.cores])
+    torch.set_num_threads(max(1, args.cores or os.cpu_count() or 1))
+    if args.synthetic:
+        args.datafile = synthetic(args.synthetic, tempfile.mkdtemp(prefix="torch_ref_"))
+    if not args.datafile:
+        print("error: give --datafile or --synthetic", file=sys.stderr)
+        return 2
+    with open(args.datafile) as f:
+        data = [d for d in json.load(f)["data"] if d.get("labels")]
+    if len(data) < args.batch_size:
+        print(f"error: {len(data)} labelled clips, fewer than one batch", file=sys.stderr)
+        return 2
+    mids = sorted({m for d in data for m in d["labels"].split(",")})
+    index = {m: i for i, m in enumerate(mids)}
+    reader = pick_reader(data[0]["wav"])
+    weights = sample_weights(data, index)
+    sampler = WeightedRandomSampler(torch.as_tensor(weights), len(weights), replacement=True)
+    loader = DataLoader(ReferenceDataset(data, index), batch_size=args.batch_size,
+                        sampler=sampler, num_workers=args.workers, drop_last=True,
+                        persistent_workers=args.workers > 0)
+
+    def batches():
+        while True:
+            yield from loader
+    it = batches()
+    for _ in range(args.warmup_batches):
+        next(it)
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        for _ in range(args.batches_per_repeat):
+            fb, lab = next(it)
+        times.append(time.perf_counter() - t)
+    assert fb.shape == (args.batch_size, TARGET_LENGTH, 128), fb.shape
+    cps = args.batches_per_repeat * args.batch_size / statistics.median(times)
+    note = f"{args.workers} DataLoader worker(s), wav read with {reader}"
+    print("RESULT " + json.dumps({"clips_per_s": cps, "runs": [
+        args.batches_per_repeat * args.batch_size / t for t in times], "note": note,
+        "torch": torch.__version__}), flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
