@@ -1,0 +1,117 @@
+"""tools/evaluate.py and psla_tf.evaluation against sklearn computed here."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from scipy import stats
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from test_predict import run_tool
+
+N, C = 60, 7
+
+
+def scores_file(path, seed, targets=None, empty_class=3):
+    from psla_tf.prediction import Predictions, save_scores
+    rng = np.random.default_rng(seed)
+    if targets is None:
+        targets = (rng.random((N, C)) < 0.3).astype(np.float32)
+        targets[:, empty_class] = 0                       # a class without positives
+    # informative scores: positives shifted up by a class-dependent amount
+    scores = rng.random((N, C)) + targets * np.linspace(0.1, 1.0, C)
+    scores = (scores / scores.max()).astype(np.float32)
+    p = Predictions([f"id{i}" for i in range(N)], scores, targets,
+                    [f"/m/k{k}" for k in range(C)], [f"name {k}" for k in range(C)])
+    save_scores(str(path), p)
+    return p
+
+
+def sk_metrics(t, s, skip):
+    keep = [k for k in range(C) if k not in skip]
+    ap = {k: average_precision_score(t[:, k], s[:, k]) for k in keep}
+    auc = {k: roc_auc_score(t[:, k], s[:, k]) for k in keep}
+    m_auc = np.mean(list(auc.values()))
+    return ap, auc, np.mean(list(ap.values())), m_auc, np.sqrt(2) * stats.norm.ppf(m_auc)
+
+
+def test_report_matches_sklearn(tmp_path):
+    from psla_tf import evaluation, prediction
+    p = scores_file(tmp_path / "a.npz", 0)
+    q = prediction.load_scores(str(tmp_path / "a.npz"))
+    rep = evaluation.evaluation_report([q], q.mids, q.names)
+    ap, auc, m_ap, m_auc, dp = sk_metrics(p.targets, p.scores, {3})
+    s = rep["summary"]
+    assert s["mAP"] == pytest.approx(m_ap, abs=1e-6)
+    assert s["AUC"] == pytest.approx(m_auc, abs=1e-6)
+    assert s["d_prime"] == pytest.approx(dp, abs=1e-5)
+    assert [e["mid"] for e in s["excluded_from_mAP"]] == ["/m/k3"]
+    assert s["num_classes_evaluated"] == C - 1
+    rows = rep["classes"]
+    assert [r["index"] for r in rows[:-1]] == sorted(ap, key=lambda k: -ap[k])
+    assert rows[-1]["index"] == 3 and rows[-1]["AP"] is None and rows[-1]["positives"] == 0
+    for r in rows[:-1]:
+        assert r["AP"] == pytest.approx(ap[r["index"]], abs=1e-6)
+        assert r["AUC"] == pytest.approx(auc[r["index"]], abs=1e-6)
+        assert r["positives"] == int(p.targets[:, r["index"]].sum())
+
+
+def test_runs_mean_and_std(tmp_path):
+    """Several runs of the same clips: per-class AP = mean over runs, with std (Fig. 7)."""
+    from psla_tf import evaluation, prediction
+    a = scores_file(tmp_path / "a.npz", 0)
+    b = scores_file(tmp_path / "b.npz", 1, targets=a.targets)
+    preds = [prediction.load_scores(str(tmp_path / f)) for f in ("a.npz", "b.npz")]
+    rep = evaluation.evaluation_report(preds, a.mids, a.names)
+    ap_a = sk_metrics(a.targets, a.scores, {3})[0]
+    ap_b = sk_metrics(b.targets, b.scores, {3})[0]
+    for r in rep["classes"][:-1]:
+        k = r["index"]
+        assert r["AP"] == pytest.approx((ap_a[k] + ap_b[k]) / 2, abs=1e-6)
+        assert r["AP_std"] == pytest.approx(abs(ap_a[k] - ap_b[k]) / 2, abs=1e-6)
+    assert rep["summary"]["mAP"] == pytest.approx(
+        (np.mean(list(ap_a.values())) + np.mean(list(ap_b.values()))) / 2, abs=1e-6)
+    # different clips or targets are refused
+    c = scores_file(tmp_path / "c.npz", 2)
+    from psla_tf.data.records import DataError
+    with pytest.raises(DataError, match="targets differ"):
+        evaluation.evaluation_report([preds[0], prediction.load_scores(str(tmp_path / "c.npz"))],
+                                     a.mids, a.names)
+    del c
+
+
+def test_cli_writes_json_csv_png(tmp_path):
+    import matplotlib.image as mpimg
+    p = scores_file(tmp_path / "a.npz", 0)
+    scores_file(tmp_path / "b.npz", 1, targets=p.targets)
+    out = tmp_path / "rep"
+    r = run_tool("evaluate.py", f"--scores={tmp_path / 'a.npz'},{tmp_path / 'b.npz'}",
+                 f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "mean of 2 runs" in r.stdout and "name 3" in r.stdout
+    summary = json.loads((out / "metrics.json").read_text())
+    assert len(summary["runs"]) == 2 and "mAP_std" in summary
+    with open(out / "classes.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["index", "mid", "name", "positives", "AP", "AP_std", "AUC"]
+    aps = [float(r["AP"]) for r in rows if r["AP"]]
+    assert aps == sorted(aps, reverse=True) and rows[-1]["AP"] == ""
+    img = mpimg.imread(out / "sorted_ap.png")
+    assert img.shape[0] > 100 and img.shape[1] > 300 and img.std() > 0.01
+    assert not any(n.endswith(".tmp") or ".tmp." in n for n in os.listdir(out))
+
+    # errors: no targets, mismatched label_csv, missing file
+    from psla_tf.prediction import Predictions, save_scores
+    save_scores(str(tmp_path / "nolab.npz"), Predictions(["a"], np.zeros((1, C), np.float32),
+                                                         None, p.mids, p.names))
+    (tmp_path / "labels.csv").write_text("index,mid,display_name\n0,/m/x,x\n")
+    for args, msg in [([f"--scores={tmp_path / 'nolab.npz'}"], "has no targets"),
+                      ([f"--scores={tmp_path / 'a.npz'}", f"--label_csv={tmp_path / 'labels.csv'}"],
+                       "does not match"),
+                      ([f"--scores={tmp_path / 'zz.npz'}"], "not found")]:
+        r = run_tool("evaluate.py", *args, f"--out_dir={tmp_path / 'x'}")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
+        assert r.stderr.strip().splitlines()[-1].startswith("error:") and msg in r.stderr
