@@ -1,0 +1,118 @@
+"""Export a trained tagger for deployment: a TF Serving SavedModel and/or a TFLite/LiteRT model,
+both taking the raw 16-kHz waveform (front end included).
+
+Examples:
+  python tools/export.py --model=exp/demo --saved_model_dir=serving/psla --version=1
+  python tools/export.py --model=exp/demo --tflite=psla_f16.tflite --quantize=float16
+  python tools/export.py --model=exp/demo --tflite=psla_int8.tflite --quantize=int8 \\
+      --calibration_data='demo_data/records/train-*.tfrecord'
+
+--model is anything psla_tf.models.loading.load_tagger accepts: a .keras file (also an
+ensemble from tools/ensemble.py), an experiment folder, or checkpoints/epoch_NNN.weights.h5.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "Trained model: .keras file, experiment folder or "
+                    "checkpoints/epoch_NNN.weights.h5 (required).")
+flags.DEFINE_string("label_csv", None, "Vocabulary CSV index,mid,display_name (default: the "
+                    "labels.csv beside the model / in its experiment folder).")
+flags.DEFINE_string("saved_model_dir", None, "Write a TF Serving SavedModel to "
+                    "DIR/<version>/.")
+flags.DEFINE_integer("version", 1, "SavedModel version folder (TF Serving serves the highest).")
+flags.DEFINE_bool("overwrite", False, "Replace an existing DIR/<version>/.")
+flags.DEFINE_integer("clip_samples", None, "Training input length in samples (default: the "
+                     "run's --clip_samples from flags.txt, else (target_length-1)*160+400).")
+flags.DEFINE_bool("windowed", False, "Score inputs longer than the training length as windows "
+                  "(max-pooled scores, mean-pooled embeddings), like tools/infer.py; without "
+                  "it longer inputs are cut.")
+flags.DEFINE_float("window_seconds", None, "--windowed: window length (default: the training "
+                   "length).")
+flags.DEFINE_float("hop_seconds", None, "--windowed: hop between windows (default: half a "
+                   "window).")
+flags.DEFINE_bool("clip_scores", False, "Clip scores to [0, 1] (with several attention heads "
+                  "the weighted head sum can exceed 1).")
+flags.DEFINE_string("tflite", None, "Write a TFLite/LiteRT model here (+ OUT.labels.txt and "
+                    "OUT.json beside it).")
+flags.DEFINE_enum("quantize", "none", ["none", "float16", "dynamic", "int8"],
+                  "TFLite quantisation: none (float32), float16 weights, dynamic (int8 weights), "
+                  "int8 (full integer, needs --calibration_data).")
+flags.DEFINE_float("tflite_seconds", 10.0, "TFLite fixed input length in seconds.")
+flags.DEFINE_string("calibration_data", None, "int8: TFRecord shard glob of representative "
+                    "clips (e.g. the training set).")
+flags.DEFINE_integer("calibration_size", 100, "int8: number of calibration clips.")
+flags.DEFINE_bool("progress", True, "Show a tqdm progress bar during int8 calibration.")
+
+
+def _clip_samples(model_path: str) -> int | None:
+    from psla_tf.models import loading
+    if FLAGS.clip_samples:
+        return FLAGS.clip_samples
+    d = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
+    for cand in (d, os.path.dirname(d)):
+        f = os.path.join(cand, loading.FLAGS_FILE)
+        if os.path.exists(f):
+            v = loading.read_flagfile(f).get("clip_samples")
+            return int(v) if v not in (None, "", "None") and not isinstance(v, bool) else None
+    return None
+
+
+def main(argv):
+    del argv
+    from psla_tf import export, export_tflite, params
+    from psla_tf.data.records import DataError
+    from psla_tf.models import loading
+    try:
+        if not FLAGS.model:
+            raise DataError("--model is required")
+        if not FLAGS.saved_model_dir and not FLAGS.tflite:
+            raise DataError("nothing to do: give --saved_model_dir and/or --tflite")
+        if FLAGS.quantize == "int8" and FLAGS.tflite and not FLAGS.calibration_data:
+            raise DataError("--quantize=int8 needs --calibration_data (a TFRecord shard glob)")
+        if FLAGS.tflite_seconds * params.SAMPLE_RATE < params.FRAME_LENGTH:
+            raise DataError("--tflite_seconds must be at least 0.025 (one 25-ms frame)")
+        for name in ("window_seconds", "hop_seconds"):
+            v = getattr(FLAGS, name)
+            if v is not None and v <= 0:
+                raise DataError(f"--{name} must be positive")
+        model = loading.load_tagger(FLAGS.model)
+        mids, names = loading.load_vocabulary(FLAGS.model, FLAGS.label_csv)
+        kw = dict(clip_samples=_clip_samples(FLAGS.model), windowed=FLAGS.windowed,
+                  window=int(round((FLAGS.window_seconds or 0) * params.SAMPLE_RATE)),
+                  hop=int(round((FLAGS.hop_seconds or 0) * params.SAMPLE_RATE)),
+                  clip_scores=FLAGS.clip_scores)
+        if FLAGS.saved_model_dir:
+            out = export.export_saved_model(model, FLAGS.saved_model_dir, mids, names,
+                                            version=FLAGS.version, overwrite=FLAGS.overwrite,
+                                            **kw)
+            print(f"SavedModel: {out}")
+        if FLAGS.tflite:
+            calibration, bar = None, None
+            if FLAGS.quantize == "int8":
+                calibration = export_tflite.calibration_clips(
+                    FLAGS.calibration_data, int(round(FLAGS.tflite_seconds * params.SAMPLE_RATE)),
+                    FLAGS.calibration_size)
+                if FLAGS.progress:
+                    from tqdm import tqdm
+                    bar = tqdm(total=len(calibration), desc="calibration", unit="clip")
+            meta = export_tflite.export_tflite(
+                model, FLAGS.tflite, mids, names, quantize=FLAGS.quantize,
+                seconds=FLAGS.tflite_seconds, calibration=calibration,
+                progress=(lambda i: bar.update(1)) if bar else None, **kw)
+            if bar:
+                bar.close()
+            print(f"TFLite ({FLAGS.quantize}): {FLAGS.tflite} ({meta['size_bytes']} bytes, "
+                  f"input {meta['input_samples']} samples)")
+    except (DataError, export.ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
