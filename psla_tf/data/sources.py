@@ -165,10 +165,11 @@ def _pick(columns: Sequence[str], names: Sequence[str]) -> str | None:
     return None
 
 
-def read_plain_csv(path: str) -> tuple[list[Row], list[str]]:
+def read_plain_csv(path: str, audio_root: str | None = None) -> tuple[list[Row], list[str]]:
     """Plain CSV with a header (path column + labels column + any extra columns).
 
-    Returns rows and the header (so splits can write the same columns back).
+    Relative paths resolve against ``audio_root`` (default: the CSV's folder). Returns rows
+    and the header (so splits can write the same columns back).
     """
     with open(path, encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f, skipinitialspace=True)
@@ -178,7 +179,7 @@ def read_plain_csv(path: str) -> tuple[list[Row], list[str]]:
             raise DataError(f"{path}: a plain CSV needs a header with a path column "
                             f"({'/'.join(PATH_COLUMNS)}) and a labels column "
                             f"({'/'.join(LABEL_COLUMNS)}); got {header}")
-        base = os.path.dirname(os.path.abspath(path))
+        base = audio_root or os.path.dirname(os.path.abspath(path))
         rows = []
         for rec in reader:
             n = reader.line_num
