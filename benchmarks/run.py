@@ -587,6 +587,24 @@ def bench_fbank(results: dict, ctx: dict) -> dict:
     return {"rows": rows, "notes": notes}
 
 
+def stage_costs(clips_per_s: dict[str, float]) -> list[tuple[str, float]]:
+    """Per-stage cost (ms per clip) from the cumulative stages' clips/s: the first stage's
+    1000 / rate, then each stage's 1000 / rate minus the previous one's. A stage that was not
+    measured breaks the chain (the next stage has no predecessor to subtract)."""
+    out, prev = [], None
+    for s in STAGES:
+        if s not in clips_per_s or not clips_per_s[s]:
+            prev = None
+            continue
+        ms = 1000.0 / clips_per_s[s]
+        if prev is not None:
+            out.append((STAGE_COST[s], ms - prev))
+        elif s == STAGES[0]:
+            out.append((STAGE_COST[s], ms))
+        prev = ms
+    return out
+
+
 def bench_pipeline(results: dict, ctx: dict) -> dict:
     rows, notes = [], []
     cores = _core_list(results)
@@ -614,19 +632,9 @@ def bench_pipeline(results: dict, ctx: dict) -> dict:
                             variant=v, peak_rss_mb=r["peak_rss_mb"],
                             first_batch_s=r["first_batch_s"], runs=r["runs"]))
             print(f"  {v} on {k} core(s): {r['clips_per_s']:.1f} clips/s", flush=True)
-    # per-stage cost: the difference of 1/rate between consecutive cumulative stages
     for k, got in per_core.items():
-        prev = None
-        for s in STAGES:
-            if s not in got:
-                prev = None
-                continue
-            ms = 1000.0 / got[s]
-            if prev is not None:
-                rows.append(row(f"stage cost: {STAGE_COST[s]}", ms - prev, "ms/clip", cores=k))
-            elif s == "read":
-                rows.append(row(f"stage cost: {STAGE_COST[s]}", ms, "ms/clip", cores=k))
-            prev = ms
+        for name, ms in stage_costs(got):
+            rows.append(row(f"stage cost: {name}", ms, "ms/clip", cores=k))
         if "masking" in got and k in (1, 2):
             ratio = got["masking"] / BASELINE[f"pipeline_{k}"]
             rows.append(row("full pipeline (fbank + masking in tf.data) / PyTorch stated",

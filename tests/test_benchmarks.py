@@ -1,0 +1,127 @@
+"""benchmarks/run.py and benchmarks/torch_reference.py: report writing, stage costs, one
+pinned pipeline measurement end to end, the reference sampler weights, clean skips."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN = os.path.join(ROOT, "benchmarks", "run.py")
+TORCH_REF = os.path.join(ROOT, "benchmarks", "torch_reference.py")
+
+
+def _load(path, name):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return _load(RUN, "bench_run")
+
+
+def _results(bench):
+    return {"machine": {"cpu": "Test CPU", "cores": 2, "usable_cores": 2, "tensorflow": "2.21",
+                        "keras": "3", "python": "3.11", "gpus": [],
+                        "load_average_1min_at_start": 0.1, "date_utc": "2026-01-01 00:00"},
+            "device": "cpu", "repeats": 5, "quick": False, "argv": "", "baseline":
+                bench.baseline_section(),
+            "pipeline": {"rows": [bench.row("x", 123.456, cores=2),
+                                  bench.row("y", 2.5, "ratio", cores=2, note="target >= 2"),
+                                  bench.row("z", None, cores=1, note="failed")],
+                         "notes": "a note"}}
+
+
+def test_stage_costs_are_differences_of_inverse_rates(bench):
+    got = {"read": 1000.0, "parse": 500.0, "train_plain": 250.0, "sampling": 200.0,
+           "mixup": 100.0, "fbank": 50.0, "masking": 40.0}
+    costs = dict(bench.stage_costs(got))
+    assert costs["read"] == pytest.approx(1.0)
+    assert costs[bench.STAGE_COST["parse"]] == pytest.approx(1.0)        # 2 ms - 1 ms
+    assert costs[bench.STAGE_COST["mixup"]] == pytest.approx(5.0)        # 10 - 5
+    assert costs[bench.STAGE_COST["masking"]] == pytest.approx(5.0)      # 25 - 20
+    # the per-stage costs add up to the whole pipeline's ms per clip
+    assert sum(costs.values()) == pytest.approx(1000.0 / got["masking"])
+    # a missing stage breaks the chain: no difference across the gap
+    del got["sampling"]
+    costs = dict(bench.stage_costs(got))
+    assert bench.STAGE_COST["sampling"] not in costs
+    assert bench.STAGE_COST["mixup"] not in costs
+    assert costs[bench.STAGE_COST["fbank"]] == pytest.approx(10.0)
+
+
+def test_markdown_and_build_md_replacement(bench, tmp_path):
+    table = bench.to_markdown(_results(bench))
+    assert "Test CPU, 2 cores" in table
+    assert "| pipeline | x | 2 | 123.5 | clips/s |  |" in table
+    assert "| pipeline | y | 2 | 2.50× |  | target >= 2 |" in table
+    assert "| pipeline | z | 1 | n/a | clips/s | failed |" in table
+    assert "| baseline | PyTorch reference-style pipeline, 2 DataLoader workers | 2 | 350.0" in table
+    assert "pipeline: a note" in table
+    md = tmp_path / "BUILD.md"
+    md.write_text("# title\n\nintro\n")
+    bench.write_build_md(str(md), "TABLE ONE")
+    text = md.read_text()
+    assert text.startswith("# title\n\nintro\n\n## Measured performance\n")
+    assert f"{bench.BEGIN}\nTABLE ONE\n{bench.END}" in text
+    md.write_text(text + "\n## After\nkept\n")
+    bench.write_build_md(str(md), "TABLE TWO")
+    text = md.read_text()
+    assert "TABLE ONE" not in text and "TABLE TWO" in text
+    assert text.count(bench.BEGIN) == 1 and text.endswith("## After\nkept\n")
+
+
+def test_pipeline_child_measures_on_one_pinned_core(tmp_path):
+    """One real measurement: the full pipeline (mixup, fbank + masking in tf.data) on tiny
+    shards, in a child pinned to one CPU; clips/s positive and consistent with the runs."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from helpers_data import random_labels, random_waveforms, write_shards
+    rng = np.random.default_rng(0)
+    glob = write_shards(str(tmp_path), random_waveforms(24, rng, 16400, 16400),
+                        random_labels(24, 5, rng), 5, num_shards=2)
+    spec = {"kind": "pipeline", "variant": "masking", "glob": glob, "batch": 4, "frames": 100,
+            "repeats": 3, "warmup_repeats": 1, "batches_per_repeat": 2, "cores": 1}
+    proc = subprocess.run([sys.executable, RUN, "--child=" + json.dumps(spec)],
+                          capture_output=True, text=True, timeout=300)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+    assert line, proc.stderr[-2000:]
+    r = json.loads(line[-1][7:])
+    assert len(r["runs"]) == 3 and r["clips_per_s"] > 0
+    assert r["clips_per_s"] == pytest.approx(float(np.median(r["runs"])), rel=1e-6)
+    assert r["peak_rss_mb"] > 100  # TensorFlow is loaded
+
+
+def test_bad_flags_exit_2():
+    for args in (["--sections=fbank,nope"], ["--cores=0"], ["--num_clips=10"]):
+        proc = subprocess.run([sys.executable, RUN, *args, "--out=/nonexistent/never"],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2, (args, proc.stderr[-500:])
+        assert proc.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_reference_sampler_weights():
+    """The reference's gen_weight: w_i = sum over i's labels of 1000 / (c_k + 0.01)."""
+    ref = _load(TORCH_REF, "torch_reference")
+    data = [{"labels": "a"}, {"labels": "a,b"}, {"labels": "c"}, {"labels": "a"}]
+    index = {"a": 0, "b": 1, "c": 2}
+    w = ref.sample_weights(data, index)
+    ca, cb, cc = 3 + 0.01, 1 + 0.01, 1 + 0.01
+    np.testing.assert_allclose(w, [1000 / ca, 1000 / ca + 1000 / cb, 1000 / cc, 1000 / ca])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchaudio") is not None,
+                    reason="torchaudio is installed: the skip path does not apply")
+def test_torch_section_skips_cleanly_without_torchaudio(bench):
+    out = bench.bench_torch({"machine": {"usable_cores": 2}}, {})
+    assert out["rows"] == [] and "skipped" in out["notes"] and "torchaudio" in out["notes"]
+    proc = subprocess.run([sys.executable, TORCH_REF, "--synthetic=1"], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
