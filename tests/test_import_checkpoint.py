@@ -155,27 +155,54 @@ def _save(model: nn.Module, path, prefix: str = "module.") -> str:
     return str(path)
 
 
+def _check_parity(ref: nn.Module, classifier: keras.Model, x: np.ndarray) -> float:
+    """max |scores_keras - scores_torch| on ``x``, after checking the comparison means
+    something (unsaturated scores that differ between clips)."""
+    with torch.no_grad():
+        expected = ref(torch.from_numpy(x)).numpy()
+    assert expected.std() > 0.01 and ((expected > 0.02) & (expected < 0.98)).mean() > 0.5
+    assert np.abs(expected[0] - expected[1]).max() > 1e-3
+    got = keras.ops.convert_to_numpy(classifier(x, training=False))
+    assert got.shape == expected.shape
+    # inference is deterministic (drop-connect / dropout inactive)
+    np.testing.assert_array_equal(got, keras.ops.convert_to_numpy(classifier(x, training=False)))
+    return float(np.abs(got - expected).max())
+
+
 @pytest.mark.parametrize("b,heads,target_length", [
-    (0, 0, 100), (0, 1, 100), (0, 4, 99), (2, 0, 100), (2, 1, 77), (2, 4, 1056)])
+    (0, 0, 100), (0, 1, 100), (0, 4, 99), (2, 0, 100), (2, 1, 77)])
 def test_import_matches_reference(tmp_path, b, heads, target_length):
     classes = 11
     ref = _reference(b, heads, classes, target_length, seed=10 * b + heads)
     path = _save(ref, tmp_path / "ref.pth", prefix="module." if heads != 1 else "")
-    x = _fbank_batch(2 if target_length > 500 else 3, target_length, seed=b + heads)
-    with torch.no_grad():
-        expected = ref(torch.from_numpy(x)).numpy()
-    # a meaningful comparison: scores spread across classes and clips, not saturated
-    assert expected.std() > 0.01 and ((expected > 0.02) & (expected < 0.98)).mean() > 0.5
-    assert np.abs(expected[0] - expected[1]).max() > 1e-3
-
     model = torch_import.import_checkpoint(path, classes, target_length=target_length)
-    classifier = model.get_layer("classifier")
-    got = keras.ops.convert_to_numpy(classifier(x, training=False))
-    assert got.shape == expected.shape
-    assert np.abs(got - expected).max() <= TOL, np.abs(got - expected).max()
-    # inference is deterministic (no drop-connect / dropout at inference)
-    again = keras.ops.convert_to_numpy(classifier(x, training=False))
-    np.testing.assert_array_equal(got, again)
+    x = _fbank_batch(3, target_length, seed=b + heads)
+    diff = _check_parity(ref, model.get_layer("classifier"), x)
+    assert diff <= TOL, diff
+
+
+@pytest.fixture(scope="module")
+def released_like(tmp_path_factory):
+    """The released architecture: EfficientNet-B2, 4 heads, 1056 frames (11 classes);
+    (reference, imported tagger, checkpoint path, vocabulary)."""
+    classes = 11
+    ref = _reference(2, 4, classes, 1056, seed=24)
+    path = _save(ref, tmp_path_factory.mktemp("b2") / "audioset_like.pth")
+    model = torch_import.import_checkpoint(path, classes)          # inferred: B2, 4 heads
+    mids = [f"/m/c{i}" for i in range(classes)]
+    return ref, model, path, (mids, [f"class {i}" for i in range(classes)])
+
+
+def test_import_matches_reference_b2_4_heads_1056_frames(released_like):
+    ref, model, path, _ = released_like
+    assert model.get_layer("classifier").get_layer("pooling").num_heads == 4
+    diff = _check_parity(ref, model.get_layer("classifier"), _fbank_batch(2, 1056, seed=5))
+    assert diff <= TOL, diff
+    # Keras' own padding (computed for the input size) is a different function for B2:
+    # the reference pads block3a / block4a / block6a as for a 260-px image
+    own = build_classifier(11, eff_b=2, att_head=4, target_length=1056)
+    torch_import.load_state_dict(own, torch_import.read_state_dict(path))
+    assert _check_parity(ref, own, _fbank_batch(2, 1056, seed=5)) > 1e-2
 
 
 def test_reference_padding_matches_efficientnet_pytorch():
@@ -198,3 +225,115 @@ def test_reference_padding_matches_efficientnet_pytorch():
                   own.get_layer("backbone").layers
                   if isinstance(layer, keras.layers.ZeroPadding2D)}
     assert keras_pads["block3a_dwconv_pad"] == ((1, 2), (1, 2))
+
+
+# ---- refusal: all or nothing, with the list of what does not fit
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """B0, single head, 5 classes, 100 frames: (reference, state dict path, classifier)."""
+    ref = _reference(0, 1, 5, 100, seed=3)
+    path = _save(ref, tmp_path_factory.mktemp("b0") / "b0.pth")
+    classifier = torch_import.build_reference_tagger(5, 0, 1, target_length=100).get_layer(
+        "classifier")
+    return ref, path, classifier
+
+
+def _refused(classifier, state) -> str:
+    before = [w.copy() for w in classifier.get_weights()]
+    with pytest.raises(CheckpointImportError) as e:
+        torch_import.load_state_dict(classifier, state, source="ckpt")
+    for a, b in zip(before, classifier.get_weights()):      # nothing was loaded
+        np.testing.assert_array_equal(a, b)
+    return str(e.value)
+
+
+def test_refuses_unmatched_and_misshaped_tensors(small):
+    ref, path, classifier = small
+    state = torch_import.read_state_dict(path)               # "module." prefix removed
+    assert not any(k.startswith("module.") for k in state)
+    broken = dict(state)
+    del broken["effnet._blocks.3._depthwise_conv.weight"]
+    del broken["attention.att.bias"]
+    broken["effnet._fc.weight"] = np.zeros((1000, 1280), np.float32)
+    broken["effnet._blocks.0._bn1.running_var"] = np.ones(33, np.float32)
+    msg = _refused(classifier, broken)
+    assert "nothing was loaded" in msg and "EfficientNet-B0, 1 attention head, 5 classes" in msg
+    assert "2 tensors missing" in msg and "effnet._blocks.3._depthwise_conv.weight" in msg
+    assert "attention.att.bias" in msg
+    assert "1 checkpoint tensors the model has no place for" in msg and "_fc.weight" in msg
+    assert "1 mis-shaped" in msg and "effnet._blocks.0._bn1.running_var: (33,)" in msg
+    assert "--eff_b=0 --att_head=1 with 5 classes" in msg
+    # the same checkpoint against the wrong architecture: a long, truncated listing + hint
+    b2 = build_classifier(5, eff_b=2, att_head=4, target_length=100)
+    msg = _refused(b2, state)
+    assert "EfficientNet-B2, 4 attention heads" in msg and "more" in msg
+    assert "looks like --eff_b=0 --att_head=1" in msg
+    # the unmodified state dict loads, with or without the DataParallel prefix
+    torch_import.load_state_dict(classifier, {"module." + k: v for k, v in state.items()})
+    x = _fbank_batch(2, 100, seed=1)
+    assert _check_parity(ref, classifier, x) <= TOL
+
+
+def test_bad_checkpoint_files(tmp_path, small):
+    _, path, _ = small
+    with pytest.raises(CheckpointImportError, match="does not exist"):
+        torch_import.read_state_dict(tmp_path / "none.pth")
+    text = tmp_path / "text.pth"
+    text.write_text("not a checkpoint")
+    with pytest.raises(CheckpointImportError, match="could not read"):
+        torch_import.read_state_dict(text)
+    listing = tmp_path / "list.pth"
+    torch.save([torch.zeros(3)], listing)
+    with pytest.raises(CheckpointImportError, match="not a state dict"):
+        torch_import.read_state_dict(listing)
+    with pytest.raises(CheckpointImportError, match="the checkpoint has 5 classes, the label "
+                       "CSV 7"):
+        torch_import.import_checkpoint(path, 7, target_length=100)
+
+
+# ---- the tool
+
+def _tool(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools",
+                                                        "import_psla_checkpoint.py"), *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_tool_writes_a_loadable_tagger(tmp_path, small):
+    from psla_tf.data.records import write_label_csv
+    from psla_tf.models.loading import load_tagger, load_vocabulary
+    ref, path, _ = small
+    labels = tmp_path / "vocab.csv"
+    mids, names = [f"/m/{i}" for i in range(5)], [f"n{i}" for i in range(5)]
+    write_label_csv(str(labels), mids, names)
+    out = tmp_path / "imported" / "model.keras"
+    r = _tool(f"--checkpoint={path}", f"--label_csv={labels}", f"--output={out}",
+              "--target_length=100")
+    assert r.returncode == 0, r.stderr
+    assert "EfficientNet-B0, 1 attention head, 5 classes" in r.stdout
+    assert sorted(os.listdir(out.parent)) == ["labels.csv", "model.keras"]   # no temp files
+    model = load_tagger(str(out))
+    assert load_vocabulary(str(out)) == (mids, names)
+    diff = _check_parity(ref, model.get_layer("classifier"), _fbank_batch(2, 100, seed=9))
+    assert diff <= TOL, diff
+    # bad input: one line on stderr, exit 2, the existing output untouched
+    stamp = out.stat().st_mtime_ns
+    for args, expect in [
+            ([f"--label_csv={labels}", f"--output={out}"], "--checkpoint is required"),
+            ([f"--checkpoint={path}", f"--label_csv={labels}", f"--output={out}"], "exists"),
+            ([f"--checkpoint={path}", f"--label_csv={labels}", f"--output={tmp_path}/m.h5"],
+             "must end in .keras"),
+            ([f"--checkpoint={tmp_path}/no.pth", f"--label_csv={labels}",
+              f"--output={tmp_path}/c.keras"], "does not exist"),
+            ([f"--checkpoint={path}", f"--label_csv={labels}", f"--output={tmp_path}/b.keras",
+              "--eff_b=2"], "does not fit the model")]:
+        r = _tool(*args)
+        # (TensorFlow's own start-up log lines may precede the message on stderr)
+        message = r.stderr[r.stderr.find("error: "):]
+        assert r.returncode == 2 and "error: " in r.stderr and expect in message, (
+            args, r.stderr)
+        assert "Traceback" not in r.stderr
+        if expect != "does not fit the model":          # the refusal lists tensors, one a line
+            assert message.strip().count("\n") == 0, message
+    assert out.stat().st_mtime_ns == stamp and not (tmp_path / "b.keras").exists()

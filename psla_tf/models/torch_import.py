@@ -48,7 +48,7 @@ from psla_tf import params
 from psla_tf.data.records import DataError
 
 __all__ = ["CheckpointImportError", "REFERENCE_IMAGE_SIZE", "TensorMapping", "read_state_dict",
-           "strip_module_prefix", "infer_architecture", "reference_padding",
+           "strip_module_prefix", "infer_architecture", "describe", "reference_padding",
            "with_reference_padding", "build_reference_tagger", "tensor_mapping",
            "load_state_dict", "import_checkpoint"]
 
@@ -282,7 +282,7 @@ def tensor_mapping(classifier: keras.Model) -> list[TensorMapping]:
     return out
 
 
-def _describe(classifier: keras.Model) -> str:
+def describe(classifier: keras.Model) -> str:
     """"EfficientNet-B2, 4 attention heads, 527 classes" for ``classifier``."""
     backbone = classifier.get_layer("backbone")
     blocks = {m.group(1) for layer in backbone.layers for m in [_BLOCK_RE.match(layer.name)] if m}
@@ -328,7 +328,7 @@ def load_state_dict(classifier: keras.Model, state: Mapping[str, np.ndarray],
                 misshaped.append(f"{m.torch_key}: {got} in the checkpoint, expected {want} "
                                  f"(for {m.keras_path})")
     if missing or unexpected or misshaped:
-        parts = [f"{source} does not fit the model ({_describe(classifier)}); "
+        parts = [f"{source} does not fit the model ({describe(classifier)}); "
                  f"nothing was loaded:"]
         if missing:
             parts.append(_listing("tensors missing from the checkpoint", missing))
