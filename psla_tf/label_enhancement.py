@@ -617,6 +617,11 @@ def run_enhancement(train_data: str, scores_path: str, ontology_path: str, outpu
     if scores.shape[1] != len(vocab):
         raise DataError(f"{scores_path}: scores have {scores.shape[1]} classes but the "
                         f"vocabulary has {len(vocab)}")
+    with np.load(scores_path, allow_pickle=False) as z:   # class map stored by predict.py
+        score_mids = [str(m) for m in z["mids"].tolist()] if "mids" in z.files else None
+    if score_mids is not None and score_mids != list(vocab):
+        raise DataError(f"{scores_path}: the teacher's class map (mids stored by predict.py) "
+                        "differs from the training data's vocabulary")
     scores, targets = align_scores(ids, score_ids, scores, targets)
     if targets is not None:
         check_targets(labels, targets, ids)

@@ -334,7 +334,7 @@ def test_missing_and_extra_ids_are_errors(tmp_path, capsys):
     tool.FLAGS(["enhance_labels", f"--train_data={src}", f"--scores={tmp_path / 'm.npz'}",
                 f"--ontology={w['onto']}", f"--label_csv={w['label_csv']}",
                 f"--output={tmp_path / 'o.json'}"])
-    assert tool.main([]) == 1
+    assert tool.main([]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "ghost.wav" in err and "Traceback" not in err
 
@@ -376,3 +376,27 @@ def test_tfrecord_round_trip(tmp_path):
     assert got[0]["labels"] == [0, 1] and got[0]["mids"] == ["/x/p", "/x/c"]
     assert [g["labels"] for g in got[1:]] == w["labels"][1:]
     assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path / "out"))
+
+
+def test_predict_scores_file_and_class_map_check(tmp_path):
+    """A scores file as tools/predict.py writes it (ids, scores, targets, mids, names) is
+    accepted; one whose stored class map differs from the vocabulary is refused."""
+    from psla_tf.prediction import Predictions, save_scores
+    w = _tiny_world(tmp_path)
+    data = {"data": [{"wav": i, "labels": ",".join(w["vocab"][j] for j in lab)}
+                     for i, lab in zip(w["ids"], w["labels"])]}
+    src = tmp_path / "train.json"
+    src.write_text(json.dumps(data))
+    hot = le.multi_hot(w["labels"], 3).astype(np.float32)
+    good = tmp_path / "pred.npz"
+    save_scores(str(good), Predictions(w["ids"], w["scores"].astype(np.float32), hot,
+                                       w["vocab"], ["Parent", "Child", "Other"]))
+    rep = le.run_enhancement(str(src), str(good), w["onto"], str(tmp_path / "o.json"),
+                             label_csv=w["label_csv"])
+    assert rep["labels_added"] == 1
+    bad = tmp_path / "other_vocab.npz"
+    save_scores(str(bad), Predictions(w["ids"], w["scores"].astype(np.float32), hot,
+                                      ["/x/c", "/x/p", "/x/o"], ["Child", "Parent", "Other"]))
+    with pytest.raises(DataError, match="class map"):
+        le.run_enhancement(str(src), str(bad), w["onto"], str(tmp_path / "o2.json"),
+                           label_csv=w["label_csv"])

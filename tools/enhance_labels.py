@@ -45,7 +45,7 @@ def main(argv):
                                     report_path=FLAGS.report, top=FLAGS.top)
     except (DataError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(le.report_markdown(report))
     print(f"wrote {report['output']} and {', '.join(report['report_files'])}")
     return 0
