@@ -47,6 +47,9 @@ flags.DEFINE_float("tflite_seconds", 10.0, "TFLite fixed input length in seconds
 flags.DEFINE_string("calibration_data", None, "int8: TFRecord shard glob of representative "
                     "clips (e.g. the training set).")
 flags.DEFINE_integer("calibration_size", 100, "int8: number of calibration clips.")
+flags.DEFINE_integer("benchmark", 0, "After writing --tflite: time this many invocations on one "
+                     "input with the LiteRT runtime at 1 and 2 threads and print the median "
+                     "latency (0: skip).")
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar during int8 calibration.")
 
 
@@ -109,6 +112,12 @@ def main(argv):
                 bar.close()
             print(f"TFLite ({FLAGS.quantize}): {FLAGS.tflite} ({meta['size_bytes']} bytes, "
                   f"input {meta['input_samples']} samples)")
+            if FLAGS.benchmark > 0:
+                for threads in (1, 2):
+                    t = export_tflite.TFLiteTagger(FLAGS.tflite, num_threads=threads).latency(
+                        FLAGS.benchmark)
+                    print(f"latency ({threads} thread{'s' if threads > 1 else ''}): "
+                          f"{t * 1000:.1f} ms per {FLAGS.tflite_seconds:g}-s input")
     except (DataError, export.ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

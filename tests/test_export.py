@@ -1,0 +1,414 @@
+"""Deployment (issue 5): SavedModel for TF Serving and TFLite/LiteRT variants of a demo model
+trained here, each reloaded in a fresh process and compared with the Keras model on real
+audio (../shared/data) and generated audio.
+
+One small demo model (psla_tf.demo: 1-s clips, EfficientNet-B0, 4 attention heads) is trained
+for a few epochs by main.py; everything else reuses it. Tolerances (issue 5): SavedModel and
+float32 TFLite 1e-4, float16 / dynamic 1e-2, int8 mAP on the held-out demo split within 0.01.
+"""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from tests.conftest import shared_path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SR = 16000
+TARGET = 98                       # frames of a 1-s clip
+CLIP = (TARGET - 1) * 160 + 400   # 15920 samples
+TFLITE_SECONDS = 1.0
+ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+
+
+def _run(args, timeout=600, cwd=None):
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=ENV,
+                          cwd=cwd or ROOT)
+
+
+def _fresh(code: str, timeout=300):
+    """Run ``code`` in a fresh interpreter that does NOT see psla_tf (no custom objects)."""
+    env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                       text=True, timeout=timeout, env=env, cwd="/")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return p
+
+
+def _pad_cut(x: np.ndarray, n: int = CLIP) -> tuple[np.ndarray, int]:
+    """NumPy twin of the training pipeline's pad/cut: (waveform [n], valid samples)."""
+    out = np.zeros(n, np.float32)
+    m = min(n, x.size)
+    out[:m] = x[:m]
+    return out, m
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Demo subset → shards → a few epochs of main.py → (exp_dir, eval shard glob)."""
+    from psla_tf import demo
+    from psla_tf.data import prepare, records, sources
+    d = tmp_path_factory.mktemp("demo")
+    paths = demo.generate_demo_dataset(str(d / "audio"), num_train=160, num_eval=80,
+                                       clip_seconds=1.0, seed=0, progress=False)
+    vocab = records.read_label_csv(paths["label_csv"])
+    for split in ("train", "eval"):
+        prepare.prepare(sources.read_datafile(paths[split]), vocab, str(d / "shards" / split),
+                        max_seconds=1.0, target_length=TARGET, progress=False)
+    exp = str(d / "exp")
+    p = _run([sys.executable, "main.py", f"--train_data={d}/shards/train-*.tfrecord",
+              f"--eval_data={d}/shards/eval-*.tfrecord", f"--exp_dir={exp}",
+              "--n_epochs=6", "--batch_size=16", "--eval_batch_size=40", "--lr=2e-3",
+              "--warmup_steps=10", "--warmup_every=2", "--lrscheduler_start=4",
+              "--lrscheduler_step=1", "--lrscheduler_decay=0.5", "--nowa",
+              "--balanced_sampling", "--mixup=0", "--freqm=12", "--timem=16",
+              f"--target_length={TARGET}", "--model=efficientnet", "--eff_b=0",
+              "--att_head=4", "--pretrained=none", "--shuffle_buffer=160", "--seed=0",
+              "--bn_momentum=0.9", "--verbose=0"])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return exp, f"{d}/shards/eval-*.tfrecord", f"{d}/shards/train-*.tfrecord"
+
+
+@pytest.fixture(scope="module")
+def keras_model(trained):
+    from psla_tf.models import loading
+    return loading.load_tagger(trained[0])
+
+
+def _audio_inputs() -> dict[str, np.ndarray]:
+    """Real recordings (8-kHz FSDD digit → 16 kHz, a 7-s clip) and generated audio."""
+    import soxr
+    out = {}
+    fsdd = sorted(os.listdir(shared_path("data", "fsdd", "recordings")))[0]
+    x, sr = sf.read(str(shared_path("data", "fsdd", "recordings", fsdd)), dtype="float32",
+                    always_2d=True)
+    out["fsdd"] = soxr.resample(x.mean(1), sr, SR).astype(np.float32)
+    x, sr = sf.read(str(shared_path("data", "clips", "R9_ZSCveAHg_7s.wav")), dtype="float32",
+                    always_2d=True)
+    x = x.mean(1)
+    out["clip7s"] = (soxr.resample(x, sr, SR) if sr != SR else x).astype(np.float32)
+    t = np.arange(SR) / SR
+    out["tone"] = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    out["noise"] = (0.1 * np.random.default_rng(3).standard_normal(12000)).astype(np.float32)
+    return out
+
+
+def _keras_scores(model, waves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    from psla_tf.models.tagger import embedding_model
+    w, n = zip(*[_pad_cut(x) for x in waves])
+    inputs = {"waveform": np.stack(w), "num_samples": np.asarray(n, np.int32)}
+    return (model(inputs, training=False).numpy(),
+            embedding_model(model)(inputs, training=False).numpy())
+
+
+# ----------------------------------------------------------------------------- SavedModel
+@pytest.fixture(scope="module")
+def saved_model(trained, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("serving") / "psla")
+    p = _run([sys.executable, "tools/export.py", f"--model={trained[0]}",
+              f"--saved_model_dir={out}", "--version=3"])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert os.path.exists(os.path.join(out, "3", "saved_model.pb"))
+    return out
+
+
+def test_saved_model_fresh_process_matches_keras(saved_model, keras_model, trained, tmp_path):
+    audio = _audio_inputs()
+    np.savez(tmp_path / "in.npz", **audio)
+    _fresh(f"""
+        import numpy as np, tensorflow as tf
+        m = tf.saved_model.load({saved_model + "/3"!r})
+        data = np.load({str(tmp_path / "in.npz")!r})
+        out = {{}}
+        for k in data.files:
+            r = m.signatures["serving_default"](waveform=tf.constant(data[k][None]))
+            out[k + "_scores"] = r["scores"].numpy()
+            out[k + "_emb"] = r["embeddings"].numpy()
+            assert r["scores"].dtype == tf.float32
+        cn = m.signatures["class_names"]()
+        md = m.signatures["metadata"]()
+        out["mids"] = cn["mids"].numpy().astype(str)
+        out["names"] = cn["names"].numpy().astype(str)
+        out["meta"] = np.array([md["sample_rate"].numpy(), md["clip_samples"].numpy()])
+        out["map_path"] = np.array(m.signatures["class_map_path"]()["class_map_path"].numpy())
+        np.savez({str(tmp_path / "out.npz")!r}, **out)
+        """)
+    got = np.load(tmp_path / "out.npz")
+    for k, x in audio.items():
+        s, e = _keras_scores(keras_model, [x])
+        np.testing.assert_allclose(got[k + "_scores"], s, atol=1e-4, err_msg=k)
+        np.testing.assert_allclose(got[k + "_emb"], e, atol=1e-4, err_msg=k)
+    from psla_tf.data.records import read_label_csv
+    mids, names = read_label_csv(os.path.join(trained[0], "labels.csv"))
+    assert list(got["mids"]) == mids and list(got["names"]) == names
+    assert got["meta"].tolist() == [SR, CLIP]
+    assert str(got["map_path"]).endswith("assets/class_map.csv")
+
+
+def test_serving_tagger_batch_with_lengths(saved_model, keras_model):
+    from psla_tf.export import load_saved_model
+    st = load_saved_model(saved_model)            # highest version inside DIR
+    assert st.path.endswith("/3") and st.sample_rate == SR and st.clip_samples == CLIP
+    audio = _audio_inputs()
+    waves = [audio["fsdd"], audio["tone"], audio["noise"], audio["clip7s"][:2000]]
+    length = max(x.size for x in waves)
+    batch = np.zeros((len(waves), length), np.float32)
+    for i, x in enumerate(waves):
+        batch[i, :x.size] = x
+    r = st(batch, np.array([x.size for x in waves], np.int32))
+    s, e = _keras_scores(keras_model, waves)
+    np.testing.assert_allclose(r["scores"], s, atol=1e-4)
+    np.testing.assert_allclose(r["embeddings"], e, atol=1e-4)
+    assert r["embeddings"].shape == (4, 1280)
+
+
+def test_saved_model_cli_run(saved_model, keras_model, tmp_path):
+    x = _audio_inputs()["fsdd"][None]
+    np.save(tmp_path / "wave.npy", x)
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    p = _run([cli, "show", "--dir", saved_model + "/3", "--all"])
+    assert p.returncode == 0, p.stderr[-2000:]
+    for sig in ("serving_default", "serving_lengths", "class_names", "metadata"):
+        assert f"signature_def['{sig}']" in p.stdout
+    p = _run([cli, "run", "--dir", saved_model + "/3", "--tag_set", "serve",
+              "--signature_def", "serving_default", "--inputs",
+              f"waveform={tmp_path / 'wave.npy'}", "--outdir", str(tmp_path / "out")])
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    s, _ = _keras_scores(keras_model, [x[0]])
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "scores.npy"), s, atol=1e-4)
+
+
+def test_saved_model_rejects_too_short_input(saved_model):
+    import tensorflow as tf
+    m = tf.saved_model.load(saved_model + "/3")
+    with pytest.raises(tf.errors.InvalidArgumentError, match="at least 400 samples"):
+        m.signatures["serving_default"](waveform=tf.zeros([1, 399]))
+
+
+def test_windowed_pools_windows_like_infer(keras_model):
+    """--windowed: max over the windows inference.window_starts gives (NumPy reference)."""
+    import tensorflow as tf
+    from psla_tf import export, inference
+    spec = export.ExportSpec(CLIP, windowed=True, window=8000, hop=4000)
+    scorer = export.ScoringModel(keras_model)
+    x = _audio_inputs()["clip7s"][:30000]
+    lengths = np.array([30000, 8000, 9000], np.int32)
+    batch = np.stack([x, x, x])
+    s, e = export.serve(scorer, spec, tf.constant(batch), tf.constant(lengths))
+    for b, n in enumerate(lengths):
+        starts = inference.window_starts(int(n), 8000, 4000)
+        wins = [x[st:min(st + 8000, n)] for st in starts]
+        ks, ke = _keras_scores(keras_model, wins)
+        np.testing.assert_allclose(s.numpy()[b], ks.max(0), atol=1e-5)
+        np.testing.assert_allclose(e.numpy()[b], ke.mean(0), atol=1e-5)
+
+
+def test_ensemble_scores_mean_and_embeddings_concat():
+    import keras
+    from psla_tf import export
+    from psla_tf.models.tagger import build_tagger, embedding_model
+    members = [build_tagger(3, eff_b=0, att_head=h, target_length=40, freqm=0, timem=0,
+                            name=f"member_{i}") for i, h in enumerate((1, 2))]
+    w = keras.Input((None,), name="waveform")
+    n = keras.Input((), name="num_samples", dtype="int32")
+    ens = keras.Model({"waveform": w, "num_samples": n},
+                      keras.layers.Average()([m({"waveform": w, "num_samples": n})
+                                              for m in members]), name="psla_ensemble")
+    rng = np.random.default_rng(0)
+    inputs = {"waveform": (0.1 * rng.standard_normal((2, 6640))).astype(np.float32),
+              "num_samples": np.array([6640, 3000], np.int32)}
+    s, e = export.ScoringModel(ens)(inputs["waveform"], inputs["num_samples"])
+    np.testing.assert_allclose(s.numpy(), ens(inputs).numpy(), atol=1e-6)
+    want = np.concatenate([embedding_model(m)(inputs).numpy() for m in members], axis=1)
+    np.testing.assert_allclose(e.numpy(), want, atol=1e-6)
+    with pytest.raises(export.ExportError, match="neither a psla_tf tagger"):
+        export.ScoringModel(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))
+
+
+def test_mixed_precision_mirrored_export_serves_float32(tmp_path):
+    """A model built and trained one step under mixed_float16 inside a MirroredStrategy scope
+    (Scale issue) exports, reloads in a fresh process and serves float32 close to Keras."""
+    code = f"""
+        import sys, numpy as np, tensorflow as tf, keras
+        sys.path.insert(0, {ROOT!r})
+        from psla_tf import export
+        from psla_tf.models.tagger import build_tagger
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        with tf.distribute.MirroredStrategy().scope():
+            m = build_tagger(3, eff_b=0, att_head=2, target_length=40, freqm=0, timem=0)
+            m.compile(optimizer="adam", loss="binary_crossentropy")
+        rng = np.random.default_rng(0)
+        x = {{"waveform": (0.1 * rng.standard_normal((4, 6640))).astype(np.float32),
+              "num_samples": np.full([4], 6640, np.int32)}}
+        m.fit(x, (rng.random((4, 3)) > 0.5).astype(np.float32), epochs=1, verbose=0)
+        assert m.get_layer("classifier").get_layer("backbone").compute_dtype == "float16"
+        keras.mixed_precision.set_global_policy("float32")
+        export.export_saved_model(m, {str(tmp_path / "sm")!r}, ["/m/a", "/m/b", "/m/c"],
+                                  ["a", "b", "c"])
+        np.save({str(tmp_path / "x.npy")!r}, x["waveform"])
+        np.save({str(tmp_path / "k.npy")!r}, m(x, training=False).numpy())
+        """
+    p = _run([sys.executable, "-c", textwrap.dedent(code)])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    _fresh(f"""
+        import numpy as np, tensorflow as tf
+        m = tf.saved_model.load({str(tmp_path / "sm" / "1")!r})
+        r = m.signatures["serving_default"](waveform=tf.constant(np.load({str(tmp_path / "x.npy")!r})))
+        assert r["scores"].dtype == tf.float32 and r["embeddings"].dtype == tf.float32
+        np.save({str(tmp_path / "s.npy")!r}, r["scores"].numpy())
+        """)
+    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), np.load(tmp_path / "k.npy"),
+                               atol=1e-3)
+
+
+def test_tool_bad_inputs_exit_2(tmp_path):
+    cases = [([], "--model is required"),
+             ([f"--model={tmp_path}/missing.keras", f"--saved_model_dir={tmp_path}/o"],
+              "does not exist"),
+             ([f"--model={tmp_path}", "--tflite=x.tflite", "--quantize=int8"],
+              "needs --calibration_data"),
+             ([f"--model={tmp_path}"], "nothing to do")]
+    for args, msg in cases:
+        p = _run([sys.executable, "tools/export.py", *args])
+        assert p.returncode == 2, (args, p.stderr[-2000:])
+        assert msg in p.stderr and "Traceback" not in p.stderr, (args, p.stderr[-2000:])
+
+
+# ----------------------------------------------------------------------------- TFLite
+TFL_IN = int(TFLITE_SECONDS * SR)
+
+
+def _tflite_reference(model, waves):
+    """What the fixed-length TFLite model computes: the caller zero-pads/cuts to TFL_IN
+    samples, all of which count as audio; the model then cuts to the training length."""
+    fixed = [np.pad(x[:TFL_IN], (0, max(0, TFL_IN - x.size))) for x in waves]
+    w = np.stack([f[:CLIP] for f in fixed]).astype(np.float32)
+    return model({"waveform": w, "num_samples": np.full([len(w)], min(CLIP, TFL_IN), np.int32)},
+                 training=False).numpy()
+
+
+@pytest.fixture(scope="module")
+def tflite_models(trained, keras_model, tmp_path_factory):
+    from psla_tf import export_tflite
+    from psla_tf.models import loading
+    d = tmp_path_factory.mktemp("tflite")
+    mids, names = loading.load_vocabulary(trained[0])
+    out = {}
+    for q in ("none", "float16", "dynamic"):
+        out[q] = str(d / f"psla_{q}.tflite")
+        export_tflite.export_tflite(keras_model, out[q], mids, names, quantize=q,
+                                    seconds=TFLITE_SECONDS)
+    out["int8"] = str(d / "psla_int8.tflite")
+    p = _run([sys.executable, "tools/export.py", f"--model={trained[0]}",
+              f"--tflite={out['int8']}", "--quantize=int8", f"--tflite_seconds={TFLITE_SECONDS}",
+              f"--calibration_data={trained[2]}", "--calibration_size=64", "--noprogress"])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return out
+
+
+def _run_tflite_fresh(paths: dict, waves: np.ndarray, tmp_path, runtime: str) -> dict:
+    """Scores of every model for every row of ``waves`` [N, TFL_IN], in a fresh process
+    that has neither psla_tf nor (for litert) TensorFlow imported."""
+    np.save(tmp_path / "waves.npy", waves)
+    imp = ("from ai_edge_litert.interpreter import Interpreter" if runtime == "litert"
+           else "import tensorflow as tf; Interpreter = tf.lite.Interpreter")
+    _fresh(f"""
+        import json, numpy as np
+        {imp}
+        paths = json.loads({json.dumps(json.dumps(paths))})
+        waves = np.load({str(tmp_path / "waves.npy")!r})
+        out = {{}}
+        for q, p in paths.items():
+            it = Interpreter(model_path=p, num_threads=2)
+            it.allocate_tensors()
+            i, o = it.get_input_details()[0], it.get_output_details()[0]
+            assert i["dtype"] == np.float32 and list(i["shape"]) == [1, waves.shape[1]]
+            rows = []
+            for w in waves:
+                it.set_tensor(i["index"], w[None].astype(np.float32))
+                it.invoke()
+                rows.append(it.get_tensor(o["index"])[0].copy())
+            out[q] = np.stack(rows)
+        np.savez({str(tmp_path / ("tfl_" + runtime + ".npz"))!r}, **out)
+        """)
+    return dict(np.load(tmp_path / f"tfl_{runtime}.npz"))
+
+
+@pytest.mark.parametrize("runtime", ["litert", "tf"])
+def test_tflite_variants_match_keras(tflite_models, keras_model, tmp_path, runtime):
+    audio = _audio_inputs()
+    waves = list(audio.values())
+    fixed = np.stack([np.pad(x[:TFL_IN], (0, max(0, TFL_IN - x.size))) for x in waves])
+    got = _run_tflite_fresh({q: tflite_models[q] for q in ("none", "float16", "dynamic")},
+                            fixed.astype(np.float32), tmp_path, runtime)
+    ref = _tflite_reference(keras_model, waves)
+    np.testing.assert_allclose(got["none"], ref, atol=1e-4)
+    np.testing.assert_allclose(got["float16"], ref, atol=1e-2)
+    np.testing.assert_allclose(got["dynamic"], ref, atol=1e-2)
+
+
+def test_tflite_int8_map_within_001_of_keras(tflite_models, keras_model, trained, tmp_path):
+    from psla_tf import metrics
+    from psla_tf.data import records
+    spec = records.load_data_spec(trained[1])
+    waves, targets = [], []
+    for ex in records.iter_examples(spec.files, spec.compression):
+        waves.append(ex["waveform_int16"].astype(np.float32) / 32768.0)
+        t = np.zeros(spec.num_classes, np.float32)
+        t[ex["labels"]] = 1.0
+        targets.append(t)
+    targets = np.stack(targets)
+    fixed = np.stack([np.pad(x[:TFL_IN], (0, max(0, TFL_IN - x.size))) for x in waves])
+    got = _run_tflite_fresh({"int8": tflite_models["int8"]}, fixed.astype(np.float32),
+                            tmp_path, "litert")
+    ref = np.concatenate([_tflite_reference(keras_model, waves[i:i + 40])
+                          for i in range(0, len(waves), 40)])
+    keras_map = metrics.evaluate(targets, ref)["mAP"]
+    int8_map = metrics.evaluate(targets, got["int8"])["mAP"]
+    assert keras_map > 0.5, f"the demo model did not learn (mAP {keras_map:.3f})"
+    assert abs(int8_map - keras_map) <= 0.01, (keras_map, int8_map)
+
+
+def test_tflite_float16_full_scale_square_wave(tflite_models, keras_model, tmp_path):
+    """A full-scale square wave: its mel energies exceed float16's 65504 (so an unscaled
+    float16 front end would overflow), yet the float16 model's scores are finite and within
+    1e-2 of Keras, and every intermediate tensor of the model stays inside float16's range."""
+    from psla_tf.features import kaldi_fbank
+    t = np.arange(TFL_IN)
+    square = np.where((t // 3) % 2 == 0, 1.0, -1.0).astype(np.float32)   # 2667 Hz, ±1
+    assert np.exp(kaldi_fbank(square).numpy().max()) > 65504
+    got = _run_tflite_fresh({"float16": tflite_models["float16"]}, square[None], tmp_path,
+                            "litert")["float16"]
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, _tflite_reference(keras_model, [square]), atol=1e-2)
+    from ai_edge_litert.interpreter import Interpreter
+    it = Interpreter(model_path=tflite_models["float16"], experimental_preserve_all_tensors=True)
+    it.allocate_tensors()
+    it.set_tensor(it.get_input_details()[0]["index"], square[None])
+    it.invoke()
+    worst = 0.0
+    for op in it._get_ops_details():
+        for i in op["outputs"]:
+            v = it.get_tensor(i)
+            if v.dtype.kind == "f" and v.size:
+                assert np.all(np.isfinite(v)), op["op_name"]
+                worst = max(worst, float(np.abs(v).max()))
+    assert worst < 65504, worst
+
+
+def test_tflite_carries_labels_and_sample_rate(tflite_models, trained):
+    from psla_tf import export_tflite
+    from psla_tf.models import loading
+    mids, names = loading.load_vocabulary(trained[0])
+    for q, p in tflite_models.items():
+        got, meta = export_tflite.read_embedded_labels(p)
+        assert got == names and meta["sample_rate"] == SR and meta["quantize"] == q
+        assert meta["input_samples"] == TFL_IN and meta["mids"] == mids
+        side = json.load(open(os.path.splitext(p)[0] + ".json"))
+        assert side == meta
+        assert open(os.path.splitext(p)[0] + ".labels.txt").read().splitlines() == names
