@@ -337,3 +337,60 @@ def test_tool_writes_a_loadable_tagger(tmp_path, small):
         if expect != "does not fit the model":          # the refusal lists tensors, one a line
             assert message.strip().count("\n") == 0, message
     assert out.stat().st_mtime_ns == stamp and not (tmp_path / "b.keras").exists()
+
+
+# ---- end to end: the imported model exported as SavedModel and TFLite vs PyTorch, on real
+# audio, from the waveform
+
+def _torch_scores(ref: nn.Module, waveforms: list[np.ndarray], target_length: int) -> np.ndarray:
+    """The reference pipeline: clip mean removed, Kaldi fbank (psla_tf's kaldi_fbank, which
+    matches torchaudio to ~1e-5), zero-padded / cut to target_length frames, normalised with
+    the AudioSet constants, then the PyTorch model."""
+    from psla_tf import params
+    from psla_tf.features import kaldi_fbank
+    batch = np.zeros((len(waveforms), target_length, 128), np.float32)
+    for i, w in enumerate(waveforms):
+        w64 = np.asarray(w, np.float64)
+        fb = kaldi_fbank((w64 - w64.mean()).astype(np.float32)).numpy()[:target_length]
+        batch[i, :len(fb)] = fb
+    batch = (batch - params.DATASET_MEAN) / params.DATASET_STD
+    with torch.no_grad():
+        return ref(torch.from_numpy(batch.astype(np.float32))).numpy()
+
+
+def test_exported_savedmodel_and_tflite_match_pytorch_on_real_audio(tmp_path, shared,
+                                                                    released_like):
+    from psla_tf.data.prepare import decode_audio
+    from psla_tf.export import export_saved_model, load_saved_model
+    from psla_tf.export_tflite import TFLiteTagger, export_tflite
+    ref, model, _, (mids, names) = released_like
+    fsdd = shared("data", "fsdd", "recordings")
+    clips = [decode_audio(str(shared("data", "clips", "R9_ZSCveAHg_7s.wav"))),
+             decode_audio(str(fsdd / "3_jackson_7.wav")),
+             decode_audio(str(fsdd / "8_theo_21.wav"))]
+    assert len(clips[0]) == 7 * 16000 and all(len(c) < 16000 for c in clips[1:])
+    expected = _torch_scores(ref, clips, 1056)
+    assert np.abs(expected[0] - expected[1]).max() > 1e-3
+
+    # SavedModel (TF Serving): a zero-padded batch with the clips' lengths
+    saved = load_saved_model(export_saved_model(model, str(tmp_path / "serving"), mids, names))
+    assert saved.mids == mids
+    lengths = np.array([len(c) for c in clips], np.int32)
+    batch = np.zeros((len(clips), lengths.max()), np.float32)
+    for i, c in enumerate(clips):
+        batch[i, :len(c)] = c
+    got = saved(batch, lengths)["scores"]
+    d_saved = np.abs(got - expected).max()
+    assert d_saved <= TOL, d_saved
+
+    # TFLite (float32, fixed 7-s input; LiteRT interpreter): it scores the clip zero-padded to
+    # its input length, so PyTorch gets the same padded waveform
+    path = str(tmp_path / "imported.tflite")
+    export_tflite(model, path, mids, names, seconds=7.0)
+    lite = TFLiteTagger(path)
+    padded = [np.pad(c, (0, lite.input_samples - len(c))) for c in clips]
+    expected_lite = _torch_scores(ref, padded, 1056)
+    got_lite = np.stack([lite(c) for c in clips])
+    d_lite = np.abs(got_lite - expected_lite).max()
+    assert d_lite <= TOL, d_lite
+    print(f"max |d| SavedModel {d_saved:.2e}, TFLite {d_lite:.2e}")
