@@ -111,7 +111,7 @@ def plot_sorted_ap(ap: np.ndarray, ap_std: np.ndarray | None, names: Sequence[st
                     xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel(f"classes sorted by AP ({len(order)} with positives)")
     ax.set_ylabel("average precision")
-    ax.set_ylim(0, 1.05)
+    ax.set_ylim(0, 1.12)
     ax.set_xlim(-0.5, max(len(order) - 0.5, 0.5))
     ax.grid(alpha=0.3)
     ax.set_title(title or f"Sorted class-wise AP (mAP {np.nanmean(ap):.4f})")
