@@ -513,33 +513,35 @@ def child_infer(spec: dict) -> dict:
 
 
 def _tflite_variants(model, spec, measure, x1, xb) -> list[str]:
-    """Measure each TFLite variant through psla_tf.export (engineer B's API)."""
+    """Each TFLite variant of psla_tf.export_tflite (issue 5), run with the LiteRT interpreter
+    on ``spec['cores']`` threads; the model takes one fixed-length clip per invoke, so the
+    batched figure is clip after clip."""
     try:
-        from psla_tf import export as ex
+        from psla_tf import export_tflite as ex
     except ImportError as e:
-        return [f"TFLite: psla_tf.export is not importable in this build ({e}); skipped"]
-    convert = getattr(ex, "export_tflite", None) or getattr(ex, "convert_tflite", None)
-    variants = getattr(ex, "TFLITE_VARIANTS", None)
-    if convert is None or variants is None:
-        return ["TFLite: psla_tf.export has no export_tflite/TFLITE_VARIANTS; skipped"]
+        return [f"TFLite: psla_tf.export_tflite is not importable in this build ({e}); skipped"]
+    import numpy as np
     notes = []
-    for variant in variants:
+    samples = x1["waveform"].shape[1]
+    mids = [f"/m/{k}" for k in range(NUM_CLASSES)]
+    rng = np.random.default_rng(1)
+    calibration = [rng.uniform(-0.5, 0.5, samples).astype(np.float32)
+                   for _ in range(spec.get("calibration_clips", 8))]
+    for variant in ex.QUANTIZATIONS:
         path = os.path.join(spec["scratch"], f"model_{variant}.tflite")
         try:
-            convert(model, path, variant=variant, clip_samples=x1["waveform"].shape[1])
-            from ai_edge_litert.interpreter import Interpreter
-            it = Interpreter(model_path=path, num_threads=spec.get("cores") or None)
-            it.allocate_tensors()
-            runner = it.get_signature_runner()
+            ex.export_tflite(model, path, mids, mids, quantize=variant,
+                             seconds=samples / 16000.0, clip_samples=samples,
+                             calibration=calibration if variant == "int8" else None)
+            tagger = ex.TFLiteTagger(path, num_threads=spec.get("cores") or os.cpu_count())
 
-            def call(x, runner=runner):
-                return runner(waveform=x["waveform"][:1], num_samples=x["num_samples"][:1])
+            def call(x, tagger=tagger):
+                return tagger(x["waveform"][0])
 
-            def call_b(x, runner=runner):
-                for i in range(x["waveform"].shape[0]):
-                    runner(waveform=x["waveform"][i:i + 1],
-                           num_samples=x["num_samples"][i:i + 1])
-            measure(f"TFLite {variant} (LiteRT interpreter, clip by clip)", call, call_b)
+            def call_b(x, tagger=tagger):
+                for w in x["waveform"]:
+                    tagger(w)
+            measure(f"TFLite {variant} (LiteRT, clip by clip)", call, call_b)
         except Exception as e:  # noqa: BLE001
             notes.append(f"TFLite {variant}: {type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''}")
@@ -568,9 +570,13 @@ def _core_list(results: dict) -> list[int]:
 def bench_fbank(results: dict, ctx: dict) -> dict:
     rows, notes = [], []
     cores = _core_list(results)
-    for k in sorted({1, max(cores or [1])}):
+    runs: list[tuple[Any, int | None, dict]] = [
+        (k, k, {"CUDA_VISIBLE_DEVICES": ""}) for k in sorted({1, max(cores or [1])})]
+    if FLAGS.device == "gpu":
+        runs.append(("GPU", None, {}))
+    for k, pin, env in runs:
         r = run_child({"kind": "fbank", "repeats": ctx["repeats"], "batch": 32,
-                       "knf": k == 1}, k)
+                       "knf": k == 1}, pin, env=env)
         for name, v in r["clips_per_s"].items():
             if name == "kaldi-native-fbank":
                 rows.append(row("kaldi-native-fbank (C++, 1 thread, 80 bins)", v, cores=1,
@@ -702,7 +708,8 @@ def bench_infer(results: dict, ctx: dict) -> dict:
         rows.append(row(f"{name}: batch {spec['batch']}", v["clips_per_s"],
                         cores=cores or "all"))
     return {"rows": rows, "notes": "; ".join(r["notes"]),
-            "model": f"EfficientNet-B{q['eff_b']} + {q['heads']} heads, 10-s clip"}
+            "model": f"EfficientNet-B{q['eff_b']} + {q['heads']} heads, "
+                     f"{min(CLIP, (q['frames'] - 1) * 160 + 400) / 16000:g}-s clip"}
 
 
 def bench_rss(results: dict, ctx: dict) -> dict:
@@ -737,7 +744,7 @@ def bench_rss(results: dict, ctx: dict) -> dict:
 
 def bench_prepare(results: dict, ctx: dict) -> dict:
     from psla_tf.data.prepare import benchmark_prepare
-    n = 8 if FLAGS.quick else 48
+    n = 8 if FLAGS.quick else 120
     workdir = os.path.join(FLAGS.out, "prepare_scratch")
     rows = []
     for stats in (True, False):
@@ -749,7 +756,8 @@ def bench_prepare(results: dict, ctx: dict) -> dict:
             rows.append(row(f"make_tfrecords, {w} worker(s), "
                             f"{'with' if stats else 'without'} fbank statistics", cps, cores=w))
     return {"rows": rows, "notes": f"{n} clips of 10 s, 44.1 kHz stereo PCM-16 wav → 16-kHz "
-                                   "int16 TFRecords (decode, soxr HQ resampling, write)"}
+                                   "int16 TFRecords (decode, soxr HQ resampling, write); wall clock "
+                                   "including the worker processes' start-up (TensorFlow import)"}
 
 
 def bench_torch(results: dict, ctx: dict) -> dict:
@@ -757,8 +765,9 @@ def bench_torch(results: dict, ctx: dict) -> dict:
     missing = [m for m in ("torch", "torchaudio") if importlib.util.find_spec(m) is None]
     if missing:
         return {"rows": [], "notes": f"skipped: {' and '.join(missing)} not installed "
-                "(pip install -r requirements-bench.txt; ~7 GB with torchaudio's CUDA-free "
-                "torch); the PyTorch figures above are the issue's stated baseline"}
+                "(pip install -r requirements-bench.txt: ~7 GB with the default CUDA wheels, far "
+                "less from the CPU index it names); the PyTorch rows above are the issue's "
+                "stated baseline"}
     rows, notes = [], []
     script = os.path.join(ROOT, "benchmarks", "torch_reference.py")
     for k in _core_list(results):
@@ -805,9 +814,9 @@ def _fmt(v: float | None, unit: str) -> str:
     if unit == "ratio":
         return f"{v:.2f}×"
     if unit.startswith("MB"):
-        return f"{v:,.0f} MB"
+        return f"{v:,.0f}"
     if unit.startswith("ms"):
-        return f"{v:,.2f} ms"
+        return f"{v:,.2f}"
     return f"{v:,.1f}" if v >= 10 else f"{v:,.2f}"
 
 
