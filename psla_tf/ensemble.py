@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from typing import Sequence
 
 import keras
@@ -126,7 +127,7 @@ def average_checkpoints(paths: Sequence[str], progress: bool = True) -> keras.Mo
     averager = WeightAveraging(1, len(paths), verbose=0)
     averager.set_model(model)
     for e, p in enumerate(tqdm(paths, desc="average", unit="ckpt", disable=not progress,
-                               file=__import__("sys").stderr)):
+                               file=sys.stderr)):
         m = model if e == 0 else load_tagger(p)
         if e:
             if _signature(m) != ref:

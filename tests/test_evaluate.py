@@ -75,12 +75,11 @@ def test_runs_mean_and_std(tmp_path):
     assert rep["summary"]["mAP"] == pytest.approx(
         (np.mean(list(ap_a.values())) + np.mean(list(ap_b.values()))) / 2, abs=1e-6)
     # different clips or targets are refused
-    c = scores_file(tmp_path / "c.npz", 2)
+    scores_file(tmp_path / "c.npz", 2)                  # other random targets
     from psla_tf.data.records import DataError
     with pytest.raises(DataError, match="targets differ"):
         evaluation.evaluation_report([preds[0], prediction.load_scores(str(tmp_path / "c.npz"))],
                                      a.mids, a.names)
-    del c
 
 
 def test_cli_writes_json_csv_png(tmp_path):

@@ -123,8 +123,8 @@ def test_cli_checkpoint_savedmodel_and_errors(setup, tmp_path):
                  f"--output={out}", "--batch_size=6", "--noprogress")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "12 clips x 5 classes (with targets)" in r.stdout and "mAP" in r.stdout
-    ref = prediction.predict(__import__("psla_tf.models.loading", fromlist=["x"]).load_scorer(
-        setup["path"]), setup["glob"], progress=False)
+    from psla_tf.models.loading import load_scorer
+    ref = prediction.predict(load_scorer(setup["path"]), setup["glob"], progress=False)
     np.testing.assert_allclose(prediction.load_scores(str(out)).scores, ref.scores, atol=2e-6)
 
     try:
@@ -135,7 +135,6 @@ def test_cli_checkpoint_savedmodel_and_errors(setup, tmp_path):
         sm = tmp_path / "serving"
         export_saved_model(setup["model"], str(sm), [f"/m/c{k}" for k in range(C)],
                            [f"class {k}" for k in range(C)])
-        from psla_tf.models.loading import load_scorer
         scorer = load_scorer(str(sm))
         assert scorer.kind == "saved_model" and scorer.clip_samples == CLIP_SAMPLES
         p = prediction.predict(scorer, setup["glob"], batch_size=4, progress=False)

@@ -2,8 +2,8 @@
 moving statistics included — of saved epoch checkpoints of one run, saved as one model.
 
 Examples:
-  python tools/average_weights.py \\
-      --checkpoints='exp/full/checkpoints/epoch_0{16..30}.weights.h5' --output=exp/full/wa16-30.keras
+  python tools/average_weights.py --checkpoints='exp/full/checkpoints/epoch_02?.weights.h5' \\
+      --output=exp/full/wa_20-29.keras
   python tools/average_weights.py --checkpoints=exp/full --epochs=16-30 --output=wa.keras
 """
 import os
