@@ -25,6 +25,7 @@ def main(argv):
         return 2
     from psla_tf.data.records import DataError
     from psla_tf.training import trainer
+    from psla_tf.training.callbacks import NonFiniteLossError
     try:
         cfg = train_flags.config_from_flags(FLAGS)
         if cfg.demo:
@@ -34,6 +35,9 @@ def main(argv):
     except (DataError, trainer.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except NonFiniteLossError as e:  # training diverged: the last good checkpoint stays
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

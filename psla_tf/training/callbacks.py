@@ -74,10 +74,22 @@ class EpochEvaluation(keras.callbacks.Callback):
             _atomic_save_npy(os.path.join(predictions_dir, f"{prefix}_targets.npy"),
                              self.targets.astype(np.float32))
 
+    #: predict on this process's default device with a plain loop instead of
+    #: ``model.predict`` (set under MultiWorkerMirroredStrategy: every worker scores the whole
+    #: set itself, with no collective ops, so the result equals a single-device run)
+    local_predict: bool = False
+
     def predict(self, model: keras.Model | None = None) -> np.ndarray:
         """Scores of the whole set ``[N, C]`` (inference mode: no masking)."""
         model = model or self.model
-        scores = model.predict(inputs_only(self.dataset), verbose=0)
+        if self.local_predict:
+            fns = self.__dict__.setdefault("_local_fns", {})  # one trace per model
+            step = fns.get(id(model))
+            if step is None:
+                step = fns[id(model)] = tf.function(lambda x: model(x, training=False))
+            scores = np.concatenate([np.asarray(step(x)) for x in inputs_only(self.dataset)])
+        else:
+            scores = model.predict(inputs_only(self.dataset), verbose=0)
         scores = np.asarray(scores, np.float32)
         if scores.shape != self.targets.shape:
             raise ValueError(f"{self.prefix}: scores {scores.shape} vs targets "
@@ -244,7 +256,9 @@ class WeightAveraging(keras.callbacks.Callback):
                 v.assign(a)
             if self.save_path:
                 os.makedirs(os.path.dirname(os.path.abspath(self.save_path)), exist_ok=True)
-                self.model.save(self.save_path)
+                tmp = self.save_path + ".tmp.keras"  # atomic: a kill leaves no partial file
+                self.model.save(tmp)
+                os.replace(tmp, self.save_path)
             if self.evaluation is not None:
                 self.result = self.evaluation.score(self.evaluation.predict(self.model))
                 self.result["epochs"] = list(self.epochs)
@@ -255,6 +269,39 @@ class WeightAveraging(keras.callbacks.Callback):
         finally:
             for v, w in zip(self.model.weights, live):
                 v.assign(w)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or Inf."""
+
+
+class StopOnNonFiniteLoss(keras.callbacks.Callback):
+    """Stop at the first batch whose loss is NaN/Inf with a message naming the step and
+    epoch; nothing of that epoch is committed, so the last good checkpoint stays."""
+
+    def __init__(self, checkpoint_dir: str | None = None):
+        super().__init__()
+        self.checkpoint_dir = checkpoint_dir
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch + 1
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is None:
+            return
+        loss = float(np.asarray(loss))
+        if np.isfinite(loss):
+            return
+        step = int(np.asarray(self.model.optimizer.iterations))
+        last = self._epoch - 1
+        where = (f"; the last good checkpoint is epoch {last} in {self.checkpoint_dir}"
+                 if last and self.checkpoint_dir else "")
+        self.model.stop_training = True
+        raise NonFiniteLossError(
+            f"training loss is {loss} at step {step} (epoch {self._epoch}, batch {batch + 1})"
+            f"{where}; lower --lr or check the data and the normalisation flags")
 
 
 def write_json_atomic(path: str, obj: Any) -> None:

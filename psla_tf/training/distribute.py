@@ -140,3 +140,32 @@ def synchronise_batchnorm(model) -> int:
             layer.synchronized = True
             n += 1
     return n
+
+
+def patch_keras_multi_worker_reduce() -> None:
+    """Work around Keras 3.15's ``reduce_per_replica`` under MultiWorkerMirroredStrategy.
+
+    Keras reduces the train step's logs (scalars: the loss, metric results) with
+    ``strategy.reduce("MEAN", v, axis=0)`` in multi-worker mode, which fails for a scalar
+    ("Invalid reduction dimension 0 for input with 0 dimensions"). Scalars are reduced with
+    ``axis=None`` instead (the mean over replicas, what ``axis=0`` does for batched values);
+    everything else goes to Keras' own function unchanged. Idempotent.
+    """
+    from keras.src.backend.tensorflow import trainer as keras_tf_trainer
+    original = keras_tf_trainer.reduce_per_replica
+    if getattr(original, "_psla_patched", False):
+        return
+    import tensorflow as tf
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction in ("auto", "mean") and is_multi_worker(strategy):
+            def _reduce(v):
+                if isinstance(v, tf.distribute.DistributedValues) and all(
+                        t.shape.rank == 0 for t in strategy.experimental_local_results(v)):
+                    return strategy.reduce("MEAN", v, axis=None)
+                return original(v, strategy, reduction)
+            return tf.nest.map_structure(_reduce, values)
+        return original(values, strategy, reduction)
+
+    reduce_per_replica._psla_patched = True
+    keras_tf_trainer.reduce_per_replica = reduce_per_replica

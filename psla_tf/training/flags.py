@@ -10,7 +10,8 @@ from absl import flags
 from psla_tf import params
 from psla_tf.training.trainer import TrainConfig
 
-_BOOL_FIELDS = ("wa", "balanced_sampling", "dry_run", "save_predictions", "demo", "resume")
+_BOOL_FIELDS = ("wa", "balanced_sampling", "dry_run", "save_predictions", "demo", "resume",
+                "jit_compile", "sync_batchnorm", "deterministic", "skip_corrupt_records")
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -87,9 +88,31 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     I("shuffle_buffer", d.shuffle_buffer, "Shuffle buffer (records).", flag_values=fv)
     I("seed", d.seed, "Seed of the data order, augmentation and initialisation.",
       flag_values=fv)
+    E("strategy", d.strategy, ["auto", "mirrored", "multi_worker", "tpu"], "tf.distribute "
+      "strategy: auto (TPU with --tpu, multi-worker when TF_CONFIG lists several tasks, "
+      "mirrored with several GPUs, else one device), mirrored (all local GPUs), "
+      "multi_worker (cluster from TF_CONFIG; the chief writes exp_dir), tpu. --batch_size "
+      "is the global batch.", flag_values=fv)
+    S("tpu", d.tpu, "TPU name or grpc:// address for --strategy=tpu/auto ('local' on a TPU "
+      "VM).", flag_values=fv)
+    E("mixed_precision", d.mixed_precision, ["none", "mixed_float16", "mixed_bfloat16"],
+      "Mixed precision (float16 with dynamic loss scaling; bfloat16 for TPUs / recent "
+      "CPUs); the front end, attention pooling, outputs and loss stay float32.",
+      flag_values=fv)
+    B("jit_compile", d.jit_compile, "Compile the train step with XLA.", flag_values=fv)
+    B("sync_batchnorm", d.sync_batchnorm, "With several replicas, BatchNorm uses the "
+      "statistics of the global batch (the result does not depend on the device count; "
+      "the reference's DataParallel uses per-GPU statistics).", flag_values=fv)
+    B("deterministic", d.deterministic, "tf.config.experimental.enable_op_determinism: "
+      "bitwise-repeatable runs (a resumed run equals an uninterrupted one); slower on GPU.",
+      flag_values=fv)
+    B("skip_corrupt_records", d.skip_corrupt_records, "A corrupt or truncated shard: skip "
+      "its unreadable rest (counted, logged, in summary.json) instead of stopping with an "
+      "error naming it.", flag_values=fv)
     B("save_predictions", d.save_predictions, "Save every epoch's eval scores (.npy).",
       flag_values=fv)
-    B("resume", d.resume, "Continue a killed run from exp_dir's last epoch checkpoint.",
+    B("resume", d.resume, "Continue a killed run from exp_dir's last committed epoch "
+      "(weights, optimizer, schedule, accumulators, logs; see BUILD.md).",
       flag_values=fv)
     B("dry_run", d.dry_run, "Print the resolved configuration, parameter count, per-epoch "
       "lr and WA window, then exit.", flag_values=fv)

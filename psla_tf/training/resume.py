@@ -64,6 +64,13 @@ class FaultInjection(keras.callbacks.Callback):
         inject_fault("batch", self._epoch, batch + 1)
 
 
+class EvalFault(keras.callbacks.Callback):
+    """Applies ``PSLA_FAULT=eval:E`` (placed right after the epoch's evaluation callback)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        inject_fault("eval", epoch + 1)
+
+
 # ----------------------------------------------------------------------------- state
 def _extra_variables(model) -> list:
     """Model variables that are not weights: the random-generator states."""
@@ -157,7 +164,6 @@ def restore(model, exp_dir: str, evaluations: list, ensemble=None,
     returns the commit's JSON (``epoch`` = the epoch to continue after)."""
     with open(os.path.join(exp_dir, STATE_FILE)) as f:
         state = json.load(f)
-    e = int(state["epoch"])
     model.load_weights(os.path.join(exp_dir, "checkpoints", state["checkpoint"]))
     opt = model.optimizer
     opt.build(model.trainable_variables)

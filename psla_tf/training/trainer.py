@@ -15,7 +15,6 @@ as training goes, and writes ``{exp_dir}/summary.json``:
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -75,6 +74,13 @@ class TrainConfig:
     freeze_backbone_epochs: int = 0
     shuffle_buffer: int = 1000
     seed: int = 0
+    strategy: str = "auto"
+    tpu: str | None = None
+    mixed_precision: str = "none"
+    jit_compile: bool = False
+    sync_batchnorm: bool = True
+    deterministic: bool = False
+    skip_corrupt_records: bool = False
     save_predictions: bool = True
     resume: bool = True
     dry_run: bool = False
@@ -136,6 +142,19 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError("give both --dataset_mean and --dataset_std, or neither")
     if cfg.dataset_std is not None and cfg.dataset_std <= 0:
         raise ConfigError("--dataset_std must be > 0")
+    from psla_tf.training import distribute
+    if cfg.strategy not in distribute.STRATEGIES:
+        raise ConfigError(f"--strategy must be one of {', '.join(distribute.STRATEGIES)}")
+    if cfg.tpu and cfg.strategy not in ("auto", "tpu"):
+        raise ConfigError(f"--tpu={cfg.tpu} contradicts --strategy={cfg.strategy}")
+    if cfg.strategy == "multi_worker" and not os.environ.get("TF_CONFIG"):
+        raise ConfigError("--strategy=multi_worker needs the TF_CONFIG environment variable "
+                          "(cluster and this task; see BUILD.md)")
+    try:
+        distribute.check_precision(cfg.mixed_precision,
+                                   "tpu" if cfg.tpu or cfg.strategy == "tpu" else "")
+    except distribute.StrategyError as e:
+        raise ConfigError(str(e)) from None
     if cfg.metric not in METRIC_KEYS:
         raise ConfigError(f"--metric must be one of {sorted(METRIC_KEYS)}, got {cfg.metric!r}")
     if cfg.freeze_backbone_epochs < 0:
@@ -154,6 +173,7 @@ class Resolved:
     steps_per_epoch: int
     clip_samples: int
     norm_source: str
+    eval_without_positives: list = dataclasses.field(default_factory=list)
 
 
 def resolve(cfg: TrainConfig) -> Resolved:
@@ -174,6 +194,10 @@ def resolve(cfg: TrainConfig) -> Resolved:
                           f"({train.num_examples} examples)")
     if ev.num_examples < 1:
         raise DataError("--eval_data holds no examples")
+    # classes with no positive eval example have no AP/AUC: excluded from mAP, reported now
+    no_pos = [i for i, c in enumerate(ev.class_counts) if int(c) == 0]
+    if len(ev.class_counts) and len(no_pos) == len(ev.class_counts):
+        raise DataError("--eval_data has no positive example of any class: mAP is undefined")
     cfg = dataclasses.replace(cfg)
     if cfg.dataset_mean is None:
         stats = normalisation_stats(train)
@@ -191,7 +215,7 @@ def resolve(cfg: TrainConfig) -> Resolved:
         longest = max(int(round(m.max_seconds * m.sample_rate)) for m in train.manifests)
         clip = max(min(clip, longest), params.FRAME_LENGTH)
         cfg.clip_samples = clip
-    return Resolved(cfg, train, ev, val, steps, clip, source)
+    return Resolved(cfg, train, ev, val, steps, clip, source, no_pos)
 
 
 # ----------------------------------------------------------------------------- building
@@ -241,6 +265,12 @@ def describe(r: Resolved, num_params: int | None) -> str:
                + f", classes {r.train.num_classes}, steps/epoch {r.steps_per_epoch}")
     if num_params is not None:
         out.append(f"  parameters: {num_params:,}")
+    if r.eval_without_positives:
+        names = [r.eval.names[i] if r.eval.names else r.eval.mids[i]
+                 for i in r.eval_without_positives]
+        out.append(f"  eval set: {len(names)} of {r.eval.num_classes} classes have no positive "
+                   "example and are excluded from mAP/AUC: " + ", ".join(names[:20])
+                   + (" ..." if len(names) > 20 else ""))
     lrs = epoch_learning_rates(cfg.lr, cfg.n_epochs, cfg.lrscheduler_start,
                                cfg.lrscheduler_decay, cfg.lrscheduler_step)
     out.append(f"  warm-up: {cfg.warmup_steps} steps, lr raised every {cfg.warmup_every} "
@@ -290,57 +320,94 @@ def single_result(eval_history: list[dict], val_history: list[dict] | None,
 
 
 # ----------------------------------------------------------------------------- resume
-class _ResumeState:
-    """Saves the optimizer state and evaluation histories after every epoch (atomically)."""
-
-    def __init__(self, path: str, evaluations: list):
-        import keras
-
-        class _Cb(keras.callbacks.Callback):
-            def on_epoch_end(cb, epoch, logs=None):
-                opt = cb.model.optimizer
-                from psla_tf.training.callbacks import _atomic_savez
-                _atomic_savez(path + ".npz", **{f"v{i}": np.asarray(v.numpy())
-                                                for i, v in enumerate(opt.variables)})
-                state = {"epoch": epoch + 1,
-                         "histories": [ev.history for ev in evaluations]}
-                from psla_tf.training.callbacks import write_json_atomic
-                write_json_atomic(path, state)
-        self.callback = _Cb()
+# flags that may change between a run and its resumption (they do not change the result)
+_RESUME_FREE_FLAGS = ("verbose", "resume", "strategy", "tpu", "jit_compile", "deterministic",
+                      "skip_corrupt_records", "eval_batch_size", "save_predictions")
 
 
-def _restore(model, exp_dir: str, evaluations: list, state_path: str) -> int:
-    """Load the last finished epoch's weights + optimizer state; returns that epoch."""
-    with open(state_path) as f:
-        state = json.load(f)
-    epoch = int(state["epoch"])
-    model.load_weights(os.path.join(exp_dir, "checkpoints", f"epoch_{epoch:03d}.weights.h5"))
-    opt = model.optimizer
-    opt.build(model.trainable_variables)
-    with np.load(state_path + ".npz") as z:
-        if len(z.files) != len(opt.variables):
-            raise DataError(f"{state_path}.npz does not match this model's optimizer")
-        for i, v in enumerate(opt.variables):
-            v.assign(z[f"v{i}"])
-    for ev, h in zip(evaluations, state["histories"]):
-        ev.history = list(h)
-    return epoch
+def check_resume_flags(cfg: TrainConfig, exp_dir: str) -> None:
+    """Resuming with flags that change the result is an error (before anything is loaded)."""
+    path = os.path.join(exp_dir, "flags.txt")
+    if not os.path.exists(path):
+        return
+
+    def parse(text: str) -> dict[str, str]:
+        out = {}
+        for line in text.splitlines():
+            if line.startswith("--"):
+                k, _, v = line[2:].partition("=")
+                if not _ and k.startswith("no") and k[2:] in fields:
+                    k, v = k[2:], "False"
+                elif not _:
+                    v = "True"
+                out[k] = v
+        return out
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    with open(path) as f:
+        old = parse(f.read())
+    new = parse(flagfile_text(cfg))
+    diff = [f"--{k}: {old.get(k)} → {new.get(k)}" for k in sorted(set(old) | set(new))
+            if k not in _RESUME_FREE_FLAGS and old.get(k) != new.get(k)]
+    if diff:
+        raise ConfigError(f"{exp_dir} holds a run with other flags ({'; '.join(diff)}); "
+                          "re-run with its flags (--flagfile=" + path + "), use a new "
+                          "--exp_dir, or --noresume to start over")
 
 
 # ----------------------------------------------------------------------------- run
 def run(cfg: TrainConfig) -> dict[str, Any] | None:
     """Train per ``cfg``; returns the summary (None for ``dry_run``)."""
+    out = train(cfg)
+    return None if out is None else out[0]
+
+
+def train(cfg: TrainConfig):
+    """Train per ``cfg`` under its tf.distribute strategy; returns (summary, model), or None
+    for ``dry_run``. Only the chief writes into ``exp_dir``; every worker resumes from it."""
+    import tensorflow as tf
+
+    from psla_tf.training import distribute
+
+    check_config(cfg)
+    strategy = None
+    if not cfg.dry_run:  # multi-worker / TPU strategies must exist before any TF op
+        distribute.set_deterministic(cfg.deterministic)
+        try:
+            strategy = distribute.make_strategy(cfg.strategy, cfg.tpu)
+        except distribute.StrategyError as e:
+            raise ConfigError(str(e)) from None
+    r = resolve(cfg)
+    cfg = r.cfg
+    replicas = strategy.num_replicas_in_sync if strategy is not None else 1
+    if cfg.batch_size % replicas:
+        raise ConfigError(f"--batch_size {cfg.batch_size} (the global batch) is not divisible "
+                          f"by the {replicas} replicas of --strategy={cfg.strategy}")
+    chief = strategy is None or distribute.is_chief(strategy)
+    multi_worker = strategy is not None and distribute.is_multi_worker(strategy)
+    distribute.set_precision(cfg.mixed_precision)
+    try:
+        return _train(cfg, r, strategy or tf.distribute.get_strategy(), replicas, chief,
+                      multi_worker)
+    finally:
+        distribute.set_precision("none")
+
+
+def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
+           multi_worker: bool):
     import keras
     import tensorflow as tf
 
     from psla_tf.data import pipeline
     from psla_tf.training import callbacks as cbs
+    from psla_tf.training import distribute
+    from psla_tf.training import resume as resume_lib
     from psla_tf.training.optim import TorchAdam, make_loss
 
-    r = resolve(cfg)
-    cfg = r.cfg
     keras.utils.set_random_seed(cfg.seed)  # deterministic initialisation
-    model = build_model(cfg, r.train.num_classes)
+    with strategy.scope():
+        model = build_model(cfg, r.train.num_classes)
+    if replicas > 1 and cfg.sync_batchnorm:
+        distribute.synchronise_batchnorm(model)
     init_report = None
     if cfg.init_from:  # fine-tuning: copy matching layers, new heads for a new vocabulary
         from psla_tf.training import finetune
@@ -352,80 +419,122 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
         print(describe(r, model.count_params()))
         return None
     print(describe(r, model.count_params()), flush=True)
+    print(f"strategy: {type(strategy).__name__}, {replicas} replica(s), global batch "
+          f"{cfg.batch_size}, precision {keras.mixed_precision.global_policy().name}"
+          + (", XLA" if cfg.jit_compile else "")
+          + ("" if chief else f" (worker {distribute.worker_id(strategy)}: the chief writes)"),
+          flush=True)
     if init_report is not None:
         print(init_report.describe(), flush=True)
     exp = cfg.exp_dir
     ckpt_dir = os.path.join(exp, "checkpoints")
-    pred_dir = os.path.join(exp, "predictions") if cfg.save_predictions else None
-    os.makedirs(ckpt_dir, exist_ok=True)
-    # flags.txt (reproduces the run), library versions, manifest hashes, git commit
-    from psla_tf import provenance
-    provenance.write_provenance(exp, flagfile_text(cfg), [
-        ("train", cfg.train_data), ("eval", cfg.eval_data), ("val", cfg.val_data)],
-        extra={"normalisation": {"mean": cfg.dataset_mean, "std": cfg.dataset_std,
-                                 "source": r.norm_source},
-               "init_from": init_report.as_dict() if init_report is not None else None})
-    # the vocabulary travels with the models (predict / infer / export read it from here)
-    from psla_tf.data.records import write_label_csv
-    write_label_csv(os.path.join(exp, "labels.csv"), r.train.mids, r.train.names)
+    pred_dir = os.path.join(exp, "predictions") if cfg.save_predictions and chief else None
+    resuming = cfg.resume and resume_lib.committed_epoch(exp) > 0
+    if resuming:
+        check_resume_flags(cfg, exp)
+    if chief:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        resume_lib.clean_partial_files(exp)
+        if not cfg.resume and os.path.exists(os.path.join(exp, resume_lib.STATE_FILE)):
+            os.remove(os.path.join(exp, resume_lib.STATE_FILE))  # --noresume: start over
+        # flags.txt (reproduces the run), library versions, manifest hashes, git commit
+        from psla_tf import provenance
+        provenance.write_provenance(exp, flagfile_text(cfg), [
+            ("train", cfg.train_data), ("eval", cfg.eval_data), ("val", cfg.val_data)],
+            extra={"normalisation": {"mean": cfg.dataset_mean, "std": cfg.dataset_std,
+                                     "source": r.norm_source},
+                   "init_from": init_report.as_dict() if init_report is not None else None})
+        # the vocabulary travels with the models (predict / infer / export read it from here)
+        from psla_tf.data.records import write_label_csv
+        write_label_csv(os.path.join(exp, "labels.csv"), r.train.mids, r.train.names)
 
-    model.compile(optimizer=TorchAdam(make_schedule(cfg, r.steps_per_epoch)),
-                  loss=make_loss(cfg.loss), jit_compile=False)
+    with strategy.scope():
+        model.compile(optimizer=TorchAdam(make_schedule(cfg, r.steps_per_epoch)),
+                      loss=make_loss(cfg.loss), jit_compile=bool(cfg.jit_compile))
 
-    eval_ds = pipeline.make_eval_dataset(r.eval, cfg.eval_batch_size, r.clip_samples)
+    skip = cfg.skip_corrupt_records
+    eval_ds = pipeline.make_eval_dataset(r.eval, cfg.eval_batch_size, r.clip_samples,
+                                         skip_corrupt_records=skip)
     evaluation = cbs.EpochEvaluation(eval_ds, "eval", pred_dir, verbose=1)
     evaluations = [evaluation]
     val_eval = None
     if r.val is not None:
-        val_ds = pipeline.make_eval_dataset(r.val, cfg.eval_batch_size, r.clip_samples)
+        val_ds = pipeline.make_eval_dataset(r.val, cfg.eval_batch_size, r.clip_samples,
+                                            skip_corrupt_records=skip)
         val_eval = cbs.EpochEvaluation(val_ds, "val", pred_dir, verbose=1)
         evaluations.append(val_eval)
-    ensemble = cbs.CheckpointEnsemble(evaluation, os.path.join(exp, "ensemble_state.npz"))
-    callbacks: list = list(evaluations) + [ensemble]
+    # several replicas (not TPU): each process scores the whole set itself, in file order,
+    # with no collective ops — the same numbers as one device, also for the partial last
+    # batch (Keras' distributed predict splits it into empty per-replica batches)
+    local = replicas > 1 and not isinstance(strategy, tf.distribute.TPUStrategy)
+    for ev in evaluations:
+        ev.local_predict = local
+    # accumulators are saved with the epoch's commit (resume.ResumeCheckpoint), not alone
+    ensemble = cbs.CheckpointEnsemble(evaluation, None)
+    callbacks: list = [cbs.StopOnNonFiniteLoss(ckpt_dir), resume_lib.FaultInjection()]
+    callbacks += list(evaluations) + [resume_lib.EvalFault(), ensemble]
     wa = None
     if cfg.wa:
         wa = cbs.WeightAveraging(cfg.wa_start, cfg.wa_end,
-                                 os.path.join(exp, "wa_model.keras"),
-                                 os.path.join(exp, "wa_state.npz"), evaluation)
+                                 os.path.join(exp, "wa_model.keras") if chief else None,
+                                 None, evaluation)
         callbacks.append(wa)
     if cfg.freeze_backbone_epochs:
         from psla_tf.training.finetune import FreezeBackbone
         callbacks.insert(0, FreezeBackbone(cfg.freeze_backbone_epochs))
-    state_path = os.path.join(exp, "train_state.json")
     initial_epoch = 0
-    if cfg.resume and os.path.exists(state_path):
-        initial_epoch = _restore(model, exp, evaluations, state_path)
-        ensemble.restore()
-        if wa is not None:
-            wa.restore()
+    if resuming:
+        with strategy.scope():
+            state = resume_lib.restore(model, exp, evaluations, ensemble, wa)
+        initial_epoch = int(state["epoch"])
+        for name, v in state.get("corrupt_records", {}).get("shards", {}).items():
+            pipeline.CORRUPT_SHARDS.setdefault(name, tuple(v))
         print(f"resuming after epoch {initial_epoch} from {exp}", flush=True)
-    callbacks += [
-        keras.callbacks.ModelCheckpoint(os.path.join(ckpt_dir, "epoch_{epoch:03d}.weights.h5"),
-                                        save_weights_only=True),
-        _ResumeState(state_path, evaluations).callback,
-        keras.callbacks.CSVLogger(os.path.join(exp, "log.csv"), append=initial_epoch > 0),
-        keras.callbacks.TensorBoard(os.path.join(exp, "tensorboard"), profile_batch=0),
-    ]
+    log_path = os.path.join(exp, "log.csv")
+    if chief:
+        resume_lib.truncate_log(log_path, initial_epoch)
+        callbacks += [
+            keras.callbacks.CSVLogger(log_path, append=initial_epoch > 0),
+            keras.callbacks.TensorBoard(os.path.join(exp, "tensorboard"), profile_batch=0)]
+    callbacks.append(resume_lib.ResumeCheckpoint(
+        exp, evaluations, ensemble, wa, write=chief,
+        extra_state=lambda: {"corrupt_records": pipeline.corrupt_summary()} if skip else {}))
     t0 = time.time()
     if initial_epoch < cfg.n_epochs:
-        train_ds = pipeline.make_train_dataset(
-            r.train, batch_size=cfg.batch_size, clip_samples=r.clip_samples,
-            balanced_sampling=cfg.balanced_sampling, mixup=cfg.mixup,
-            mixup_alpha=cfg.mixup_alpha, shuffle_buffer=cfg.shuffle_buffer, seed=cfg.seed,
-            initial_epoch=initial_epoch, num_epochs=cfg.n_epochs - initial_epoch)
+        kwargs = dict(batch_size=cfg.batch_size, clip_samples=r.clip_samples,
+                      balanced_sampling=cfg.balanced_sampling, mixup=cfg.mixup,
+                      mixup_alpha=cfg.mixup_alpha, shuffle_buffer=cfg.shuffle_buffer,
+                      seed=cfg.seed, initial_epoch=initial_epoch,
+                      num_epochs=cfg.n_epochs - initial_epoch, skip_corrupt_records=skip)
+        if strategy is tf.distribute.get_strategy() and replicas == 1:
+            train_ds = pipeline.make_train_dataset(r.train, **kwargs)
+        else:  # one pipeline per worker, its own share and seeds; per-replica batches
+            train_ds = strategy.distribute_datasets_from_function(
+                lambda ctx: pipeline.make_train_dataset(r.train, input_context=ctx, **kwargs))
+        if multi_worker:
+            # Keras 3.15's fit reduces a first batch across replicas to build the model
+            # symbolically; MultiWorkerMirroredStrategy.reduce cannot take a dict of
+            # PerReplica values. The model is built already: let fit take the strategy from
+            # the scope instead (Keras falls back to tf.distribute.get_strategy()).
+            model._distribute_strategy = None  # noqa: SLF001
+            distribute.patch_keras_multi_worker_reduce()  # another Keras 3.15 gap, see there
         try:
-            model.fit(train_ds, epochs=cfg.n_epochs, initial_epoch=initial_epoch,
-                      steps_per_epoch=r.steps_per_epoch, callbacks=callbacks,
-                      verbose=cfg.verbose, shuffle=False)
+            with strategy.scope():
+                model.fit(train_ds, epochs=cfg.n_epochs, initial_epoch=initial_epoch,
+                          steps_per_epoch=r.steps_per_epoch, callbacks=callbacks,
+                          verbose=cfg.verbose, shuffle=False)
         except tf.errors.OpError as e:
             err = pipeline.data_error_from(e)
             if err is not None:
                 raise err from None
             raise
     seconds = time.time() - t0
-    final_path = os.path.join(exp, "final_model.keras")  # the last epoch, whole (.keras)
-    model.save(final_path + ".tmp.keras")
-    os.replace(final_path + ".tmp.keras", final_path)
+    # resumed after the last epoch's commit: finish what the killed run did not
+    if wa is not None and wa.epochs and wa.result is None:
+        wa.set_model(model)
+        wa.finalize()
+    if ensemble.sum is not None and ensemble.result is None:
+        ensemble.result = evaluation.score(ensemble.scores)
     summary: dict[str, Any] = {
         "metric": cfg.metric,
         "single": single_result(evaluation.history, val_eval.history if val_eval else None,
@@ -445,7 +554,20 @@ def run(cfg: TrainConfig) -> dict[str, Any] | None:
                      for name, spec in (("train", r.train), ("eval", r.eval), ("val", r.val))
                      if spec is not None},
         "init_from": cfg.init_from,
+        "eval_classes_without_positives": [r.eval.mids[i] for i in r.eval_without_positives],
+        "replicas": replicas,
+        "mixed_precision": cfg.mixed_precision,
     }
-    cbs.write_json_atomic(os.path.join(exp, "summary.json"), summary)
-    print(summary_table(summary), flush=True)
-    return summary
+    if skip:
+        summary["corrupt_records"] = pipeline.corrupt_summary()
+        if summary["corrupt_records"]["shards"]:
+            print(f"skipped {len(summary['corrupt_records']['shards'])} corrupt shard(s), "
+                  f"{summary['corrupt_records']['records_lost']} record(s) lost: "
+                  + ", ".join(summary["corrupt_records"]["shards"]), flush=True)
+    if chief:
+        final_path = os.path.join(exp, "final_model.keras")  # the last epoch, whole (.keras)
+        model.save(final_path + ".tmp.keras")
+        os.replace(final_path + ".tmp.keras", final_path)
+        cbs.write_json_atomic(os.path.join(exp, "summary.json"), summary)
+        print(summary_table(summary), flush=True)
+    return summary, model

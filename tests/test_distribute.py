@@ -1,0 +1,193 @@
+"""tf.distribute, mixed precision and XLA (issue 7, sections 1-2), on CPU.
+
+Each configuration trains in a child process (logical devices and TF_CONFIG must be set
+before TensorFlow starts): ``python tests/test_distribute.py CONFIG_JSON``.
+
+* MirroredStrategy over 2 logical CPU devices vs one device: same data stream (one input
+  pipeline feeding both replicas in turn), synchronised BatchNorm, so the weights and the
+  eval scores agree to float round-off (sums over 2 replicas instead of 1 batch):
+  |Δ score| ≤ 1e-4, |Δ weight| ≤ 1e-4.
+* MultiWorkerMirroredStrategy, 2 worker processes on 127.0.0.1: identical weights on both
+  workers (|Δ| ≤ 1e-6), checkpoints and summary.json from the chief only.
+* mixed_float16 / mixed_bfloat16 / --jit_compile train to finite losses and their eval
+  scores stay within 0.05 (max |Δ|) of the float32 run; XLA within 1e-3.
+
+The tiny setup is MobileNetV2 (no dropout) with SpecAugment off, so the only randomness is
+the input pipeline's, which is identical for any replica count.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+BASE = dict(n_epochs=2, batch_size=8, eval_batch_size=8, lr=1e-3, warmup_steps=2,
+            warmup_every=1, lrscheduler_start=1, lrscheduler_step=1, wa=True, wa_start=1,
+            wa_end=2, model="mobilenet_v2", att_head=2, target_length=48, freqm=0, timem=0,
+            shuffle_buffer=16, verbose=2, deterministic=True, bn_momentum=0.9)
+
+
+# ----------------------------------------------------------------------------- child
+def _child(spec: dict) -> None:
+    import tensorflow as tf
+    # collectives block an inter-op thread per replica while they wait for the others; the
+    # default pool (one thread per core) can deadlock on a 2-core CI machine
+    tf.config.threading.set_inter_op_parallelism_threads(16)
+    if spec.get("logical_cpus"):
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * spec["logical_cpus"])
+    if spec.get("tf_config"):
+        os.environ["TF_CONFIG"] = json.dumps(spec["tf_config"])
+    sys.path.insert(0, ROOT)
+    import keras
+    keras.config.disable_traceback_filtering()
+    from psla_tf.training import trainer
+    for run in spec["runs"]:
+        cfg = trainer.TrainConfig(**run["cfg"])
+        summary, model = trainer.train(cfg)
+        np.savez(run["out"], *[np.asarray(v.numpy()) for v in model.weights],
+                 scores=_scores(model, trainer.resolve(cfg).clip_samples, cfg.eval_data),
+                 replicas=summary["replicas"])
+
+
+def _scores(model, clip_samples, eval_data):
+    """Eval scores computed locally (no collectives), in file order."""
+    import tensorflow as tf
+    from psla_tf.data import pipeline
+    from psla_tf.training.callbacks import inputs_only
+    step = tf.function(lambda x: model(x, training=False))
+    ds = inputs_only(pipeline.make_eval_dataset(eval_data, 8, clip_samples))
+    return np.concatenate([np.asarray(step(x)) for x in ds])
+
+
+# ----------------------------------------------------------------------------- parent
+def _spawn(spec: dict, tmp, name: str) -> subprocess.Popen:
+    path = os.path.join(str(tmp), f"{name}.json")
+    with open(path, "w") as f:
+        json.dump(spec, f)
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("TF_CONFIG", None)
+    log = open(os.path.join(str(tmp), f"{name}.log"), "w")
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__), path], env=env,
+                            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def _wait(procs: dict, tmp, timeout=420) -> None:
+    for name, p in procs.items():
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs.values():
+                q.kill()
+            rc = "timeout"
+        log = open(os.path.join(str(tmp), f"{name}.log")).read()
+        assert rc == 0, f"{name}: rc {rc}\n{log[-4000:]}"
+
+
+def _weights(path):
+    with np.load(path) as z:
+        ws = [z[f"arr_{i}"] for i in range(len(z.files) - 2)]
+        return ws, z["scores"], int(z["replicas"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from test_train_e2e import _write_set
+    d = tmp_path_factory.mktemp("dist")
+    return _write_set(str(d / "train"), 32, 0), _write_set(str(d / "eval"), 9, 1)
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    """Single device (float32, float16, bfloat16, XLA) and mirrored over 2 CPUs, in parallel."""
+    tmp = tmp_path_factory.mktemp("runs")
+    train, ev = data
+    base = dict(BASE, train_data=train, eval_data=ev)
+
+    def run(name, **kw):
+        return {"cfg": dict(base, exp_dir=str(tmp / name), **kw), "out": str(tmp / f"{name}.npz")}
+    single = {"runs": [run("f32"), run("f16", mixed_precision="mixed_float16", n_epochs=1,
+                                       wa=False),
+                       run("bf16", mixed_precision="mixed_bfloat16", n_epochs=1, wa=False),
+                       run("xla", jit_compile=True, n_epochs=1, wa=False)]}
+    mirrored = {"logical_cpus": 2, "runs": [run("mirrored", strategy="mirrored")]}
+    procs = {"single": _spawn(single, tmp, "single"), "mirrored": _spawn(mirrored, tmp, "mirrored")}
+    _wait(procs, tmp)
+    return tmp
+
+
+def test_mirrored_equals_single_device(runs):
+    w1, s1, r1 = _weights(runs / "f32.npz")
+    w2, s2, r2 = _weights(runs / "mirrored.npz")
+    assert (r1, r2) == (1, 2)
+    assert len(w1) == len(w2)
+    worst = max(float(np.max(np.abs(a - b))) if a.size else 0.0 for a, b in zip(w1, w2))
+    assert worst <= 1e-4, worst
+    np.testing.assert_allclose(s1, s2, atol=1e-4)
+    a = json.load(open(runs / "f32" / "summary.json"))
+    b = json.load(open(runs / "mirrored" / "summary.json"))
+    for part in ("single", "weight_averaging", "ensemble"):
+        for k in ("mAP", "AUC"):
+            assert a[part][k] == pytest.approx(b[part][k], abs=1e-3), (part, k)
+    ens = [np.load(runs / n / "predictions" / "eval_epoch_002.npy") for n in ("f32", "mirrored")]
+    np.testing.assert_allclose(ens[0], ens[1], atol=1e-4)
+
+
+@pytest.mark.parametrize("name,tol", [("f16", 0.05), ("bf16", 0.05), ("xla", 1e-3)])
+def test_precision_and_xla_within_tolerance_of_float32(runs, name, tol):
+    ref = np.load(runs / "f32" / "predictions" / "eval_epoch_001.npy")  # float32, epoch 1
+    ws, scores, _ = _weights(runs / f"{name}.npz")
+    assert all(np.all(np.isfinite(w)) for w in ws)
+    s = json.load(open(runs / name / "summary.json"))
+    assert s["mixed_precision"] == {"f16": "mixed_float16", "bf16": "mixed_bfloat16"}.get(
+        name, "none")
+    log = open(runs / name / "log.csv").read().splitlines()
+    loss = float(log[1].split(",")[log[0].split(",").index("loss")])
+    assert np.isfinite(loss)
+    assert scores.dtype == np.float32  # outputs stay float32 under a mixed policy
+    assert float(np.max(np.abs(scores - ref))) <= tol
+
+
+def test_multi_worker_identical_weights_chief_writes(data, tmp_path):
+    train, ev = data
+    ports = [_free_port(), _free_port()]
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    procs = {}
+    for i in range(2):
+        exp = str(tmp_path / f"exp{i}")  # the non-chief must not create its folder at all
+        spec = {"tf_config": {"cluster": cluster, "task": {"type": "worker", "index": i}},
+                "runs": [{"cfg": dict(BASE, train_data=train, eval_data=ev, exp_dir=exp,
+                                      strategy="multi_worker", n_epochs=1, wa_end=1),
+                          "out": str(tmp_path / f"w{i}.npz")}]}
+        procs[f"worker{i}"] = _spawn(spec, tmp_path, f"worker{i}")
+    _wait(procs, tmp_path)
+    w0, s0, r0 = _weights(tmp_path / "w0.npz")
+    w1, s1, r1 = _weights(tmp_path / "w1.npz")
+    assert r0 == r1 == 2
+    for a, b in zip(w0, w1):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    np.testing.assert_allclose(s0, s1, atol=1e-6)
+    assert os.path.exists(tmp_path / "exp0" / "summary.json")
+    assert os.path.exists(tmp_path / "exp0" / "checkpoints" / "epoch_001.weights.h5")
+    assert not os.path.exists(tmp_path / "exp1"), os.listdir(tmp_path / "exp1")
+    assert "the chief writes" in open(tmp_path / "worker1.log").read()
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        _child(json.load(f))

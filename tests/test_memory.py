@@ -1,0 +1,88 @@
+"""Bounded memory (issue 7, section 5): the input pipeline's memory depends on its flags
+(shuffle buffer, prefetch, parallelism), not on the dataset size.
+
+main.py trains one epoch on N = 40 and on 10 N = 400 clips of 20 s (24 MB vs 244 MB of
+waveforms) with the same flags and eval set; the peak RSS of the two processes (``wait4``'s
+``ru_maxrss``, run side by side) must agree within 15 %. The larger set's waveforms are more
+than 15 % of the smaller run's peak RSS (checked), so a pipeline that held the data set in
+memory (``cache()``, a dataset-sized shuffle buffer, a Python list of clips) would fail.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from test_train_e2e import MIDS, ROOT
+
+from psla_tf.data import records
+
+SECONDS = 20.0
+
+
+def _write(prefix: str, n: int, seed: int) -> str:
+    import tensorflow as tf
+    rng = np.random.default_rng(seed)
+    counts = np.zeros(len(MIDS), int)
+    shards = []
+    num_shards = max(1, n // 20)
+    per = n // num_shards
+    for s in range(num_shards):
+        path = records.shard_name(prefix, s, num_shards)
+        with tf.io.TFRecordWriter(path) as w:
+            for i in range(s * per, (s + 1) * per):
+                k = i % len(MIDS)
+                counts[k] += 1
+                wave = rng.integers(-4000, 4000, int(SECONDS * 16000)).astype("<i2")
+                w.write(records.make_example(f"c{i}.wav", wave, [k], [MIDS[k]]))
+        shards.append({"file": os.path.basename(path), "num_examples": per})
+    records.Manifest(num_examples=per * num_shards, shards=shards, mids=list(MIDS),
+                     names=[m.strip("/") for m in MIDS], class_counts=counts.tolist(),
+                     max_seconds=SECONDS, fbank_mean=-6.0, fbank_std=4.0,
+                     fbank_frames=1000 * n).write(records.manifest_path(prefix))
+    return prefix + "-*.tfrecord"
+
+
+def _peak_rss_mb(train: str, ev: str, exp: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "main.py"), f"--train_data={train}",
+         f"--eval_data={ev}", f"--exp_dir={exp}", "--n_epochs=1", "--batch_size=20",
+         "--eval_batch_size=8", "--nowa", "--eff_b=0", "--att_head=1", "--target_length=48",
+         "--shuffle_buffer=32", "--verbose=0", "--nosave_predictions", "--mixup=0.5"],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_rss(p: subprocess.Popen, timeout: float = 400) -> float:
+    import select
+    out = []
+    # drain stdout while waiting (a full pipe would block the child)
+    while True:
+        r, _, _ = select.select([p.stdout], [], [], timeout)
+        if not r:
+            p.kill()
+            raise AssertionError("timed out")
+        chunk = p.stdout.read()
+        if not chunk:
+            break
+        out.append(chunk)
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    assert p.returncode == 0, "".join(out)[-3000:]
+    return usage.ru_maxrss / 1024.0  # kB → MB (Linux)
+
+
+def test_peak_rss_independent_of_dataset_size(tmp_path):
+    ev = _write(str(tmp_path / "eval"), 8, 9)
+    small = _write(str(tmp_path / "small"), 40, 1)
+    large = _write(str(tmp_path / "large"), 400, 2)
+    p_small = _peak_rss_mb(small, ev, str(tmp_path / "exp_small"))
+    p_large = _peak_rss_mb(large, ev, str(tmp_path / "exp_large"))
+    rss_small, rss_large = _wait_rss(p_small), _wait_rss(p_large)
+    data_mb = 400 * SECONDS * 16000 * 2 / 2 ** 20
+    print(f"peak RSS: N=40 {rss_small:.0f} MB, N=400 {rss_large:.0f} MB "
+          f"(the larger set holds {data_mb:.0f} MB of waveforms)")
+    assert abs(rss_large - rss_small) <= 0.15 * rss_small, (rss_small, rss_large)
+    assert data_mb > 0.15 * rss_small  # the data would show if it were held in memory
