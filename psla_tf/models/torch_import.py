@@ -1,8 +1,8 @@
 """Import the reference's released PyTorch checkpoints (PSLA ``EffNetAttention`` state dicts).
 
-The authors released their trained models (paper Sec. VII: EfficientNet-B2 + 4-head attention,
-AudioSet mAP up to 0.444 single, FSD50K) as PyTorch ``state_dict`` files. The reference model
-(``src/models/Models.py``) is::
+The paper's authors released their trained models (EfficientNet-B2 + 4-head attention
+pooling, Fig. 2; AudioSet mAP up to 0.444 single, FSD50K) as PyTorch ``state_dict`` files.
+The reference model (``src/models/Models.py``) is::
 
     effnet    = efficientnet_pytorch.EfficientNet.from_name('efficientnet-b{b}', in_channels=1)
     effnet._fc = Identity()
@@ -283,7 +283,7 @@ def tensor_mapping(classifier: keras.Model) -> list[TensorMapping]:
 
 
 def describe(classifier: keras.Model) -> str:
-    """"EfficientNet-B2, 4 attention heads, 527 classes" for ``classifier``."""
+    """A label like "EfficientNet-B2, 4 attention heads, 527 classes" for ``classifier``."""
     backbone = classifier.get_layer("backbone")
     blocks = {m.group(1) for layer in backbone.layers for m in [_BLOCK_RE.match(layer.name)] if m}
     top = backbone.get_layer("top_conv").filters
