@@ -324,10 +324,62 @@ def window_samples(scorer: Scorer, window_seconds: float) -> int:
     return window
 
 
-def frame_times(start: float, clip_seconds: float, num_frames: int) -> tuple[np.ndarray,
-                                                                             np.ndarray]:
-    """Start and end seconds of the ``num_frames`` backbone frames of a window starting at
-    ``start`` (they evenly divide the model's input of ``clip_seconds``)."""
-    step = clip_seconds / num_frames
-    begin = start + np.arange(num_frames) * step
-    return begin, begin + step
+class FrameLevelWriter:
+    """Frame-level output of one file, streamed to disk so memory stays bounded.
+
+    Use an instance as ``tag_file(..., frame_fn=writer)``: each batch's arrays from
+    ``frame_fn`` (``attention`` / ``frame_scores`` ``[B, H, T', C]``) are appended to raw
+    files beside ``path``; :meth:`finish` packs them (read back in chunks through a memmap)
+    with the window and frame times into the ``.npz`` ``path`` (written atomically).
+    """
+
+    def __init__(self, frame_fn: Callable[[np.ndarray, np.ndarray], dict], path: str,
+                 clip_seconds: float, mids: list[str], names: list[str]):
+        import os
+        import tempfile
+        self.frame_fn, self.path = frame_fn, path
+        self.clip_seconds = float(clip_seconds)
+        self.mids, self.names = list(mids), list(names)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        self.tmp = tempfile.mkdtemp(prefix=".frames-", dir=folder)
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.count = 0
+
+    def __call__(self, waveform: np.ndarray, num_samples: np.ndarray) -> dict:
+        import os
+        out = self.frame_fn(waveform, num_samples)
+        for key, value in out.items():
+            value = np.ascontiguousarray(value, np.float32)
+            self.shapes.setdefault(key, value.shape[1:])
+            with open(os.path.join(self.tmp, key + ".bin"), "ab") as f:
+                f.write(value.tobytes())
+        self.count += len(waveform)
+        return {}          # nothing kept in memory
+
+    def finish(self, windows: list[Window]) -> str:
+        import os
+        import shutil
+        try:
+            if len(windows) != self.count:
+                raise ValueError(f"{len(windows)} windows but {self.count} frame-level rows")
+            arrays = {key: np.memmap(os.path.join(self.tmp, key + ".bin"), np.float32, "r",
+                                     shape=(self.count,) + shape)
+                      for key, shape in self.shapes.items()}
+            frames = next(iter(self.shapes.values()))[1] if self.shapes else 0
+            begin = np.array([w.start for w in windows])[:, None] + (
+                np.arange(frames) * self.clip_seconds / max(frames, 1))[None]
+            tmp = self.path + ".tmp.npz"
+            np.savez(tmp, **arrays, window_start=np.array([w.start for w in windows]),
+                     window_end=np.array([w.end for w in windows]), frame_start=begin,
+                     frame_end=begin + self.clip_seconds / max(frames, 1),
+                     mids=np.asarray(self.mids), names=np.asarray(self.names))
+            del arrays
+            os.replace(tmp, self.path)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return self.path
+
+    def abort(self) -> None:
+        import shutil
+        shutil.rmtree(self.tmp, ignore_errors=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import tracemalloc
 
 import numpy as np
@@ -65,25 +66,31 @@ def test_real_clip_equals_model_on_windows(tagger):
     np.testing.assert_allclose(mean.clip_scores, got.mean(0), atol=1e-6)
 
 
-def test_frame_level_reproduces_window_scores(tagger):
-    """Σ_h w_h Σ_t attention·frame_scores = the window's score (Fig. 2), attention sums to 1
-    over time — on an FSDD recording (8 kHz, shorter than one window)."""
-    from psla_tf.inference import KerasScorer, tag_file
+def test_frame_level_reproduces_window_scores(tagger, tmp_path):
+    """The frame-level file of the 7-s AudioSet clip (12 windows, streamed to disk in 3
+    batches): attention sums to 1 over time and Σ_h w_h Σ_t attention·frame_scores = each
+    window's score (Fig. 2); frame times tile each window's model input."""
+    from psla_tf.inference import FrameLevelWriter, KerasScorer, tag_file
     model, _ = tagger
-    rec = str(shared_path("data", "fsdd", "recordings", "0_george_0.wav"))
+    clip = str(shared_path("data", "clips", "R9_ZSCveAHg_7s.wav"))
     scorer = KerasScorer(model, [f"/m/c{k}" for k in range(C)], [str(k) for k in range(C)])
-    res = tag_file(scorer, rec, window_seconds=0.6, hop_seconds=0.3,
-                   frame_fn=scorer.frame_level)
-    import soundfile as sf
-    assert len(res.windows) == 1
-    assert res.duration == pytest.approx(sf.info(rec).frames / 8000, abs=1e-3)
-    w = res.windows[0]
-    att, cla = w.frames["attention"], w.frames["frame_scores"]     # [H, T', C]
-    assert att.shape[0] == 2 and att.shape == cla.shape
-    np.testing.assert_allclose(att.sum(axis=1), 1.0, atol=1e-5)
+    out = str(tmp_path / "f" / "clip.frames.npz")
+    writer = FrameLevelWriter(scorer.frame_level, out, 0.64, scorer.mids, scorer.names)
+    res = tag_file(scorer, clip, window_seconds=0.6, hop_seconds=0.6, batch_size=5,
+                   frame_fn=writer)
+    assert writer.finish(res.windows) == out
+    assert os.listdir(tmp_path / "f") == ["clip.frames.npz"]       # temporary files gone
+    z = np.load(out)
+    att, cla = z["attention"], z["frame_scores"]                     # [W, H, T', C]
+    assert att.shape[:2] == (12, 2) and att.shape == cla.shape
+    np.testing.assert_allclose(att.sum(axis=2), 1.0, atol=1e-5)
     head_w = model.get_layer("classifier").get_layer("pooling").head_weight.numpy()
-    recon = np.einsum("h,hc->c", head_w, (att * cla).sum(axis=1))
-    np.testing.assert_allclose(recon, w.scores, atol=1e-5)
+    recon = np.einsum("h,whc->wc", head_w, (att * cla).sum(axis=2))
+    np.testing.assert_allclose(recon, np.stack([w.scores for w in res.windows]), atol=1e-5)
+    t = att.shape[2]
+    np.testing.assert_allclose(z["window_start"], 0.6 * np.arange(12), atol=1e-9)
+    np.testing.assert_allclose(z["frame_start"][3], 1.8 + 0.64 / t * np.arange(t), atol=1e-9)
+    np.testing.assert_allclose(z["frame_end"][:, -1], z["window_start"] + 0.64, atol=1e-9)
 
 
 class _MeanAbs:
@@ -149,6 +156,10 @@ def test_cli_mixed_files_and_errors(tagger, tmp_path):
     assert stereo["duration"] == pytest.approx(2.0) and stereo["num_windows"] == 5
     assert [w["start"] for w in stereo["windows"]] == pytest.approx([0, 0.4, 0.8, 1.2, 1.6])
     assert len(stereo["clip"]) == 2 and {"mid", "name", "score"} <= set(stereo["clip"][0])
+    fsdd = out["files"][1]                                 # 8 kHz, resampled while streamed
+    seconds = sf.info(rec).frames / 8000
+    assert fsdd["duration"] == pytest.approx(seconds, abs=1e-3)
+    assert fsdd["num_windows"] == max(1, math.ceil((seconds - 0.6) / 0.4 - 1e-9) + 1)
     errs = {e["path"]: e["error"] for e in out["errors"]}
     assert "shorter than one" in errs[short] and "cannot read audio" in errs[str(text)]
     z = np.load(stereo["frame_level"])

@@ -47,26 +47,18 @@ def _labels(scores, mids, names, k):
             for i in order]
 
 
-def _write_frames(result, scorer, out_dir):
-    import numpy as np
-    from psla_tf import inference
-    os.makedirs(out_dir, exist_ok=True)
-    att = np.stack([w.frames["attention"] for w in result.windows])
-    cla = np.stack([w.frames["frame_scores"] for w in result.windows])
-    clip_seconds = scorer.target_length * 0.01
-    t = att.shape[2]
-    starts, ends = zip(*(inference.frame_times(w.start, clip_seconds, t)
-                         for w in result.windows))
-    base = os.path.splitext(os.path.basename(result.path))[0]
-    path = os.path.join(out_dir, f"{base}.frames.npz")
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, attention=att, frame_scores=cla,
-             window_start=np.array([w.start for w in result.windows]),
-             window_end=np.array([w.end for w in result.windows]),
-             frame_start=np.stack(starts), frame_end=np.stack(ends),
-             mids=np.asarray(scorer.mids), names=np.asarray(scorer.names))
-    os.replace(tmp, path)
-    return path
+_USED = set()
+
+
+def _frame_path(path, out_dir):
+    """``{out_dir}/{name}.frames.npz``; ``{name}_2`` etc. when two inputs share a name."""
+    base = os.path.splitext(os.path.basename(path))[0]
+    out, i = os.path.join(out_dir, f"{base}.frames.npz"), 1
+    while out in _USED:
+        i += 1
+        out = os.path.join(out_dir, f"{base}_{i}.frames.npz")
+    _USED.add(out)
+    return out
 
 
 def main(argv):
@@ -99,12 +91,17 @@ def main(argv):
     out, errors = [], []
     for path in tqdm(files, desc="files", unit="file", file=sys.stderr,
                      disable=len(files) < 2):
+        writer = None if frame_fn is None else inference.FrameLevelWriter(
+            frame_fn, _frame_path(path, FLAGS.frame_dir), scorer.target_length * 0.01,
+            scorer.mids, scorer.names)
         try:
             r = inference.tag_file(scorer, path, window_seconds=FLAGS.window_seconds,
                                    hop_seconds=FLAGS.hop_seconds, batch_size=FLAGS.batch_size,
                                    pooling=FLAGS.pooling, sample_rate=scorer.sample_rate,
-                                   frame_fn=frame_fn)
+                                   frame_fn=writer)
         except (inference.AudioError, NotImplementedError) as e:
+            if writer is not None:
+                writer.abort()
             errors.append({"path": path, "error": str(e)})
             print(f"error: {e}", file=sys.stderr)
             continue
@@ -114,8 +111,8 @@ def main(argv):
                  "windows": [{"start": round(w.start, 4), "end": round(w.end, 4),
                               "top": _labels(w.scores, scorer.mids, scorer.names,
                                              FLAGS.window_top_k)} for w in r.windows]}
-        if frame_fn is not None:
-            entry["frame_level"] = _write_frames(r, scorer, FLAGS.frame_dir)
+        if writer is not None:
+            entry["frame_level"] = writer.finish(r.windows)
         out.append(entry)
         if not FLAGS.json:
             _print_text(entry)
