@@ -74,6 +74,8 @@ def cross_validate(cfg, input_csv: str, fold_column: str = "fold",
     if not cfg.exp_dir:
         raise DataError("--exp_dir is required")
     data_dir = data_dir or os.path.join(cfg.exp_dir, "data")
+    if not os.path.isfile(input_csv):
+        raise DataError(f"--input {input_csv}: not found (a CSV with a fold column)")
     rows, _ = sources.read_plain_csv(input_csv, audio_root)
     fold_of = fold_values(rows, fold_column)
     all_folds = sorted(set(fold_of), key=_natural)
