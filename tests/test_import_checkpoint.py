@@ -318,6 +318,8 @@ def test_tool_writes_a_loadable_tagger(tmp_path, small):
     diff = _check_parity(ref, model.get_layer("classifier"), _fbank_batch(2, 100, seed=9))
     assert diff <= TOL, diff
     # bad input: one line on stderr, exit 2, the existing output untouched
+    other = tmp_path / "other.csv"
+    write_label_csv(str(other), mids[::-1], names[::-1])
     stamp = out.stat().st_mtime_ns
     for args, expect in [
             ([f"--label_csv={labels}", f"--output={out}"], "--checkpoint is required"),
@@ -327,7 +329,9 @@ def test_tool_writes_a_loadable_tagger(tmp_path, small):
             ([f"--checkpoint={tmp_path}/no.pth", f"--label_csv={labels}",
               f"--output={tmp_path}/c.keras"], "does not exist"),
             ([f"--checkpoint={path}", f"--label_csv={labels}", f"--output={tmp_path}/b.keras",
-              "--eff_b=2"], "does not fit the model")]:
+              "--eff_b=2"], "does not fit the model"),
+            ([f"--checkpoint={path}", f"--label_csv={other}", f"--output={out.parent}/o.keras"],
+             "exists with another vocabulary")]:
         r = _tool(*args)
         # (TensorFlow's own start-up log lines may precede the message on stderr)
         message = r.stderr[r.stderr.find("error: "):]
@@ -337,6 +341,8 @@ def test_tool_writes_a_loadable_tagger(tmp_path, small):
         if expect != "does not fit the model":          # the refusal lists tensors, one a line
             assert message.strip().count("\n") == 0, message
     assert out.stat().st_mtime_ns == stamp and not (tmp_path / "b.keras").exists()
+    assert sorted(os.listdir(out.parent)) == ["labels.csv", "model.keras"]
+    assert load_vocabulary(str(out)) == (mids, names)
 
 
 # ---- end to end: the imported model exported as SavedModel and TFLite vs PyTorch, on real
