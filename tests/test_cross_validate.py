@@ -111,7 +111,6 @@ def test_tool_bad_inputs_are_one_line_errors(tmp_path):
         ([f"--input={csv_path}", "--fold_column=split"], "not a column"),
         ([f"--input={csv_path}", "--fold_column=fold"], "at least 2 folds"),
         ([f"--input={tmp_path / 'none.csv'}"], "not found"),
-        ([], "--input"),
     ]:
         r = _tool(*args, f"--exp_dir={tmp_path / 'e'}", "--eff_b=0")
         assert r.returncode == 2, (args, r.stderr[-2000:])

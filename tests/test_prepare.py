@@ -299,3 +299,37 @@ def test_memory_bounded_2000_clips(tmp_path):
 def test_benchmark_helper_runs(tmp_path):
     res = prepare.benchmark_prepare(str(tmp_path), num_clips=2, seconds=1.0, workers_list=(1,))
     assert set(res) == {1} and res[1] > 0
+
+
+def test_stats_equal_the_frames_the_model_sees_in_training(tmp_path, shared):
+    """Manifest statistics = NumPy mean/std of the un-normalised fbank frames the model's
+    AudioFrontend computes from the training pipeline's padded batches, counting only each
+    clip's own frames (padding excluded), on real FSDD audio; some clips exceed
+    target_length, so the cut is exercised too."""
+    from psla_tf.data import pipeline
+    from psla_tf.features import num_frames
+    from psla_tf.models.frontend import AudioFrontend
+    rec = shared("data", "fsdd", "recordings")
+    names = ["0_george_0.wav", "5_lucas_3.wav", "7_theo_10.wav", "9_yweweler_2.wav",
+             "2_nicolas_7.wav", "8_jackson_1.wav"]
+    lines = ["path,labels"] + [f"{rec / n},{n[0]}" for n in names]
+    (tmp_path / "l.csv").write_text("\n".join(lines) + "\n")
+    rows = sources.read_rows(str(tmp_path / "l.csv"))
+    tl = 40  # 0.415 s: shorter than most of these clips
+    m = prepare.prepare(rows, sources.build_vocabulary(rows), str(tmp_path / "s"),
+                        num_shards=2, target_length=tl, progress=False)
+    spec = records.load_data_spec(str(tmp_path / "s-*.tfrecord"))
+    clip = pipeline.clip_samples_for_frames(tl)
+    ds = pipeline.make_eval_dataset(spec, batch_size=4, clip_samples=clip)
+    front = AudioFrontend(tl, freqm=0, timem=0, dataset_mean=0.0, dataset_std=1.0)
+    vals, cut = [], 0
+    for x, _ in ds:
+        fb = front(x["waveform"], x["num_samples"], training=False).numpy()
+        for b, n in enumerate(x["num_samples"].numpy()):
+            frames = min(num_frames(int(n)), tl)  # n: the pipeline's cut length
+            vals.append(fb[b, :frames].astype(np.float64).ravel())
+    vals = np.concatenate(vals)
+    cut = sum(num_frames(2 * sf.info(str(rec / n)).frames) > tl for n in names)  # 8 → 16 kHz
+    assert cut >= 2 and m.fbank_frames * 128 == vals.size
+    assert m.fbank_mean == pytest.approx(vals.mean(), abs=2e-4)
+    assert m.fbank_std == pytest.approx(vals.std(), abs=2e-4)

@@ -101,3 +101,40 @@ def test_unknown_mids_and_duplicates_listed_with_lines():
     dup = [sources.Row("a", "a", (), 2), sources.Row("a", "a2", (), 5)]
     with pytest.raises(DataError, match=r"(?s)duplicate.*lines 2 and 5"):
         sources.check_rows(dup, ["/m/1"])
+
+
+# ----------------------------------------------------------------------------- your own data
+def test_output_vocabulary_written_reused_and_conflict(tmp_path):
+    """No --label_csv: labels.csv (index,mid,display_name) is written into the output folder,
+    reused by a later set prepared there, and never silently replaced."""
+    import csv as csvlib
+    rows = [sources.Row(id=f"{c}/{i}.wav", path=f"/x/{c}/{i}.wav", mids=(c,), line=i)
+            for i, c in enumerate(["dog", "cat", "dog", "bird"])]
+    mids, names, where = sources.output_vocabulary(rows, None, str(tmp_path / "data"))
+    assert mids == names == ["bird", "cat", "dog"] and "written" in where
+    with open(tmp_path / "data" / "labels.csv", newline="") as f:
+        got = list(csvlib.reader(f))
+    assert got == [["index", "mid", "display_name"], ["0", "bird", "bird"], ["1", "cat", "cat"],
+                   ["2", "dog", "dog"]]
+    # a test set lacking a class reuses the same vocabulary
+    mids2, _, where2 = sources.output_vocabulary(rows[:2], None, str(tmp_path / "data"))
+    assert mids2 == mids and "existing" in where2
+    # a label outside it is an error naming it; the file stays as it was
+    before = (tmp_path / "data" / "labels.csv").read_bytes()
+    with pytest.raises(DataError, match="'cow'"):
+        sources.output_vocabulary(rows + [sources.Row("cow/1.wav", "/x", ("cow",), 9)], None,
+                                  str(tmp_path / "data"))
+    assert (tmp_path / "data" / "labels.csv").read_bytes() == before
+    # --label_csv given: read, nothing written
+    mids3, _, _ = sources.output_vocabulary(rows, str(tmp_path / "data" / "labels.csv"),
+                                            str(tmp_path / "other"))
+    assert mids3 == mids and not (tmp_path / "other").exists()
+
+
+def test_plain_csv_audio_root(tmp_path):
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "esc.csv").write_text("filename,fold,category\n1-a.wav,1,dog\n")
+    rows, header = sources.read_plain_csv(str(tmp_path / "meta" / "esc.csv"),
+                                          audio_root=str(tmp_path / "audio"))
+    assert rows[0].path == str(tmp_path / "audio" / "1-a.wav") and rows[0].id == "1-a.wav"
+    assert rows[0].record["fold"] == "1" and header == ["filename", "fold", "category"]

@@ -116,3 +116,72 @@ def test_split_datafile_cli_same_format(tmp_path):
     bad = subprocess.run(args[:3] + ["--val_fraction=0.6", "--test_fraction=0.6",
                                      f"--output_prefix={out}"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "fraction" in bad.stderr
+
+
+# ----------------------------------------------------------------------------- make_tfrecords
+def _make_tfrecords(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_tfrecords.py"),
+                           "--noprogress", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+
+
+def test_make_tfrecords_folder_with_stratified_split(tmp_path):
+    """--audio_folder + --test_fraction: one command → labels.csv (mid = folder name) and
+    train/test shard sets, stratified per class, disjoint, covering every clip."""
+    import soundfile as sf
+    from psla_tf.data import records
+    rng = np.random.default_rng(0)
+    for c, f0 in (("bell", 900.0), ("hum", 120.0)):
+        (tmp_path / "audio" / c).mkdir(parents=True)
+        for i in range(5):
+            t = np.arange(4000) / 8000.0
+            sf.write(tmp_path / "audio" / c / f"{i}.wav",
+                     0.3 * np.sin(2 * np.pi * f0 * t) + 0.01 * rng.normal(size=t.size), 8000,
+                     subtype="PCM_16")
+    out = tmp_path / "data" / "mine"
+    r = _make_tfrecords(f"--audio_folder={tmp_path / 'audio'}", "--test_fraction=0.2",
+                        f"--output_prefix={out}", "--target_length=60")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "written to" in r.stdout and "labels.csv" in r.stdout
+    with open(tmp_path / "data" / "labels.csv") as f:
+        assert f.read().splitlines() == ["index,mid,display_name", "0,bell,bell", "1,hum,hum"]
+    ids = {}
+    for part in ("train", "test"):
+        m = records.read_manifest(f"{out}_{part}.manifest.json")
+        assert m.mids == ["bell", "hum"] and m.fbank_mean is not None
+        ids[part] = {ex["id"] for ex in records.iter_examples(m.shard_paths())}
+        assert m.listed == m.num_examples == len(ids[part])
+    assert ids["train"].isdisjoint(ids["test"])
+    assert ids["train"] | ids["test"] == {f"{c}/{i}.wav" for c in ("bell", "hum")
+                                          for i in range(5)}
+    assert sorted(i.split("/")[0] for i in ids["test"]) == ["bell", "hum"]  # 1 per class
+    assert not os.path.exists(f"{out}.manifest.json")
+
+
+def test_make_tfrecords_fold_column_speaker_split_real_audio(tmp_path, shared):
+    """FSDD as a user would: a CSV path,label,speaker and --fold_column=speaker: the test set
+    is exactly the held-out speaker's clips."""
+    from psla_tf.data import records
+    rec = shared("data", "fsdd", "recordings")
+    lines = ["path,label,speaker"]
+    for d in ("3", "7"):
+        for s in ("jackson", "theo", "nicolas"):
+            for n in (0, 1):
+                lines.append(f"{rec / f'{d}_{s}_{n}.wav'},{d},{s}")
+    (tmp_path / "fsdd.csv").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "d" / "fsdd"
+    r = _make_tfrecords(f"--input={tmp_path / 'fsdd.csv'}", "--fold_column=speaker",
+                        "--test_fold=theo", f"--output_prefix={out}", "--target_length=100")
+    assert r.returncode == 0, r.stderr[-2000:]
+    test_ids = {ex["id"] for ex in records.iter_examples(
+        records.read_manifest(f"{out}_test.manifest.json").shard_paths())}
+    train_ids = {ex["id"] for ex in records.iter_examples(
+        records.read_manifest(f"{out}_train.manifest.json").shard_paths())}
+    assert test_ids == {l.split(",")[0] for l in lines[1:] if l.endswith(",theo")}
+    assert len(train_ids) == 8 and not any("_theo_" in i for i in train_ids)
+    # a fold value that no row has: one-line error, exit 2, nothing written
+    r = _make_tfrecords(f"--input={tmp_path / 'fsdd.csv'}", "--fold_column=speaker",
+                        "--test_fold=nobody", f"--output_prefix={tmp_path / 'e' / 'x'}")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:")
+    assert "nobody" in r.stderr and not (tmp_path / "e").exists()
