@@ -408,29 +408,11 @@ def write_listing(listing: Listing, new_mids: Sequence[Sequence[str]], path: str
 
 
 def load_scores(path: str) -> tuple[list[str], np.ndarray, np.ndarray | None]:
-    """Teacher scores ``.npz``: ``ids`` (strings), ``scores`` [N, C], optional ``targets``."""
-    import os
-    if not os.path.exists(path):
-        raise DataError(f"teacher scores not found: {path}")
-    try:
-        z = np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as e:
-        raise DataError(f"{path} is not a readable .npz of string ids and float scores: {e}"
-                        ) from None
-    with z:
-        for key in ("ids", "scores"):
-            if key not in z.files:
-                raise DataError(f"{path} has no {key!r} array (has {z.files}); expected ids "
-                                "(strings), scores [N, C] and optionally targets [N, C]")
-        ids = [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in z["ids"].tolist()]
-        scores = np.asarray(z["scores"], np.float64)
-        targets = np.asarray(z["targets"]) if "targets" in z.files else None
-    if scores.ndim != 2 or scores.shape[0] != len(ids):
-        raise DataError(f"{path}: scores must be [N, C] with N = len(ids) = {len(ids)}, "
-                        f"got {scores.shape}")
-    if targets is not None and targets.shape != scores.shape:
-        raise DataError(f"{path}: targets shape {targets.shape} != scores shape {scores.shape}")
-    return ids, scores, targets
+    """Teacher scores (the ``.npz`` of tools/predict.py, :mod:`psla_tf.prediction`):
+    ``ids``, ``scores`` [N, C] as float64, ``targets`` or None."""
+    from psla_tf.prediction import load_scores as load_predictions
+    p = load_predictions(path)
+    return p.ids, np.asarray(p.scores, np.float64), p.targets
 
 
 def _few(items: Sequence[str], k: int = 5) -> str:
@@ -613,13 +595,14 @@ def run_enhancement(train_data: str, scores_path: str, ontology_path: str, outpu
         ids, labels = _read_record_labels(spec.files, spec.compression)
     if not ids:
         raise DataError(f"{train_data} holds no clips")
-    score_ids, scores, targets = load_scores(scores_path)
+    from psla_tf.prediction import load_scores as load_predictions
+    teacher = load_predictions(scores_path)
+    score_ids, targets = teacher.ids, teacher.targets
+    scores = np.asarray(teacher.scores, np.float64)
     if scores.shape[1] != len(vocab):
         raise DataError(f"{scores_path}: scores have {scores.shape[1]} classes but the "
                         f"vocabulary has {len(vocab)}")
-    with np.load(scores_path, allow_pickle=False) as z:   # class map stored by predict.py
-        score_mids = [str(m) for m in z["mids"].tolist()] if "mids" in z.files else None
-    if score_mids is not None and score_mids != list(vocab):
+    if teacher.mids and teacher.mids != list(vocab):     # class map stored by predict.py
         raise DataError(f"{scores_path}: the teacher's class map (mids stored by predict.py) "
                         "differs from the training data's vocabulary")
     scores, targets = align_scores(ids, score_ids, scores, targets)

@@ -53,6 +53,10 @@ def save_scores(path: str, p: Predictions) -> None:
     os.replace(tmp, path)
 
 
+def _strings(a: np.ndarray) -> list[str]:
+    return [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in a.tolist()]
+
+
 def load_scores(path: str) -> Predictions:
     """Read a scores file; ``mids``/``names`` are empty lists when the file has none."""
     if not os.path.exists(path):
@@ -66,11 +70,13 @@ def load_scores(path: str) -> Predictions:
             if key not in z.files:
                 raise DataError(f"{path} has no {key!r} array (has {z.files}); expected the "
                                 "output of tools/predict.py")
-        ids = [str(x) for x in z["ids"].tolist()]
-        scores = np.asarray(z["scores"], np.float32)
-        targets = np.asarray(z["targets"], np.float32) if "targets" in z.files else None
-        mids = [str(x) for x in z["mids"].tolist()] if "mids" in z.files else []
-        names = [str(x) for x in z["names"].tolist()] if "names" in z.files else []
+        ids = _strings(z["ids"])
+        scores = np.asarray(z["scores"])          # as stored (predict.py: float32)
+        targets = np.asarray(z["targets"]) if "targets" in z.files else None
+        mids = _strings(z["mids"]) if "mids" in z.files else []
+        names = _strings(z["names"]) if "names" in z.files else []
+    if not np.issubdtype(scores.dtype, np.floating):
+        raise DataError(f"{path}: scores must be floats, got {scores.dtype}")
     if scores.ndim != 2 or scores.shape[0] != len(ids):
         raise DataError(f"{path}: scores must be [N, C] with N = len(ids) = {len(ids)}, "
                         f"got {scores.shape}")
