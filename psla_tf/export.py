@@ -89,17 +89,21 @@ def _members(model: keras.Model) -> list[keras.Model]:
                       "'classifier') nor an ensemble of taggers (sub-models member_0, member_1, …)")
 
 
-class ScoringModel(tf.Module):
+class ScoringModel:
     """``(waveform [B, S], num_samples [B]) → (scores [B, C], embeddings [B, D])`` for a
     tagger or an ensemble (mean of the members' scores, concatenated embeddings), in
-    inference mode, float32 out whatever the training dtype policy was."""
+    inference mode, float32 out whatever the training dtype policy was.
+
+    A plain Python object on purpose: a SavedModel whose root tracks Keras 3 models as
+    children saves fine but fails in the TF1-style loaders of TF Serving and
+    ``saved_model_cli run`` ("Could not find variable …", tensorflow/tensorflow#72963); the
+    export root tracks only the variables (as keras.export.ExportArchive does)."""
 
     def __init__(self, model: keras.Model, clip_scores: bool = False):
-        super().__init__(name="psla_scoring")
         members = _members(model)
         self.frontends = [m.get_layer("frontend") for m in members]
         self.classifiers = [_dual_classifier(m.get_layer("classifier")) for m in members]
-        self.model = model                      # tracked: keeps every variable in the export
+        self.model = model
         self.clip_scores = bool(clip_scores)
         self.target_length = int(self.frontends[0].target_length)
         self.num_classes = int(self.classifiers[0].outputs[0].shape[-1])
@@ -202,7 +206,7 @@ def _class_map_text(mids: Sequence[str], names: Sequence[str]) -> str:
 class _ServingModule(tf.Module):
     def __init__(self, scorer: ScoringModel, spec: ExportSpec, class_map: str):
         super().__init__(name="psla_serving")
-        self.scorer = scorer
+        self.scorer = scorer                       # plain object: not tracked (see ScoringModel)
         self.spec = spec
         self.class_map = tf.saved_model.Asset(class_map)
         self.sample_rate = tf.constant(params.SAMPLE_RATE, tf.int32)
@@ -278,6 +282,15 @@ def export_saved_model(model: keras.Model, saved_model_dir: str, mids: Sequence[
                       "class_names": module.class_names.get_concrete_function(),
                       "class_map_path": module.class_map_path.get_concrete_function(),
                       "metadata": module.metadata.get_concrete_function()}
+        # track the variables the traced functions captured (the tf.Variables themselves,
+        # deduplicated), as keras.export.ExportArchive does: TF Serving's loader restores these
+        seen, used = set(), []
+        for fn in signatures.values():
+            for v in fn.variables:
+                if id(v) not in seen:
+                    seen.add(id(v))
+                    used.append(v)
+        module.all_variables = used
         target = os.path.join(tmp, "model")
         tf.saved_model.save(module, target, signatures=signatures)
         if os.path.exists(out):

@@ -50,7 +50,14 @@ def _pad_cut(x: np.ndarray, n: int = CLIP) -> tuple[np.ndarray, int]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Demo subset → shards → a few epochs of main.py → (exp_dir, eval shard glob)."""
+    """Demo subset → shards → a few epochs of main.py → (exp_dir, eval glob, train glob).
+
+    PSLA_EXPORT_TEST_DEMO=DIR reuses a DIR (with exp/ and shards/) this fixture made before
+    (for working on these tests; the default trains afresh)."""
+    reuse = os.environ.get("PSLA_EXPORT_TEST_DEMO")
+    if reuse:
+        return (f"{reuse}/exp", f"{reuse}/shards/eval-*.tfrecord",
+                f"{reuse}/shards/train-*.tfrecord")
     from psla_tf import demo
     from psla_tf.data import prepare, records, sources
     d = tmp_path_factory.mktemp("demo")
@@ -147,7 +154,7 @@ def test_saved_model_fresh_process_matches_keras(saved_model, keras_model, train
     mids, names = read_label_csv(os.path.join(trained[0], "labels.csv"))
     assert list(got["mids"]) == mids and list(got["names"]) == names
     assert got["meta"].tolist() == [SR, CLIP]
-    assert str(got["map_path"]).endswith("assets/class_map.csv")
+    assert got["map_path"].item().decode().endswith("/3/assets/class_map.csv")
 
 
 def test_serving_tagger_batch_with_lengths(saved_model, keras_model):
@@ -240,12 +247,12 @@ def test_mixed_precision_mirrored_export_serves_float32(tmp_path):
         from psla_tf.models.tagger import build_tagger
         keras.mixed_precision.set_global_policy("mixed_float16")
         with tf.distribute.MirroredStrategy().scope():
-            m = build_tagger(3, eff_b=0, att_head=2, target_length=40, freqm=0, timem=0)
+            m = build_tagger(3, eff_b=0, att_head=2, target_length=24, freqm=0, timem=0)
             m.compile(optimizer="adam", loss="binary_crossentropy")
         rng = np.random.default_rng(0)
-        x = {{"waveform": (0.1 * rng.standard_normal((4, 6640))).astype(np.float32),
-              "num_samples": np.full([4], 6640, np.int32)}}
-        m.fit(x, (rng.random((4, 3)) > 0.5).astype(np.float32), epochs=1, verbose=0)
+        x = {{"waveform": (0.1 * rng.standard_normal((2, 4080))).astype(np.float32),
+              "num_samples": np.full([2], 4080, np.int32)}}
+        m.fit(x, (rng.random((2, 3)) > 0.5).astype(np.float32), epochs=1, verbose=0)
         assert m.get_layer("classifier").get_layer("backbone").compute_dtype == "float16"
         keras.mixed_precision.set_global_policy("float32")
         export.export_saved_model(m, {str(tmp_path / "sm")!r}, ["/m/a", "/m/b", "/m/c"],
