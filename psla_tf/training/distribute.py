@@ -134,6 +134,7 @@ def synchronise_batchnorm(model) -> int:
     """Make every BatchNormalization layer of ``model`` (nested models too) use the batch
     statistics of the global batch under a multi-replica strategy; returns how many."""
     import keras
+    patch_keras_sync_moments()
     n = 0
     for layer in model._flatten_layers(include_self=False, recursive=True):  # noqa: SLF001
         if isinstance(layer, keras.layers.BatchNormalization):
@@ -169,3 +170,32 @@ def patch_keras_multi_worker_reduce() -> None:
 
     reduce_per_replica._psla_patched = True
     keras_tf_trainer.reduce_per_replica = reduce_per_replica
+
+
+def patch_keras_sync_moments() -> None:
+    """Two-pass synchronised BatchNorm moments (Keras 3.15 computes E[x²] − E[x]², which
+    loses the variance to cancellation when |mean| ≫ std, e.g. on the constant padded frames
+    of short clips). Mean = all-reduced sum / count, then variance = all-reduced
+    Σ(x − mean)² / count: the single-device numbers up to summation order. Idempotent."""
+    from keras.src.backend.tensorflow import nn as keras_tf_nn
+    if getattr(keras_tf_nn._compute_moments_sync, "_psla_patched", False):  # noqa: SLF001
+        return
+    import tensorflow as tf
+
+    def _compute_moments_sync(x, axes, keepdims):
+        ctx = tf.distribute.get_replica_context()
+        if not ctx:
+            return tf.nn.moments(x, axes, keepdims=keepdims)
+        count = tf.reduce_sum(tf.ones_like(x), axis=axes, keepdims=True)
+        total, count = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                                      [tf.reduce_sum(x, axis=axes, keepdims=True), count])
+        mean = tf.math.divide_no_nan(total, count)
+        sq = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                            tf.reduce_sum(tf.square(x - mean), axis=axes, keepdims=True))
+        variance = tf.math.divide_no_nan(sq, count)
+        if not keepdims:
+            mean, variance = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
+        return mean, variance
+
+    _compute_moments_sync._psla_patched = True
+    keras_tf_nn._compute_moments_sync = _compute_moments_sync  # noqa: SLF001
