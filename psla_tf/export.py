@@ -103,6 +103,9 @@ class ScoringModel:
         members = _members(model)
         self.frontends = [m.get_layer("frontend") for m in members]
         self.classifiers = [_dual_classifier(m.get_layer("classifier")) for m in members]
+        # --loss=ce taggers end in SingleLabelScores (softmax): keep it in the export
+        self.single_label = [next((layer for layer in m.layers if layer.name == "single_label"),
+                                  None) for m in members]
         self.model = model
         self.clip_scores = bool(clip_scores)
         self.target_length = int(self.frontends[0].target_length)
@@ -111,9 +114,12 @@ class ScoringModel:
 
     def __call__(self, waveform, num_samples):
         scores, embs = [], []
-        for frontend, classifier in zip(self.frontends, self.classifiers):
+        for frontend, classifier, head in zip(self.frontends, self.classifiers,
+                                              self.single_label):
             fbank = frontend(waveform, num_samples, training=False)
             s, e = classifier(fbank, training=False)
+            if head is not None:
+                s = head(s)
             scores.append(tf.cast(s, tf.float32))
             embs.append(tf.cast(e, tf.float32))
         s = scores[0] if len(scores) == 1 else tf.add_n(scores) / float(len(scores))
@@ -222,28 +228,30 @@ class _ServingModule(tf.Module):
         return {"scores": tf.identity(s, name="scores"),
                 "embeddings": tf.identity(e, name="embeddings")}
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32, name="waveform")])
+    @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32, name="waveform")],
+                 autograph=False)
     def serving_default(self, waveform):
         n = tf.fill([tf.shape(waveform)[0]], tf.shape(waveform)[1])
         return self._outputs(waveform, n)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None], tf.float32, name="waveform"),
-                                  tf.TensorSpec([None], tf.int32, name="num_samples")])
+                                  tf.TensorSpec([None], tf.int32, name="num_samples")],
+                 autograph=False)
     def serving_lengths(self, waveform, num_samples):
         return self._outputs(waveform, num_samples)
 
-    @tf.function(input_signature=[])
+    @tf.function(input_signature=[], autograph=False)
     def class_map_path(self):
         return {"class_map_path": self.class_map.asset_path}
 
-    @tf.function(input_signature=[])
+    @tf.function(input_signature=[], autograph=False)
     def class_names(self):
         text = tf.strings.regex_replace(tf.io.read_file(self.class_map.asset_path), "\r", "")
         lines = tf.strings.split(tf.strings.strip(text), "\n")[1:]   # skip the header
         _, mids, names = tf.io.decode_csv(lines, record_defaults=[[0], [""], [""]])
         return {"mids": mids, "names": names}
 
-    @tf.function(input_signature=[])
+    @tf.function(input_signature=[], autograph=False)
     def metadata(self):
         return {"sample_rate": tf.identity(self.sample_rate),
                 "clip_samples": tf.identity(self.clip_samples)}

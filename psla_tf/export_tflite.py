@@ -41,16 +41,19 @@ __all__ = ["QUANTIZATIONS", "FLOAT16_POWER_SCALE", "export_tflite", "calibration
            "TFLiteTagger", "read_embedded_labels"]
 
 QUANTIZATIONS = ("none", "float16", "dynamic", "int8")
+INT8_FLOAT_OPS = ("BATCH_MATMUL", "FULLY_CONNECTED", "LOG", "DIV", "MAXIMUM", "SELECT_V2",
+                  "SUM", "EXP", "LOGISTIC")
 FLOAT16_POWER_SCALE = 16.0
 
 
-def _with_power_scale(model: keras.Model, scale: float):
-    """Set ``power_scale`` on every front end of ``model`` (restored by the caller)."""
+def _configure_frontends(model: keras.Model, scale: float, runtime_matrices: bool):
+    """Set ``power_scale`` / ``runtime_matrices`` on every front end of ``model``; returns
+    what restores them."""
     from psla_tf.export import _members
     fronts = [m.get_layer("frontend") for m in _members(model)]
-    old = [getattr(f, "power_scale", 1.0) for f in fronts]
+    old = [(f.power_scale, getattr(f, "runtime_matrices", False)) for f in fronts]
     for f in fronts:
-        f.power_scale = float(scale)
+        f.power_scale, f.runtime_matrices = float(scale), bool(runtime_matrices)
     return fronts, old
 
 
@@ -89,7 +92,9 @@ def export_tflite(model: keras.Model, out_path: str, mids: Sequence[str], names:
     if quantize == "int8" and calibration is None:
         raise ExportError("int8 quantisation needs calibration data (--calibration_data)")
     spec = ExportSpec(int(clip_samples or default_clip_samples(model)), windowed, window, hop)
-    fronts, old = _with_power_scale(model, FLOAT16_POWER_SCALE)
+    # quantised variants: keep the front end's DFT / mel matrices out of weight quantisation
+    # (float16 coefficients leak ~-66 dB, int8 destroys the log spectrum's dynamic range)
+    fronts, old = _configure_frontends(model, FLOAT16_POWER_SCALE, quantize != "none")
     try:
         scorer = ScoringModel(model, clip_scores)
         if len(mids) != scorer.num_classes or len(names) != len(mids):
@@ -97,7 +102,7 @@ def export_tflite(model: keras.Model, out_path: str, mids: Sequence[str], names:
                               f"{scorer.num_classes} outputs")
 
         @tf.function(input_signature=[tf.TensorSpec([1, input_samples], tf.float32,
-                                                    name="waveform")])
+                                                    name="waveform")], autograph=False)
         def infer(waveform):
             n = tf.constant([input_samples], tf.int32)
             scores, _ = serve(scorer, spec, waveform, n)
@@ -125,13 +130,24 @@ def export_tflite(model: keras.Model, out_path: str, mids: Sequence[str], names:
                     yield [x]
 
             converter.representative_dataset = representative
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+                                                   tf.lite.OpsSet.TFLITE_BUILTINS]
             converter.inference_input_type = tf.float32
             converter.inference_output_type = tf.float32
-        flat = converter.convert()
+            # selective: the convolutions (backbone) run in int8; the front end (DFT / mel
+            # matmuls, log: int8 frames lose the spectrum's dynamic range) and the attention
+            # pooling (its division by the attention sum fails when the sum quantises to 0)
+            # stay float32
+            options = tf.lite.experimental.QuantizationDebugOptions(
+                denylisted_ops=list(INT8_FLOAT_OPS))
+            debugger = tf.lite.experimental.QuantizationDebugger(
+                converter=converter, debug_dataset=representative, debug_options=options)
+            flat = debugger.get_nondebug_quantized_model()
+        else:
+            flat = converter.convert()
     finally:
-        for f, o in zip(fronts, old):
-            f.power_scale = o
+        for f, (scale, runtime) in zip(fronts, old):
+            f.power_scale, f.runtime_matrices = scale, runtime
     meta = {"format": "psla_tf.tflite/1", "sample_rate": params.SAMPLE_RATE,
             "input_samples": input_samples, "clip_samples": spec.clip_samples,
             "windowed": spec.windowed, "window": spec.window, "hop": spec.hop,

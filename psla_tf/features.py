@@ -97,6 +97,16 @@ def _folded_dft_matrix(frame_length: int, fft_length: int, preemphasis: float) -
     return folded.astype(np.float32)
 
 
+def _runtime_constant(value: np.ndarray, x: tf.Tensor) -> tf.Tensor:
+    """``value`` (float32) stored as its int32 bit pattern and turned back into float32 by a
+    bitcast that depends on ``x``: TFLite's weight quantisers (float16, dynamic) only touch
+    float constants, so the matrix keeps its exact float32 values."""
+    bits = tf.constant(np.ascontiguousarray(value, np.float32).view(np.int32))
+    first = tf.reshape(x, [-1])[:1]
+    zero = tf.cast(tf.reduce_sum(tf.minimum(tf.abs(first), 0.0)), tf.int32)   # min(|x|, 0) = 0
+    return tf.bitcast(bits + zero, tf.float32)
+
+
 def kaldi_fbank(waveform: tf.Tensor | np.ndarray,
                 sample_rate: int = params.SAMPLE_RATE,
                 num_mel_bins: int = params.NUM_MEL_BINS,
@@ -108,7 +118,8 @@ def kaldi_fbank(waveform: tf.Tensor | np.ndarray,
                 high_freq: float = 0.0,
                 preemphasis: float = params.PREEMPHASIS,
                 dft: str = "matmul",
-                power_scale: float = 1.0) -> tf.Tensor:
+                power_scale: float = 1.0,
+                runtime_matrices: bool = False) -> tf.Tensor:
     """Log-mel fbank of ``waveform`` ``[..., samples]`` → ``[..., frames, num_mel_bins]``.
 
     Frames follow Kaldi's snip_edges rule (1 + (n - 400) // 160; none when n < 400); each
@@ -121,6 +132,10 @@ def kaldi_fbank(waveform: tf.Tensor | np.ndarray,
     2 ln s back after the log (the floor is applied in the log domain, at ln eps − 2 ln s), so
     intermediate values and constants stay inside float16's range; the result is the same
     function (within float32 rounding).
+
+    ``runtime_matrices`` stores the DFT and mel matrices as int32 bit patterns bitcast to
+    float32 at run time, so TFLite weight quantisation (float16, dynamic) cannot round them:
+    the front end keeps float32 precision (same values).
     """
     if dft not in ("matmul", "rfft"):
         raise ValueError(f"dft must be 'matmul' or 'rfft', got {dft!r}")
@@ -131,9 +146,10 @@ def kaldi_fbank(waveform: tf.Tensor | np.ndarray,
         raise ValueError("waveform must have at least one (samples) dimension")
     frames = tf.signal.frame(x, frame_length, frame_shift, pad_end=False)  # [..., F, N]
     if dft == "matmul":
-        matrix = tf.constant(_folded_dft_matrix(frame_length, fft_length, preemphasis))
+        matrix = _folded_dft_matrix(frame_length, fft_length, preemphasis)
         if power_scale != 1.0:
-            matrix = matrix / power_scale
+            matrix = (matrix / np.float32(power_scale)).astype(np.float32)
+        matrix = _runtime_constant(matrix, x) if runtime_matrices else tf.constant(matrix)
         spec = tf.linalg.matmul(frames, matrix)  # rank-agnostic: [..., F, 2K]
         re, im = tf.split(spec, 2, axis=-1)
         power = re * re + im * im
@@ -150,17 +166,20 @@ def kaldi_fbank(waveform: tf.Tensor | np.ndarray,
         pad = [[0, 0]] * (len(frames.shape) - 1) + [[0, fft_length - frame_length]]
         frames = tf.pad(frames, pad)
         power = tf.math.square(tf.abs(tf.signal.rfft(frames, fft_length=[fft_length])))
-    banks = tf.constant(kaldi_mel_banks(num_mel_bins, sample_rate, fft_length,
-                                        low_freq, high_freq))
+    banks = kaldi_mel_banks(num_mel_bins, sample_rate, fft_length, low_freq, high_freq)
+    banks = _runtime_constant(banks, x) if runtime_matrices else tf.constant(banks)
     mel = tf.linalg.matmul(power, banks)  # [..., F, bins]
     if power_scale == 1.0:
         return tf.math.log(tf.maximum(mel, params.LOG_FLOOR))
     # log(max(m, eps / s²)) = max(log m, log eps − 2 ln s): the floor is applied in the log
     # domain, where it is an ordinary number (eps / s² itself underflows float16; log 0 = −inf
     # is lifted to the floor), then the scaling is undone
-    log_floor = math.log(params.LOG_FLOOR) - 2.0 * math.log(power_scale)
+    log_floor = np.float32(math.log(params.LOG_FLOOR) - 2.0 * math.log(power_scale))
+    shift = np.float32(2.0 * math.log(power_scale))
+    if runtime_matrices:   # float16 would round 2 ln s by ~2e-3
+        log_floor, shift = _runtime_constant(log_floor, x), _runtime_constant(shift, x)
     out = tf.maximum(tf.math.log(mel), log_floor)
-    return out + 2.0 * math.log(power_scale)
+    return out + shift
 
 
 @keras.saving.register_keras_serializable(package="psla_tf")

@@ -419,3 +419,32 @@ def test_tflite_carries_labels_and_sample_rate(tflite_models, trained):
         side = json.load(open(os.path.splitext(p)[0] + ".json"))
         assert side == meta
         assert open(os.path.splitext(p)[0] + ".labels.txt").read().splitlines() == names
+
+
+@pytest.mark.parametrize("quantize", ["none", "float16", "dynamic"])
+def test_tflite_frontend_matches_torchaudio_reference(quantize):
+    """The front end as the TFLite export builds it (matmul DFT, power_scale, runtime
+    matrices for dynamic), converted alone and run by LiteRT, meets the Foundation fbank
+    tests' tolerances against the torchaudio reference vectors."""
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter
+    from psla_tf import export_tflite, features
+    from tests.test_features import _check, _reference_files
+    refs = [r for r in _reference_files() if r["waveform"].size >= 400][:3]
+    for ref in refs:
+        n = ref["waveform"].size
+        fn = tf.function(lambda w: features.kaldi_fbank(
+            w, power_scale=export_tflite.FLOAT16_POWER_SCALE,
+            runtime_matrices=quantize != "none"),
+            input_signature=[tf.TensorSpec([n], tf.float32)])
+        conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()])
+        if quantize != "none":
+            conv.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantize == "float16":
+            conv.target_spec.supported_types = [tf.float16]
+        it = Interpreter(model_content=conv.convert())
+        it.allocate_tensors()
+        it.set_tensor(it.get_input_details()[0]["index"], ref["waveform"].astype(np.float32))
+        it.invoke()
+        _check(it.get_tensor(it.get_output_details()[0]["index"]), ref["fbank"],
+               f"{ref['file']} (TFLite {quantize})")

@@ -53,6 +53,7 @@ class AudioFrontend(keras.layers.Layer):
         self.seed = seed
         self.dft = dft
         self.power_scale = float(power_scale)   # kaldi_fbank's float16-safe scaling (export)
+        self.runtime_matrices = False           # set by the TFLite export (kaldi_fbank doc)
         self.frequency_masking = FrequencyMasking(
             self.freqm, seed=seed, name="frequency_masking") if self.freqm else None
         self.time_masking = TimeMasking(
@@ -76,7 +77,8 @@ class AudioFrontend(keras.layers.Layer):
         mean = tf.reduce_sum(w * valid, axis=1) / tf.cast(tf.maximum(n, 1), tf.float32)
         w = (w - mean[:, tf.newaxis]) * valid
         fb = kaldi_fbank(w, params.SAMPLE_RATE, self.num_mel_bins, dft=self.dft,
-                         power_scale=self.power_scale)  # [B, F, M]
+                         power_scale=self.power_scale,
+                         runtime_matrices=getattr(self, "runtime_matrices", False))  # [B, F, M]
         frames = tf.shape(fb)[1]
         n_frames = tf.where(n >= params.FRAME_LENGTH,
                             1 + (n - params.FRAME_LENGTH) // params.FRAME_SHIFT, 0)
