@@ -142,6 +142,7 @@ def export_tflite(model: keras.Model, out_path: str, mids: Sequence[str], names:
                 denylisted_ops=list(INT8_FLOAT_OPS))
             debugger = tf.lite.experimental.QuantizationDebugger(
                 converter=converter, debug_dataset=representative, debug_options=options)
+        if quantize == "int8":
             flat = debugger.get_nondebug_quantized_model()
         else:
             flat = converter.convert()
