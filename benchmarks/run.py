@@ -386,9 +386,14 @@ def child_pipeline(spec: dict) -> dict:
     t0 = time.perf_counter()
     step()
     first = time.perf_counter() - t0
-    ts = timed(run_batches, spec["repeats"], warmup=max(spec["warmup_repeats"], 0))
-    cps = spec["batches_per_repeat"] * batch / statistics.median(ts)
-    return {"clips_per_s": cps, "runs": [spec["batches_per_repeat"] * batch / t for t in ts],
+    for _ in range(max(spec["warmup_repeats"], 0)):
+        run_batches()
+    c0 = time.process_time()
+    ts = timed(run_batches, spec["repeats"], warmup=0)
+    cpu = time.process_time() - c0
+    clips = spec["batches_per_repeat"] * batch
+    return {"clips_per_s": clips / statistics.median(ts), "runs": [clips / t for t in ts],
+            "cpu_ms_per_clip": 1000.0 * cpu / (clips * spec["repeats"]),
             "first_batch_s": first, "peak_rss_mb": peak_rss_mb()}
 
 
@@ -620,6 +625,7 @@ def bench_pipeline(results: dict, ctx: dict) -> dict:
         cores = [results["machine"]["usable_cores"]]
         variants = ["mixup", "masking"]
     per_core: dict[int, dict[str, float]] = {}
+    cpu_rates: dict[int, dict[str, float]] = {}  # clips per CPU-second (all threads)
     for k in cores:
         per_core[k] = {}
         for v in variants:
@@ -634,13 +640,18 @@ def bench_pipeline(results: dict, ctx: dict) -> dict:
                 rows.append(row(PIPELINE_VARIANTS[v], None, cores=k, note="failed"))
                 continue
             per_core[k][v] = r["clips_per_s"]
+            cpu_rates.setdefault(k, {})[v] = 1000.0 / r["cpu_ms_per_clip"]
             rows.append(row(PIPELINE_VARIANTS[v], r["clips_per_s"], cores=k,
                             variant=v, peak_rss_mb=r["peak_rss_mb"],
+                            cpu_ms_per_clip=r["cpu_ms_per_clip"],
                             first_batch_s=r["first_batch_s"], runs=r["runs"]))
             print(f"  {v} on {k} core(s): {r['clips_per_s']:.1f} clips/s", flush=True)
     for k, got in per_core.items():
         for name, ms in stage_costs(got):
             rows.append(row(f"stage cost: {name}", ms, "ms/clip", cores=k))
+        for name, ms in stage_costs(cpu_rates.get(k, {})):
+            rows.append(row(f"stage CPU time: {name}", ms, "CPU ms/clip", cores=k,
+                            note="process CPU time, robust to other load"))
         if "masking" in got and k in (1, 2):
             ratio = got["masking"] / BASELINE[f"pipeline_{k}"]
             rows.append(row("full pipeline (fbank + masking in tf.data) / PyTorch stated",
