@@ -40,7 +40,7 @@ def _start(exp, data, fault=None):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _finish(p, timeout=300):
+def _finish(p, timeout=900):
     out, _ = p.communicate(timeout=timeout)
     return p.returncode, out
 
@@ -112,6 +112,8 @@ def test_kills_then_resume_equal_uninterrupted(data, tmp_path):
     assert len(la) == len(lb) == 4 and [r.split(",")[0] for r in lb[1:]] == ["0", "1", "2"]
     # final and averaged models: the same weights
     import keras
+
+    import psla_tf.models.tagger  # noqa: F401  (registers the custom layers)
     for name in ("final_model.keras", "wa_model.keras"):
         wa = keras.saving.load_model(os.path.join(ref_exp, name), compile=False).get_weights()
         wb = keras.saving.load_model(os.path.join(exp, name), compile=False).get_weights()

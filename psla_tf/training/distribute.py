@@ -161,8 +161,11 @@ def patch_keras_multi_worker_reduce() -> None:
     def reduce_per_replica(values, strategy, reduction):
         if reduction in ("auto", "mean") and is_multi_worker(strategy):
             def _reduce(v):
-                if isinstance(v, tf.distribute.DistributedValues) and all(
-                        t.shape.rank == 0 for t in strategy.experimental_local_results(v)):
+                # one local replica: strategy.run returns plain tensors, not PerReplica
+                parts = (strategy.experimental_local_results(v)
+                         if isinstance(v, tf.distribute.DistributedValues) else [v])
+                if all(getattr(t, "shape", None) is not None and t.shape.rank == 0
+                       for t in parts):
                     return strategy.reduce("MEAN", v, axis=None)
                 return original(v, strategy, reduction)
             return tf.nest.map_structure(_reduce, values)
