@@ -27,7 +27,7 @@ from psla_tf.data.records import DataError
 from psla_tf.training import trainer
 
 
-def _main(*args, timeout=300):
+def _main(*args, timeout=900):
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
     env.pop("PSLA_FAULT", None)
     return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args],
