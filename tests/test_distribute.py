@@ -81,7 +81,7 @@ def _spawn(spec: dict, tmp, name: str) -> subprocess.Popen:
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
-def _wait(procs: dict, tmp, timeout=420) -> None:
+def _wait(procs: dict, tmp, timeout=900) -> None:
     for name, p in procs.items():
         try:
             rc = p.wait(timeout=timeout)
