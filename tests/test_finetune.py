@@ -190,7 +190,7 @@ def _write_set(prefix, n, seed, mids, freqs):
     return prefix + "-*.tfrecord"
 
 
-def _main(*args, timeout=300):
+def _main(*args, timeout=900):
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
