@@ -247,11 +247,11 @@ def test_mixed_precision_mirrored_export_serves_float32(tmp_path):
         from psla_tf.models.tagger import build_tagger
         keras.mixed_precision.set_global_policy("mixed_float16")
         with tf.distribute.MirroredStrategy().scope():
-            m = build_tagger(3, eff_b=0, att_head=2, target_length=24, freqm=0, timem=0)
+            m = build_tagger(3, eff_b=0, att_head=2, target_length=32, freqm=0, timem=0)
             m.compile(optimizer="adam", loss="binary_crossentropy")
         rng = np.random.default_rng(0)
-        x = {{"waveform": (0.1 * rng.standard_normal((2, 4080))).astype(np.float32),
-              "num_samples": np.full([2], 4080, np.int32)}}
+        x = {{"waveform": (0.1 * rng.standard_normal((2, 5360))).astype(np.float32),
+              "num_samples": np.full([2], 5360, np.int32)}}
         m.fit(x, (rng.random((2, 3)) > 0.5).astype(np.float32), epochs=1, verbose=0)
         assert m.get_layer("classifier").get_layer("backbone").compute_dtype == "float16"
         keras.mixed_precision.set_global_policy("float32")
