@@ -263,7 +263,10 @@ try:
     runpy.run_path({tool!r}, run_name="__main__")
 except SystemExit as e:
     assert not e.code, e.code
-print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM is this process image's own peak (ru_maxrss would include the pytest parent's peak:
+# Linux carries the high-water mark across fork + exec)
+hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
+print("PEAK_RSS_KB", hwm)
 """
 
 
