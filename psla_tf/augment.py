@@ -21,7 +21,31 @@ import tensorflow as tf
 
 from psla_tf import params
 
-__all__ = ["FrequencyMasking", "TimeMasking", "mask_along_axis"]
+__all__ = ["FrequencyMasking", "TimeMasking", "mask_along_axis", "random_gain"]
+
+
+def random_gain(waveform: tf.Tensor, max_db: float, seed: tf.Tensor) -> tf.Tensor:
+    """Random gain: scale each clip of ``waveform`` ``[B, S]`` (or one clip ``[S]``) by
+    10^(g / 20), g ~ U[-max_db, max_db] dB, one draw per clip, a pure function of the
+    stateless ``seed`` ``[2]``. Identity when ``max_db`` is 0.
+
+    A level augmentation for training (not in PSLA; ``--random_gain_db``): the log-mel fbank
+    of a scaled clip is the clip's fbank + 2 ln(10^(g/20)) in every frame above the log floor,
+    so a model trained with it sees each clip at many recording levels — e.g. a speaker or
+    microphone quieter than those of the training set. Applied by the training pipeline
+    (``psla_tf.data.pipeline.make_train_dataset``) to the batched waveforms, after mixup.
+    """
+    if float(max_db) < 0:
+        raise ValueError(f"max_db must be >= 0, got {max_db}")
+    if float(max_db) == 0:
+        return waveform
+    x = tf.convert_to_tensor(waveform)
+    batch_shape = tf.shape(x)[:1] if x.shape.rank == 2 else tf.constant([], tf.int32)
+    g = tf.random.stateless_uniform(batch_shape, seed=tf.cast(seed, tf.int64),
+                                    minval=-float(max_db), maxval=float(max_db),
+                                    dtype=tf.float32)
+    scale = tf.cast(tf.pow(10.0, g / 20.0), x.dtype)
+    return x * (scale[:, tf.newaxis] if x.shape.rank == 2 else scale)
 
 
 def mask_along_axis(x: tf.Tensor, max_width: int, axis: int, uniform: tf.Tensor,

@@ -1,6 +1,8 @@
 """Frequency / time masking (Alg. 1 lines 16-18) against torchaudio's exact distribution."""
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -139,3 +141,52 @@ def test_config_round_trip():
     assert (clone.max_width, clone.seed, clone.name) == (192, 5, "tm")
     with pytest.raises(ValueError, match="max_width"):
         FrequencyMasking(-1)
+
+
+def test_random_gain():
+    """--random_gain_db: one gain per clip, uniform in ±max_db dB, a pure function of the
+    seed; identity at 0; the pipeline applies it to the training waveforms only."""
+    from psla_tf.augment import random_gain
+    x = tf.random.normal((4000, 100), seed=1) + 3.0
+    seed = tf.constant([5, 6], tf.int64)
+    y = random_gain(x, 6.0, seed).numpy()
+    ratio = y / x.numpy()
+    np.testing.assert_allclose(ratio, ratio[:, :1] * np.ones_like(ratio), rtol=1e-5)
+    db = 20 * np.log10(ratio[:, 0])
+    assert db.min() >= -6.0 - 1e-4 and db.max() <= 6.0 + 1e-4
+    assert stats.kstest(db, stats.uniform(-6.0, 12.0).cdf).pvalue > 1e-3
+    np.testing.assert_array_equal(random_gain(x, 6.0, seed).numpy(), y)      # stateless
+    assert not np.array_equal(random_gain(x, 6.0, seed + 1).numpy(), y)
+    np.testing.assert_array_equal(random_gain(x, 0.0, seed).numpy(), x.numpy())
+    one = random_gain(x[0], 6.0, seed).numpy()                                # one clip [S]
+    assert one.shape == (100,) and np.ptp(one / x[0].numpy()) < 1e-5
+    with pytest.raises(ValueError, match="max_db"):
+        random_gain(x, -1.0, seed)
+
+
+def test_random_gain_in_training_pipeline(tmp_path):
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from helpers_data import write_shards
+    from psla_tf.data import pipeline
+    rng = np.random.default_rng(0)
+    waves = [(rng.normal(size=2000) * 3000).astype(np.int16) for _ in range(8)]
+    glob = write_shards(str(tmp_path), waves, [[i % 2] for i in range(8)], 2, num_shards=1)
+    kw = dict(batch_size=4, clip_samples=2000, balanced_sampling=False, mixup=0.0,
+              shuffle_buffer=8, seed=3, num_epochs=2)
+    plain = list(pipeline.make_train_dataset(glob, **kw))
+    gained = list(pipeline.make_train_dataset(glob, random_gain_db=10.0, **kw))
+    again = list(pipeline.make_train_dataset(glob, random_gain_db=10.0, **kw))
+    assert len(plain) == len(gained) == 4
+    gains = []
+    for (a, la), (b, lb), (c, _) in zip(plain, gained, again):
+        np.testing.assert_array_equal(la.numpy(), lb.numpy())               # same order
+        np.testing.assert_array_equal(b["waveform"].numpy(), c["waveform"].numpy())
+        a, b = a["waveform"].numpy(), b["waveform"].numpy()
+        k = np.abs(a).argmax(axis=1)
+        g = b[np.arange(4), k] / a[np.arange(4), k]                          # per-clip gain
+        gains += list(20 * np.log10(g))
+        np.testing.assert_allclose(b, a * g[:, None], rtol=1e-5, atol=1e-6)
+    assert max(abs(g) for g in gains) <= 10.0 + 1e-3 and np.std(gains) > 1.0
+    with pytest.raises(ValueError, match="random_gain_db"):
+        pipeline.make_train_dataset(glob, random_gain_db=-1.0, **kw)

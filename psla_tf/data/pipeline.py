@@ -47,6 +47,7 @@ READ_BUFFER_BYTES = 4 << 20
 MAX_DRAWS_PER_EPOCH = 100
 _KEY_SHIFT = 32  # key = file_index * 2**32 + position in the file
 _SALT_MAIN, _SALT_PARTNER, _SALT_MIX = 11, 12, 13
+_SALT_GAIN = 14
 # The dataset functions hold no Python control flow on tensors: skipping AutoGraph's source
 # conversion roughly halves the time to build the (nested) training dataset.
 _nag = tf.autograph.experimental.do_not_convert
@@ -262,7 +263,7 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
                        clip_samples: int | None = None, balanced_sampling: bool = True,
                        mixup: float = params.MIXUP, mixup_alpha: float = params.MIXUP_ALPHA,
                        shuffle_buffer: int = 1000, seed: int = 0, initial_epoch: int = 0,
-                       num_epochs: int = 1,
+                       num_epochs: int = 1, random_gain_db: float = 0.0,
                        input_context: tf.distribute.InputContext | None = None,
                        features_in_pipeline: bool = False, frontend: Callable | None = None,
                        with_ids: bool = False, skip_corrupt_records: bool = False,
@@ -276,9 +277,13 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
     batch under ``input_context``). ``with_ids`` adds ``id`` (string), ``key`` (int64:
     file index * 2**32 + record position, see :func:`example_key_parts`), ``partner_key``
     (-1 when not mixed) and ``mix_lambda`` (1 when not mixed) to the features.
-    Epochs are counted from 0 as in Keras' ``initial_epoch``.
+    Epochs are counted from 0 as in Keras' ``initial_epoch``. ``random_gain_db`` > 0 scales
+    each training waveform by a random gain of ±random_gain_db dB after mixup
+    (:func:`psla_tf.augment.random_gain`; not in PSLA, off by default).
     """
     spec = resolve_data(data)
+    if random_gain_db < 0:
+        raise ValueError(f"random_gain_db must be >= 0, got {random_gain_db}")
     n_total = int(spec.num_examples)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -392,7 +397,18 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
         batches = _or_fail_when_exhausted(
             batches, f"input pipeline ran out of examples before {n_batches} batches "
                      f"in {MAX_DRAWS_PER_EPOCH} draws (do the examples have labels?)")
-        return batches.take(n_batches)
+        batches = batches.take(n_batches)
+        if random_gain_db > 0:
+            from psla_tf.augment import random_gain
+            gain_seed = sampling.derive_seed(base_seed, _SALT_GAIN, epoch, pid)
+
+            def gain(index, batch):
+                feats, labels = batch
+                feats = dict(feats, waveform=random_gain(
+                    feats["waveform"], random_gain_db, sampling.derive_seed(gain_seed, index)))
+                return feats, labels
+            batches = batches.enumerate().map(_nag(gain))
+        return batches
 
     epochs = tf.data.Dataset.range(int(initial_epoch), int(initial_epoch) + int(num_epochs))
     ds = epochs.flat_map(_nag(epoch_dataset))
