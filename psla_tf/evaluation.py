@@ -5,6 +5,11 @@ With several score files of the same clips (runs with different seeds), the per-
 the mean over runs with its standard deviation, as in Fig. 7; the summary gives every run's
 metrics and their mean. Classes without a positive example have no AP (and classes without
 positives or negatives no AUC): they are left out of the means and listed by MID and name.
+
+Coverage: when the data behind the scores listed more clips than were scored (clips missing
+from a download, undecodable files, prediction failures), the report states how many of how
+many (``summary["coverage"]``, printed next to mAP by tools/evaluate.py): an mAP over 95 % of
+a set is not the mAP of the set.
 """
 from __future__ import annotations
 
@@ -19,15 +24,57 @@ from psla_tf import metrics
 from psla_tf.data.records import DataError
 from psla_tf.prediction import Predictions, members_agree
 
-__all__ = ["evaluation_report", "write_report", "plot_sorted_ap"]
+__all__ = ["evaluation_report", "write_report", "plot_sorted_ap", "coverage",
+           "coverage_text"]
+
+
+def coverage(evaluated: int, listed: int | None, written: int | None = None,
+             source: str | None = None) -> dict[str, Any]:
+    """How many of the listed clips the metrics cover.
+
+    ``evaluated``: clips with scores; ``listed``: clips the input listing named (the
+    manifests' ``listed``; None when unknown); ``written``: clips prepared into the shards
+    (between the two: the rest failed to download/decode). ``fraction`` = evaluated / listed.
+    """
+    if listed is not None and int(listed) < int(evaluated):
+        raise DataError(f"{evaluated} clips scored but only {listed} listed: the scores are "
+                        "not of this data")
+    out: dict[str, Any] = {"evaluated": int(evaluated),
+                           "listed": None if listed is None else int(listed),
+                           "fraction": (None if not listed else int(evaluated) / int(listed))}
+    if written is not None:
+        out["written"] = int(written)
+    if source:
+        out["source"] = source
+    out["complete"] = listed is not None and int(evaluated) == int(listed)
+    return out
+
+
+def coverage_text(cov: dict[str, Any] | None) -> str:
+    """``'on 498 of 500 listed clips (99.6 %)'`` — what follows mAP in a report."""
+    if not cov:
+        return ""
+    if cov.get("listed") is None:
+        return f"on {cov['evaluated']} clips (listed count unknown: pass --data or --listed)"
+    text = (f"on {cov['evaluated']} of {cov['listed']} listed clips "
+            f"({100.0 * cov['fraction']:.1f} %)")
+    written = cov.get("written")
+    if written is not None and written != cov["listed"]:
+        text += f"; {cov['listed'] - written} listed clips were not found or failed to prepare"
+    if written is not None and written != cov["evaluated"]:
+        text += f"; {written - cov['evaluated']} prepared clips have no score"
+    return text
 
 
 def evaluation_report(preds: Sequence[Predictions], mids: Sequence[str], names: Sequence[str],
-                      sources: Sequence[str] | None = None) -> dict[str, Any]:
+                      sources: Sequence[str] | None = None,
+                      listed: int | None = None, written: int | None = None,
+                      coverage_source: str | None = None) -> dict[str, Any]:
     """Metrics of one or more score files of the same labelled clips.
 
-    Returns ``summary`` (JSON-ready) and ``classes`` (per-class rows sorted by AP, classes
-    without AP last).
+    Returns ``summary`` (JSON-ready; ``coverage`` = :func:`coverage` of the scored clips
+    against ``listed``/``written`` when known) and ``classes`` (per-class rows sorted by AP,
+    classes without AP last).
     """
     sources = list(sources or [f"scores_{i}" for i in range(len(preds))])
     if not preds:
@@ -79,6 +126,7 @@ def evaluation_report(preds: Sequence[Predictions], mids: Sequence[str], names: 
         "excluded_from_AUC": named(excluded_auc),
         "runs": per_run,
     }
+    summary["coverage"] = coverage(targets.shape[0], listed, written, coverage_source)
     if len(runs) > 1:
         summary["mAP_std"] = float(np.std([r["mAP"] for r in per_run]))
     return {"summary": summary, "classes": rows, "ap": ap_mean, "ap_std": ap_std}

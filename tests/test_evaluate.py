@@ -114,3 +114,68 @@ def test_cli_writes_json_csv_png(tmp_path):
         r = run_tool("evaluate.py", *args, f"--out_dir={tmp_path / 'x'}")
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-1500:]
         assert r.stderr.strip().splitlines()[-1].startswith("error:") and msg in r.stderr
+
+
+def _manifest_for(tmp_path, p, written, listed):
+    """Shards of ``written`` clips (the scores' vocabulary) whose manifest lists ``listed``."""
+    import tensorflow as tf
+    from psla_tf.data import records
+    prefix = str(tmp_path / "eval")
+    shard = records.shard_name(prefix, 0, 1)
+    counts = np.zeros(C, int)
+    with tf.io.TFRecordWriter(shard) as w:
+        for i in range(written):
+            labs = [int(k) for k in np.flatnonzero(p.targets[i % N] >= 0.5)]
+            counts[labs] += 1
+            w.write(records.make_example(f"id{i}", np.zeros(800, np.int16), labs,
+                                         [p.mids[k] for k in labs]))
+    records.Manifest(num_examples=written, shards=[{"file": os.path.basename(shard),
+                                                    "num_examples": written}],
+                     mids=list(p.mids), names=list(p.names), class_counts=counts.tolist(),
+                     max_seconds=0.05, listed=listed).write(records.manifest_path(prefix))
+    return prefix + "-*.tfrecord"
+
+
+def test_coverage_stated_next_to_map(tmp_path):
+    """Issue 6: when the input listed more clips than were found, the report says how many
+    of how many next to mAP (printed and in metrics.json)."""
+    from psla_tf import evaluation, prediction
+    from psla_tf.data.records import DataError
+    p = scores_file(tmp_path / "a.npz", 0)
+    q = prediction.load_scores(str(tmp_path / "a.npz"))
+    # without a listed count: evaluated clips only, fraction unknown
+    s = evaluation.evaluation_report([q], q.mids, q.names)["summary"]
+    assert s["coverage"] == {"evaluated": N, "listed": None, "fraction": None,
+                             "complete": False}
+    assert evaluation.coverage_text(s["coverage"]).startswith(f"on {N} clips (listed count")
+    s = evaluation.evaluation_report([q], q.mids, q.names, listed=N + 4, written=N + 1)["summary"]
+    assert s["coverage"]["fraction"] == pytest.approx(N / (N + 4))
+    text = evaluation.coverage_text(s["coverage"])
+    assert text.startswith(f"on {N} of {N + 4} listed clips (93.8 %)"), text
+    assert "3 listed clips were not found" in text and "1 prepared clips have no score" in text
+    assert evaluation.evaluation_report([q], q.mids, q.names, listed=N)["summary"][
+        "coverage"]["complete"]
+    with pytest.raises(DataError, match="only 5 listed"):
+        evaluation.evaluation_report([q], q.mids, q.names, listed=5)
+
+    # the CLI: --data reads listed/written from the shards' manifests
+    glob = _manifest_for(tmp_path, p, written=N, listed=N + 4)
+    out = tmp_path / "rep"
+    r = run_tool("evaluate.py", f"--scores={tmp_path / 'a.npz'}", f"--data={glob}",
+                 f"--out_dir={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    map_line = next(line for line in r.stdout.splitlines() if line.startswith("mAP"))
+    assert f"on {N} of {N + 4} listed clips (93.8 %)" in map_line, r.stdout
+    assert "4 listed clips were not found" in map_line and "warning" in r.stdout
+    cov = json.loads((out / "metrics.json").read_text())["coverage"]
+    assert (cov["evaluated"], cov["listed"], cov["written"], cov["complete"]) == (
+        N, N + 4, N, False)
+    assert cov["source"] == glob
+    # --listed instead of --data; a listing given as --data is refused with what to do
+    r = run_tool("evaluate.py", f"--scores={tmp_path / 'a.npz'}", f"--listed={N}",
+                 f"--out_dir={out}")
+    assert r.returncode == 0 and f"on {N} of {N} listed clips (100.0 %)" in r.stdout
+    assert "warning" not in r.stdout
+    r = run_tool("evaluate.py", f"--scores={tmp_path / 'a.npz'}", "--data=clips.csv",
+                 f"--out_dir={out}")
+    assert r.returncode == 2 and "--listed" in r.stderr

@@ -5,6 +5,8 @@ Examples:
   python tools/evaluate.py --scores=eval.npz --out_dir=report
   python tools/evaluate.py --scores=seed1.npz,seed2.npz,seed3.npz --out_dir=report_runs \\
       --label_csv=class_labels_indices.csv        # Fig. 7 with ± std over the runs
+  python tools/evaluate.py --scores=eval.npz --data='data/eval-*.tfrecord' --out_dir=report
+      # coverage: mAP "on 19,185 of 20,371 listed clips" (from the shards' manifests)
 """
 import os
 import sys
@@ -22,6 +24,11 @@ flags.DEFINE_string("label_csv", None, "Class map index,mid,display_name (defaul
                     "and names stored in the score file).")
 flags.DEFINE_string("out_dir", None, "Output folder: metrics.json, classes.csv, sorted_ap.png.")
 flags.DEFINE_integer("show", 5, "Best and worst classes printed.")
+flags.DEFINE_string("data", None, "The TFRecord shards the scores were predicted on (glob): "
+                    "their manifests say how many clips the input listed, so the report "
+                    "states the coverage (scored of listed clips) next to mAP.")
+flags.DEFINE_integer("listed", None, "How many clips the evaluation set lists (instead of "
+                     "--data, e.g. the rows of the original CSV).")
 
 
 def main(argv):
@@ -42,7 +49,21 @@ def main(argv):
             mids, names = preds[0].mids, preds[0].names
         else:
             raise DataError(f"{paths[0]} stores no class map; pass --label_csv")
-        report = evaluation.evaluation_report(preds, mids, names, paths)
+        listed, written, source = FLAGS.listed, None, None
+        if FLAGS.data:
+            if not prediction.is_record_glob(FLAGS.data):
+                raise DataError("--data must be the TFRecord shards the scores were predicted "
+                                "on (a glob with a manifest); for a listing use --listed=N")
+            from psla_tf.data.records import load_data_spec
+            spec = load_data_spec(FLAGS.data)
+            if list(spec.mids) != list(mids):
+                raise DataError(f"--data {FLAGS.data}: its vocabulary differs from the "
+                                "scores' class map")
+            written, source = int(spec.num_examples), FLAGS.data
+            if listed is None:
+                listed = int(spec.listed)
+        report = evaluation.evaluation_report(preds, mids, names, paths, listed=listed,
+                                              written=written, coverage_source=source)
         files = evaluation.write_report(report, names, FLAGS.out_dir)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -51,7 +72,11 @@ def main(argv):
     runs = f" (mean of {len(paths)} runs)" if len(paths) > 1 else ""
     print(f"{s['num_examples']} clips, {s['num_classes_evaluated']}/{s['num_classes']} classes "
           f"with positives{runs}")
-    print(f"mAP {s['mAP']:.4f}  AUC {s['AUC']:.4f}  d-prime {s['d_prime']:.4f}")
+    print(f"mAP {s['mAP']:.4f} {evaluation.coverage_text(s['coverage'])}  "
+          f"AUC {s['AUC']:.4f}  d-prime {s['d_prime']:.4f}")
+    if s["coverage"]["listed"] is not None and not s["coverage"]["complete"]:
+        print(f"warning: the metrics cover {s['coverage']['evaluated']} of "
+              f"{s['coverage']['listed']} listed clips")
     rated = [r for r in report["classes"] if r["AP"] is not None]
     k = min(FLAGS.show, len(rated))
     if k:
