@@ -233,3 +233,34 @@ def test_main_init_from_new_vocabulary_ce_accuracy(tmp_path, source):
     assert "accuracy" in r.stdout.split("single")[0].splitlines()[-1]  # table header
     prov = json.loads((exp / "provenance.json").read_text())
     assert prov["init_from"]["heads_reinitialised"] == ["classifier/pooling"]
+
+
+@pytest.mark.parametrize("recipe", ["custom_singlelabel", "custom_multilabel", "esc50",
+                                    "fsdd"])
+def test_recipes_parse_and_need_init_from(recipe):
+    """configs/*.flags parse into a valid TrainConfig. The fine-tuning recipes (the head is
+    trained alone first) refuse to start without --init_from with a message saying what to
+    pass, and are valid with it or when training from scratch as the message suggests."""
+    from absl import flags
+    from psla_tf.training.flags import config_from_flags, define_flags
+    from psla_tf.training.trainer import ConfigError, check_config
+    path = os.path.join(ROOT, "configs", f"{recipe}.flags")
+
+    def cfg(*extra):
+        fv = flags.FlagValues()
+        define_flags(fv)
+        flags.DEFINE_float("max_seconds", 10.0, "tools/cross_validate.py's", flag_values=fv)
+        fv(["main.py", f"--flagfile={path}", "--train_data=t", "--eval_data=e",
+            "--exp_dir=x", *extra])
+        return config_from_flags(fv)
+
+    c = cfg()
+    if c.freeze_backbone_epochs and not c.init_from:
+        with pytest.raises(ConfigError, match=r"pass --init_from=MODEL .* from scratch with "
+                                              r"--freeze_backbone_epochs=0"):
+            check_config(c)
+        check_config(cfg("--init_from=exp/audioset"))
+        check_config(cfg("--freeze_backbone_epochs=0", "--lr=1e-3"))
+    else:
+        check_config(c)
+    assert c.loss in ("ce", "bce") and (c.loss == "ce") == (c.metric == "accuracy")

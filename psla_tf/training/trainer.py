@@ -163,8 +163,11 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.freeze_backbone_epochs < 0:
         raise ConfigError("--freeze_backbone_epochs must be ≥ 0")
     if cfg.freeze_backbone_epochs and not cfg.init_from and cfg.pretrained == "none":
-        raise ConfigError("--freeze_backbone_epochs needs a pretrained backbone "
-                          "(--init_from or --pretrained)")
+        raise ConfigError(f"--freeze_backbone_epochs={cfg.freeze_backbone_epochs} needs a "
+                          "pretrained model to fine-tune: pass --init_from=MODEL (a psla_tf "
+                          ".keras model or run folder, e.g. an AudioSet model; the "
+                          "configs/custom_*.flags and esc50.flags recipes fine-tune one), or "
+                          "train from scratch with --freeze_backbone_epochs=0 --lr=1e-3")
 
 
 @dataclasses.dataclass
