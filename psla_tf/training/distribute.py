@@ -152,6 +152,7 @@ def patch_keras_multi_worker_reduce() -> None:
     ``axis=None`` instead (the mean over replicas, what ``axis=0`` does for batched values);
     everything else goes to Keras' own function unchanged. Idempotent.
     """
+    warm_keras_saving_skipsets()  # the other gap met by every multi-worker run (see there)
     from keras.src.backend.tensorflow import trainer as keras_tf_trainer
     original = keras_tf_trainer.reduce_per_replica
     if getattr(original, "_psla_patched", False):
@@ -173,6 +174,30 @@ def patch_keras_multi_worker_reduce() -> None:
 
     reduce_per_replica._psla_patched = True
     keras_tf_trainer.reduce_per_replica = reduce_per_replica
+
+
+def warm_keras_saving_skipsets() -> None:
+    """Let ``model.save`` run on the chief alone under MultiWorkerMirroredStrategy.
+
+    Keras 3.15's ``saving_lib.get_attr_skipset`` builds reference objects (an
+    ``Optimizer(1.0)``, whose constructor creates variables) on every save: it caches the
+    result under ``saving_attr_skipset_*`` but looks it up under ``saving_attr_skiplist_*``.
+    Inside a MultiWorkerMirroredStrategy scope a new variable's initial value is broadcast
+    from the chief (a collective), so a save made by the chief only — the weight-averaged
+    model, the final model — waits for the other workers forever (or until they exit: the
+    run dies with "CollectiveBcastSend ... tasks have crashed"). The sets are computed here,
+    outside any strategy scope, and stored under the key the lookup uses. Must be called
+    outside ``strategy.scope()``. Idempotent."""
+    import tensorflow as tf
+    from keras.src.backend.common import global_state
+    from keras.src.saving import saving_lib
+    if tf.distribute.has_strategy():
+        raise RuntimeError("warm_keras_saving_skipsets must run outside strategy.scope()")
+    for obj_type in ("Operation", "Layer", "Functional", "Sequential", "Metric", "Optimizer",
+                     "Loss"):
+        key = f"saving_attr_skiplist_{obj_type}"
+        if global_state.get_global_attribute(key, None) is None:
+            global_state.set_global_attribute(key, saving_lib.get_attr_skipset(obj_type))
 
 
 def patch_keras_sync_moments() -> None:
