@@ -21,7 +21,46 @@ import tensorflow as tf
 
 from psla_tf import params
 
-__all__ = ["FrequencyMasking", "TimeMasking", "mask_along_axis", "random_gain"]
+__all__ = ["FrequencyMasking", "TimeMasking", "mask_along_axis", "random_gain", "random_speed"]
+
+
+def random_speed(waveform: tf.Tensor, num_samples: tf.Tensor, max_change: float,
+                 seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """Speed perturbation: play each clip of ``waveform`` ``[B, S]`` at rate r ~ U[1 − x,
+    1 + x] (x = ``max_change``), one draw per clip from the stateless ``seed`` ``[2]``.
+
+    Returns ``(waveform [B, S], num_samples [B])``: out[t] = x(r t) by linear interpolation
+    over the clip's ``num_samples`` valid samples; the new clip has ⌊(n − 1) / r⌋ + 1 valid
+    samples (cut at S), zeros after. Tempo and pitch change together (Ko et al. 2015, "Audio
+    augmentation for speech recognition": Kaldi's 0.9/1.0/1.1 speed perturbation), which makes
+    voices vary as different speakers' do. No anti-aliasing filter: with r ≤ 1 + x only
+    content above SR / (2 r) (the top x of the band) can alias. Not in PSLA
+    (``--random_speed``); identity when ``max_change`` is 0.
+    """
+    if not 0.0 <= float(max_change) < 1.0:
+        raise ValueError(f"max_change must be in [0, 1), got {max_change}")
+    if float(max_change) == 0:
+        return waveform, num_samples
+    x = tf.convert_to_tensor(waveform)
+    n_in = tf.cast(num_samples, tf.int32)
+    batch, total = tf.shape(x)[0], tf.shape(x)[1]
+    rate = tf.random.stateless_uniform([batch], seed=tf.cast(seed, tf.int64),
+                                       minval=1.0 - float(max_change),
+                                       maxval=1.0 + float(max_change), dtype=tf.float32)
+    n = tf.minimum(tf.maximum(n_in, 1), total)
+    last = tf.cast(n - 1, tf.float32)
+    n_out = tf.minimum(tf.cast(tf.floor(last / rate), tf.int32) + 1, total)
+    pos = tf.cast(tf.range(total), tf.float32)[tf.newaxis, :] * rate[:, tf.newaxis]
+    pos = tf.minimum(pos, last[:, tf.newaxis])
+    lo = tf.cast(tf.floor(pos), tf.int32)
+    hi = tf.minimum(lo + 1, (n - 1)[:, tf.newaxis])
+    frac = tf.cast(pos - tf.cast(lo, tf.float32), x.dtype)
+    y = (tf.gather(x, lo, batch_dims=1) * (1.0 - frac)
+         + tf.gather(x, hi, batch_dims=1) * frac)
+    valid = tf.range(total)[tf.newaxis, :] < n_out[:, tf.newaxis]
+    y = tf.where(valid, y, tf.zeros_like(y))
+    n_out = tf.where(n_in > 0, n_out, 0)
+    return y, tf.cast(n_out, tf.convert_to_tensor(num_samples).dtype)
 
 
 def random_gain(waveform: tf.Tensor, max_db: float, seed: tf.Tensor) -> tf.Tensor:

@@ -188,5 +188,44 @@ def test_random_gain_in_training_pipeline(tmp_path):
         gains += list(20 * np.log10(g))
         np.testing.assert_allclose(b, a * g[:, None], rtol=1e-5, atol=1e-6)
     assert max(abs(g) for g in gains) <= 10.0 + 1e-3 and np.std(gains) > 1.0
+    sped = list(pipeline.make_train_dataset(glob, random_speed=0.1, **kw))
+    for (a, la), (b, lb) in zip(plain, sped):
+        np.testing.assert_array_equal(la.numpy(), lb.numpy())
+        ratio = a["num_samples"].numpy() / b["num_samples"].numpy()       # = rate r
+        assert np.all((ratio > 0.9 - 1e-3) & (ratio < 1.1 + 1e-3)) and np.ptp(ratio) > 0
     with pytest.raises(ValueError, match="random_gain_db"):
         pipeline.make_train_dataset(glob, random_gain_db=-1.0, **kw)
+
+
+def test_random_speed():
+    """--random_speed: each clip resampled at one rate r in [1 - x, 1 + x]: a tone's
+    frequency scales by r, the valid length by 1 / r (cut at S), zeros after; stateless."""
+    from psla_tf.augment import random_speed
+    sr, total = 16000, 16000
+    t = np.arange(total) / sr
+    freqs = [300.0, 440.0, 1000.0, 2000.0] * 8
+    lengths = np.array([8000, 12000, 16000, 400] * 8, np.int32)
+    x = np.stack([np.sin(2 * np.pi * f * t) * (np.arange(total) < n)
+                  for f, n in zip(freqs, lengths)]).astype(np.float32)
+    seed = tf.constant([3, 4], tf.int64)
+    y, n = random_speed(x, lengths, 0.1, seed)
+    y, n = y.numpy(), n.numpy()
+    rates = []
+    for i, (f, n0) in enumerate(zip(freqs, lengths)):
+        assert not y[i, n[i]:].any()                                     # zeros after
+        if n0 < 8000:
+            continue
+        seg = y[i, :n[i]] * np.hanning(n[i])
+        spec = np.abs(np.fft.rfft(seg, 8 * n[i]))
+        r = np.argmax(spec) * sr / (8 * n[i]) / f                        # measured rate
+        rates.append(r)
+        assert 0.9 - 2e-3 <= r <= 1.1 + 2e-3
+        assert n[i] == min(total, int(np.floor((n0 - 1) / r + 1e-6)) + 1) or \
+            abs(n[i] - min(total, (n0 - 1) / r + 1)) <= 2               # length ~ n / r
+    assert np.std(rates) > 0.02                                          # rates differ
+    y2, _ = random_speed(x, lengths, 0.1, seed)
+    np.testing.assert_array_equal(y2.numpy(), y)                         # stateless
+    y0, n0 = random_speed(x, lengths, 0.0, seed)
+    np.testing.assert_array_equal(np.asarray(y0), x)
+    with pytest.raises(ValueError, match="max_change"):
+        random_speed(x, lengths, 1.0, seed)

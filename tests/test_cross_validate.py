@@ -117,3 +117,12 @@ def test_tool_bad_inputs_are_one_line_errors(tmp_path):
         err = r.stderr.strip().splitlines()
         assert err[-1].startswith("error:") and msg in err[-1], (args, err[-3:])
         assert "Traceback" not in r.stderr
+    # the ESC-50 recipe fine-tunes: without --init_from it stops before preparing anything
+    (tmp_path / "two").mkdir()
+    csv_path = _listing(tmp_path / "two", folds=("1", "2"), per=1)
+    r = _tool(f"--flagfile={os.path.join(ROOT, 'configs', 'esc50.flags')}",
+              f"--input={csv_path}", f"--audio_root={tmp_path / 'two' / 'audio'}",
+              f"--exp_dir={tmp_path / 'e2'}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "pass --init_from=MODEL" in r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "e2" / "data").exists()

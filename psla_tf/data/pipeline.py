@@ -264,6 +264,7 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
                        mixup: float = params.MIXUP, mixup_alpha: float = params.MIXUP_ALPHA,
                        shuffle_buffer: int = 1000, seed: int = 0, initial_epoch: int = 0,
                        num_epochs: int = 1, random_gain_db: float = 0.0,
+                       random_speed: float = 0.0,
                        input_context: tf.distribute.InputContext | None = None,
                        features_in_pipeline: bool = False, frontend: Callable | None = None,
                        with_ids: bool = False, skip_corrupt_records: bool = False,
@@ -279,11 +280,15 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
     (-1 when not mixed) and ``mix_lambda`` (1 when not mixed) to the features.
     Epochs are counted from 0 as in Keras' ``initial_epoch``. ``random_gain_db`` > 0 scales
     each training waveform by a random gain of ±random_gain_db dB after mixup
-    (:func:`psla_tf.augment.random_gain`; not in PSLA, off by default).
+    (:func:`psla_tf.augment.random_gain`; not in PSLA, off by default); ``random_speed`` > 0
+    plays each at a random rate in [1 - random_speed, 1 + random_speed]
+    (:func:`psla_tf.augment.random_speed`; also not in PSLA, off by default).
     """
     spec = resolve_data(data)
     if random_gain_db < 0:
         raise ValueError(f"random_gain_db must be >= 0, got {random_gain_db}")
+    if not 0 <= random_speed < 1:
+        raise ValueError(f"random_speed must be in [0, 1), got {random_speed}")
     n_total = int(spec.num_examples)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -398,15 +403,17 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
             batches, f"input pipeline ran out of examples before {n_batches} batches "
                      f"in {MAX_DRAWS_PER_EPOCH} draws (do the examples have labels?)")
         batches = batches.take(n_batches)
-        if random_gain_db > 0:
-            from psla_tf.augment import random_gain
+        if random_gain_db > 0 or random_speed > 0:
+            from psla_tf.augment import random_gain, random_speed as speed_fn
             gain_seed = sampling.derive_seed(base_seed, _SALT_GAIN, epoch, pid)
 
             def gain(index, batch):
                 feats, labels = batch
-                feats = dict(feats, waveform=random_gain(
-                    feats["waveform"], random_gain_db, sampling.derive_seed(gain_seed, index)))
-                return feats, labels
+                s = sampling.derive_seed(gain_seed, index)
+                w, n = speed_fn(feats["waveform"], feats["num_samples"], random_speed,
+                                sampling.derive_seed(s, 1))
+                w = random_gain(w, random_gain_db, s)
+                return dict(feats, waveform=w, num_samples=n), labels
             batches = batches.enumerate().map(_nag(gain))
         return batches
 

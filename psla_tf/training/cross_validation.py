@@ -73,6 +73,9 @@ def cross_validate(cfg, input_csv: str, fold_column: str = "fold",
 
     if not cfg.exp_dir:
         raise DataError("--exp_dir is required")
+    import dataclasses
+    # flag errors (e.g. --freeze_backbone_epochs without --init_from) before any preparation
+    trainer.check_config(dataclasses.replace(cfg, train_data="<folds>", eval_data="<fold>"))
     data_dir = data_dir or os.path.join(cfg.exp_dir, "data")
     if not os.path.isfile(input_csv):
         raise DataError(f"--input {input_csv}: not found (a CSV with a fold column)")

@@ -54,6 +54,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     F("random_gain_db", d.random_gain_db, "Random gain augmentation: each training clip is "
       "scaled by U[-x, x] dB (not in PSLA; 0 off). Helps when test recordings are louder or "
       "quieter than the training set's.", flag_values=fv)
+    F("random_speed", d.random_speed, "Speed perturbation: each training clip is played at a "
+      "rate U[1-x, 1+x] (tempo and pitch; not in PSLA; 0 off). Helps voices/sources unseen "
+      "in training.", flag_values=fv)
     I("freqm", d.freqm, "Max frequency-mask width in bins (paper: 48; 0 off).", flag_values=fv)
     I("timem", d.timem, "Max time-mask width in frames (paper: 192; 0 off).", flag_values=fv)
     I("target_length", d.target_length, "Frames per clip (1056 AudioSet, 3000 FSD50K).",

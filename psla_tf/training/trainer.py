@@ -57,6 +57,7 @@ class TrainConfig:
     mixup: float = params.MIXUP
     mixup_alpha: float = params.MIXUP_ALPHA
     random_gain_db: float = 0.0
+    random_speed: float = 0.0
     freqm: int = params.FREQM
     timem: int = params.TIMEM
     target_length: int = params.TARGET_LENGTH
@@ -137,6 +138,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError("--mixup must be in [0, 1] and --mixup_alpha > 0")
     if cfg.random_gain_db < 0:
         raise ConfigError(f"--random_gain_db must be ≥ 0, got {cfg.random_gain_db}")
+    if not 0 <= cfg.random_speed < 1:
+        raise ConfigError(f"--random_speed must be in [0, 1), got {cfg.random_speed}")
     if not 0 <= cfg.bn_momentum < 1:
         raise ConfigError(f"--bn_momentum must be in [0, 1), got {cfg.bn_momentum}")
     if cfg.target_length < 1 or cfg.freqm < 0 or cfg.timem < 0:
@@ -510,7 +513,7 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
         kwargs = dict(batch_size=cfg.batch_size, clip_samples=r.clip_samples,
                       balanced_sampling=cfg.balanced_sampling, mixup=cfg.mixup,
                       mixup_alpha=cfg.mixup_alpha, shuffle_buffer=cfg.shuffle_buffer,
-                      random_gain_db=cfg.random_gain_db,
+                      random_gain_db=cfg.random_gain_db, random_speed=cfg.random_speed,
                       seed=cfg.seed, initial_epoch=initial_epoch,
                       num_epochs=cfg.n_epochs - initial_epoch, skip_corrupt_records=skip)
         if strategy is tf.distribute.get_strategy() and replicas == 1:
