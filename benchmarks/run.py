@@ -66,6 +66,9 @@ flags.DEFINE_boolean("write_build_md", False,
 flags.DEFINE_string("build_md", os.path.join(ROOT, "BUILD.md"), "The BUILD.md to update.")
 flags.DEFINE_boolean("quick", False, "End-to-end check: 200 clips, 1 repeat, fewer batches, "
                      "EfficientNet-B0 at 100 frames. Not the benchmark's figures.")
+flags.DEFINE_string("torch_python", None,
+                    "Python interpreter with torch + torchaudio for the 'torch' section (e.g. a "
+                    "separate venv made from requirements-bench.txt); default: this one.")
 flags.DEFINE_string("child", None, "Internal: run one measurement (JSON spec) and print it.")
 
 CLIP = 160000  # 10 s at 16 kHz
@@ -772,8 +775,16 @@ def bench_prepare(results: dict, ctx: dict) -> dict:
 
 
 def bench_torch(results: dict, ctx: dict) -> dict:
-    import importlib.util
-    missing = [m for m in ("torch", "torchaudio") if importlib.util.find_spec(m) is None]
+    python = FLAGS["torch_python"].value or sys.executable  # readable before flag parsing
+    try:
+        probe = subprocess.run([python, "-c", "import importlib.util as u; print(' '.join(m for m "
+                                "in ('torch', 'torchaudio') if u.find_spec(m) is None))"],
+                               capture_output=True, text=True)
+    except OSError as e:
+        return {"rows": [], "notes": f"skipped: --torch_python={python}: {e.strerror}"}
+    if probe.returncode != 0:
+        return {"rows": [], "notes": f"skipped: --torch_python={python} does not run"}
+    missing = probe.stdout.split()
     if missing:
         return {"rows": [], "notes": f"skipped: {' and '.join(missing)} not installed "
                 "(pip install -r requirements-bench.txt: ~7 GB with the default CUDA wheels, far "
@@ -782,7 +793,7 @@ def bench_torch(results: dict, ctx: dict) -> dict:
     rows, notes = [], []
     script = os.path.join(ROOT, "benchmarks", "torch_reference.py")
     for k in _core_list(results):
-        cmd = [sys.executable, script, "--datafile", ctx["data"]["datafile"], "--workers",
+        cmd = [python, script, "--datafile", ctx["data"]["datafile"], "--workers",
                str(k), "--cores", str(k), "--repeats", str(ctx["repeats"]),
                "--batches_per_repeat", str(ctx["batches_per_repeat"])]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)

@@ -125,3 +125,12 @@ def test_torch_section_skips_cleanly_without_torchaudio(bench):
     proc = subprocess.run([sys.executable, TORCH_REF, "--synthetic=1"], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+
+
+def test_torch_section_reports_a_missing_interpreter(bench):
+    bench.FLAGS["torch_python"].value = "/nonexistent/python"
+    try:
+        out = bench.bench_torch({"machine": {"usable_cores": 2}}, {})
+    finally:
+        bench.FLAGS["torch_python"].value = None
+    assert out["rows"] == [] and "skipped" in out["notes"] and "/nonexistent/python" in out["notes"]

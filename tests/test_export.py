@@ -371,8 +371,9 @@ def test_tflite_dynamic_within_1e2(tflite_models, keras_model, tmp_path):
                                atol=1e-2)
 
 
-@pytest.mark.xfail(reason="known gap (BUILD.md, Deployment): the int8 backbone of the demo "
-                   "model loses ~0.23 mAP; the issue asks for 0.01", strict=False)
+@pytest.mark.xfail(reason="known gap (BUILD.md, Deployment): this test's small 1-s demo model "
+                   "(mAP ~0.63) loses ~0.015-0.035 mAP in int8; the demo recipe's model "
+                   "(mAP 0.931) loses 0.0009 — the issue asks for 0.01", strict=False)
 def test_tflite_int8_map_within_001_of_keras(tflite_models, keras_model, trained, tmp_path):
     from psla_tf import metrics
     from psla_tf.data import records
@@ -393,6 +394,28 @@ def test_tflite_int8_map_within_001_of_keras(tflite_models, keras_model, trained
     int8_map = metrics.evaluate(targets, got["int8"])["mAP"]
     assert keras_map > 0.5, f"the demo model did not learn (mAP {keras_map:.3f})"
     assert abs(int8_map - keras_map) <= 0.01, (keras_map, int8_map)
+
+
+def test_tflite_int8_keeps_waveform_and_frontend_float(tflite_models):
+    """The int8 model quantises the CNN, not the audio: the input waveform and every front-end
+    tensor (before the first convolution) stay float32 — an int8 input is 8-bit audio, whose
+    quantisation noise floor replaces the quiet mel bands (it cost the demo model 0.23 mAP) —
+    while the convolutions are int8."""
+    from ai_edge_litert.interpreter import Interpreter
+    it = Interpreter(model_path=tflite_models["int8"])
+    it.allocate_tensors()
+    ops = it._get_ops_details()
+    first_conv = next(i for i, op in enumerate(ops) if op["op_name"] == "CONV_2D")
+    assert first_conv > 10
+    assert ops[first_conv - 1]["op_name"] == "QUANTIZE"   # the fbank enters the int8 CNN
+    for op in ops[:first_conv - 1]:
+        assert op["op_name"] not in ("QUANTIZE", "DEQUANTIZE"), op
+        for i in op["outputs"]:
+            assert it._get_tensor_details(i, 0)["dtype"] in (np.float32, np.int32), op
+    convs = [op for op in ops if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D")]
+    int8_convs = [op for op in convs
+                  if it._get_tensor_details(op["outputs"][0], 0)["dtype"] == np.int8]
+    assert len(int8_convs) >= 0.9 * len(convs), (len(int8_convs), len(convs))
 
 
 def test_tflite_float16_full_scale_square_wave(tflite_models, keras_model, tmp_path):

@@ -58,7 +58,9 @@ def mixup_example(example: dict[str, tf.Tensor], partner: dict[str, tf.Tensor],
     """Algorithm 1 lines 9-13 for one example and its candidate partner.
 
     ``example``/``partner``: dicts with ``waveform`` [samples] float32, ``labels`` [C]
-    float32 multi-hot and ``key`` int64 (the example's position in the data). Returns the
+    float32 multi-hot and ``key`` int64 (the example's position in the data); ``partner`` may
+    also be a function returning that dict, called only when the example is mixed (the
+    pipeline parses the partner record only then). Returns the
     example with mixed ``waveform``/``labels`` plus ``mix_lambda`` (1.0 when not mixed) and
     ``partner_key`` (-1 when not mixed).
     """
@@ -67,12 +69,13 @@ def mixup_example(example: dict[str, tf.Tensor], partner: dict[str, tf.Tensor],
     do_mix = tf.random.stateless_uniform([], seed=u_seed, dtype=tf.float32) < rate
 
     def mixed():
+        p = partner() if callable(partner) else partner
         lam = sample_beta(b_seed, alpha)
-        x = mix_waveforms(example["waveform"], partner["waveform"], lam)
-        y_i, y_j = example["labels"], partner["labels"]
+        x = mix_waveforms(example["waveform"], p["waveform"], lam)
+        y_i, y_j = example["labels"], p["labels"]
         # lambda + (1 - lambda) is not always exactly 1 in float32: a label in both gets 1.
         y = tf.where((y_i > 0) & (y_j > 0), tf.ones_like(y_i), lam * y_i + (1.0 - lam) * y_j)
-        return x, y, lam, tf.cast(partner["key"], tf.int64)
+        return x, y, lam, tf.cast(p["key"], tf.int64)
 
     def plain():
         return (example["waveform"], example["labels"], tf.constant(1.0, tf.float32),

@@ -381,14 +381,13 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
         if mixup > 0:
             partners = tf.data.Dataset.range(MAX_DRAWS_PER_EPOCH).flat_map(
                 _nag(lambda r: partner_pass(epoch, r)))
-            partners = partners.map(parse, num_parallel_calls=num_parallel_calls,
-                                    deterministic=True)
             mix_seed = sampling.derive_seed(base_seed, _SALT_MIX, epoch, pid)
 
             def mix(index, pair):
-                ex, partner = pair
-                return mixup_example(ex, partner, sampling.derive_seed(mix_seed, index),
-                                     mixup, mixup_alpha)
+                ex, (partner_key, partner_rec) = pair
+                # the partner record is parsed only when the example is mixed
+                return mixup_example(ex, lambda: parse(partner_key, partner_rec),
+                                     sampling.derive_seed(mix_seed, index), mixup, mixup_alpha)
             main = tf.data.Dataset.zip(main, partners).enumerate().map(
                 _nag(mix), num_parallel_calls=num_parallel_calls, deterministic=True)
         else:
