@@ -10,6 +10,7 @@ Examples:
 --model is anything psla_tf.models.loading.load_tagger accepts: a .keras file (also an
 ensemble from tools/ensemble.py), an experiment folder, or checkpoints/epoch_NNN.weights.h5.
 """
+import json
 import os
 import sys
 
@@ -50,6 +51,11 @@ flags.DEFINE_integer("calibration_size", 100, "int8: number of calibration clips
 flags.DEFINE_integer("benchmark", 0, "After writing --tflite: time this many invocations on one "
                      "input with the LiteRT runtime at 1 and 2 threads and print the median "
                      "latency (0: skip).")
+flags.DEFINE_string("compare_data", None, "After writing --tflite: score these TFRecord "
+                    "shards (glob) with the .tflite and the Keras model; print the score "
+                    "differences and both mAPs, and write them to OUT.compare.json.")
+flags.DEFINE_integer("compare_size", None, "--compare_data: at most this many clips "
+                     "(default: all).")
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar during int8 calibration.")
 
 
@@ -118,6 +124,25 @@ def main(argv):
                         FLAGS.benchmark)
                     print(f"latency ({threads} thread{'s' if threads > 1 else ''}): "
                           f"{t * 1000:.1f} ms per {FLAGS.tflite_seconds:g}-s input")
+            if FLAGS.compare_data:
+                bar = None
+                if FLAGS.progress:
+                    from tqdm import tqdm
+                    bar = tqdm(desc="compare", unit="clip", total=FLAGS.compare_size)
+                res = export_tflite.compare_with_keras(
+                    model, FLAGS.tflite, FLAGS.compare_data, limit=FLAGS.compare_size,
+                    progress=(lambda i: bar.update(1)) if bar else None)
+                if bar:
+                    bar.close()
+                path = os.path.splitext(FLAGS.tflite)[0] + ".compare.json"
+                with open(path, "w") as f:
+                    json.dump(res, f, indent=1)
+                line = (f"vs Keras on {res['clips']} clips: max |d| {res['max_abs_diff']:.2e}, "
+                        f"mean {res['mean_abs_diff']:.2e}, p99 {res['p99_abs_diff']:.2e}")
+                if "mAP_diff" in res:
+                    line += (f"; mAP Keras {res['keras_mAP']:.4f}, TFLite "
+                             f"{res['tflite_mAP']:.4f} ({res['mAP_diff']:+.4f})")
+                print(line + f"  [{path}]")
     except (DataError, export.ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
