@@ -541,15 +541,19 @@ def _tflite_variants(model, spec, measure, x1, xb) -> list[str]:
             ex.export_tflite(model, path, mids, mids, quantize=variant,
                              seconds=samples / 16000.0, clip_samples=samples,
                              calibration=calibration if variant == "int8" else None)
-            tagger = ex.TFLiteTagger(path, num_threads=spec.get("cores") or os.cpu_count())
+            size_mb = os.path.getsize(path) / 1e6
+            threads = sorted({1, spec.get("cores") or os.cpu_count() or 1})
+            for t in threads:  # the per-variant figures: 1 thread and all cores
+                tagger = ex.TFLiteTagger(path, num_threads=t)
 
-            def call(x, tagger=tagger):
-                return tagger(x["waveform"][0])
+                def call(x, tagger=tagger):
+                    return tagger(x["waveform"][0])
 
-            def call_b(x, tagger=tagger):
-                for w in x["waveform"]:
-                    tagger(w)
-            measure(f"TFLite {variant} (LiteRT, clip by clip)", call, call_b)
+                def call_b(x, tagger=tagger):
+                    for w in x["waveform"]:
+                        tagger(w)
+                measure(f"TFLite {variant}, {size_mb:.1f} MB (LiteRT, {t} thread"
+                        f"{'s' if t > 1 else ''}, clip by clip)", call, call_b)
         except Exception as e:  # noqa: BLE001
             notes.append(f"TFLite {variant}: {type(e).__name__}: "
                          f"{str(e).splitlines()[0][:200] if str(e) else ''}")
