@@ -279,6 +279,28 @@ def test_multi_worker_identical_weights_chief_writes(data, tmp_path):
     assert "the chief writes" in open(tmp_path / "worker1.log").read()
 
 
+def test_model_save_creates_no_variables_after_warm_up(tmp_path, monkeypatch):
+    """Keras 3.15 builds an ``Optimizer(1.0)`` (variables: a collective broadcast under
+    MultiWorkerMirroredStrategy) on every ``model.save``; after
+    ``warm_keras_saving_skipsets`` it does not."""
+    import keras
+    from keras.src.optimizers import optimizer as optimizer_module
+
+    from psla_tf.training import distribute
+    distribute.warm_keras_saving_skipsets()
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(optimizer="adam", loss="mse")
+    built = []
+    init = optimizer_module.Optimizer.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(type(self).__name__)
+        init(self, *args, **kwargs)
+    monkeypatch.setattr(optimizer_module.Optimizer, "__init__", counting_init)
+    model.save(str(tmp_path / "m.keras"))
+    assert built == []
+
+
 if __name__ == "__main__":
     with open(sys.argv[1]) as f:
         _child(json.load(f))
