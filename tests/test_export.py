@@ -237,6 +237,45 @@ def test_ensemble_scores_mean_and_embeddings_concat():
         export.ScoringModel(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))
 
 
+def test_ensemble_of_checkpoints_exports_and_serves(trained, tmp_path):
+    """tools/ensemble.py --export (two epoch checkpoints) → tools/export.py → a SavedModel that
+    a fresh interpreter without psla_tf serves: its scores on the held-out clips equal the
+    ensemble scores tools/ensemble.py computed through the evaluation pipeline."""
+    from psla_tf.data import records
+    from psla_tf.prediction import load_scores
+    exp, eval_glob = trained[0], trained[1]
+    members = ",".join(f"{exp}/checkpoints/epoch_{k:03d}.weights.h5" for k in (4, 6))
+    p = _run([sys.executable, "tools/ensemble.py", f"--models={members}", f"--data={eval_glob}",
+              f"--output={tmp_path}/ens.npz", f"--export={tmp_path}/ens", "--noprogress"])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    p = _run([sys.executable, "tools/export.py", f"--model={tmp_path}/ens/ensemble.keras",
+              f"--saved_model_dir={tmp_path}/sm", f"--clip_samples={CLIP}"])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    spec = records.load_data_spec(eval_glob)
+    waves = [ex["waveform_int16"].astype(np.float32) / 32768.0
+             for ex in records.iter_examples(spec.files, spec.compression)][:12]
+    w, n = zip(*[_pad_cut(x) for x in waves])
+    np.save(tmp_path / "w.npy", np.stack(w))
+    np.save(tmp_path / "n.npy", np.asarray(n, np.int32))
+    _fresh(f"""
+        import numpy as np, tensorflow as tf
+        m = tf.saved_model.load({str(tmp_path / "sm" / "1")!r})
+        out = m.signatures["serving_lengths"](
+            waveform=tf.constant(np.load({str(tmp_path / "w.npy")!r})),
+            num_samples=tf.constant(np.load({str(tmp_path / "n.npy")!r})))
+        mids = m.signatures["class_names"]()["mids"].numpy().astype(str)
+        np.save({str(tmp_path / "mids.npy")!r}, mids)
+        np.save({str(tmp_path / "served.npy")!r}, out["scores"].numpy())
+        np.save({str(tmp_path / "emb.npy")!r}, out["embeddings"].numpy())
+        """)
+    from psla_tf.models import loading
+    assert np.load(tmp_path / "mids.npy").tolist() == loading.load_vocabulary(exp)[0]
+    want = load_scores(str(tmp_path / "ens.npz")).scores[:12]
+    np.testing.assert_allclose(np.load(tmp_path / "served.npy"), want, atol=1e-4)
+    emb = np.load(tmp_path / "emb.npy")
+    assert emb.shape == (12, 2 * 1280)   # the two members' B0 embeddings, concatenated
+
+
 def test_mixed_precision_mirrored_export_serves_float32(tmp_path):
     """A model built and trained one step under mixed_float16 inside a MirroredStrategy scope
     (Scale issue) exports, reloads in a fresh process and serves float32 close to Keras."""
