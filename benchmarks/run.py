@@ -66,6 +66,9 @@ flags.DEFINE_boolean("write_build_md", False,
 flags.DEFINE_string("build_md", os.path.join(ROOT, "BUILD.md"), "The BUILD.md to update.")
 flags.DEFINE_boolean("quick", False, "End-to-end check: 200 clips, 1 repeat, fewer batches, "
                      "EfficientNet-B0 at 100 frames. Not the benchmark's figures.")
+flags.DEFINE_boolean("merge", False,
+                     "Keep the sections of an earlier --out/results.json that this run does not "
+                     "measure (each keeps the note of when, how and under what load it ran).")
 flags.DEFINE_string("torch_python", None,
                     "Python interpreter with torch + torchaudio for the 'torch' section (e.g. a "
                     "separate venv made from requirements-bench.txt); default: this one.")
@@ -299,14 +302,15 @@ PIPELINE_VARIANTS = {
     "train_plain": "training pipeline: read, shuffle, parse, pad, batch (no sampling, no mixup)",
     "sampling": "+ balanced sampling (Poisson resampling of the stream)",
     "mixup": "+ mixup (rate 0.5): the waveform batches the trainer feeds the model",
-    "fbank": "+ fbank in tf.data (vectorised map after batch, no masking)",
+    "fbank": "+ fbank in tf.data (rfft DFT: tf.data runs on the host CPU; vectorised map "
+             "after batch, no masking)",
     "masking": "+ frequency/time masking in tf.data: the reference's whole per-clip work",
     "model_frontend": "mixup pipeline + fbank & masking at the front of the model "
                       "(AudioFrontend as a tf.function on the consumer side)",
     "per_clip": "fbank + masking per clip in tf.data (map before batch, the reference's "
                 "per-clip order)",
     "xla": "fbank + masking in tf.data under jit_compile",
-    "rfft": "fbank (rfft DFT instead of the folded matmul) + masking in tf.data",
+    "matmul": "fbank (folded-matmul DFT, the accelerator front end's) + masking in tf.data",
 }
 STAGES = ["read", "parse", "train_plain", "sampling", "mixup", "fbank", "masking"]
 STAGE_COST = {"read": "read", "parse": "parse + pad + batch",
@@ -327,7 +331,9 @@ def child_pipeline(spec: dict) -> dict:
     cores = spec.get("cores")
     frames = spec.get("frames", 1056)
     clip_samples = pipeline.clip_samples_for_frames(frames)
-    dft = "rfft" if variant == "rfft" else "matmul"
+    # tf.data runs on the host CPU, where the rfft DFT is fastest (fbank section); the folded
+    # matmul is the model's front end on accelerators / TFLite, measured as its own variant
+    dft = "matmul" if variant in ("matmul", "xla", "model_frontend") else "rfft"
     masking = variant != "fbank"
     frontend_layer = AudioFrontend(frames, freqm=48 if masking else 0,
                                    timem=192 if masking else 0, seed=0, dft=dft)
@@ -357,7 +363,7 @@ def child_pipeline(spec: dict) -> dict:
         ds = train_ds(mixup=0.0)
     elif variant == "mixup":
         ds = train_ds()
-    elif variant in ("fbank", "masking", "xla", "rfft"):
+    elif variant in ("fbank", "masking", "xla", "matmul"):
         ds = train_ds(features_in_pipeline=True, frontend=frontend)
     elif variant == "model_frontend":
         ds = train_ds()
@@ -846,6 +852,11 @@ def _fmt(v: float | None, unit: str) -> str:
     return f"{v:,.1f}" if v >= 10 else f"{v:,.2f}"
 
 
+def _measured(m: dict, argv: str) -> str:
+    return (f"{m['date_utc']} UTC, 1-min load average at start "
+            f"{m['load_average_1min_at_start']:.2f}, `python benchmarks/run.py {argv}`")
+
+
 def to_markdown(results: dict) -> str:
     m = results["machine"]
     head = (f"Machine: {m['cpu']}, {m['cores']} cores ({m['usable_cores']} usable), "
@@ -870,10 +881,16 @@ def to_markdown(results: dict) -> str:
             unit = r["unit"] if r["unit"] not in ("ratio",) else ""
             lines.append(f"| {label} | {r['config']} | {r['cores']} | "
                          f"{_fmt(r['value'], r['unit'])} | {unit} | {r.get('note', '')} |")
+    head_measured = _measured(m, results["argv"])
     for section in ["baseline"] + ALL_SECTIONS:
         body = results.get(section)
-        if isinstance(body, dict) and body.get("notes"):
-            notes = body["notes"] if isinstance(body["notes"], str) else "; ".join(body["notes"])
+        if not isinstance(body, dict):
+            continue
+        notes = body.get("notes") or ""
+        notes = notes if isinstance(notes, str) else "; ".join(notes)
+        if body.get("measured") and body["measured"] != head_measured:
+            notes = f"measured {body['measured']}" + (f"; {notes}" if notes else "")
+        if notes:
             lines += ["", f"{section}: {notes}"]
     return "\n".join(lines)
 
@@ -922,6 +939,18 @@ def main(argv):
         print("error: --device=gpu but TensorFlow sees no GPU (install tensorflow[and-cuda])",
               file=sys.stderr)
         return 2
+    previous = os.path.join(FLAGS.out, "results.json")
+    if FLAGS.merge and os.path.exists(previous):
+        with open(previous) as f:
+            old = json.load(f)
+        if bool(old.get("quick")) != bool(FLAGS.quick) or old.get("device") != FLAGS.device:
+            print("error: --merge: the earlier results differ in --quick / --device",
+                  file=sys.stderr)
+            return 2
+        for name in ALL_SECTIONS:
+            if name in old and name not in FLAGS.sections:
+                results[name] = old[name]
+                results[name].setdefault("measured", _measured(old["machine"], old["argv"]))
     num_clips = 200 if FLAGS.quick else FLAGS.num_clips
     ctx: dict[str, Any] = {"repeats": results["repeats"], "model": _quick_settings(),
                            "batches_per_repeat": 1 if FLAGS.quick else 3}
@@ -938,6 +967,7 @@ def main(argv):
             print(e, file=sys.stderr)
             results[name] = {"rows": [], "notes": str(e).splitlines()[0]}
         results[name]["seconds"] = round(time.time() - t0, 1)
+        results[name]["measured"] = _measured(results["machine"], results["argv"])
         for r in results[name]["rows"]:
             print(f"  {r['config']} [{r['cores']} cores]: {_fmt(r['value'], r['unit'])} "
                   f"{'' if r['unit'] == 'ratio' else r['unit']}", flush=True)

@@ -134,3 +134,12 @@ def test_torch_section_reports_a_missing_interpreter(bench):
     finally:
         bench.FLAGS["torch_python"].value = None
     assert out["rows"] == [] and "skipped" in out["notes"] and "/nonexistent/python" in out["notes"]
+
+
+def test_merged_section_names_when_it_was_measured(bench):
+    res = _results(bench)
+    res["pipeline"]["measured"] = "2025-01-01 00:00 UTC, 1-min load average at start 0.50, x"
+    md = bench.to_markdown(res)
+    assert "pipeline: measured 2025-01-01 00:00 UTC" in md and "a note" in md
+    res["pipeline"]["measured"] = bench._measured(res["machine"], res["argv"])
+    assert "pipeline: measured" not in bench.to_markdown(res)
