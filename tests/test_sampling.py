@@ -190,3 +190,30 @@ def test_unseen_fraction_matches_numpy(data):
     drawn = np.concatenate([f["key"] for f, _ in b])
     obs = np.bincount(_example_rows(drawn, pipeline.shard_counts(r["spec"])), minlength=120)
     np.testing.assert_allclose(r["tally"].observed_class_frequency(), (obs @ hot) / 4)
+
+
+def test_features_in_pipeline_equal_the_frontend_on_the_waveform_batches(data):
+    """features_in_pipeline computes the fbank per clip before batching; the batches equal the
+    front end applied to the waveform batches the same pipeline yields (train and eval)."""
+    from psla_tf.features import kaldi_fbank
+    glob, _ = data
+    frames = 3   # 500-sample clips: (3 - 1) * 160 + 400 = 720 samples
+
+    def frontend(w, n):
+        return kaldi_fbank(w, dft="rfft")
+    kw = dict(batch_size=10, clip_samples=720, mixup=0.5, seed=3)
+    waves = list(pipeline.make_train_dataset(glob, **kw).as_numpy_iterator())
+    feats = list(pipeline.make_train_dataset(glob, features_in_pipeline=True, frontend=frontend,
+                                             **kw).as_numpy_iterator())
+    assert len(waves) == len(feats) > 0
+    for (w, y), (f, y2) in zip(waves, feats):
+        np.testing.assert_array_equal(y, y2)
+        np.testing.assert_allclose(f["fbank"], frontend(w["waveform"], None).numpy(),
+                                   rtol=1e-5, atol=1e-4)
+    ev_w = list(pipeline.make_eval_dataset(glob, 16, 720).as_numpy_iterator())
+    ev_f = list(pipeline.make_eval_dataset(glob, 16, 720, features_in_pipeline=True,
+                                           frontend=frontend).as_numpy_iterator())
+    assert [len(y) for _, y in ev_w] == [len(y) for _, y in ev_f]
+    for (w, _), (f, _) in zip(ev_w, ev_f):
+        np.testing.assert_allclose(f["fbank"], frontend(w["waveform"], None).numpy(),
+                                   rtol=1e-5, atol=1e-4)

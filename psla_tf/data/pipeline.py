@@ -242,8 +242,12 @@ def _format(ex: dict[str, tf.Tensor], with_ids: bool, id_keys: tuple[str, ...]):
 
 
 def _apply_frontend(frontend: Callable, keep: tuple[str, ...]):
+    """Per clip, before batching (the reference's order): measured 1.16x the clips/s of one
+    vectorised call per batch of 100 on 2 CPU cores, at half the peak RSS (the batch's
+    [100, frames, 512] spectra do not stay in cache; benchmarks/run.py, per_clip)."""
     def fn(feats, labels):
-        out = {"fbank": frontend(feats["waveform"], feats["num_samples"])}
+        fb = frontend(feats["waveform"][tf.newaxis], feats["num_samples"][tf.newaxis])
+        out = {"fbank": fb[0]}
         for k in keep:
             if k in feats:
                 out[k] = feats[k]
@@ -403,6 +407,10 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
         main = main.map(_nag(lambda ex: _format(_pad_or_cut(ex, clip_samples), with_ids,
                                                 ("id", "key", "partner_key", "mix_lambda"))),
                         num_parallel_calls=num_parallel_calls, deterministic=True)
+        if features_in_pipeline:
+            main = main.map(_nag(_apply_frontend(frontend, ("id", "key", "partner_key",
+                                                            "mix_lambda"))),
+                            num_parallel_calls=num_parallel_calls, deterministic=True)
         batches = main.batch(per_batch, drop_remainder=True)
         n_batches = steps * replicas_per_pipeline
         batches = _or_fail_when_exhausted(
@@ -425,9 +433,6 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
 
     epochs = tf.data.Dataset.range(int(initial_epoch), int(initial_epoch) + int(num_epochs))
     ds = epochs.flat_map(_nag(epoch_dataset))
-    if features_in_pipeline:
-        ds = ds.map(_nag(_apply_frontend(frontend, ("id", "key", "partner_key", "mix_lambda"))),
-                    num_parallel_calls=num_parallel_calls, deterministic=True)
     return _finish(ds, prefetch)
 
 
@@ -461,13 +466,13 @@ def make_eval_dataset(data: str | DataSpec, batch_size: int = 100,
     ds = ds.map(_nag(lambda key, rec: _format(_pad_or_cut(_parse(key, rec, num_classes),
                                                      clip_samples), with_ids, ("id", "key"))),
                 num_parallel_calls=AUTOTUNE, deterministic=True)
+    if features_in_pipeline:
+        ds = ds.map(_nag(_apply_frontend(frontend, ("id", "key"))), num_parallel_calls=AUTOTUNE,
+                    deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=False)
     if not skip_corrupt_records:  # known length: Keras' predict needs no end-of-data probe
         ds = ds.apply(tf.data.experimental.assert_cardinality(
             -(-int(spec.num_examples) // batch_size)))
-    if features_in_pipeline:
-        ds = ds.map(_nag(_apply_frontend(frontend, ("id", "key"))), num_parallel_calls=AUTOTUNE,
-                    deterministic=True)
     return _finish(ds, prefetch)
 
 
