@@ -241,7 +241,6 @@ def test_ensemble_of_checkpoints_exports_and_serves(trained, tmp_path):
     """tools/ensemble.py --export (two epoch checkpoints) → tools/export.py → a SavedModel that
     a fresh interpreter without psla_tf serves: its scores on the held-out clips equal the
     ensemble scores tools/ensemble.py computed through the evaluation pipeline."""
-    from psla_tf.data import records
     from psla_tf.prediction import load_scores
     exp, eval_glob = trained[0], trained[1]
     members = ",".join(f"{exp}/checkpoints/epoch_{k:03d}.weights.h5" for k in (4, 6))
@@ -251,9 +250,7 @@ def test_ensemble_of_checkpoints_exports_and_serves(trained, tmp_path):
     p = _run([sys.executable, "tools/export.py", f"--model={tmp_path}/ens/ensemble.keras",
               f"--saved_model_dir={tmp_path}/sm", f"--clip_samples={CLIP}"])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    spec = records.load_data_spec(eval_glob)
-    waves = [ex["waveform_int16"].astype(np.float32) / 32768.0
-             for ex in records.iter_examples(spec.files, spec.compression)][:12]
+    waves = _eval_clips(eval_glob, limit=12)[0]
     w, n = zip(*[_pad_cut(x) for x in waves])
     np.save(tmp_path / "w.npy", np.stack(w))
     np.save(tmp_path / "n.npy", np.asarray(n, np.int32))
@@ -327,6 +324,21 @@ def test_tool_bad_inputs_exit_2(tmp_path):
 
 # ----------------------------------------------------------------------------- TFLite
 TFL_IN = int(TFLITE_SECONDS * SR)
+
+
+def _eval_clips(glob: str, limit: int | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """(float waveforms, multi-hot targets [N, C]) of the clips of the shards ``glob``."""
+    from psla_tf.data import records
+    spec = records.load_data_spec(glob)
+    waves, targets = [], []
+    for ex in records.iter_examples(spec.files, spec.compression):
+        if limit is not None and len(waves) == limit:
+            break
+        waves.append(ex["waveform_int16"].astype(np.float32) / 32768.0)
+        t = np.zeros(spec.num_classes, np.float32)
+        t[ex["labels"]] = 1.0
+        targets.append(t)
+    return waves, np.stack(targets)
 
 
 def _tflite_reference(model, waves):
@@ -412,15 +424,7 @@ def test_tflite_dynamic_within_1e2(tflite_models, keras_model, tmp_path):
                    "(mAP 0.931) loses 0.0009 — the issue asks for 0.01", strict=False)
 def test_tflite_int8_map_within_001_of_keras(tflite_models, keras_model, trained, tmp_path):
     from psla_tf import metrics
-    from psla_tf.data import records
-    spec = records.load_data_spec(trained[1])
-    waves, targets = [], []
-    for ex in records.iter_examples(spec.files, spec.compression):
-        waves.append(ex["waveform_int16"].astype(np.float32) / 32768.0)
-        t = np.zeros(spec.num_classes, np.float32)
-        t[ex["labels"]] = 1.0
-        targets.append(t)
-    targets = np.stack(targets)
+    waves, targets = _eval_clips(trained[1])
     fixed = np.stack([np.pad(x[:TFL_IN], (0, max(0, TFL_IN - x.size))) for x in waves])
     got = _run_tflite_fresh({"int8": tflite_models["int8"]}, fixed.astype(np.float32),
                             tmp_path, "litert")
@@ -459,18 +463,9 @@ def test_compare_with_keras_matches_a_direct_computation(tflite_models, keras_mo
     """tools/export.py --compare_data's numbers: max / mean |d| of the float16 model against
     the Keras model and both mAPs, recomputed here from the clips directly."""
     from psla_tf import export_tflite, metrics
-    from psla_tf.data import records
     res = export_tflite.compare_with_keras(keras_model, tflite_models["float16"], trained[1],
                                            limit=24, batch_size=5)
-    spec = records.load_data_spec(trained[1])
-    waves, targets = [], []
-    for ex in records.iter_examples(spec.files, spec.compression):
-        waves.append(ex["waveform_int16"].astype(np.float32) / 32768.0)
-        t = np.zeros(spec.num_classes, np.float32)
-        t[ex["labels"]] = 1.0
-        targets.append(t)
-        if len(waves) == 24:
-            break
+    waves, targets = _eval_clips(trained[1], limit=24)
     tagger = export_tflite.TFLiteTagger(tflite_models["float16"])
     got = np.stack([tagger(w) for w in waves])
     ref = _tflite_reference(keras_model, waves)
@@ -479,7 +474,6 @@ def test_compare_with_keras_matches_a_direct_computation(tflite_models, keras_mo
                                atol=1e-6)
     np.testing.assert_allclose(res["mean_abs_diff"], np.abs(got - ref).mean(), rtol=1e-3,
                                atol=1e-7)
-    targets = np.stack(targets)
     np.testing.assert_allclose(res["keras_mAP"], metrics.evaluate(targets, ref)["mAP"],
                                atol=1e-6)
     np.testing.assert_allclose(res["tflite_mAP"], metrics.evaluate(targets, got)["mAP"],
