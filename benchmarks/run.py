@@ -186,7 +186,8 @@ def ensure_data(out: str, num_clips: int) -> dict[str, str]:
     from psla_tf.data.prepare import prepare
     from psla_tf.data.sources import read_datafile
 
-    data_dir = os.path.join(out, f"data_{num_clips}")
+    # absolute: the datafile lists the wav paths, which readers resolve against its folder
+    data_dir = os.path.join(os.path.abspath(out), f"data_{num_clips}")
     wav_dir = os.path.join(data_dir, "wav")
     datafile = os.path.join(data_dir, "train.json")
     prefix = os.path.join(data_dir, "train")
@@ -215,6 +216,10 @@ def ensure_data(out: str, num_clips: int) -> dict[str, str]:
         rows = read_datafile(datafile)
         prepare(rows, (mids, names), prefix, num_shards=8, workers=min(2, os.cpu_count() or 1),
                 stats=False, progress=True)
+    written = records.load_data_spec(prefix + "-*.tfrecord").num_examples
+    if written != num_clips:
+        raise SystemExit(f"error: the benchmark set {prefix} has {written} of {num_clips} clips "
+                         f"(see {prefix}.failures.csv); delete {data_dir} and run again")
     return {"datafile": datafile, "glob": prefix + "-*.tfrecord", "dir": data_dir}
 
 
