@@ -102,5 +102,6 @@ def test_peak_rss_independent_of_dataset_size(tmp_path):
     print(f"peak RSS: N=40 {rss_small:.0f} MB, N=400 {rss_large:.0f} MB "
           f"(the larger set holds {data_mb:.0f} MB of waveforms)")
     assert abs(rss_large - rss_small) <= 0.15 * rss_small, (rss_small, rss_large)
-    # discriminating: holding the larger set (even serialised, int16) adds >= extra_mb
-    assert rss_large - rss_small <= 0.5 * extra_mb, (rss_small, rss_large, extra_mb)
+    # discriminating: holding the larger set (even serialised, int16) adds >= extra_mb on top
+    # of the run-to-run noise (measured growth of the streaming pipeline: 51-146 MB)
+    assert rss_large - rss_small < extra_mb, (rss_small, rss_large, extra_mb)
