@@ -6,7 +6,8 @@ fixed input of ``seconds`` (default 10 s) and batch 1:
 
 * input ``waveform`` float32 ``[1, seconds · 16000]`` in [-1, 1]; output ``scores`` ``[1, C]``;
 * ``quantize``: ``none`` (float32), ``float16`` (float16 weights), ``dynamic`` (int8 weights,
-  float activations), ``int8`` (full-integer: int8 weights and activations, calibrated on a
+  float activations; the depthwise kernels and the small kernels of the early layers stay
+  float32, ``float_kernel_elements``), ``int8`` (full-integer: int8 weights and activations, calibrated on a
   representative set of TFRecord clips; the input and output stay float32 so callers feed
   audio unchanged).
 
@@ -52,6 +53,14 @@ FLOAT16_POWER_SCALE = 16.0
 # folded BatchNorm; keeping the 16 depthwise kernels float (~0.5 MB of a B0) cut the mean
 # score error by ~40% on both demo models measured (BUILD.md, Deployment)
 DYNAMIC_FLOAT_OPS = ("DepthwiseConv2dNative",)
+# dynamic: kernels (convolution / dense / einsum) with fewer weights than this stay float32 as
+# well. The int8 weights, not the dynamically quantised activations, make most of dynamic's
+# score error (int8 weights alone in a float graph: 86 % of it on the demo model), and per
+# weight they cost the most in the early, small layers (EfficientNet-B0 blocks 2-5a: 11 % of
+# the weights, 60 % of the error); BUILD.md, Deployment, has the measured size /
+# error trade-off per threshold
+DYNAMIC_FLOAT_MAX_ELEMENTS = params.DYNAMIC_FLOAT_MAX_ELEMENTS
+KERNEL_OPS = ("Conv2D", "DepthwiseConv2dNative", "MatMul", "BatchMatMulV2", "Einsum")
 
 
 def _configure_frontends(model: keras.Model, scale: float, runtime_matrices: bool):
@@ -88,15 +97,20 @@ def export_tflite(model: keras.Model, out_path: str, mids: Sequence[str], names:
                   clip_samples: int | None = None, windowed: bool = False, window: int = 0,
                   hop: int = 0, clip_scores: bool = False,
                   calibration: Iterable[np.ndarray] | None = None,
+                  float_kernel_elements: int = DYNAMIC_FLOAT_MAX_ELEMENTS,
                   progress: Callable[[int], None] | None = None) -> dict:
     """Convert ``model`` to ``out_path`` (+ sidecars); returns the metadata written to
-    ``OUT.json``. ``calibration``: float32 waveforms of ``seconds`` (int8 only)."""
+    ``OUT.json``. ``calibration``: float32 waveforms of ``seconds`` (int8 only).
+    ``float_kernel_elements`` (dynamic only): kernels with fewer weights stay float32 (0: only
+    the depthwise kernels do)."""
     if quantize not in QUANTIZATIONS:
         raise ExportError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
     input_samples = int(round(seconds * params.SAMPLE_RATE))
     if input_samples < params.FRAME_LENGTH:
         raise ExportError(f"tflite_seconds must give >= {params.FRAME_LENGTH} samples, got "
                           f"{input_samples}")
+    if float_kernel_elements < 0:
+        raise ExportError(f"float_kernel_elements must be >= 0, got {float_kernel_elements}")
     if quantize == "int8" and calibration is None:
         raise ExportError("int8 quantisation needs calibration data (--calibration_data)")
     spec = ExportSpec(int(clip_samples or default_clip_samples(model)), windowed, window, hop)
@@ -123,8 +137,11 @@ def export_tflite(model: keras.Model, out_path: str, mids: Sequence[str], names:
         from tensorflow.python.framework.convert_to_constants import (
             convert_variables_to_constants_v2)
         concrete = convert_variables_to_constants_v2(infer.get_concrete_function())
+        float_kernels = 0
         if quantize == "dynamic":
-            concrete = _float_kernels(concrete, DYNAMIC_FLOAT_OPS)
+            concrete, float_kernels = _float_kernels(
+                concrete, lambda op, kernel: (op in DYNAMIC_FLOAT_OPS
+                                              or kernel.size < float_kernel_elements))
         converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
         converter.optimizations = [] if quantize == "none" else [tf.lite.Optimize.DEFAULT]
         if quantize == "float16":
@@ -166,6 +183,8 @@ def export_tflite(model: keras.Model, out_path: str, mids: Sequence[str], names:
             "input_samples": input_samples, "clip_samples": spec.clip_samples,
             "windowed": spec.windowed, "window": spec.window, "hop": spec.hop,
             "quantize": quantize, "clip_scores": bool(clip_scores), "num_classes": len(mids),
+            **({"float_kernel_elements": int(float_kernel_elements),
+                "float_kernels": float_kernels} if quantize == "dynamic" else {}),
             "input": "waveform float32 [1, input_samples], mono 16 kHz in [-1, 1]",
             "output": "scores float32 [1, num_classes]", "mids": list(mids),
             "names": list(names)}
@@ -179,11 +198,12 @@ def export_tflite(model: keras.Model, out_path: str, mids: Sequence[str], names:
     return meta
 
 
-def _float_kernels(concrete, op_types: Sequence[str]):
-    """``concrete`` (a frozen function) with the constant kernels (input 1) of every op of
-    ``op_types`` stored as int32 bit patterns and bitcast back at run time (plus an int32 zero
-    computed from the input, so the converter cannot fold it): the weight quantiser only sees
-    float constants, so those ops keep exact float32 kernels."""
+def _float_kernels(concrete, keep_float: Callable[[str, np.ndarray], bool]):
+    """(``concrete`` (a frozen function) with the constant kernels (input 1) of the ops of
+    KERNEL_OPS for which ``keep_float(op type, kernel)`` holds stored as int32 bit patterns and
+    bitcast back at run time (plus an int32 zero computed from the input, so the converter
+    cannot fold it): the weight quantiser only sees float constants, so those ops keep exact
+    float32 kernels; how many kernels that was)."""
     from tensorflow.core.framework import attr_value_pb2
     gd = concrete.graph.as_graph_def()
     nodes = {n.name: n for n in gd.node}
@@ -213,23 +233,29 @@ def _float_kernels(concrete, op_types: Sequence[str]):
         Tidx=i32, keep_dims=attr_value_pb2.AttrValue(b=False))
     add("float_kernels/zero", "Cast", ["float_kernels/sum"], SrcT=f32, DstT=i32,
         Truncate=attr_value_pb2.AttrValue(b=False))
-    for node in [n for n in gd.node if n.op in op_types]:
+    kept = 0
+    for node in [n for n in gd.node if n.op in KERNEL_OPS]:
         src = node.input[1].split(":")[0]
         while nodes[src].op == "Identity":
             src = nodes[src].input[0].split(":")[0]
-        if nodes[src].op != "Const":
+        if nodes[src].op != "Const" or nodes[src].attr["dtype"].type != tf.float32.as_datatype_enum:
             continue
-        kernel = tf.make_ndarray(nodes[src].attr["value"].tensor).astype(np.float32)
-        const(src + "/float_bits", np.ascontiguousarray(kernel).view(np.int32))
-        add(src + "/float_add", "AddV2", [src + "/float_bits", "float_kernels/zero"], T=i32)
-        add(src + "/float_kernel", "Bitcast", [src + "/float_add"], T=i32, type=f32)
+        kernel = tf.make_ndarray(nodes[src].attr["value"].tensor)
+        if not keep_float(node.op, kernel):
+            continue
+        if src + "/float_kernel" not in nodes:   # a kernel shared by several ops: once
+            kept += 1
+            const(src + "/float_bits", np.ascontiguousarray(kernel).view(np.int32))
+            add(src + "/float_add", "AddV2", [src + "/float_bits", "float_kernels/zero"], T=i32)
+            add(src + "/float_kernel", "Bitcast", [src + "/float_add"], T=i32, type=f32)
+            nodes[src + "/float_kernel"] = gd.node[-1]
         node.input[1] = src + "/float_kernel"
     outputs = [t.name for t in concrete.outputs]
     wrapped = tf.compat.v1.wrap_function(
         lambda: tf.graph_util.import_graph_def(gd, name=""), [])
     graph = wrapped.graph
     return wrapped.prune(graph.get_tensor_by_name(placeholders[0] + ":0"),
-                         [graph.get_tensor_by_name(o) for o in outputs])
+                         [graph.get_tensor_by_name(o) for o in outputs]), kept
 
 
 def _opaque_to_quantizer(x: tf.Tensor) -> tf.Tensor:

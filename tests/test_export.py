@@ -70,8 +70,8 @@ def trained(tmp_path_factory):
     exp = str(d / "exp")
     p = _run([sys.executable, "main.py", f"--train_data={d}/shards/train-*.tfrecord",
               f"--eval_data={d}/shards/eval-*.tfrecord", f"--exp_dir={exp}",
-              "--n_epochs=6", "--batch_size=16", "--eval_batch_size=40", "--lr=2e-3",
-              "--warmup_steps=10", "--warmup_every=2", "--lrscheduler_start=4",
+              "--n_epochs=10", "--batch_size=16", "--eval_batch_size=40", "--lr=2e-3",
+              "--warmup_steps=10", "--warmup_every=2", "--lrscheduler_start=7",
               "--lrscheduler_step=1", "--lrscheduler_decay=0.5", "--nowa",
               "--balanced_sampling", "--mixup=0", "--freqm=12", "--timem=16",
               f"--target_length={TARGET}", "--model=efficientnet", "--eff_b=0",
@@ -419,12 +419,25 @@ def test_tflite_dynamic_within_1e2(tflite_models, keras_model, tmp_path):
                                atol=1e-2)
 
 
-@pytest.mark.xfail(reason="known gap (BUILD.md, Deployment): this test's small 1-s demo model "
-                   "(mAP ~0.63) loses ~0.015-0.035 mAP in int8; the demo recipe's model "
-                   "(mAP 0.931) loses 0.0009 — the issue asks for 0.01", strict=False)
-def test_tflite_int8_map_within_001_of_keras(tflite_models, keras_model, trained, tmp_path):
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """400 more held-out clips of the demo generator (seed 1, never trained on): the int8 check
+    compares mAPs, and on the fixture's 80 eval clips one swapped ranking moves a class's AP by
+    ~0.01 (measured: the same int8 model -0.0069 there, -0.0021 on these 400)."""
+    from psla_tf import demo
+    from psla_tf.data import prepare, records, sources
+    d = tmp_path_factory.mktemp("held_out")
+    paths = demo.generate_demo_dataset(str(d / "audio"), num_train=1, num_eval=400,
+                                       clip_seconds=1.0, seed=1, progress=False)
+    prepare.prepare(sources.read_datafile(paths["eval"]),
+                    records.read_label_csv(paths["label_csv"]), str(d / "shards" / "eval"),
+                    max_seconds=1.0, target_length=TARGET, progress=False)
+    return f"{d}/shards/eval-*.tfrecord"
+
+
+def test_tflite_int8_map_within_001_of_keras(tflite_models, keras_model, held_out, tmp_path):
     from psla_tf import metrics
-    waves, targets = _eval_clips(trained[1])
+    waves, targets = _eval_clips(held_out)
     fixed = np.stack([np.pad(x[:TFL_IN], (0, max(0, TFL_IN - x.size))) for x in waves])
     got = _run_tflite_fresh({"int8": tflite_models["int8"]}, fixed.astype(np.float32),
                             tmp_path, "litert")
@@ -432,31 +445,68 @@ def test_tflite_int8_map_within_001_of_keras(tflite_models, keras_model, trained
                           for i in range(0, len(waves), 40)])
     keras_map = metrics.evaluate(targets, ref)["mAP"]
     int8_map = metrics.evaluate(targets, got["int8"])["mAP"]
-    assert keras_map > 0.5, f"the demo model did not learn (mAP {keras_map:.3f})"
+    assert keras_map > 0.6, f"the demo model did not learn (mAP {keras_map:.3f})"
     assert abs(int8_map - keras_map) <= 0.01, (keras_map, int8_map)
 
 
-def test_tflite_dynamic_keeps_depthwise_kernels_float(tflite_models, keras_model, tmp_path):
-    """dynamic: int8 weights for the 1x1 / dense kernels, float32 for the depthwise kernels
-    (their hybrid kernel quantises its input per tensor across channels of very different
-    ranges); the typical score error stays small (mean |d| < 2e-3)."""
+def test_tflite_dynamic_keeps_depthwise_and_small_kernels_float(tflite_models, keras_model,
+                                                               tmp_path):
+    """dynamic: int8 weights for the larger 1x1 / dense kernels; float32 for the depthwise
+    kernels (their hybrid kernel quantises its input per tensor across channels of very
+    different ranges) and for every kernel of fewer than DYNAMIC_FLOAT_MAX_ELEMENTS weights (the
+    early layers); the typical score error stays small (mean |d| < 1e-3)."""
     from ai_edge_litert.interpreter import Interpreter
+    from psla_tf.export_tflite import DYNAMIC_FLOAT_MAX_ELEMENTS
     it = Interpreter(model_path=tflite_models["dynamic"])
     it.allocate_tensors()
-    ops = it._get_ops_details()
-    kinds = {}
-    for op in ops:
-        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D"):
-            kinds.setdefault(op["op_name"], []).append(
-                it._get_tensor_details(op["inputs"][1], 0)["dtype"])
-    assert kinds["DEPTHWISE_CONV_2D"] and all(d == np.float32 for d in kinds["DEPTHWISE_CONV_2D"])
-    assert sum(d == np.int8 for d in kinds["CONV_2D"]) >= len(kinds["CONV_2D"]) // 2
+    kernels = []
+    for op in it._get_ops_details():
+        # (BATCH_MATMUL: the front end's DFT / mel matrices, float32 in every variant)
+        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"):
+            w = it._get_tensor_details(op["inputs"][1], 0)
+            kernels.append((op["op_name"], int(np.prod(w["shape"])), w["dtype"]))
+    depthwise = [k for k in kernels if k[0] == "DEPTHWISE_CONV_2D"]
+    assert depthwise and all(d == np.float32 for _, _, d in depthwise)
+    small = [k for k in kernels if k[1] < DYNAMIC_FLOAT_MAX_ELEMENTS and k[0] == "CONV_2D"]
+    large = [k for k in kernels if k[1] >= DYNAMIC_FLOAT_MAX_ELEMENTS and k[0] != "DEPTHWISE_CONV_2D"]
+    assert len(small) >= 10 and all(d == np.float32 for _, _, d in small), small
+    assert len(large) >= 20 and all(d == np.int8 for _, _, d in large), large
+    meta = json.load(open(tflite_models["dynamic"][:-len(".tflite")] + ".json"))
+    assert meta["float_kernel_elements"] == DYNAMIC_FLOAT_MAX_ELEMENTS
+    # (+ small kernels TFLite lowers to other ops, e.g. the pooling's head weights)
+    assert len(depthwise) + len(small) <= meta["float_kernels"] <= len(depthwise) + len(small) + 2
     audio = _audio_inputs()
     waves = list(audio.values())
     fixed = np.stack([np.pad(x[:TFL_IN], (0, max(0, TFL_IN - x.size))) for x in waves])
     got = _run_tflite_fresh({"dynamic": tflite_models["dynamic"]}, fixed.astype(np.float32),
                             tmp_path, "litert")["dynamic"]
-    assert np.abs(got - _tflite_reference(keras_model, waves)).mean() < 2e-3
+    assert np.abs(got - _tflite_reference(keras_model, waves)).mean() < 1e-3
+
+
+def test_tflite_dynamic_float_kernel_elements_trades_size_for_error(tflite_models, keras_model,
+                                                                    trained, tmp_path):
+    """--float_kernel_elements=0 (only the depthwise kernels float) gives a smaller file and a
+    larger score error on the held-out clips than the default; all kernels of the default's
+    file that the flag keeps float are int8 in the other's."""
+    from psla_tf import export_tflite
+    from psla_tf.models import loading
+    mids, names = loading.load_vocabulary(trained[0])
+    path = str(tmp_path / "dyn0.tflite")
+    meta = export_tflite.export_tflite(keras_model, path, mids, names, quantize="dynamic",
+                                       seconds=TFLITE_SECONDS, float_kernel_elements=0)
+    assert meta["float_kernels"] < json.load(
+        open(tflite_models["dynamic"][:-len(".tflite")] + ".json"))["float_kernels"]
+    assert os.path.getsize(path) < os.path.getsize(tflite_models["dynamic"])
+    waves, _ = _eval_clips(trained[1], limit=60)
+    ref = _tflite_reference(keras_model, waves)
+    err = {}
+    for name, p in (("default", tflite_models["dynamic"]), ("zero", path)):
+        tagger = export_tflite.TFLiteTagger(p)
+        err[name] = np.abs(np.stack([tagger(w) for w in waves]) - ref).mean()
+    assert err["default"] < 0.8 * err["zero"], err
+    with pytest.raises(export_tflite.ExportError, match="float_kernel_elements"):
+        export_tflite.export_tflite(keras_model, path, mids, names, quantize="dynamic",
+                                    seconds=TFLITE_SECONDS, float_kernel_elements=-1)
 
 
 def test_compare_with_keras_matches_a_direct_computation(tflite_models, keras_model, trained):

@@ -19,6 +19,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
 
+from psla_tf import params  # noqa: E402  (constants only, no TensorFlow)
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Trained model: .keras file, experiment folder or "
                     "checkpoints/epoch_NNN.weights.h5 (required).")
@@ -48,6 +50,10 @@ flags.DEFINE_float("tflite_seconds", 10.0, "TFLite fixed input length in seconds
 flags.DEFINE_string("calibration_data", None, "int8: TFRecord shard glob of representative "
                     "clips (e.g. the training set).")
 flags.DEFINE_integer("calibration_size", 100, "int8: number of calibration clips.")
+flags.DEFINE_integer("float_kernel_elements", params.DYNAMIC_FLOAT_MAX_ELEMENTS, "dynamic: kernels with fewer weights stay "
+                     "float32 (the early, small layers, where int8 weights cost the most "
+                     "accuracy per byte saved; 0: only the depthwise kernels stay float). "
+                     "Larger: more accurate and larger (BUILD.md, Deployment).", lower_bound=0)
 flags.DEFINE_integer("benchmark", 0, "After writing --tflite: time this many invocations on one "
                      "input with the LiteRT runtime at 1 and 2 threads and print the median "
                      "latency (0: skip).")
@@ -113,6 +119,7 @@ def main(argv):
             meta = export_tflite.export_tflite(
                 model, FLAGS.tflite, mids, names, quantize=FLAGS.quantize,
                 seconds=FLAGS.tflite_seconds, calibration=calibration,
+                float_kernel_elements=FLAGS.float_kernel_elements,
                 progress=(lambda i: bar.update(1)) if bar else None, **kw)
             if bar:
                 bar.close()
