@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -25,13 +24,6 @@ from test_train_e2e import MIDS, ROOT, TINY, _write_set
 from psla_tf.data import records
 from psla_tf.data.records import DataError
 from psla_tf.training import trainer
-
-
-def _main(*args, timeout=900):
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("PSLA_FAULT", None)
-    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -80,15 +72,13 @@ def test_nan_loss_names_step_and_epoch_and_keeps_last_checkpoint(tmp_path):
     assert all(np.all(np.isfinite(w)) for w in good.get_weights())
 
 
-def test_nan_loss_end_to_end_exit_1(data, tmp_path):
-    train, ev, _ = data
-    p = _main(f"--train_data={train}", f"--eval_data={ev}", f"--exp_dir={tmp_path}/x", *TINY,
-              "--dataset_mean=0", "--dataset_std=1e-38")  # normalised fbank overflows
+def test_nan_loss_end_to_end_exit_1(main_runs):
+    p, exp = main_runs["nan"]()
     assert p.returncode == 1, p.stderr[-3000:]
     err = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "at step 1 (epoch 1, batch 1)" in err[0], p.stderr[-2000:]
     assert "Traceback" not in p.stderr
-    assert not os.path.exists(f"{tmp_path}/x/train_state.json")
+    assert not os.path.exists(f"{exp}/train_state.json")
 
 
 # ----------------------------------------------------------------------------- corrupt shards
@@ -116,21 +106,45 @@ def corrupt(data, tmp_path_factory):
     return glob, bad
 
 
-def test_corrupt_shard_error_names_it(data, corrupt, tmp_path):
+@pytest.fixture(scope="module")
+def main_runs(data, corrupt, tmp_path_factory):
+    """The three main.py runs of this file, started together (they overlap); each test
+    waits for its own: name → () → (CompletedProcess, exp_dir)."""
+    from helpers_proc import Background
+    train, ev, _ = data
+    glob, _ = corrupt
+    d = tmp_path_factory.mktemp("main_runs")
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("PSLA_FAULT", None)
+    runs = {  # normalised fbank overflows
+        "nan": [f"--train_data={train}", f"--eval_data={ev}", *TINY, "--dataset_mean=0",
+                "--dataset_std=1e-38"],
+        "corrupt": [f"--train_data={glob}", f"--eval_data={ev}", *TINY, "--n_epochs=1",
+                    "--wa_end=1"],
+        "skip": [f"--train_data={glob}", f"--eval_data={ev}", *TINY, "--n_epochs=1",
+                 "--wa_end=1", "--skip_corrupt_records"],
+    }
+    bg = Background(str(d / "logs"))
+    for name, args in runs.items():
+        bg.start(name, [sys.executable, os.path.join(ROOT, "main.py"), *args,
+                        f"--exp_dir={d / name / 'x'}"], env=env, cwd=ROOT)
+    yield {name: (lambda name=name: (bg.result(name), str(d / name / "x"))) for name in runs}
+    bg.close()
+
+
+def test_corrupt_shard_error_names_it(corrupt, main_runs):
     glob, bad = corrupt
-    p = _main(f"--train_data={glob}", f"--eval_data={data[1]}", f"--exp_dir={tmp_path}/x",
-              *TINY, "--n_epochs=1", "--wa_end=1")
+    p, _ = main_runs["corrupt"]()
     assert p.returncode == 2, p.stderr[-3000:]
     assert "error: corrupt or truncated TFRecord shard" in p.stderr and bad in p.stderr
     assert "Traceback" not in p.stderr
 
 
-def test_skip_corrupt_records_counts_and_logs(data, corrupt, tmp_path):
+def test_skip_corrupt_records_counts_and_logs(corrupt, main_runs):
     glob, bad = corrupt
-    p = _main(f"--train_data={glob}", f"--eval_data={data[1]}", f"--exp_dir={tmp_path}/x",
-              *TINY, "--n_epochs=1", "--wa_end=1", "--skip_corrupt_records")
+    p, exp = main_runs["skip"]()
     assert p.returncode == 0, p.stderr[-3000:]
-    s = json.load(open(f"{tmp_path}/x/summary.json"))
+    s = json.load(open(f"{exp}/summary.json"))
     read, listed = s["corrupt_records"]["shards"][bad]
     assert listed == 8 and 0 <= read < 8
     assert s["corrupt_records"]["records_lost"] == listed - read
