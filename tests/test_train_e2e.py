@@ -2,7 +2,6 @@
 summary.json is checked against the saved per-epoch predictions (Sec. II-B, VI)."""
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -43,12 +42,6 @@ def _write_set(prefix, n, seed, mids=MIDS):
     return prefix + "-*.tfrecord"
 
 
-def _main(*args, timeout=240):
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-
-
 TINY = ["--n_epochs=2", "--batch_size=4", "--eval_batch_size=8", "--lr=1e-3",
         "--warmup_steps=4", "--warmup_every=2", "--lrscheduler_start=1",
         "--lrscheduler_step=1", "--wa_start=1", "--wa_end=2", "--eff_b=0", "--att_head=2",
@@ -61,10 +54,44 @@ def data(tmp_path_factory):
     return (_write_set(str(d / "train"), 16, 0), _write_set(str(d / "eval"), 9, 1), d)
 
 
-def test_two_epoch_run(data, tmp_path):
-    train, ev, _ = data
-    exp = str(tmp_path / "exp")
-    p = _main(f"--train_data={train}", f"--eval_data={ev}", f"--exp_dir={exp}", *TINY)
+BAD_FLAGS = [
+    (["--wa_start=3"], "wa_start"),
+    (["--train_data=/nonexistent/x-*.tfrecord"], "no TFRecord shards"),
+    (["--batch_size=64"], "larger than the training set"),
+    (["--eval_data=OTHER"], "different vocabularies"),
+]
+
+
+@pytest.fixture(scope="module")
+def runs(data, tmp_path_factory):
+    """This file's main.py runs, started together (they overlap); each test waits for its
+    own: name → (CompletedProcess, exp_dir)."""
+    from helpers_proc import Background
+    train, ev, d = data
+    out = tmp_path_factory.mktemp("runs")
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    base = [sys.executable, os.path.join(ROOT, "main.py"), f"--train_data={train}",
+            f"--eval_data={ev}"]
+    bg = Background(str(out / "logs"))
+    bg.start("two_epoch", [*base, f"--exp_dir={out / 'exp'}", *TINY], env=env, cwd=ROOT)
+    bg.start("dry_run", [*base, f"--exp_dir={out}/x",
+                         "--flagfile=" + os.path.join(ROOT, "configs", "balanced.flags"),
+                         "--eff_b=0", "--att_head=1", "--target_length=48", "--batch_size=4",
+                         "--pretrained=none", "--dry_run"], env=env, cwd=ROOT)
+    for extra, message in BAD_FLAGS:
+        if extra == ["--eval_data=OTHER"]:
+            other = _write_set(str(d / "other"), 4, 2, ["/m/x", "/m/b", "/m/c"])
+            extra = [f"--eval_data={other}"]
+        bg.start(message, [*base, f"--exp_dir={out / message.replace(' ', '_')}/x", *TINY,
+                           *extra, "--dry_run"], env=env, cwd=ROOT)
+    yield {"two_epoch": lambda: (bg.result("two_epoch", 240), str(out / "exp")),
+           "dry_run": lambda: (bg.result("dry_run", 240), f"{out}/x"),
+           **{m: (lambda m=m: (bg.result(m, 120), None)) for _, m in BAD_FLAGS}}
+    bg.close()
+
+
+def test_two_epoch_run(runs):
+    p, exp = runs["two_epoch"]()
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     s = json.load(open(os.path.join(exp, "summary.json")))
     assert s["epochs"] == 2 and s["train_examples"] == 16 and s["eval_examples"] == 9
@@ -90,30 +117,17 @@ def test_two_epoch_run(data, tmp_path):
     assert "--dataset_mean=-6.0" in flags_txt and "--n_epochs=2" in flags_txt
 
 
-def test_dry_run_prints_plan(data, tmp_path):
-    train, ev, _ = data
-    p = _main(f"--train_data={train}", f"--eval_data={ev}", f"--exp_dir={tmp_path}/x",
-              "--flagfile=" + os.path.join(ROOT, "configs", "balanced.flags"),
-              "--eff_b=0", "--att_head=1", "--target_length=48", "--batch_size=4",
-              "--pretrained=none", "--dry_run")
+def test_dry_run_prints_plan(runs):
+    p, x = runs["dry_run"]()
     assert p.returncode == 0, p.stderr[-3000:]
     assert "36:0.0005" in p.stdout and "41:0.00025" in p.stdout and "35:0.001" in p.stdout
     assert "weight averaging: epochs 41-60" in p.stdout
     assert "parameters:" in p.stdout and "steps/epoch 4" in p.stdout
-    assert not os.path.exists(f"{tmp_path}/x/summary.json")
+    assert not os.path.exists(f"{x}/summary.json")
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--wa_start=3"], "wa_start"),
-    (["--train_data=/nonexistent/x-*.tfrecord"], "no TFRecord shards"),
-    (["--batch_size=64"], "larger than the training set"),
-    (["--eval_data=OTHER"], "different vocabularies"),
-])
-def test_bad_flags_fail_cleanly(data, tmp_path, extra, message):
-    train, ev, d = data
-    if extra == ["--eval_data=OTHER"]:
-        extra = [f"--eval_data={_write_set(str(d / 'other'), 4, 2, ['/m/x', '/m/b', '/m/c'])}"]
-    p = _main(f"--train_data={train}", f"--eval_data={ev}", f"--exp_dir={tmp_path}/x",
-              *TINY, *extra, "--dry_run", timeout=120)
+@pytest.mark.parametrize("extra,message", BAD_FLAGS)
+def test_bad_flags_fail_cleanly(runs, extra, message):
+    p, _ = runs[message]()  # main.py *TINY *extra --dry_run (the fixture runs it)
     assert p.returncode != 0
     assert message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
