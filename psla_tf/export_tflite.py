@@ -176,6 +176,7 @@ def export_tflite(model: keras.Model, out_path: str, mids: Sequence[str], names:
             flat = debugger.get_nondebug_quantized_model()
         else:
             flat = converter.convert()
+        flat = _fold_opaque_constants(flat)
     finally:
         for f, (scale, runtime) in zip(fronts, old):
             f.power_scale, f.runtime_matrices = scale, runtime
@@ -256,6 +257,94 @@ def _float_kernels(concrete, keep_float: Callable[[str, np.ndarray], bool]):
     graph = wrapped.graph
     return wrapped.prune(graph.get_tensor_by_name(placeholders[0] + ":0"),
                          [graph.get_tensor_by_name(o) for o in outputs]), kept
+
+
+def _fold_opaque_constants(flat: bytes) -> bytes:
+    """The converted model with every float32 tensor hidden from the quantiser as int32 bits
+    (``_float_kernels``, the front end's ``runtime_matrices``) stored as a constant again.
+
+    The quantiser is done by now; left as ADD(int32 bits, input-derived 0) → BITCAST (→ the
+    TRANSPOSE / RESHAPE the converter adds for kernel layouts), those kernels are computed
+    on every invoke and XNNPACK does not accelerate convolutions / matmuls whose weights are
+    not constant (dynamic ran ~2x slower than float32). The chain is evaluated here — bit for
+    bit the same values — and its ops, the zero's ops and the int32 copies are dropped."""
+    from tensorflow.lite.python import schema_py_generated as fb
+    from tensorflow.lite.tools import flatbuffer_utils
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(flat))
+    ops_by_name = fb.BuiltinOperator
+    codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
+    if ops_by_name.BITCAST not in codes:
+        return flat
+
+    def data(sg, t):
+        b = sg.tensors[t].buffer
+        raw = model.buffers[b].data if b > 0 else None
+        return None if raw is None or len(raw) == 0 else np.asarray(raw, np.uint8)
+
+    changed = False
+    for sg in model.subgraphs:
+        ops = sg.operators
+        producer = {t: op for op in ops for t in op.outputs}
+        consumers: dict[int, list] = {}
+        for op in ops:
+            for t in op.inputs:
+                consumers.setdefault(t, []).append(op)
+        drop = set()
+        for bitcast in [op for op in ops if codes[op.opcodeIndex] == ops_by_name.BITCAST]:
+            add = producer.get(bitcast.inputs[0])
+            if add is None or codes[add.opcodeIndex] != ops_by_name.ADD:
+                continue
+            bits = [t for t in add.inputs if data(sg, t) is not None
+                    and sg.tensors[t].type == fb.TensorType.INT32]
+            zero = [producer.get(t) for t in add.inputs if t not in bits]
+            if len(bits) != 1 or len(zero) != 1 or zero[0] is None \
+                    or codes[zero[0].opcodeIndex] != ops_by_name.CAST:
+                continue
+            value = data(sg, bits[0]).view(np.float32).reshape(sg.tensors[bits[0]].shape)
+            chain, t = [add, bitcast], bitcast.outputs[0]
+            while len(consumers.get(t, [])) == 1 and t not in sg.outputs:
+                nxt = consumers[t][0]
+                code = codes[nxt.opcodeIndex]
+                if code == ops_by_name.TRANSPOSE and data(sg, nxt.inputs[1]) is not None:
+                    perm = data(sg, nxt.inputs[1]).view(
+                        np.int64 if sg.tensors[nxt.inputs[1]].type == fb.TensorType.INT64
+                        else np.int32)
+                    value = np.transpose(value, perm)
+                elif code == ops_by_name.RESHAPE:
+                    value = value.reshape(sg.tensors[nxt.outputs[0]].shape)
+                else:
+                    break
+                chain.append(nxt)
+                t = nxt.outputs[0]
+            if list(value.shape) != list(sg.tensors[t].shape) \
+                    or sg.tensors[t].type != fb.TensorType.FLOAT32:
+                continue
+            buf = fb.BufferT()
+            buf.data = np.frombuffer(np.ascontiguousarray(value, np.float32).tobytes(), np.uint8)
+            model.buffers.append(buf)
+            sg.tensors[t].buffer = len(model.buffers) - 1
+            drop.update(id(op) for op in chain)
+        if not drop:
+            continue
+        changed = True
+        sg.operators = [op for op in ops if id(op) not in drop]
+        # dead ops (the zero's ABS / MINIMUM / SUM / CAST), then unreferenced buffers
+        while True:
+            used = {t for op in sg.operators for t in op.inputs} | set(sg.outputs)
+            dead = [op for op in sg.operators if not any(t in used for t in op.outputs)]
+            if not dead:
+                break
+            sg.operators = [op for op in sg.operators if op not in dead]
+    if not changed:
+        return flat
+    live = {sg.tensors[t].buffer for sg in model.subgraphs
+            for t in ({t for op in sg.operators for t in op.inputs if t >= 0}
+                      | set(sg.inputs) | set(sg.outputs))}
+    for sg in model.subgraphs:
+        for tensor in sg.tensors:
+            if tensor.buffer not in live and tensor.buffer > 0:
+                model.buffers[tensor.buffer].data = None
+    return flatbuffer_utils.convert_object_to_bytearray(model)
 
 
 def _opaque_to_quantizer(x: tf.Tensor) -> tf.Tensor:

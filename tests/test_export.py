@@ -483,6 +483,29 @@ def test_tflite_dynamic_keeps_depthwise_and_small_kernels_float(tflite_models, k
     assert np.abs(got - _tflite_reference(keras_model, waves)).mean() < 1e-3
 
 
+def test_tflite_kernels_are_constants(tflite_models):
+    """Every convolution / matmul of every variant reads constant weights: the float32 kernels
+    hidden from the quantiser as int32 bits are folded back after conversion (computed at run
+    time, XNNPACK left them to the slow reference kernels: dynamic ran 2x slower than float32);
+    only int8's input waveform keeps its two bitcasts (it is not a constant)."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+    for q, path in tflite_models.items():   # the graph as stored (no XNNPACK partitions)
+        it = Interpreter(model_path=path, experimental_op_resolver_type=(
+            OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES))
+        it.allocate_tensors()
+        ops = it._get_ops_details()
+        producer = {t: op for op in ops for t in op["outputs"]}
+        weights = [op["inputs"][1] for op in ops if op["op_name"] in (
+            "CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "BATCH_MATMUL")]
+        assert len(weights) > 60, q
+        # (float16: a DEQUANTIZE of a constant float16 tensor, folded at load)
+        computed = [w for w in weights if w in producer and not (
+            producer[w]["op_name"] == "DEQUANTIZE" and producer[w]["inputs"][0] not in producer)]
+        assert not computed, (q, [producer[w]["op_name"] for w in computed])
+        assert sum(op["op_name"] == "BITCAST" for op in ops) == (2 if q == "int8" else 0), q
+        assert not [op for op in ops if op["op_name"] == "ABS"] or q == "int8", q
+
+
 def test_tflite_dynamic_float_kernel_elements_trades_size_for_error(tflite_models, keras_model,
                                                                     trained, tmp_path):
     """--float_kernel_elements=0 (only the depthwise kernels float) gives a smaller file and a
