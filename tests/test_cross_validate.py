@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -99,30 +98,37 @@ def test_aggregate_against_numpy():
     assert out["mAP"]["std"] == pytest.approx(np.std([0.7, 0.75, 0.9]))
 
 
-def _tool(*args):
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "cross_validate.py"),
-                           *args], capture_output=True, text=True, timeout=300, env=env)
-
-
 def test_tool_bad_inputs_are_one_line_errors(tmp_path):
+    from helpers_proc import Background
     csv_path = _listing(tmp_path, folds=("1",), per=1)
-    for args, msg in [
+    (tmp_path / "two").mkdir()
+    csv_two = _listing(tmp_path / "two", folds=("1", "2"), per=1)
+    cases = [
         ([f"--input={csv_path}", "--fold_column=split"], "not a column"),
         ([f"--input={csv_path}", "--fold_column=fold"], "at least 2 folds"),
         ([f"--input={tmp_path / 'none.csv'}"], "not found"),
-    ]:
-        r = _tool(*args, f"--exp_dir={tmp_path / 'e'}", "--eff_b=0")
-        assert r.returncode == 2, (args, r.stderr[-2000:])
-        err = r.stderr.strip().splitlines()
-        assert err[-1].startswith("error:") and msg in err[-1], (args, err[-3:])
-        assert "Traceback" not in r.stderr
-    # the ESC-50 recipe fine-tunes: without --init_from it stops before preparing anything
-    (tmp_path / "two").mkdir()
-    csv_path = _listing(tmp_path / "two", folds=("1", "2"), per=1)
-    r = _tool(f"--flagfile={os.path.join(ROOT, 'configs', 'esc50.flags')}",
-              f"--input={csv_path}", f"--audio_root={tmp_path / 'two' / 'audio'}",
-              f"--exp_dir={tmp_path / 'e2'}")
+    ]
+    # the four tool runs start together (they overlap), each checked as it was
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    tool = [sys.executable, os.path.join(ROOT, "tools", "cross_validate.py")]
+    bg = Background(str(tmp_path / "logs"))
+    for i, (args, _) in enumerate(cases):
+        bg.start(f"case{i}", [*tool, *args, f"--exp_dir={tmp_path / f'e{i}'}", "--eff_b=0"],
+                 env=env)
+    bg.start("esc50", [*tool, f"--flagfile={os.path.join(ROOT, 'configs', 'esc50.flags')}",
+                       f"--input={csv_two}", f"--audio_root={tmp_path / 'two' / 'audio'}",
+                       f"--exp_dir={tmp_path / 'e2'}"], env=env)
+    try:
+        for i, (args, msg) in enumerate(cases):
+            r = bg.result(f"case{i}", 300)
+            assert r.returncode == 2, (args, r.stderr[-2000:])
+            err = r.stderr.strip().splitlines()
+            assert err[-1].startswith("error:") and msg in err[-1], (args, err[-3:])
+            assert "Traceback" not in r.stderr
+        # the ESC-50 recipe fine-tunes: without --init_from it stops before preparing anything
+        r = bg.result("esc50", 300)
+    finally:
+        bg.close()
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "pass --init_from=MODEL" in r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "e2" / "data").exists()
