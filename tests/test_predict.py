@@ -107,6 +107,24 @@ def test_cli_checkpoint_savedmodel_and_errors(setup, tmp_path):
     from psla_tf.data.records import write_label_csv
     from psla_tf.training.trainer import TrainConfig, build_model, flagfile_text
     from psla_tf import prediction
+    from helpers_proc import Background
+    # the error cases' tool runs start first and overlap the rest of the test
+    bad_vocab = tmp_path / "bad"
+    bad_vocab.mkdir()
+    write_label_csv(str(bad_vocab / "labels.csv"), ["/m/a", "/m/b"], ["a", "b"])
+    cases = [
+        ([f"--model={tmp_path / 'nope.keras'}", f"--data={setup['glob']}", "--output=x.npz"],
+         "does not exist"),
+        ([f"--model={setup['path']}", f"--data={tmp_path / 'none-*.tfrecord'}",
+          "--output=x.npz"], "no TFRecord shards"),
+        ([f"--model={setup['path']}", f"--data={setup['glob']}", "--output=x.npz",
+          f"--label_csv={bad_vocab / 'labels.csv'}"], "5 outputs but its vocabulary lists 2"),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    bg = Background(str(tmp_path / "logs"))
+    for i, (args, _) in enumerate(cases):
+        bg.start(f"case{i}", [sys.executable, os.path.join(ROOT, "tools", "predict.py"), *args,
+                              "--noprogress"], env=env, cwd=ROOT)
     cfg = TrainConfig(model="efficientnet", eff_b=0, att_head=2, target_length=64, freqm=0,
                       timem=0, dataset_mean=-4.27, dataset_std=4.57)
     exp = tmp_path / "exp"
@@ -140,20 +158,10 @@ def test_cli_checkpoint_savedmodel_and_errors(setup, tmp_path):
         p = prediction.predict(scorer, setup["glob"], batch_size=4, progress=False)
         np.testing.assert_allclose(p.scores, ref.scores, atol=1e-5)
 
-    bad_vocab = tmp_path / "bad"
-    bad_vocab.mkdir()
-    write_label_csv(str(bad_vocab / "labels.csv"), ["/m/a", "/m/b"], ["a", "b"])
-    cases = [
-        ([f"--model={tmp_path / 'nope.keras'}", f"--data={setup['glob']}", "--output=x.npz"],
-         "does not exist"),
-        ([f"--model={setup['path']}", f"--data={tmp_path / 'none-*.tfrecord'}",
-          "--output=x.npz"], "no TFRecord shards"),
-        ([f"--model={setup['path']}", f"--data={setup['glob']}", "--output=x.npz",
-          f"--label_csv={bad_vocab / 'labels.csv'}"], "5 outputs but its vocabulary lists 2"),
-    ]
-    for args, msg in cases:
-        r = run_tool("predict.py", *args, "--noprogress")
+    for i, (args, msg) in enumerate(cases):
+        r = bg.result(f"case{i}", 300)
         assert r.returncode == 2, (args, r.stderr[-1500:])
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith("error:") and msg in last, last
         assert "Traceback" not in r.stderr
+    bg.close()
