@@ -19,7 +19,7 @@ before TensorFlow starts): ``python tests/test_distribute.py CONFIG_JSON``.
   identical weights and eval scores on both workers (|Δ| ≤ 1e-6); checkpoints, the
   weight-averaged and final models and summary.json from the chief only.
 * mixed_float16 / mixed_bfloat16 / --jit_compile train to finite losses and their eval
-  scores stay within 0.05 (max |Δ|) of the float32 run; XLA within 1e-3.
+  scores stay within 0.05 (max |Δ|) of the float32 run; XLA (float32, fused) within 5e-3.
 
 SpecAugment is off and the models have no dropout, so the only randomness is the input
 pipeline's, which is identical for any replica count. The precision tests use MobileNetV2.
@@ -182,7 +182,9 @@ def runs(data, tmp_path_factory):
     def run(name, **kw):
         return {"cfg": dict(base, exp_dir=str(tmp / name), **kw), "out": str(tmp / f"{name}.npz")}
     a = {"runs": [run("f32"), run("f16", mixed_precision="mixed_float16")]}
-    b = {"runs": [run("bf16", mixed_precision="mixed_bfloat16"), run("xla", jit_compile=True)]}
+    # XLA without op determinism (Keras turns XLA off under it, and the trainer refuses both)
+    b = {"runs": [run("bf16", mixed_precision="mixed_bfloat16"),
+                  run("xla", jit_compile=True, deterministic=False)]}
     _wait({"a": _spawn(a, tmp, "a"), "b": _spawn(b, tmp, "b")}, tmp)
     return tmp
 
@@ -234,7 +236,9 @@ def test_mirrored_equals_single_device_float32(equality_runs):
     _compare_runs(equality_runs, 32, weight_atol=1e-4)
 
 
-@pytest.mark.parametrize("name,tol", [("f16", 0.05), ("bf16", 0.05), ("xla", 1e-3)])
+# XLA: float32 arithmetic, fused and reordered; one epoch of Adam amplifies the round-off
+# (measured 1.7e-3, an order of magnitude below the half-precision runs' 0.02-0.05)
+@pytest.mark.parametrize("name,tol", [("f16", 0.05), ("bf16", 0.05), ("xla", 5e-3)])
 def test_precision_and_xla_within_tolerance_of_float32(runs, name, tol):
     ref = np.load(runs / "f32" / "predictions" / "eval_epoch_001.npy")  # float32, epoch 1
     ws, scores, _ = _weights(runs / f"{name}.npz")
@@ -242,6 +246,7 @@ def test_precision_and_xla_within_tolerance_of_float32(runs, name, tol):
     s = json.load(open(runs / name / "summary.json"))
     assert s["mixed_precision"] == {"f16": "mixed_float16", "bf16": "mixed_bfloat16"}.get(
         name, "none")
+    assert s["xla"] == (name == "xla")   # compiled with XLA indeed (not dropped by Keras)
     log = open(runs / name / "log.csv").read().splitlines()
     loss = float(log[1].split(",")[log[0].split(",").index("loss")])
     assert np.isfinite(loss)

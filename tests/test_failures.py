@@ -201,6 +201,7 @@ def test_eval_classes_without_positives_reported(data, tmp_path, capsys):
     (dict(strategy="mirrored", tpu="my-tpu"), "contradicts --strategy=mirrored"),
     (dict(strategy="tpu", mixed_precision="mixed_float16"), "use --mixed_precision=mixed_bf"),
     (dict(strategy="multi_worker"), "needs the TF_CONFIG"),
+    (dict(jit_compile=True, deterministic=True), "cannot be combined"),
     (dict(batch_size=64), "larger than the training set"),
 ])
 def test_contradictory_flags_fail_before_training(data, tmp_path, monkeypatch, kw, message):

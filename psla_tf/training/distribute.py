@@ -124,10 +124,15 @@ def set_precision(precision: str) -> None:
 
 
 def set_deterministic(on: bool) -> None:
-    """``tf.config.experimental.enable_op_determinism`` (bitwise-repeatable kernels)."""
+    """``tf.config.experimental.enable_op_determinism`` (bitwise-repeatable kernels), or its
+    undoing: the setting is process-wide, and a second run in the same process (tools,
+    tests) must not inherit it (under it Keras also turns XLA off)."""
+    import tensorflow as tf
+    from tensorflow.python.framework import config  # no public disable
     if on:
-        import tensorflow as tf
         tf.config.experimental.enable_op_determinism()
+    elif config.is_op_determinism_enabled():
+        config.disable_op_determinism()
 
 
 def synchronise_batchnorm(model) -> int:

@@ -105,7 +105,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "Mixed precision (float16 with dynamic loss scaling; bfloat16 for TPUs / recent "
       "CPUs); the front end, attention pooling, outputs and loss stay float32.",
       flag_values=fv)
-    B("jit_compile", d.jit_compile, "Compile the train step with XLA.", flag_values=fv)
+    B("jit_compile", d.jit_compile, "Compile the train step with XLA (not with "
+      "--deterministic: Keras turns XLA off under op determinism).", flag_values=fv)
     B("sync_batchnorm", d.sync_batchnorm, "With several replicas, BatchNorm uses the "
       "statistics of the global batch (the result does not depend on the device count; "
       "the reference's DataParallel uses per-GPU statistics).", flag_values=fv)

@@ -153,6 +153,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--strategy must be one of {', '.join(distribute.STRATEGIES)}")
     if cfg.tpu and cfg.strategy not in ("auto", "tpu"):
         raise ConfigError(f"--tpu={cfg.tpu} contradicts --strategy={cfg.strategy}")
+    if cfg.jit_compile and cfg.deterministic:   # Keras would drop XLA without a word
+        raise ConfigError("--jit_compile and --deterministic cannot be combined: Keras turns "
+                          "XLA off while op determinism is enabled")
     if cfg.strategy == "multi_worker" and not os.environ.get("TF_CONFIG"):
         raise ConfigError("--strategy=multi_worker needs the TF_CONFIG environment variable "
                           "(cluster and this task; see BUILD.md)")
@@ -571,6 +574,7 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
         "eval_classes_without_positives": [r.eval.mids[i] for i in r.eval_without_positives],
         "replicas": replicas,
         "mixed_precision": cfg.mixed_precision,
+        "xla": bool(model.jit_compile),   # what Keras compiled, not only what was asked
     }
     if skip:
         summary["corrupt_records"] = pipeline.corrupt_summary()
