@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 
 import numpy as np
 import pytest
@@ -48,8 +49,55 @@ def _pad_cut(x: np.ndarray, n: int = CLIP) -> tuple[np.ndarray, int]:
     return out, m
 
 
+def _mixed_precision_code(d: str) -> str:
+    return f"""
+        import sys, numpy as np, tensorflow as tf, keras
+        sys.path.insert(0, {ROOT!r})
+        from psla_tf import export
+        from psla_tf.models.tagger import build_tagger
+        keras.mixed_precision.set_global_policy("mixed_float16")
+        with tf.distribute.MirroredStrategy().scope():
+            m = build_tagger(3, eff_b=0, att_head=2, target_length=32, freqm=0, timem=0)
+            m.compile(optimizer="adam", loss="binary_crossentropy")
+        rng = np.random.default_rng(0)
+        x = {{"waveform": (0.1 * rng.standard_normal((2, 5360))).astype(np.float32),
+              "num_samples": np.full([2], 5360, np.int32)}}
+        m.fit(x, (rng.random((2, 3)) > 0.5).astype(np.float32), epochs=1, verbose=0)
+        assert m.get_layer("classifier").get_layer("backbone").compute_dtype == "float16"
+        keras.mixed_precision.set_global_policy("float32")
+        export.export_saved_model(m, {d + "/sm"!r}, ["/m/a", "/m/b", "/m/c"],
+                                  ["a", "b", "c"])
+        np.save({d + "/x.npy"!r}, x["waveform"])
+        np.save({d + "/k.npy"!r}, m(x, training=False).numpy())
+        """
+
+
+def _bad_tool_cases(d: str) -> list[tuple[list[str], str]]:
+    return [([], "--model is required"),
+            ([f"--model={d}/missing.keras", f"--saved_model_dir={d}/o"], "does not exist"),
+            ([f"--model={d}", "--tflite=x.tflite", "--quantize=int8"],
+             "needs --calibration_data"),
+            ([f"--model={d}"], "nothing to do")]
+
+
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def background(tmp_path_factory):
+    """The runs that need no trained model start with the module and overlap its training
+    (fresh Python + TensorFlow processes are mostly single-threaded): the mixed-precision
+    mirrored build and the bad-input tool runs; each test reads its run's result."""
+    from helpers_proc import Background
+    d = str(tmp_path_factory.mktemp("background"))
+    bg = Background(os.path.join(d, "logs"))
+    bg.start("mixed_precision", [sys.executable, "-c", textwrap.dedent(_mixed_precision_code(d))],
+             env=ENV, cwd=ROOT)
+    for i, (args, _) in enumerate(_bad_tool_cases(d)):
+        bg.start(f"bad{i}", [sys.executable, "tools/export.py", *args], env=ENV, cwd=ROOT)
+    yield types.SimpleNamespace(runs=bg, dir=d)
+    bg.close()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, background):
     """Demo subset → shards → a few epochs of main.py → (exp_dir, eval glob, train glob).
 
     PSLA_EXPORT_TEST_DEMO=DIR reuses a DIR (with exp/ and shards/) this fixture made before
@@ -273,51 +321,25 @@ def test_ensemble_of_checkpoints_exports_and_serves(trained, tmp_path):
     assert emb.shape == (12, 2 * 1280)   # the two members' B0 embeddings, concatenated
 
 
-def test_mixed_precision_mirrored_export_serves_float32(tmp_path):
+def test_mixed_precision_mirrored_export_serves_float32(background):
     """A model built and trained one step under mixed_float16 inside a MirroredStrategy scope
     (Scale issue) exports, reloads in a fresh process and serves float32 close to Keras."""
-    code = f"""
-        import sys, numpy as np, tensorflow as tf, keras
-        sys.path.insert(0, {ROOT!r})
-        from psla_tf import export
-        from psla_tf.models.tagger import build_tagger
-        keras.mixed_precision.set_global_policy("mixed_float16")
-        with tf.distribute.MirroredStrategy().scope():
-            m = build_tagger(3, eff_b=0, att_head=2, target_length=32, freqm=0, timem=0)
-            m.compile(optimizer="adam", loss="binary_crossentropy")
-        rng = np.random.default_rng(0)
-        x = {{"waveform": (0.1 * rng.standard_normal((2, 5360))).astype(np.float32),
-              "num_samples": np.full([2], 5360, np.int32)}}
-        m.fit(x, (rng.random((2, 3)) > 0.5).astype(np.float32), epochs=1, verbose=0)
-        assert m.get_layer("classifier").get_layer("backbone").compute_dtype == "float16"
-        keras.mixed_precision.set_global_policy("float32")
-        export.export_saved_model(m, {str(tmp_path / "sm")!r}, ["/m/a", "/m/b", "/m/c"],
-                                  ["a", "b", "c"])
-        np.save({str(tmp_path / "x.npy")!r}, x["waveform"])
-        np.save({str(tmp_path / "k.npy")!r}, m(x, training=False).numpy())
-        """
-    p = _run([sys.executable, "-c", textwrap.dedent(code)])
+    d = background.dir
+    p = background.runs.result("mixed_precision", 600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     _fresh(f"""
         import numpy as np, tensorflow as tf
-        m = tf.saved_model.load({str(tmp_path / "sm" / "1")!r})
-        r = m.signatures["serving_default"](waveform=tf.constant(np.load({str(tmp_path / "x.npy")!r})))
+        m = tf.saved_model.load({d + "/sm/1"!r})
+        r = m.signatures["serving_default"](waveform=tf.constant(np.load({d + "/x.npy"!r})))
         assert r["scores"].dtype == tf.float32 and r["embeddings"].dtype == tf.float32
-        np.save({str(tmp_path / "s.npy")!r}, r["scores"].numpy())
+        np.save({d + "/s.npy"!r}, r["scores"].numpy())
         """)
-    np.testing.assert_allclose(np.load(tmp_path / "s.npy"), np.load(tmp_path / "k.npy"),
-                               atol=1e-3)
+    np.testing.assert_allclose(np.load(d + "/s.npy"), np.load(d + "/k.npy"), atol=1e-3)
 
 
-def test_tool_bad_inputs_exit_2(tmp_path):
-    cases = [([], "--model is required"),
-             ([f"--model={tmp_path}/missing.keras", f"--saved_model_dir={tmp_path}/o"],
-              "does not exist"),
-             ([f"--model={tmp_path}", "--tflite=x.tflite", "--quantize=int8"],
-              "needs --calibration_data"),
-             ([f"--model={tmp_path}"], "nothing to do")]
-    for args, msg in cases:
-        p = _run([sys.executable, "tools/export.py", *args])
+def test_tool_bad_inputs_exit_2(background):
+    for i, (args, msg) in enumerate(_bad_tool_cases(background.dir)):
+        p = background.runs.result(f"bad{i}", 300)
         assert p.returncode == 2, (args, p.stderr[-2000:])
         assert msg in p.stderr and "Traceback" not in p.stderr, (args, p.stderr[-2000:])
 
