@@ -61,8 +61,9 @@ def mixup_example(example: dict[str, tf.Tensor], partner: dict[str, tf.Tensor],
     float32 multi-hot and ``key`` int64 (the example's position in the data); ``partner`` may
     also be a function returning that dict, called only when the example is mixed (the
     pipeline parses the partner record only then). Returns the
-    example with mixed ``waveform``/``labels`` plus ``mix_lambda`` (1.0 when not mixed) and
-    ``partner_key`` (-1 when not mixed).
+    example with mixed ``waveform``/``labels`` plus ``mix_lambda`` (1.0 when not mixed),
+    ``partner_key`` (-1 when not mixed) and ``partner_id`` (the partner's ``id`` when it has
+    one, "" when not mixed).
     """
     u_seed = tf.random.experimental.stateless_fold_in(seed, 1)
     b_seed = tf.random.experimental.stateless_fold_in(seed, 2)
@@ -75,13 +76,14 @@ def mixup_example(example: dict[str, tf.Tensor], partner: dict[str, tf.Tensor],
         y_i, y_j = example["labels"], p["labels"]
         # lambda + (1 - lambda) is not always exactly 1 in float32: a label in both gets 1.
         y = tf.where((y_i > 0) & (y_j > 0), tf.ones_like(y_i), lam * y_i + (1.0 - lam) * y_j)
-        return x, y, lam, tf.cast(p["key"], tf.int64)
+        pid = p["id"] if "id" in p else tf.constant(b"")
+        return x, y, lam, tf.cast(p["key"], tf.int64), pid
 
     def plain():
         return (example["waveform"], example["labels"], tf.constant(1.0, tf.float32),
-                tf.constant(-1, tf.int64))
+                tf.constant(-1, tf.int64), tf.constant(b""))
 
-    x, y, lam, pkey = tf.cond(do_mix, mixed, plain)
+    x, y, lam, pkey, pid = tf.cond(do_mix, mixed, plain)
     out = dict(example)
-    out.update(waveform=x, labels=y, mix_lambda=lam, partner_key=pkey)
+    out.update(waveform=x, labels=y, mix_lambda=lam, partner_key=pkey, partner_id=pid)
     return out

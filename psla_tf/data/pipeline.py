@@ -48,6 +48,7 @@ MAX_DRAWS_PER_EPOCH = 100
 _KEY_SHIFT = 32  # key = file_index * 2**32 + position in the file
 _SALT_MAIN, _SALT_PARTNER, _SALT_MIX = 11, 12, 13
 _SALT_GAIN = 14
+_SALT_IID = 15
 # The dataset functions hold no Python control flow on tensors: skipping AutoGraph's source
 # conversion roughly halves the time to build the (nested) training dataset.
 _nag = tf.autograph.experimental.do_not_convert
@@ -269,10 +270,14 @@ def _or_fail_when_exhausted(ds: tf.data.Dataset, what: str) -> tf.data.Dataset:
 
 
 # ----------------------------------------------------------------------------- training
+SAMPLING_ORDERS = ("iid", "stream")
+
+
 @_seed_independent
 def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
                        clip_samples: int | None = None, balanced_sampling: bool = True,
                        mixup: float = params.MIXUP, mixup_alpha: float = params.MIXUP_ALPHA,
+                       sampling_order: str = "iid",
                        shuffle_buffer: int = 1000, seed: int = 0, initial_epoch: int = 0,
                        num_epochs: int = 1, random_gain_db: float = 0.0,
                        random_speed: float = 0.0,
@@ -288,7 +293,22 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
     (``{"fbank": [B, T, 128]}`` instead when ``features_in_pipeline``; B is the per-replica
     batch under ``input_context``). ``with_ids`` adds ``id`` (string), ``key`` (int64:
     file index * 2**32 + record position, see :func:`example_key_parts`), ``partner_key``
-    (-1 when not mixed) and ``mix_lambda`` (1 when not mixed) to the features.
+    (-1 when not mixed), ``partner_id`` ("" when not mixed) and ``mix_lambda`` (1 when not
+    mixed) to the features.
+
+    ``sampling_order``:
+
+    * ``"iid"`` (default, the reference's order): each epoch's examples are N i.i.d. draws,
+      P(i) = w_i / W with balanced sampling, else a random permutation of the set; every
+      mixup partner is an independent uniform draw from the whole set. Records are read at
+      random offsets (:mod:`psla_tf.data.record_index`; uncompressed shards only), so the
+      order does not depend on ``shuffle_buffer`` and the reads are the examples plus the
+      partners actually mixed (about (1 + mixup) x one pass per epoch).
+    * ``"stream"``: sequential reading — balanced sampling emits record i k_i ~ Poisson(N p_i)
+      times back to back into a ``shuffle_buffer`` shuffle, and the partners come from one
+      shuffled pass per epoch (each clip is a candidate partner once). A rare clip's copies
+      arrive in bursts unless the buffer holds a large part of the set; works on GZIP shards.
+
     Epochs are counted from 0 as in Keras' ``initial_epoch``. ``random_gain_db`` > 0 scales
     each training waveform by a random gain of ±random_gain_db dB after mixup
     (:func:`psla_tf.augment.random_gain`; not in PSLA, off by default); ``random_speed`` > 0
@@ -296,6 +316,9 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
     (:func:`psla_tf.augment.random_speed`; also not in PSLA, off by default).
     """
     spec = resolve_data(data)
+    if sampling_order not in SAMPLING_ORDERS:
+        raise ValueError(f"sampling_order must be one of {SAMPLING_ORDERS}, got "
+                         f"{sampling_order!r}")
     if random_gain_db < 0:
         raise ValueError(f"random_gain_db must be >= 0, got {random_gain_db}")
     if not 0 <= random_speed < 1:
@@ -319,9 +342,8 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
     if steps == 0:
         raise DataError(f"{n_total} training examples give no full batch of {batch_size}; "
                         "lower --batch_size")
-    num_classes = spec.num_classes
 
-    # ---- this input pipeline's share of the data
+    # ---- this input pipeline's share of the global batches
     pid, npipe = 0, 1
     per_batch = batch_size
     replicas_per_pipeline = 1  # one pipeline feeds its worker's local replicas in turn
@@ -329,93 +351,30 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
         pid, npipe = input_context.input_pipeline_id, input_context.num_input_pipelines
         per_batch = input_context.get_per_replica_batch_size(batch_size)
         replicas_per_pipeline = max(1, input_context.num_replicas_in_sync // npipe)
-    all_ids = np.arange(len(spec.files), dtype=np.int64)
-    counts = shard_counts(spec)
-    if npipe > 1 and len(spec.files) >= npipe:
-        file_ids, record_shard = all_ids[pid::npipe], None
-        share = int(counts[file_ids].sum())
-    else:
-        file_ids, record_shard = all_ids, ((npipe, pid) if npipe > 1 else None)
-        share = int(sum((c - pid + npipe - 1) // npipe for c in counts))
-    if share == 0:
-        raise DataError(f"input pipeline {pid} of {npipe} gets no training example")
-    reader = _Reader(spec, skip_corrupt=skip_corrupt_records, record_shard=record_shard)
-
-    # ---- balanced sampling constants (W from the manifests, no pass over the data)
-    inv_counts = tf.constant(sampling.inverse_class_counts(spec.class_counts))
-    rate_scale = 0.0
-    if balanced_sampling:
-        w_total = sampling.total_weight(spec.class_counts)
-        if w_total == 0:
-            raise DataError("balanced sampling: no class has a positive count in the "
-                            "manifests (class_counts are all zero)")
-        manifest_n = sum(m.num_examples for m in spec.manifests)
-        if manifest_n != n_total:  # the glob picked part of a set: W scales with the share
-            logging.warning("balanced sampling: %d of %d examples of the manifests selected; "
-                            "W approximated as (#classes) * %d / %d", n_total, manifest_n,
-                            n_total, manifest_n)
-            w_total *= n_total / manifest_n
-        rate_scale = n_total / w_total
     base_seed = tf.constant([int(seed), 0x5053_4C41], tf.int64)
-
-    def sampled_draw(epoch, draw):
-        s = sampling.derive_seed(base_seed, _SALT_MAIN, epoch, pid, draw)
-        ds = _traversal(reader, file_ids, sampling.derive_seed(s, 0), cycle_length)
-        if balanced_sampling:
-            k_seed = sampling.derive_seed(s, 1)
-
-            def with_count(key, rec):
-                labels = _labels_only(rec, num_classes)
-                k = sampling.poisson_counts(labels, sampling.derive_seed(k_seed, key),
-                                            inv_counts, rate_scale)
-                return key, rec, k
-            ds = ds.map(_nag(with_count), num_parallel_calls=num_parallel_calls, deterministic=True)
-            ds = ds.filter(_nag(lambda key, rec, k: k > 0))
-            ds = ds.flat_map(_nag(lambda key, rec, k:
-                                  tf.data.Dataset.from_tensors((key, rec)).repeat(k)))
-        ds = ds.shuffle(shuffle_buffer, seed=sampling.seed_to_int(sampling.derive_seed(s, 2)),
-                        reshuffle_each_iteration=False)
-        return ds
-
-    def partner_pass(epoch, rep):
-        s = sampling.derive_seed(base_seed, _SALT_PARTNER, epoch, pid, rep)
-        ds = _traversal(reader, file_ids, sampling.derive_seed(s, 0), cycle_length)
-        return ds.shuffle(shuffle_buffer, seed=sampling.seed_to_int(sampling.derive_seed(s, 2)),
-                          reshuffle_each_iteration=False)
-
-    parse = _nag(lambda key, rec: _parse(key, rec, num_classes))
+    plan = _EpochPlan(steps, per_batch, replicas_per_pipeline, pid, npipe, batch_size)
+    if sampling_order == "iid":
+        examples = _iid_examples(spec, plan, base_seed, balanced_sampling, mixup, mixup_alpha,
+                                 skip_corrupt_records, num_parallel_calls)
+    else:
+        examples = _stream_examples(spec, plan, base_seed, balanced_sampling, mixup,
+                                    mixup_alpha, shuffle_buffer, skip_corrupt_records,
+                                    cycle_length, num_parallel_calls)
+    keep = ("id", "key", "partner_key", "partner_id", "mix_lambda")
 
     def epoch_dataset(epoch):
-        main = tf.data.Dataset.range(MAX_DRAWS_PER_EPOCH).flat_map(
-            _nag(lambda d: sampled_draw(epoch, d)))
-        main = main.map(parse, num_parallel_calls=num_parallel_calls, deterministic=True)
-        if mixup > 0:
-            partners = tf.data.Dataset.range(MAX_DRAWS_PER_EPOCH).flat_map(
-                _nag(lambda r: partner_pass(epoch, r)))
-            mix_seed = sampling.derive_seed(base_seed, _SALT_MIX, epoch, pid)
-
-            def mix(index, pair):
-                ex, (partner_key, partner_rec) = pair
-                # the partner record is parsed only when the example is mixed
-                return mixup_example(ex, lambda: parse(partner_key, partner_rec),
-                                     sampling.derive_seed(mix_seed, index), mixup, mixup_alpha)
-            main = tf.data.Dataset.zip(main, partners).enumerate().map(
-                _nag(mix), num_parallel_calls=num_parallel_calls, deterministic=True)
-        else:
-            main = main.map(_nag(lambda ex: dict(ex, mix_lambda=tf.constant(1.0),
-                                                 partner_key=tf.constant(-1, tf.int64))))
-        main = main.map(_nag(lambda ex: _format(_pad_or_cut(ex, clip_samples), with_ids,
-                                                ("id", "key", "partner_key", "mix_lambda"))),
+        main = examples(epoch)
+        main = main.map(_nag(lambda ex: _format(_pad_or_cut(ex, clip_samples), with_ids, keep)),
                         num_parallel_calls=num_parallel_calls, deterministic=True)
         if features_in_pipeline:
-            main = main.map(_nag(_apply_frontend(frontend, ("id", "key", "partner_key",
-                                                            "mix_lambda"))),
+            main = main.map(_nag(_apply_frontend(frontend, keep)),
                             num_parallel_calls=num_parallel_calls, deterministic=True)
         batches = main.batch(per_batch, drop_remainder=True)
         n_batches = steps * replicas_per_pipeline
-        batches = _or_fail_when_exhausted(
-            batches, f"input pipeline ran out of examples before {n_batches} batches "
-                     f"in {MAX_DRAWS_PER_EPOCH} draws (do the examples have labels?)")
+        if sampling_order == "stream":
+            batches = _or_fail_when_exhausted(
+                batches, f"input pipeline ran out of examples before {n_batches} batches "
+                         f"in {MAX_DRAWS_PER_EPOCH} draws (do the examples have labels?)")
         batches = batches.take(n_batches)
         if random_gain_db > 0 or random_speed > 0:
             from psla_tf.augment import random_gain, random_speed as speed_fn
@@ -434,6 +393,199 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
     epochs = tf.data.Dataset.range(int(initial_epoch), int(initial_epoch) + int(num_epochs))
     ds = epochs.flat_map(_nag(epoch_dataset))
     return _finish(ds, prefetch)
+
+
+class _EpochPlan:
+    """Which of an epoch's steps * batch_size draws this input pipeline yields, in order.
+
+    Global batch s holds draws [s*B, (s+1)*B); its per-replica batches are consecutive
+    blocks of ``per_batch``; pipeline ``pid`` feeds replicas pid*rpp .. (pid+1)*rpp - 1 in
+    turn, so across pipelines every draw is used exactly once.
+    """
+
+    def __init__(self, steps: int, per_batch: int, rpp: int, pid: int, npipe: int,
+                 batch_size: int):
+        self.steps, self.per_batch, self.rpp = steps, per_batch, rpp
+        self.pid, self.npipe, self.batch_size = pid, npipe, batch_size
+        self.draws = steps * batch_size          # the epoch's draws (all pipelines)
+
+    def positions(self) -> tf.Tensor:
+        """Global draw positions (int64) of this pipeline's elements, in its order."""
+        block = self.rpp * self.per_batch
+        if block * self.npipe != self.batch_size:
+            raise ValueError(f"batch {self.batch_size} does not split into {self.npipe} "
+                             f"pipelines x {self.rpp} replicas x {self.per_batch}")
+        pos = tf.range(self.draws, dtype=tf.int64)
+        return tf.reshape(tf.reshape(pos, [self.steps, self.npipe, block])[:, self.pid], [-1])
+
+
+def _register_corrupt(bad) -> None:
+    """Shards found short while indexing (``skip_corrupt_records``): counted and logged."""
+    for c in bad:
+        CORRUPT_SHARDS[c.path] = (int(c.read), int(c.listed))
+        print(f"WARNING: {c.message()}; skipping the rest (--skip_corrupt_records)",
+              file=sys.stderr, flush=True)
+
+
+def _iid_examples(spec: DataSpec, plan: _EpochPlan, base_seed: tf.Tensor, balanced: bool,
+                  mixup: float, mixup_alpha: float, skip_corrupt: bool,
+                  num_parallel_calls: int) -> Callable[[tf.Tensor], tf.data.Dataset]:
+    """epoch → dataset of parsed, mixed examples in i.i.d. order (see make_train_dataset)."""
+    from psla_tf.data import record_index
+    index = record_index.load_record_index(spec, skip_corrupt=skip_corrupt)
+    _register_corrupt(index.corrupt)
+    if not index.random_access:
+        raise DataError(f"{spec.files[0]}: GZIP-compressed shards cannot be read at random "
+                        "offsets, which the i.i.d. sampling order needs; prepare the shards "
+                        "without --compression, or pass --sampling_order=stream (sequential "
+                        "reading, bursty order: see BUILD.md)")
+    n_rec = index.num_records
+    if n_rec == 0:
+        raise DataError(f"no readable training record in {spec.files[0]}...")
+    num_classes = spec.num_classes
+    draws = plan.draws
+    cdf = total = last = None
+    if balanced:
+        w = index.sampling_weights(spec.class_counts)
+        total = float(w.sum())
+        if total <= 0:
+            raise DataError("balanced sampling: no training example has a label")
+        cdf = tf.constant(np.cumsum(w), tf.float64)
+        last = int(np.flatnonzero(w > 0)[-1])
+    file_index = tf.constant(index.file_index, tf.int64)
+    position = tf.constant(index.position, tf.int64)
+    offset = tf.constant(index.offset, tf.int64)
+    length = tf.constant(index.length, tf.int64)
+    files = list(index.files)
+    perms = -(-draws // n_rec)  # permutations per epoch without balanced sampling (1 unless
+    #                             skipped corrupt records made the set smaller than N)
+
+    def read_py(fi, off, ln):
+        return np.array(record_index.read_record(files[int(fi)], int(off), int(ln)),
+                        dtype=object)
+
+    def load(row):
+        fi = tf.gather(file_index, row)
+        rec = tf.numpy_function(read_py, [fi, tf.gather(offset, row), tf.gather(length, row)],
+                                tf.string, stateful=False)
+        rec = tf.ensure_shape(rec, [])
+        return _parse(fi * (1 << _KEY_SHIFT) + tf.gather(position, row), rec, num_classes)
+
+    def examples(epoch):
+        s = sampling.derive_seed(base_seed, _SALT_IID, epoch)
+        if balanced:  # Alg. 1 line 8: N draws with replacement, P(i) = w_i / W
+            u = tf.random.stateless_uniform([draws], seed=sampling.derive_seed(s, 0),
+                                            dtype=tf.float64) * total
+            rows = tf.minimum(tf.searchsorted(cdf, u, side="right", out_type=tf.int64), last)
+        else:         # every example once per epoch, in random order
+            rows = tf.concat([tf.random.experimental.stateless_shuffle(
+                tf.range(n_rec, dtype=tf.int64), seed=sampling.derive_seed(s, 0, r))
+                for r in range(perms)], 0)[:draws]
+        # Alg. 1 line 10: the partner j ~ U{1..N}, drawn for every position (used if mixed)
+        partners = tf.random.stateless_uniform([draws], seed=sampling.derive_seed(s, 1),
+                                               minval=0, maxval=n_rec, dtype=tf.int64)
+        pos = plan.positions()
+        ds = tf.data.Dataset.from_tensor_slices((pos, tf.gather(rows, pos),
+                                                 tf.gather(partners, pos)))
+        mix_seed = sampling.derive_seed(base_seed, _SALT_MIX, epoch)
+
+        def one(g, row, partner_row):
+            ex = load(row)
+            if mixup > 0:
+                return mixup_example(ex, lambda: load(partner_row),
+                                     sampling.derive_seed(mix_seed, g), mixup, mixup_alpha)
+            return _unmixed(ex)
+        return ds.map(_nag(one), num_parallel_calls=num_parallel_calls, deterministic=True)
+    return examples
+
+
+def _unmixed(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    return dict(ex, mix_lambda=tf.constant(1.0), partner_key=tf.constant(-1, tf.int64),
+                partner_id=tf.constant(b""))
+
+
+def _stream_examples(spec: DataSpec, plan: _EpochPlan, base_seed: tf.Tensor, balanced: bool,
+                     mixup: float, mixup_alpha: float, shuffle_buffer: int, skip_corrupt: bool,
+                     cycle_length: int, num_parallel_calls: int
+                     ) -> Callable[[tf.Tensor], tf.data.Dataset]:
+    """epoch → dataset of parsed, mixed examples from sequential reading (``"stream"``)."""
+    n_total = int(spec.num_examples)
+    num_classes = spec.num_classes
+    pid, npipe = plan.pid, plan.npipe
+    all_ids = np.arange(len(spec.files), dtype=np.int64)
+    counts = shard_counts(spec)
+    if npipe > 1 and len(spec.files) >= npipe:
+        file_ids, record_shard = all_ids[pid::npipe], None
+        share = int(counts[file_ids].sum())
+    else:
+        file_ids, record_shard = all_ids, ((npipe, pid) if npipe > 1 else None)
+        share = int(sum((c - pid + npipe - 1) // npipe for c in counts))
+    if share == 0:
+        raise DataError(f"input pipeline {pid} of {npipe} gets no training example")
+    reader = _Reader(spec, skip_corrupt=skip_corrupt, record_shard=record_shard)
+
+    # ---- balanced sampling constants (W from the manifests, no pass over the data)
+    inv_counts = tf.constant(sampling.inverse_class_counts(spec.class_counts))
+    rate_scale = 0.0
+    if balanced:
+        w_total = sampling.total_weight(spec.class_counts)
+        if w_total == 0:
+            raise DataError("balanced sampling: no class has a positive count in the "
+                            "manifests (class_counts are all zero)")
+        manifest_n = sum(m.num_examples for m in spec.manifests)
+        if manifest_n != n_total:  # the glob picked part of a set: W scales with the share
+            logging.warning("balanced sampling: %d of %d examples of the manifests selected; "
+                            "W approximated as (#classes) * %d / %d", n_total, manifest_n,
+                            n_total, manifest_n)
+            w_total *= n_total / manifest_n
+        rate_scale = n_total / w_total
+
+    def sampled_draw(epoch, draw):
+        s = sampling.derive_seed(base_seed, _SALT_MAIN, epoch, pid, draw)
+        ds = _traversal(reader, file_ids, sampling.derive_seed(s, 0), cycle_length)
+        if balanced:
+            k_seed = sampling.derive_seed(s, 1)
+
+            def with_count(key, rec):
+                labels = _labels_only(rec, num_classes)
+                k = sampling.poisson_counts(labels, sampling.derive_seed(k_seed, key),
+                                            inv_counts, rate_scale)
+                return key, rec, k
+            ds = ds.map(_nag(with_count), num_parallel_calls=num_parallel_calls,
+                        deterministic=True)
+            ds = ds.filter(_nag(lambda key, rec, k: k > 0))
+            ds = ds.flat_map(_nag(lambda key, rec, k:
+                                  tf.data.Dataset.from_tensors((key, rec)).repeat(k)))
+        ds = ds.shuffle(shuffle_buffer, seed=sampling.seed_to_int(sampling.derive_seed(s, 2)),
+                        reshuffle_each_iteration=False)
+        return ds
+
+    def partner_pass(epoch, rep):
+        s = sampling.derive_seed(base_seed, _SALT_PARTNER, epoch, pid, rep)
+        ds = _traversal(reader, file_ids, sampling.derive_seed(s, 0), cycle_length)
+        return ds.shuffle(shuffle_buffer, seed=sampling.seed_to_int(sampling.derive_seed(s, 2)),
+                          reshuffle_each_iteration=False)
+
+    parse = _nag(lambda key, rec: _parse(key, rec, num_classes))
+
+    def examples(epoch):
+        main = tf.data.Dataset.range(MAX_DRAWS_PER_EPOCH).flat_map(
+            _nag(lambda d: sampled_draw(epoch, d)))
+        main = main.map(parse, num_parallel_calls=num_parallel_calls, deterministic=True)
+        if mixup <= 0:
+            return main.map(_nag(_unmixed))
+        partners = tf.data.Dataset.range(MAX_DRAWS_PER_EPOCH).flat_map(
+            _nag(lambda r: partner_pass(epoch, r)))
+        mix_seed = sampling.derive_seed(base_seed, _SALT_MIX, epoch, pid)
+
+        def mix(index, pair):
+            ex, (partner_key, partner_rec) = pair
+            # the partner record is parsed only when the example is mixed
+            return mixup_example(ex, lambda: parse(partner_key, partner_rec),
+                                 sampling.derive_seed(mix_seed, index), mixup, mixup_alpha)
+        return tf.data.Dataset.zip(main, partners).enumerate().map(
+            _nag(mix), num_parallel_calls=num_parallel_calls, deterministic=True)
+    return examples
 
 
 def _finish(ds: tf.data.Dataset, prefetch: int) -> tf.data.Dataset:
