@@ -17,10 +17,13 @@ Half precision: the mel energies of a full-scale clip reach ~1e5, beyond float16
 so the TFLite front end is built with ``power_scale`` (magnitudes divided by 16 before
 squaring, 2 ln 16 added back after the log): the same function, finite in float16.
 
-Models carry the label list and sample rate: the labels as a ``labels.txt`` packed into the
-``.tflite`` (a zip appended to the flatbuffer, the TFLite associated-file convention; MediaPipe
-and ``zipfile`` read it) plus sidecar ``OUT.labels.txt`` and ``OUT.json``
-(sample rate, input samples, class MIDs and names, quantisation).
+Models carry TFLite Model Metadata (:mod:`psla_tf.tflite_metadata`: audio input at 16 kHz,
+1 channel; the ``scores`` output labelled by ``mids.txt`` and ``labels.txt``; name,
+description, version, licence), so MediaPipe's AudioClassifier and the TFLite Task Library
+load them as they are. The label files and ``psla_tf.json`` are packed into the ``.tflite``
+(an uncompressed zip appended to the flatbuffer, the TFLite associated-file convention;
+MediaPipe and ``zipfile`` read it), and written beside it as ``OUT.labels.txt`` and
+``OUT.json`` (sample rate, input samples, class MIDs and names, quantisation).
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from psla_tf import params
+from psla_tf import params, tflite_metadata
 from psla_tf.export import ExportError, ExportSpec, ScoringModel, default_clip_samples, serve
 
 __all__ = ["QUANTIZATIONS", "FLOAT16_POWER_SCALE", "export_tflite", "calibration_clips",
@@ -98,11 +101,13 @@ def export_tflite(model: keras.Model, out_path: str, mids: Sequence[str], names:
                   hop: int = 0, clip_scores: bool = False,
                   calibration: Iterable[np.ndarray] | None = None,
                   float_kernel_elements: int = DYNAMIC_FLOAT_MAX_ELEMENTS,
-                  progress: Callable[[int], None] | None = None) -> dict:
+                  progress: Callable[[int], None] | None = None,
+                  model_info: dict | None = None) -> dict:
     """Convert ``model`` to ``out_path`` (+ sidecars); returns the metadata written to
     ``OUT.json``. ``calibration``: float32 waveforms of ``seconds`` (int8 only).
     ``float_kernel_elements`` (dynamic only): kernels with fewer weights stay float32 (0: only
-    the depthwise kernels do)."""
+    the depthwise kernels do). ``model_info``: ``name``, ``description``, ``version``,
+    ``license``, ``author`` for the TFLite Model Metadata (:mod:`psla_tf.tflite_metadata`)."""
     if quantize not in QUANTIZATIONS:
         raise ExportError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
     input_samples = int(round(seconds * params.SAMPLE_RATE))
@@ -189,8 +194,14 @@ def export_tflite(model: keras.Model, out_path: str, mids: Sequence[str], names:
             "input": "waveform float32 [1, input_samples], mono 16 kHz in [-1, 1]",
             "output": "scores float32 [1, num_classes]", "mids": list(mids),
             "names": list(names)}
-    flat = _append_associated_files(flat, {"labels.txt": "\n".join(names) + "\n",
-                                           "psla_tf.json": json.dumps(meta, indent=1)})
+    info = tflite_metadata.tagger_metadata(
+        len(mids), input_samples=input_samples, sample_rate=params.SAMPLE_RATE,
+        quantize=quantize, bounded=_scores_bounded(model, clip_scores), **(model_info or {}))
+    flat = tflite_metadata.attach_metadata(flat, tflite_metadata.build_metadata(info))
+    flat = _append_associated_files(flat, {
+        tflite_metadata.NAMES_FILE: "\n".join(names) + "\n",
+        tflite_metadata.MIDS_FILE: "\n".join(mids) + "\n",
+        "psla_tf.json": json.dumps(meta, indent=1)})
     _write_atomic(out_path, flat)
     base = os.path.splitext(out_path)[0]
     _write_atomic(base + ".labels.txt", ("\n".join(names) + "\n").encode("utf-8"))
@@ -368,15 +379,33 @@ def _frontend_tensor_names(float_flat: bytes) -> list[str]:
     return names
 
 
+def _scores_bounded(model: keras.Model, clip_scores: bool) -> bool:
+    """Whether the exported scores lie in [0, 1]: clipped, softmax (``--loss=ce``), or
+    sigmoid of a single head (several heads are summed with learned weights)."""
+    from psla_tf.export import _members
+    from psla_tf.models.pooling import MultiHeadAttentionPooling
+    if clip_scores:
+        return True
+    for m in _members(model):
+        if any(layer.name == "single_label" for layer in m.layers):
+            continue
+        if any(isinstance(layer, MultiHeadAttentionPooling)
+               for layer in m.get_layer("classifier").layers):
+            return False
+    return True
+
+
 def _append_associated_files(flat: bytes, files: dict[str, str]) -> bytes:
-    """Pack ``files`` as a zip after the flatbuffer (readers ignore trailing bytes; the zip's
-    central directory is found from the end of the file)."""
+    """Pack ``files`` as an uncompressed zip after the flatbuffer, offsets counted from the
+    start of the file (as TFLite Support's metadata populator writes it; interpreters
+    ignore trailing bytes; the zip's central directory is found from the end)."""
     import io
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+    buf = io.BytesIO(bytes(flat))
+    buf.seek(0, io.SEEK_END)
+    with zipfile.ZipFile(buf, "a", zipfile.ZIP_STORED) as z:   # not a zip yet: appends
         for name, text in files.items():
             z.writestr(name, text)
-    return bytes(flat) + buf.getvalue()
+    return buf.getvalue()
 
 
 def read_embedded_labels(path: str) -> tuple[list[str], dict]:

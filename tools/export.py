@@ -1,11 +1,13 @@
-"""Export a trained tagger for deployment: a TF Serving SavedModel and/or a TFLite/LiteRT model,
-both taking the raw 16-kHz waveform (front end included).
+"""Export a trained tagger for deployment: a TF Serving SavedModel, a TFLite/LiteRT model (with
+the TFLite Model Metadata MediaPipe's AudioClassifier reads) and/or an ONNX model, all taking
+the raw 16-kHz waveform (front end included).
 
 Examples:
   python tools/export.py --model=exp/demo --saved_model_dir=serving/psla --version=1
   python tools/export.py --model=exp/demo --tflite=psla_f16.tflite --quantize=float16
   python tools/export.py --model=exp/demo --tflite=psla_int8.tflite --quantize=int8 \\
       --calibration_data='demo_data/records/train-*.tfrecord'
+  python tools/export.py --model=exp/demo --onnx=psla.onnx      # needs requirements-deploy.txt
 
 --model is anything psla_tf.models.loading.load_tagger accepts: a .keras file (also an
 ensemble from tools/ensemble.py), an experiment folder, or checkpoints/epoch_NNN.weights.h5.
@@ -41,7 +43,8 @@ flags.DEFINE_float("hop_seconds", None, "--windowed: hop between windows (defaul
                    "window).")
 flags.DEFINE_bool("clip_scores", False, "Clip scores to [0, 1] (with several attention heads "
                   "the weighted head sum can exceed 1).")
-flags.DEFINE_string("tflite", None, "Write a TFLite/LiteRT model here (+ OUT.labels.txt and "
+flags.DEFINE_string("tflite", None, "Write a TFLite/LiteRT model here, with TFLite Model "
+                    "Metadata (MediaPipe's AudioClassifier loads it; + OUT.labels.txt and "
                     "OUT.json beside it).")
 flags.DEFINE_enum("quantize", "none", ["none", "float16", "dynamic", "int8"],
                   "TFLite quantisation: none (float32), float16 weights, dynamic (int8 weights), "
@@ -63,6 +66,19 @@ flags.DEFINE_string("compare_data", None, "After writing --tflite: score these T
 flags.DEFINE_integer("compare_size", None, "--compare_data: at most this many clips "
                      "(default: all).")
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar during int8 calibration.")
+flags.DEFINE_string("onnx", None, "Write an ONNX model here (waveform [batch, samples] in, "
+                    "scores [batch, C] out; + OUT.labels.txt and OUT.json beside it). Needs "
+                    "tf2onnx and onnx (requirements-deploy.txt).")
+flags.DEFINE_integer("onnx_opset", 17, "ONNX opset of --onnx (13-18).")
+flags.DEFINE_string("model_name", None, "Model name in the TFLite Model Metadata / ONNX "
+                    "metadata (default: 'psla_tf audio tagger').")
+flags.DEFINE_string("model_description", None, "Model description in the metadata (default: "
+                    "input, output and precision, generated).")
+flags.DEFINE_string("model_version", "1", "Model version in the metadata.")
+flags.DEFINE_string("model_license", "unspecified (set with tools/export.py --model_license)",
+                    "Licence of the model, written into the metadata (e.g. 'CC-BY-4.0', as "
+                    "your training data allows).")
+flags.DEFINE_string("model_author", "psla_tf", "Author in the metadata.")
 
 
 def _clip_samples(model_path: str) -> int | None:
@@ -86,8 +102,10 @@ def main(argv):
     try:
         if not FLAGS.model:
             raise DataError("--model is required")
-        if not FLAGS.saved_model_dir and not FLAGS.tflite:
-            raise DataError("nothing to do: give --saved_model_dir and/or --tflite")
+        if not FLAGS.saved_model_dir and not FLAGS.tflite and not FLAGS.onnx:
+            raise DataError("nothing to do: give --saved_model_dir, --tflite and/or --onnx")
+        if FLAGS.onnx and not 13 <= FLAGS.onnx_opset <= 18:
+            raise DataError(f"--onnx_opset must be in 13..18, got {FLAGS.onnx_opset}")
         if FLAGS.quantize == "int8" and FLAGS.tflite and not FLAGS.calibration_data:
             raise DataError("--quantize=int8 needs --calibration_data (a TFRecord shard glob)")
         if FLAGS.tflite_seconds * params.SAMPLE_RATE < params.FRAME_LENGTH:
@@ -102,6 +120,9 @@ def main(argv):
                   window=int(round((FLAGS.window_seconds or 0) * params.SAMPLE_RATE)),
                   hop=int(round((FLAGS.hop_seconds or 0) * params.SAMPLE_RATE)),
                   clip_scores=FLAGS.clip_scores)
+        info = dict(name=FLAGS.model_name or "", description=FLAGS.model_description or "",
+                    version=FLAGS.model_version or "", license=FLAGS.model_license or "",
+                    author=FLAGS.model_author or "")
         if FLAGS.saved_model_dir:
             out = export.export_saved_model(model, FLAGS.saved_model_dir, mids, names,
                                             version=FLAGS.version, overwrite=FLAGS.overwrite,
@@ -120,7 +141,7 @@ def main(argv):
                 model, FLAGS.tflite, mids, names, quantize=FLAGS.quantize,
                 seconds=FLAGS.tflite_seconds, calibration=calibration,
                 float_kernel_elements=FLAGS.float_kernel_elements,
-                progress=(lambda i: bar.update(1)) if bar else None, **kw)
+                progress=(lambda i: bar.update(1)) if bar else None, model_info=info, **kw)
             if bar:
                 bar.close()
             print(f"TFLite ({FLAGS.quantize}): {FLAGS.tflite} ({meta['size_bytes']} bytes, "
@@ -150,6 +171,12 @@ def main(argv):
                     line += (f"; mAP Keras {res['keras_mAP']:.4f}, TFLite "
                              f"{res['tflite_mAP']:.4f} ({res['mAP_diff']:+.4f})")
                 print(line + f"  [{path}]")
+        if FLAGS.onnx:
+            from psla_tf import export_onnx
+            meta = export_onnx.export_onnx(model, FLAGS.onnx, mids, names,
+                                           opset=FLAGS.onnx_opset, model_info=info, **kw)
+            print(f"ONNX (opset {meta['opset']}): {FLAGS.onnx} ({meta['size_bytes']} bytes, "
+                  "input waveform [batch, samples])")
     except (DataError, export.ExportError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
