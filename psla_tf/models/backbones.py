@@ -26,8 +26,9 @@ from typing import Callable
 import keras
 import numpy as np
 
-__all__ = ["build_backbone", "BACKBONES", "PretrainedWeightsError", "stem_layer_name",
-           "backbone_channels", "stem_kernel_from_rgb"]
+__all__ = ["build_backbone", "BACKBONES", "BACKBONE_INITS", "PretrainedWeightsError",
+           "stem_layer_name", "backbone_channels", "stem_kernel_from_rgb", "torch_fan_in",
+           "reinit_like_torch"]
 
 BACKBONES = ("efficientnet", "mobilenet_v2", "resnet50")
 _STEM = {"efficientnet": "stem_conv", "mobilenet_v2": "Conv1", "resnet50": "conv1_conv"}
@@ -36,6 +37,9 @@ _FIRST = {"efficientnet": "stem_conv_pad"}
 _CHANNELS = {"mobilenet_v2": 1280, "resnet50": 2048}
 _EFFNET_CHANNELS = (1280, 1280, 1408, 1536, 1792, 2048, 2304, 2560)
 _RGB_SHAPE = (224, 224, 3)
+# "auto": the reference's initialisation where it is known (efficientnet_pytorch builds its
+# EfficientNet from torch.nn layers and keeps their default initialisation), else Keras'.
+BACKBONE_INITS = ("auto", "pytorch", "keras")
 
 
 class PretrainedWeightsError(ValueError):
@@ -144,13 +148,17 @@ def _copy_weights(backbone: keras.Model, rgb: keras.Model, stem: str, stem_init:
 def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
                    input_shape: tuple[int, int, int] = (128, 1056, 1),
                    pretrained: str | os.PathLike = "none", stem_init: str = "random",
-                   bn_momentum: float | None = None, name: str = "backbone") -> keras.Model:
+                   bn_momentum: float | None = None, init: str = "auto",
+                   name: str = "backbone") -> keras.Model:
     """``[B, mel, time, 1] → [B, F', T', D]`` backbone (Sec. III), optionally ImageNet-pretrained.
 
     ``pretrained``: ``"none"``, ``"imagenet"`` or a path to weights of the 3-channel no-top
     keras.applications model. ``stem_init``: ``"random"`` (the paper) or ``"rgb_sum"``.
     ``bn_momentum``: BatchNormalization momentum of every BN layer (Keras convention; None
     keeps keras.applications' 0.99, which equals efficientnet_pytorch's PyTorch momentum 0.01).
+    ``init``: random initialisation of the weights not taken from ``pretrained``: ``pytorch``
+    (torch.nn's defaults, :func:`reinit_like_torch`), ``keras`` (keras.applications') or
+    ``auto`` (pytorch for EfficientNet, the reference's efficientnet_pytorch; keras otherwise).
     """
     _check_model(model)
     if stem_init not in ("random", "rgb_sum"):
@@ -161,6 +169,8 @@ def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
         if stem_init != "random":
             raise ValueError("stem_init='rgb_sum' needs pretrained weights "
                              "(pretrained='imagenet' or a weights file)")
+    if init not in BACKBONE_INITS:
+        raise ValueError(f"init must be one of {BACKBONE_INITS}, got {init!r}")
     if len(input_shape) != 3 or input_shape[-1] != 1:
         raise ValueError(f"input_shape must be (mel, time, 1), got {input_shape}")
     app = _application(model, eff_b)
@@ -177,6 +187,8 @@ def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
         for layer in backbone.layers:
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = float(bn_momentum)
+    if init == "pytorch" or (init == "auto" and model == "efficientnet"):
+        reinit_like_torch(backbone)
     if pretrained != "none":
         rgb = _rgb_model(model, eff_b, pretrained)
         source = ("ImageNet weights" if pretrained == "imagenet"
@@ -184,6 +196,41 @@ def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
         _copy_weights(backbone, rgb, _STEM[model], stem_init, source)
         del rgb
     return backbone
+
+
+def torch_fan_in(layer: keras.layers.Layer) -> int:
+    """fan_in as torch.nn computes it for the layer's PyTorch twin: ``in / groups · kh · kw``
+    (a depthwise convolution has one input channel per group)."""
+    shape = tuple(layer.kernel.shape)
+    if isinstance(layer, keras.layers.DepthwiseConv2D):       # [kh, kw, C, multiplier]
+        return int(np.prod(shape[:2]))
+    if isinstance(layer, keras.layers.Conv2D):                 # [kh, kw, in / groups, out]
+        return int(np.prod(shape[:3]))
+    return int(shape[0])                                       # Dense [in, out]
+
+
+def reinit_like_torch(model: keras.Model) -> int:
+    """Re-draw every convolution / dense kernel and bias of ``model`` as torch.nn does by
+    default — ``kaiming_uniform(a=√5)``, i.e. U(±1/√fan_in), and the bias U(±1/√fan_in) —
+    which is how efficientnet_pytorch's ``EfficientNet.from_name`` (the reference's model
+    from scratch, and its 1-channel stem under ImageNet weights) starts. BatchNorm keeps
+    γ = 1, β = 0. Draws come from Keras' global seed. Returns the number of layers re-drawn.
+
+    Keras' EfficientNet instead draws VarianceScaling(2, fan_out): on B0 its squeeze-excite
+    kernels start ~12× and its projection kernels ~6× larger, which slows learning from
+    scratch (BUILD.md, "Learning as the reference learns")."""
+    count = 0
+    for layer in model.layers:
+        if not isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D,
+                                  keras.layers.Dense)):
+            continue
+        bound = 1.0 / np.sqrt(torch_fan_in(layer))
+        draw = keras.initializers.RandomUniform(-bound, bound)
+        layer.kernel.assign(draw(tuple(layer.kernel.shape), dtype=layer.kernel.dtype))
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.assign(draw(tuple(layer.bias.shape), dtype=layer.bias.dtype))
+        count += 1
+    return count
 
 
 def stem_kernel_from_rgb(rgb_kernel: np.ndarray) -> np.ndarray:

@@ -11,7 +11,8 @@ from psla_tf import params
 from psla_tf.training.trainer import TrainConfig
 
 _BOOL_FIELDS = ("wa", "balanced_sampling", "dry_run", "save_predictions", "demo", "resume",
-                "jit_compile", "sync_batchnorm", "deterministic", "skip_corrupt_records")
+                "jit_compile", "sync_batchnorm", "deterministic", "skip_corrupt_records",
+                "allow_cut_clips")
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -49,6 +50,13 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     I("wa_end", d.wa_end, "Last epoch averaged (paper: the last epoch).", flag_values=fv)
     B("balanced_sampling", d.balanced_sampling, "Class-balanced sampling (Alg. 1; paper: on "
       "for full AudioSet and FSD50K, off for balanced AudioSet).", flag_values=fv)
+    E("sampling_order", d.sampling_order, ["iid", "stream"], "Training order. iid (the "
+      "paper's and the reference's): every epoch draws its examples i.i.d. (P(i) = w_i/W with "
+      "balanced sampling, else a random permutation) and every mixup partner uniformly from "
+      "the whole set, reading records at random offsets (uncompressed shards; an index "
+      "{prefix}.index.npz is written by make_tfrecords or built once). stream: sequential "
+      "reading with a --shuffle_buffer shuffle, balanced copies emitted back to back and one "
+      "partner pass per epoch (bursty order; also for GZIP shards).", flag_values=fv)
     F("mixup", d.mixup, "Mixup rate (paper: 0.5).", flag_values=fv)
     F("mixup_alpha", d.mixup_alpha, "Mixup λ ~ Beta(α, α) (paper: 10).", flag_values=fv)
     F("random_gain_db", d.random_gain_db, "Random gain augmentation: each training clip is "
@@ -63,6 +71,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       flag_values=fv)
     I("clip_samples", None, "Waveform samples per training clip (default: enough for "
       "--target_length, but no more than the longest stored clip).", flag_values=fv)
+    B("allow_cut_clips", d.allow_cut_clips, "Accept train/eval/val shards whose clips were cut "
+      "at preparation (make_tfrecords --max_seconds) to less than 90 % of the model input "
+      "(--target_length); without it such data is refused (FSD50K cut at 10 s for a 30-s "
+      "model).", flag_values=fv)
     F("dataset_mean", None, "Fbank normalisation mean (default: the train manifest's "
       f"fbank_mean, else AudioSet's {params.DATASET_MEAN}).", flag_values=fv)
     F("dataset_std", None, "Fbank normalisation std (default: the train manifest's "
@@ -72,11 +84,17 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     I("eff_b", d.eff_b, "EfficientNet size B0..B7 (paper: B2).", flag_values=fv)
     I("att_head", d.att_head, "Attention heads: 0 mean pooling, 1 single, >1 multi (paper: 4).",
       flag_values=fv)
-    S("pretrained", d.pretrained, "none | imagenet | PATH to an RGB backbone's weights.",
+    S("pretrained", d.pretrained, "none | imagenet (the paper; keras.applications downloads "
+      "the weights once to ~/.keras/models) | PATH to an RGB backbone's weights.",
       flag_values=fv)
     E("stem_init", d.stem_init, ["random", "rgb_sum"], "First conv (1 channel) with "
       "pretrained weights: random (the paper) or the sum of the pretrained RGB kernels.",
       flag_values=fv)
+    E("backbone_init", d.backbone_init, ["auto", "pytorch", "keras"], "Random "
+      "initialisation of the backbone weights not taken from --pretrained: pytorch (torch.nn's "
+      "defaults, U(±1/sqrt(fan_in)), as the reference's efficientnet_pytorch), keras "
+      "(keras.applications' VarianceScaling(2, fan_out)), auto (pytorch for efficientnet, "
+      "keras for the other backbones).", flag_values=fv)
     F("bn_momentum", d.bn_momentum, "BatchNorm moving-average momentum, Keras convention "
       "(new = m * old + (1 - m) * batch). 0.99 = the reference (efficientnet_pytorch's "
       "PyTorch momentum 0.01); short runs on small data do better with 0.9.", flag_values=fv)
@@ -91,7 +109,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "loaded, the heads are re-initialised when the vocabulary differs.", flag_values=fv)
     I("freeze_backbone_epochs", d.freeze_backbone_epochs, "Fine-tune: train only the head "
       "for this many first epochs (0: never freeze).", flag_values=fv)
-    I("shuffle_buffer", d.shuffle_buffer, "Shuffle buffer (records).", flag_values=fv)
+    I("shuffle_buffer", d.shuffle_buffer, "Shuffle buffer (records) of "
+      "--sampling_order=stream (the iid order needs none).", flag_values=fv)
     I("seed", d.seed, "Seed of the data order, augmentation and initialisation.",
       flag_values=fv)
     E("strategy", d.strategy, ["auto", "mirrored", "multi_worker", "tpu"], "tf.distribute "
@@ -121,8 +140,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     B("resume", d.resume, "Continue a killed run from exp_dir's last committed epoch "
       "(weights, optimizer, schedule, accumulators, logs; see BUILD.md).",
       flag_values=fv)
-    B("dry_run", d.dry_run, "Print the resolved configuration, parameter count, per-epoch "
-      "lr and WA window, then exit.", flag_values=fv)
+    B("dry_run", d.dry_run, "Print the resolved configuration, parameter count (no "
+      "pretrained weights are fetched), input length, per-epoch lr and WA window, then exit.",
+      flag_values=fv)
     B("demo", d.demo, "Generate (cached) the synthetic demo dataset in --demo_dir, prepare "
       "shards, and train on it (configs/demo.flags).", flag_values=fv)
     S("demo_dir", d.demo_dir, "Cache folder of the demo dataset.", flag_values=fv)

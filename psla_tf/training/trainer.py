@@ -54,6 +54,7 @@ class TrainConfig:
     wa_start: int = 16
     wa_end: int = 30
     balanced_sampling: bool = True
+    sampling_order: str = "iid"
     mixup: float = params.MIXUP
     mixup_alpha: float = params.MIXUP_ALPHA
     random_gain_db: float = 0.0
@@ -62,6 +63,7 @@ class TrainConfig:
     timem: int = params.TIMEM
     target_length: int = params.TARGET_LENGTH
     clip_samples: int | None = None
+    allow_cut_clips: bool = False
     dataset_mean: float | None = None
     dataset_std: float | None = None
     model: str = "efficientnet"
@@ -69,6 +71,7 @@ class TrainConfig:
     att_head: int = 4
     pretrained: str = "none"
     stem_init: str = "random"
+    backbone_init: str = "auto"
     bn_momentum: float = 0.99
     loss: str = "bce"
     metric: str = "map"
@@ -136,6 +139,8 @@ def check_config(cfg: TrainConfig) -> None:
                               "set --wa_end to at most --n_epochs or --nowa")
     if not 0 <= cfg.mixup <= 1 or cfg.mixup_alpha <= 0:
         raise ConfigError("--mixup must be in [0, 1] and --mixup_alpha > 0")
+    if cfg.sampling_order not in ("iid", "stream"):
+        raise ConfigError(f"--sampling_order must be iid or stream, got {cfg.sampling_order!r}")
     if cfg.random_gain_db < 0:
         raise ConfigError(f"--random_gain_db must be ≥ 0, got {cfg.random_gain_db}")
     if not 0 <= cfg.random_speed < 1:
@@ -186,6 +191,7 @@ class Resolved:
     clip_samples: int
     norm_source: str
     eval_without_positives: list = dataclasses.field(default_factory=list)
+    cut_clips: list = dataclasses.field(default_factory=list)  # lines for describe()
 
 
 def resolve(cfg: TrainConfig) -> Resolved:
@@ -221,13 +227,38 @@ def resolve(cfg: TrainConfig) -> Resolved:
             source = "AudioSet defaults (the train manifest has no fbank statistics)"
     else:
         source = "flags"
+    sets = [("train_data", train), ("eval_data", ev), ("val_data", val)]
+    cut = cut_clip_problems([(n, s) for n, s in sets if s is not None], cfg.target_length)
+    if cut and not cfg.allow_cut_clips:
+        raise DataError(cut[0])
     clip = cfg.clip_samples
     if clip is None:
         clip = pipeline.clip_samples_for_frames(cfg.target_length)
-        longest = max(int(round(m.max_seconds * m.sample_rate)) for m in train.manifests)
+        longest = max(int(round(m.max_seconds * m.sample_rate))
+                      for _, s in sets if s is not None for m in s.manifests)
         clip = max(min(clip, longest), params.FRAME_LENGTH)
         cfg.clip_samples = clip
-    return Resolved(cfg, train, ev, val, steps, clip, source, no_pos)
+    return Resolved(cfg, train, ev, val, steps, clip, source, no_pos, cut)
+
+
+def cut_clip_problems(sets: list[tuple[str, Any]], target_length: int) -> list[str]:
+    """One line per manifest whose clips were cut at preparation (``make_tfrecords
+    --max_seconds``) to fewer than 90 % of the model input's ``target_length`` frames
+    (:func:`psla_tf.data.records.clips_cut_short`; whole shorter clips are zero-padded as the
+    paper pads them, so only manifests that really cut a clip count)."""
+    from psla_tf.data.records import clips_cut_short
+    need_s = (target_length - 1) * params.FRAME_SHIFT / params.SAMPLE_RATE + \
+        params.FRAME_LENGTH / params.SAMPLE_RATE
+    out = []
+    for name, spec in sets:
+        for m, frames in clips_cut_short(spec, target_length):
+            out.append(f"--{name}: {m.num_cut} clip(s) of {m.path} were cut at preparation to "
+                       f"{m.max_seconds:g} s ({frames} frames), shorter than the model input "
+                       f"of {target_length} frames ({need_s:.2f} s, --target_length): prepare "
+                       f"them again with tools/make_tfrecords.py --target_length="
+                       f"{target_length} (keeps {need_s:.2f} s), lower --target_length, or "
+                       "pass --allow_cut_clips if the shorter clips are intended")
+    return out
 
 
 # ----------------------------------------------------------------------------- building
@@ -235,7 +266,7 @@ def build_model(cfg: TrainConfig, num_classes: int):
     from psla_tf.models.tagger import build_tagger
     return build_tagger(num_classes, model=cfg.model, eff_b=cfg.eff_b, att_head=cfg.att_head,
                         pretrained=cfg.pretrained, stem_init=cfg.stem_init,
-                        bn_momentum=cfg.bn_momentum,
+                        bn_momentum=cfg.bn_momentum, backbone_init=cfg.backbone_init,
                         target_length=cfg.target_length, freqm=cfg.freqm, timem=cfg.timem,
                         dataset_mean=cfg.dataset_mean, dataset_std=cfg.dataset_std,
                         seed=cfg.seed, single_label=cfg.loss == "ce")
@@ -276,7 +307,16 @@ def describe(r: Resolved, num_params: int | None) -> str:
                + (f", val {r.val.num_examples}" if r.val else "")
                + f", classes {r.train.num_classes}, steps/epoch {r.steps_per_epoch}")
     if num_params is not None:
-        out.append(f"  parameters: {num_params:,}")
+        out.append(f"  parameters: {num_params:,}"
+                   + (f" (counted without loading --pretrained={cfg.pretrained})"
+                      if cfg.dry_run and cfg.pretrained != "none" else ""))
+    longest = {n: max(m.max_seconds for m in s.manifests)
+               for n, s in (("train", r.train), ("eval", r.eval), ("val", r.val)) if s}
+    out.append(f"  input: {cfg.target_length} frames, {r.clip_samples} samples per clip; "
+               "clips kept at preparation up to " + ", ".join(f"{n} {v:g} s"
+                                                               for n, v in longest.items()))
+    for line in r.cut_clips:
+        out.append("  allowed by --allow_cut_clips: " + line)
     if r.eval_without_positives:
         names = [r.eval.names[i] if r.eval.names else r.eval.mids[i]
                  for i in r.eval_without_positives]
@@ -334,7 +374,8 @@ def single_result(eval_history: list[dict], val_history: list[dict] | None,
 # ----------------------------------------------------------------------------- resume
 # flags that may change between a run and its resumption (they do not change the result)
 _RESUME_FREE_FLAGS = ("verbose", "resume", "strategy", "tpu", "jit_compile", "deterministic",
-                      "skip_corrupt_records", "eval_batch_size", "save_predictions")
+                      "skip_corrupt_records", "eval_batch_size", "save_predictions",
+                      "allow_cut_clips")
 
 
 def check_resume_flags(cfg: TrainConfig, exp_dir: str) -> None:
@@ -416,8 +457,15 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
     from psla_tf.training.optim import TorchAdam, make_loss
 
     keras.utils.set_random_seed(cfg.seed)  # deterministic initialisation
-    with strategy.scope():
-        model = build_model(cfg, r.train.num_classes)
+    from psla_tf.models.backbones import PretrainedWeightsError
+    # a dry run only counts parameters: the same architecture without fetching any weights
+    build_cfg = dataclasses.replace(cfg, pretrained="none") if cfg.dry_run else cfg
+    try:
+        with strategy.scope():
+            model = build_model(build_cfg, r.train.num_classes)
+    except PretrainedWeightsError as e:
+        raise ConfigError(f"--pretrained={cfg.pretrained}: " + " ".join(str(e).split())
+                          ) from None
     if replicas > 1 and cfg.sync_batchnorm:
         distribute.synchronise_batchnorm(model)
     init_report = None
@@ -520,6 +568,7 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
         kwargs = dict(batch_size=cfg.batch_size, clip_samples=r.clip_samples,
                       balanced_sampling=cfg.balanced_sampling, mixup=cfg.mixup,
                       mixup_alpha=cfg.mixup_alpha, shuffle_buffer=cfg.shuffle_buffer,
+                      sampling_order=cfg.sampling_order,
                       random_gain_db=cfg.random_gain_db, random_speed=cfg.random_speed,
                       seed=cfg.seed, initial_epoch=initial_epoch,
                       num_epochs=cfg.n_epochs - initial_epoch, skip_corrupt_records=skip)

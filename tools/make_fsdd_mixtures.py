@@ -1,0 +1,52 @@
+"""Build the real-audio multi-label set (FSDD digit mixtures) and prepare its TFRecords.
+
+  python tools/make_fsdd_mixtures.py --fsdd_dir=../shared/data/fsdd/recordings --out=data/fsddmix
+
+writes ``OUT/audio`` (wavs, datafiles, labels.csv) and ``OUT/shards/{train,eval}-*.tfrecord``
+with manifests (see psla_tf/data/fsdd_mixtures.py for the set's definition).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("fsdd_dir", None, "FSDD recordings folder ({digit}_{speaker}_{n}.wav).")
+flags.DEFINE_string("out", None, "Output folder.")
+flags.DEFINE_integer("num_train", 2000, "Training clips.")
+flags.DEFINE_integer("num_eval", 600, "Evaluation clips.")
+flags.DEFINE_list("train_speakers", ["george", "jackson", "lucas", "nicolas"],
+                  "Speakers of the training clips.")
+flags.DEFINE_list("eval_speakers", ["theo", "yweweler"], "Speakers of the evaluation clips.")
+flags.DEFINE_integer("seed", 0, "Seed of the set.")
+flags.DEFINE_float("clip_seconds", 3.0, "Clip length.")
+flags.DEFINE_integer("target_length", 298, "Frames the fbank statistics cover.")
+flags.DEFINE_integer("workers", 2, "Preparation worker processes.")
+
+
+def main(argv):
+    del argv
+    if not FLAGS.fsdd_dir or not FLAGS.out:
+        raise app.UsageError("--fsdd_dir and --out are required")
+    from psla_tf.data import fsdd_mixtures, prepare, records, sources
+    paths = fsdd_mixtures.generate(
+        os.path.join(FLAGS.out, "audio"), FLAGS.fsdd_dir,
+        counts={"train": FLAGS.num_train, "eval": FLAGS.num_eval},
+        splits={"train": FLAGS.train_speakers, "eval": FLAGS.eval_speakers},
+        seed=FLAGS.seed, clip_seconds=FLAGS.clip_seconds)
+    vocab = records.read_label_csv(paths["label_csv"])
+    for split in ("train", "eval"):
+        prefix = os.path.join(FLAGS.out, "shards", split)
+        if not os.path.exists(records.manifest_path(prefix)):
+            rows = sources.read_datafile(paths[split])
+            prepare.prepare(rows, vocab, prefix, num_shards=2, workers=FLAGS.workers,
+                            max_seconds=FLAGS.clip_seconds,
+                            target_length=FLAGS.target_length, progress=True)
+        print(f"{split}: {prefix}-*.tfrecord")
+
+
+if __name__ == "__main__":
+    app.run(main)
