@@ -24,6 +24,7 @@ def main(argv):
         print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
         return 2
     from psla_tf.data.records import DataError
+    from psla_tf.models.backbones import PretrainedWeightsError
     from psla_tf.training import trainer
     from psla_tf.training.callbacks import NonFiniteLossError
     try:
@@ -34,6 +35,10 @@ def main(argv):
         trainer.run(cfg)
     except (DataError, trainer.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except PretrainedWeightsError as e:  # e.g. no network for ImageNet weights: one line
+        print(f"error: --pretrained={FLAGS.pretrained}: {' '.join(str(e).split())}",
+              file=sys.stderr)
         return 2
     except NonFiniteLossError as e:  # training diverged: the last good checkpoint stays
         print(f"error: {e}", file=sys.stderr)

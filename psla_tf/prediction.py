@@ -27,7 +27,7 @@ import numpy as np
 from psla_tf.data.records import DataError
 
 __all__ = ["Predictions", "save_scores", "load_scores", "predict_records", "predict_listing",
-           "predict", "is_record_glob"]
+           "predict", "is_record_glob", "check_cut_clips"]
 
 
 @dataclasses.dataclass
@@ -99,11 +99,29 @@ def _progress(total: int | None, desc: str, enabled: bool):
                 dynamic_ncols=True)
 
 
-def predict_records(scorer, data: str, batch_size: int = 32, progress: bool = True
-                    ) -> Predictions:
-    """Score every clip of the shards ``data`` (a glob), in file order."""
+def check_cut_clips(spec, clip_samples: int, allow: bool = False) -> None:
+    """Refuse shards whose clips were cut at preparation to less than 90 % of the model's
+    input (``clip_samples``; :func:`psla_tf.data.records.clips_cut_short`) unless ``allow``:
+    their scores would not be the model's scores of the clips."""
+    from psla_tf.data.records import clips_cut_short, frames_of
+    frames = frames_of(int(clip_samples))
+    short = clips_cut_short(spec, frames)
+    if short and not allow:
+        m, kept = short[0]
+        raise DataError(f"{m.num_cut} clip(s) of {m.path} were cut at preparation to "
+                        f"{m.max_seconds:g} s ({kept} frames), shorter than the model's input "
+                        f"of {frames} frames ({clip_samples / 16000:.2f} s): prepare them again "
+                        f"with tools/make_tfrecords.py --max_seconds={clip_samples / 16000:.3f}"
+                        ", or pass --allow_cut_clips if that is intended")
+
+
+def predict_records(scorer, data: str, batch_size: int = 32, progress: bool = True,
+                    allow_cut_clips: bool = False) -> Predictions:
+    """Score every clip of the shards ``data`` (a glob), in file order. Shards cut at
+    preparation shorter than the model's input are refused unless ``allow_cut_clips``."""
     from psla_tf.data import pipeline
     spec = pipeline.resolve_data(data)
+    check_cut_clips(spec, scorer.clip_samples, allow_cut_clips)
     if spec.mids != list(scorer.mids):
         if len(spec.mids) != len(scorer.mids):
             raise DataError(f"the data's vocabulary has {len(spec.mids)} classes, the model "
@@ -189,12 +207,12 @@ def predict_listing(scorer, listing: str, batch_size: int = 32, fmt: str = "auto
 
 
 def predict(scorer, data: str, batch_size: int = 32, progress: bool = True,
-            **listing_kwargs) -> Predictions:
+            allow_cut_clips: bool = False, **listing_kwargs) -> Predictions:
     """Dispatch on ``data``: TFRecord shard glob or listing of audio files."""
     if batch_size <= 0:
         raise DataError(f"batch_size must be positive, got {batch_size}")
     if is_record_glob(data):
-        return predict_records(scorer, data, batch_size, progress)
+        return predict_records(scorer, data, batch_size, progress, allow_cut_clips)
     if not os.path.exists(data):
         raise DataError(f"--data {data!r}: neither TFRecord shards (*.tfrecord) nor an existing "
                         "listing (datafile .json, CSV or folder)")

@@ -9,6 +9,9 @@ Examples:
   # your own data: one sub-folder per class, 20 % held out for test (stratified by class)
   python tools/make_tfrecords.py --audio_folder=my_sounds --test_fraction=0.2 \\
       --output_prefix=data/mine
+  # FSD50K: 30-s model input (3000 frames); clips are kept up to 30 s
+  python tools/make_tfrecords.py --input=fsd50k_dev.json --label_csv=fsd50k_labels.csv \\
+      --target_length=3000 --output_prefix=data/fsd50k_train --num_shards=64
   # a CSV path,label,speaker; test on one speaker (k-fold style: by a column)
   python tools/make_tfrecords.py --input=fsdd.csv --fold_column=speaker --test_fold=theo \\
       --output_prefix=data/fsdd
@@ -47,12 +50,16 @@ flags.DEFINE_string("output_prefix", None, "Output DIR/name: shards "
                     "etc. with a split).")
 flags.DEFINE_integer("num_shards", 1, "Number of shards per set (row i → shard i % num_shards).")
 flags.DEFINE_integer("workers", 1, "Worker processes.")
-flags.DEFINE_float("max_seconds", 10.0, "Clips longer than this are cut.")
+flags.DEFINE_float("max_seconds", None, "Clips longer than this are cut. Default: the model "
+                   "input of --target_length frames, at least 10 s (AudioSet's clips): 10.58 s "
+                   "for 1056 frames, 30.02 s for FSD50K's 3000, so training's --target_length "
+                   "sees whole clips. main.py refuses data cut shorter than its input.")
 flags.DEFINE_enum("compression", "", ["", "GZIP"], "TFRecord compression.")
 flags.DEFINE_bool("strict", False, "Exit non-zero if any clip failed.")
 flags.DEFINE_bool("no_stats", False, "Skip the fbank normalisation statistics.")
-flags.DEFINE_integer("target_length", params.TARGET_LENGTH, "Frames per clip the statistics "
-                     "cover (training's --target_length).")
+flags.DEFINE_integer("target_length", params.TARGET_LENGTH, "Frames per clip of the model "
+                     "(training's --target_length: 1056 AudioSet, 3000 FSD50K): what the "
+                     "statistics cover and, by default, where clips are cut.")
 flags.DEFINE_float("val_fraction", 0.0, "Split: fraction of clips for a validation set "
                    "(stratified by the rarest label; 0 = none).")
 flags.DEFINE_float("test_fraction", 0.0, "Split: fraction of clips for a test set (0 = none).")
@@ -63,6 +70,13 @@ flags.DEFINE_string("fold_column", None, "Split by a CSV column (ESC-50 'fold'):
                     "--test_fold → test, the rest → train.")
 flags.DEFINE_string("test_fold", None, "Split: the --fold_column value of the test set.")
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+
+
+def default_max_seconds(target_length: int) -> float:
+    """The model input of ``target_length`` frames in seconds ((T - 1) * 10 ms + 25 ms), at
+    least 10 s."""
+    samples = (target_length - 1) * params.FRAME_SHIFT + params.FRAME_LENGTH
+    return max(10.0, samples / params.SAMPLE_RATE)
 
 
 def main(argv):
@@ -84,6 +98,8 @@ def main(argv):
                                     FLAGS.split_seed, FLAGS.group_regex, FLAGS.fold_column,
                                     FLAGS.test_fold)
                  if split else {"": rows})
+        max_seconds = (FLAGS.max_seconds if FLAGS.max_seconds is not None
+                       else default_max_seconds(FLAGS.target_length))
         out_dir = os.path.dirname(os.path.abspath(FLAGS.output_prefix))
         mids, names, where = sources.output_vocabulary(rows, FLAGS.label_csv, out_dir)
         sources.check_rows(rows, mids, src)
@@ -94,7 +110,7 @@ def main(argv):
                 print(f"{name}: {len(part)} clips → {prefix}-*")
             m = prepare.prepare(
                 part, (mids, names), prefix, num_shards=FLAGS.num_shards,
-                workers=FLAGS.workers, max_seconds=FLAGS.max_seconds,
+                workers=FLAGS.workers, max_seconds=max_seconds,
                 compression=FLAGS.compression, strict=FLAGS.strict,
                 stats=not FLAGS.no_stats, target_length=FLAGS.target_length,
                 progress=FLAGS.progress)

@@ -31,6 +31,9 @@ flags.DEFINE_integer("batch_size", 32, "Clips per forward pass (memory: one batc
 flags.DEFINE_string("audio_dir", None, "AudioSet CSV listings: folder holding the clips.")
 flags.DEFINE_string("filename_pattern", "{YTID}.wav", "AudioSet CSV listings: file name of a "
                     "clip ({YTID}, {start}, {end}, {start:d}).")
+flags.DEFINE_bool("allow_cut_clips", False, "Accept shards whose clips were cut at "
+                  "preparation (make_tfrecords --max_seconds) to less than 90 % of the model's "
+                  "input; refused otherwise (their scores are not the model's on the clips).")
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
 
 
@@ -50,6 +53,7 @@ def main(argv):
             vocab = (spec.mids, spec.names)
         scorer = load_scorer(FLAGS.model, FLAGS.label_csv, vocabulary=vocab)
         preds = prediction.predict(scorer, FLAGS.data, FLAGS.batch_size, FLAGS.progress,
+                                   allow_cut_clips=FLAGS.allow_cut_clips,
                                    audio_dir=FLAGS.audio_dir,
                                    filename_pattern=FLAGS.filename_pattern)
     except DataError as e:

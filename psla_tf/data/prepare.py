@@ -217,6 +217,7 @@ def write_shard(job: ShardJob) -> dict:
     num_classes = len(job.mid_index)
     class_counts = np.zeros(num_classes, np.int64)
     failures, n_ok, n_cut, n_unlabelled, seconds = [], 0, 0, 0, 0.0
+    lengths, label_lists = [], []   # the record index (psla_tf.data.record_index)
     s = ss = 0.0
     cnt = 0
     max_samples = int(round(job.max_seconds * params.SAMPLE_RATE))
@@ -232,7 +233,10 @@ def write_shard(job: ShardJob) -> dict:
             else:
                 pcm = records.float_to_int16(wave)
                 labels = [job.mid_index[m] for m in mids]
-                writer.write(records.make_example(clip_id, pcm, labels, list(mids)))
+                rec = records.make_example(clip_id, pcm, labels, list(mids))
+                writer.write(rec)
+                lengths.append(len(rec))
+                label_lists.append(sorted(set(labels)))
                 n_ok += 1
                 n_cut += int(cut)
                 n_unlabelled += int(not mids)
@@ -249,7 +253,8 @@ def write_shard(job: ShardJob) -> dict:
             "file": os.path.basename(job.path), "num_examples": n_ok,
             "class_counts": class_counts.tolist(), "total_seconds": seconds, "num_cut": n_cut,
             "failures": failures, "num_unlabelled": n_unlabelled,
-            "stats": [s, ss, cnt] if job.stats else None}
+            "stats": [s, ss, cnt] if job.stats else None,
+            "record_lengths": lengths, "record_labels": label_lists}
     _atomic_json(sidecar_path(job.path), side)
     return side
 
@@ -361,11 +366,29 @@ def prepare(rows: Sequence[Row], vocabulary: tuple[Sequence[str], Sequence[str]]
         extra={"num_unlabelled": sum(s["num_unlabelled"] for s in sides),
                "target_length": int(target_length), **(extra or {})})
     write_failures_csv(output_prefix + ".failures.csv", manifest.failures)
+    if not compression:
+        _write_record_index(output_prefix, num_shards, sides)
     manifest.write(records.manifest_path(output_prefix))
     if strict and manifest.failures:
         raise PreparationFailed(f"{len(manifest.failures)} clip(s) failed (strict mode); see "
                                 f"{output_prefix}.failures.csv", manifest)
     return manifest
+
+
+def _write_record_index(prefix: str, num_shards: int, sides: Sequence[dict]) -> None:
+    """``{prefix}.index.npz`` from the lengths and labels the writers recorded (shards from an
+    older sidecar without them are indexed by the first training run instead)."""
+    from psla_tf.data import record_index
+    out_dir = os.path.dirname(os.path.abspath(prefix))
+    entries = []
+    for side in sides:
+        if "record_lengths" not in side:
+            continue
+        path = os.path.join(out_dir, side["file"])
+        entries.append(record_index.entry_from_records(
+            side["file"], os.path.getsize(path), side["record_lengths"], side["record_labels"]))
+    if entries:
+        record_index.write_index(record_index.index_path(prefix), entries)
 
 
 class _BarTicker:

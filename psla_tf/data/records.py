@@ -280,6 +280,35 @@ def load_data_spec(pattern: str | Sequence[str]) -> DataSpec:
                     names=names, class_counts=counts, compression=compression or "")
 
 
+CUT_TOLERANCE = 0.9  # a cut keeping >= 90 % of the model input's frames is accepted
+#                     (AudioSet: 10-s clips, 998 frames, padded to 1056 as the reference does)
+
+
+def frames_of(samples: int) -> int:
+    """Kaldi frames (25 ms, 10-ms shift, snip_edges) of ``samples`` samples."""
+    if samples < params.FRAME_LENGTH:
+        return 0
+    return 1 + (int(samples) - params.FRAME_LENGTH) // params.FRAME_SHIFT
+
+
+def clips_cut_short(spec: DataSpec, input_frames: int,
+                    tolerance: float = CUT_TOLERANCE) -> list[tuple[Manifest, int]]:
+    """(manifest, frames kept) of every manifest whose preparation cut clips
+    (``num_cut`` > 0) to fewer than ``tolerance`` x ``input_frames`` frames.
+
+    Whole clips shorter than the input are not listed: the model zero-pads them, as the paper
+    pads every FSD50K clip to 30 s.
+    """
+    out = []
+    for m in spec.manifests:
+        if not m.num_cut:
+            continue
+        kept = frames_of(int(round(m.max_seconds * m.sample_rate)))
+        if kept < tolerance * input_frames:
+            out.append((m, kept))
+    return out
+
+
 def read_label_csv(path: str) -> tuple[list[str], list[str]]:
     """Vocabulary CSV ``index,mid,display_name`` → (mids, names) ordered by index."""
     import csv
