@@ -57,14 +57,15 @@ def _example_rows(keys, shard_sizes):
     return starts[fi] + pos
 
 
-def test_draw_counts_match_exact_expectation(data):
+@pytest.mark.parametrize("order", ["iid", "stream"])
+def test_draw_counts_match_exact_expectation(data, order):
     glob, labels = data
     spec = pipeline.resolve_data(glob)
     sizes = pipeline.shard_counts(spec)
     n, epochs, batch = 120, 25, 10
     ds = pipeline.make_train_dataset(glob, batch_size=batch, clip_samples=64, mixup=0.0,
                                      seed=3, num_epochs=epochs, with_ids=True,
-                                     shuffle_buffer=400)
+                                     shuffle_buffer=400, sampling_order=order)
     keys = np.concatenate(_keys(ds))
     assert keys.shape[0] == epochs * n
     rows = _example_rows(keys, sizes)
@@ -125,13 +126,13 @@ def test_steps_exact_with_remainder_and_reproducible_resume(data):
 
 
 def test_short_stream_continues_with_a_further_draw(tmp_path):
-    # 10 examples, 3 batches of 3 = 9 draws per epoch from a Poisson(10) stream: in some
+    # sampling_order="stream": 10 examples, 3 batches of 3 = 9 draws per epoch from a Poisson(10) stream: in some
     # epochs the stream has fewer than 9 and a second draw must fill the epoch.
     rng = np.random.default_rng(0)
     glob = write_shards(str(tmp_path), random_waveforms(10, rng, 100, 200),
                         random_labels(10, 3, rng), 3, num_shards=2)
     ds = pipeline.make_train_dataset(glob, batch_size=3, clip_samples=16, mixup=0.0,
-                                     num_epochs=40, seed=1)
+                                     num_epochs=40, seed=1, sampling_order="stream")
     assert sum(1 for _ in ds) == 40 * 3
 
 
