@@ -6,11 +6,19 @@ dither=0.0, frame_shift=10)`` -- the features PSLA trains on -- with TensorFlow 
 it runs inside ``tf.data``, inside a Keras model, under ``tf.function`` and XLA, on CPU, GPU
 and TPU, and converts to TFLite.
 
-Everything between a frame of samples and its complex spectrum is linear (per-frame DC
-removal, pre-emphasis, the symmetric Hann window, the zero-padded DFT), so it can be folded
-into one constant ``[400, 2 * 257]`` matrix: ``dft="matmul"`` computes the spectrum as a
-single matmul (TPU/TFLite friendly, fast on CPU); ``dft="rfft"`` applies the steps one by one
-and uses ``tf.signal.rfft``. Both equal the reference within float32 rounding.
+Two exact ways to the power spectrum (``dft=``):
+
+* ``"rfft"`` -- the fast path on CPU and GPU: pre-emphasis once over the whole signal, frames
+  cut by reshapes and one concatenation (no gather) with DC removal and the window fused into
+  one multiply-add, a 512-point real FFT, |X|² as the square of the spectrum's floats, and
+  Kaldi's mel matrix (98 % zeros) applied as a few dense blocks. On a CPU a batch is computed
+  in cache-sized loop steps of whole clips (``CHUNK_SAMPLES``).
+* ``"matmul"`` -- everything between a frame and its complex spectrum is linear (DC removal,
+  pre-emphasis, the symmetric Hann window, the zero-padded DFT), folded into one constant
+  ``[400, 2 * 257]`` matrix: one matmul, for TPUs and the TFLite export.
+
+``"auto"`` (the default) picks ``"matmul"`` on a TPU and ``"rfft"`` elsewhere
+(:func:`resolve_dft`). Both equal the reference within float32 rounding.
 
 Half precision: the power spectrum of a full-scale clip exceeds float16's range, so the
 front end always computes in float32 (the layer's dtype policy is pinned to float32) and
@@ -28,7 +36,7 @@ import keras
 
 from psla_tf import params
 
-__all__ = ["kaldi_fbank", "KaldiFbank", "kaldi_mel_banks", "num_frames"]
+__all__ = ["kaldi_fbank", "KaldiFbank", "kaldi_mel_banks", "num_frames", "resolve_dft"]
 
 
 def num_frames(num_samples: int, frame_length: int = params.FRAME_LENGTH,
@@ -107,6 +115,193 @@ def _runtime_constant(value: np.ndarray, x: tf.Tensor) -> tf.Tensor:
     return tf.bitcast(bits + zero, tf.float32)
 
 
+DFTS = ("auto", "rfft", "matmul")
+# CPU: the rfft path computes a batch in loop steps of whole clips holding about this many
+# samples (one 10-s clip), so a step's intermediates (~2 MB of frames and spectra per 10 s)
+# stay in the core's cache instead of streaming [B, frames, 512] arrays through memory
+CHUNK_SAMPLES = 160_000
+MEL_GROUPS = 6            # banded mel sum: bands in this many groups, each a small matmul
+LOOP_PARALLEL = 2         # loop steps in flight (each op uses the intra-op threads as well)
+
+
+def resolve_dft(dft: str, device: str = "") -> str:
+    """The DFT ``kaldi_fbank`` computes with: ``"auto"`` is ``"matmul"`` on a TPU (a TPU
+    distribution strategy in scope, or ``device`` naming a TPU) and ``"rfft"`` elsewhere (the
+    fastest exact path on CPU and GPU); ``"rfft"`` / ``"matmul"`` are returned as given.
+    TFLite has no general RFFT kernel: the TFLite export asks for ``"matmul"`` itself."""
+    if dft not in DFTS:
+        raise ValueError(f"dft must be one of {DFTS}, got {dft!r}")
+    if dft != "auto":
+        return dft
+    if "TPU" in (device or "").upper():
+        return "matmul"
+    if tf.distribute.has_strategy() and "TPU" in type(tf.distribute.get_strategy()).__name__:
+        return "matmul"
+    return "rfft"
+
+
+def _in_xla_context() -> bool:
+    """True while tracing for XLA (``jit_compile=True``): XLA has no complex bitcast and
+    compiles one fused program, so the rfft path neither loops nor bitcasts there."""
+    try:
+        from tensorflow.python.ops import control_flow_util
+        return bool(control_flow_util.GraphOrParentsInXlaContext(
+            tf.compat.v1.get_default_graph()))
+    except Exception:  # noqa: BLE001 - private API moved: assume no XLA
+        return False
+
+
+def _default_chunk_samples(x: tf.Tensor) -> int:
+    """``CHUNK_SAMPLES`` where the ops run on a CPU, 0 (one step for the whole batch) on a GPU
+    or under XLA."""
+    if _in_xla_context():
+        return 0
+    if not tf.config.list_logical_devices("GPU"):
+        return CHUNK_SAMPLES
+    return CHUNK_SAMPLES if "CPU" in (getattr(x, "device", "") or "").upper() else 0
+
+
+@functools.lru_cache(maxsize=16)
+def _mel_groups(num_mel_bins: int, sample_rate: int, fft_length: int, low_freq: float,
+                high_freq: float, groups: int, interleaved: bool
+                ) -> tuple[tuple[int, int, np.ndarray], ...]:
+    """Kaldi's mel matrix as ``groups`` dense blocks: consecutive bands whose triangles cover
+    the FFT bins ``[lo, hi)``, chosen (dynamic programming over the band boundaries) to make
+    the blocks' total size smallest. Returns ``(lo, hi, block)`` per group, the bands in order;
+    ``interleaved``: each block row repeated twice, for spectra laid out re, im, re, im, ...
+    (the 128 × 257 matrix is 98 % zeros; 6 blocks hold 15 % of it)."""
+    banks = kaldi_mel_banks(num_mel_bins, sample_rate, fft_length, low_freq, high_freq)
+    used = banks != 0
+    bands = banks.shape[1]
+    first = [int(np.argmax(used[:, j])) if used[:, j].any() else None for j in range(bands)]
+    last = [int(len(used) - np.argmax(used[::-1, j])) if used[:, j].any() else None
+            for j in range(bands)]
+
+    def span(a: int, b: int) -> tuple[int, int]:
+        lo = [v for v in first[a:b] if v is not None]
+        hi = [v for v in last[a:b] if v is not None]
+        return (min(lo), max(hi)) if lo else (0, 1)   # all-empty bands: one zero row
+
+    groups = max(1, min(int(groups), bands))
+    cost = [[(b - a) * (span(a, b)[1] - span(a, b)[0]) if b > a else 0
+             for b in range(bands + 1)] for a in range(bands + 1)]
+    best = [[math.inf] * (bands + 1) for _ in range(groups + 1)]
+    cut = [[0] * (bands + 1) for _ in range(groups + 1)]
+    best[0][0] = 0
+    for g in range(1, groups + 1):
+        for b in range(1, bands + 1):
+            for a in range(g - 1, b):
+                c = best[g - 1][a] + cost[a][b]
+                if c < best[g][b]:
+                    best[g][b], cut[g][b] = c, a
+    g = min(range(1, groups + 1), key=lambda k: best[k][bands])
+    edges, b = [], bands
+    while g > 0:
+        edges.append((cut[g][b], b))
+        b, g = cut[g][b], g - 1
+    out = []
+    for a, b in reversed(edges):
+        lo, hi = span(a, b)
+        block = banks[lo:hi, a:b]
+        if interleaved:
+            block = np.repeat(block, 2, axis=0)
+        out.append((lo, hi, np.ascontiguousarray(block, np.float32)))
+    return tuple(out)
+
+
+def _rfft_block(x: tf.Tensor, *, num_mel_bins: int, sample_rate: int, frame_length: int,
+                frame_shift: int, fft_length: int, low_freq: float, high_freq: float,
+                preemphasis: float, power_scale: float, runtime_matrices: bool) -> tf.Tensor:
+    """Floored log-mel ``[c, F, bins]`` of ``c`` clips ``x`` ``[c, n]`` by the FFT.
+
+    Kaldi's frame f (start s = f · shift, N samples, mean m) is, after DC removal and
+    pre-emphasis, v_i = w_i (x_{s+i} − a x_{s+i−1} − (1 − a) m) for i ≥ 1; v_0 = 0 because the
+    symmetric Hann window has w_0 = 0. So the pre-emphasis is done once on the whole signal
+    (e_n = x_{n+1} − a x_n), and since a circular shift leaves |DFT| unchanged, the DFT input
+    is the frame shifted by one sample, u_j = w_{j+1} (e_{s+j} − (1 − a) m) (u_{N−1} = 0),
+    zero-padded to the FFT length.
+
+    Frames are cut without a gather: the clips' e as one column of rows of ``shift`` samples,
+    frame t = rows t, t+1, ... and the head of the next row (400 = 160 + 160 + 80), one
+    concatenation of row-aligned slices (views, not copies) and the zero padding. The column
+    also yields frames straddling two clips (``q`` per clip); they are dropped at the end.
+    |X|² is the square of the spectrum seen as interleaved floats (no complex abs), summed into
+    the bands by the banded mel blocks (:func:`_mel_groups`).
+    """
+    if fft_length < frame_length:
+        raise ValueError(f"fft_length {fft_length} < frame_length {frame_length}")
+    window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(frame_length) / (frame_length - 1))
+    shifted = np.zeros(fft_length)
+    shifted[:frame_length - 1] = window[1:] / power_scale   # window[0] = 0 exactly
+    q, r = divmod(frame_length, frame_shift)
+    c, n = tf.shape(x)[0], tf.shape(x)[1]
+    frames = tf.maximum(0, 1 + (n - frame_length) // frame_shift)
+    # rows of `shift` samples per clip: a clip's last frame reaches into row F - 1 + q
+    rows = tf.maximum(frames + q - (0 if r else 1), 1)
+    starts = tf.maximum(c * rows - q + (0 if r else 1), 0)    # frame starts in the column
+    with tf.name_scope("signal"):   # pad/cut, pre-emphasis, row sums (frame means)
+        need = rows * frame_shift + 1
+        x = tf.pad(x, [[0, 0], [0, tf.maximum(need - n, 0)]])[:, :need]
+        head = x[:, :-1]
+        e = tf.reshape(x[:, 1:] - preemphasis * head, [c * rows, frame_shift])
+        x_rows = tf.reshape(head, [c * rows, frame_shift])
+        row_sum = tf.reduce_sum(x_rows, axis=-1)
+        total = tf.add_n([row_sum[j:j + starts] for j in range(q)]) if q else 0.0
+        if r:
+            total = total + tf.reduce_sum(x_rows[q:q + starts, :r], axis=-1)
+        dc = total * ((1.0 - preemphasis) / frame_length)                 # (1 − a) m
+    with tf.name_scope("frames"):   # cut + zero-pad (one concat), DC removal and window
+        pieces = [e[j:j + starts] for j in range(q)]
+        if r:
+            pieces.append(e[q:q + starts, :r])
+        if fft_length > frame_length:
+            pieces.append(tf.zeros([starts, fft_length - frame_length]))
+        framed = tf.concat(pieces, axis=-1) if len(pieces) > 1 else pieces[0]  # [T, fft]
+        u = (framed - dc[:, tf.newaxis]) * tf.constant(shifted.astype(np.float32))
+    with tf.name_scope("fft"):
+        spectrum = tf.signal.rfft(u, fft_length=[fft_length])               # [T, K]
+    interleaved = not _in_xla_context()
+    with tf.name_scope("power"):
+        if interleaved:   # complex64 → float32 pairs (free), squared: re², im², re², ...
+            power = tf.square(tf.reshape(tf.bitcast(spectrum, tf.float32), [starts, -1]))
+        else:
+            power = tf.square(tf.math.real(spectrum)) + tf.square(tf.math.imag(spectrum))
+    width = 2 if interleaved else 1
+    with tf.name_scope("mel"):
+        parts = []
+        for lo, hi, block in _mel_groups(num_mel_bins, sample_rate, fft_length, low_freq,
+                                         high_freq, MEL_GROUPS, interleaved):
+            block = _runtime_constant(block, x) if runtime_matrices else tf.constant(block)
+            parts.append(tf.linalg.matmul(power[:, width * lo:width * hi], block))
+        mel = tf.concat(parts, axis=-1) if len(parts) > 1 else parts[0]    # [T, bins]
+    with tf.name_scope("log"):
+        out = _floored_log(mel, power_scale, runtime_matrices, x)
+        # back to [c, rows, bins]; drop each clip's frames that straddle two clips
+        out = tf.pad(out, [[0, c * rows - starts], [0, 0]])
+        return tf.reshape(out, [c, rows, num_mel_bins])[:, :frames]
+
+
+def _rfft_fbank(x: tf.Tensor, chunk_samples: int, **block_args) -> tf.Tensor:
+    """Floored log of ``_rfft_block`` over ``x`` ``[B, n]``: at once (``chunk_samples`` 0), or
+    in a loop over groups of whole clips of about ``chunk_samples`` samples."""
+    def block(clips):
+        return _rfft_block(clips, **block_args)
+    if chunk_samples <= 0:
+        return block(x)
+    b, n = tf.shape(x)[0], tf.shape(x)[1]
+    per = tf.maximum(1, chunk_samples // tf.maximum(n, 1))                # clips per step
+    steps = tf.maximum((b + per - 1) // per, 1)       # >= 1: an empty batch concatenates
+    out = tf.TensorArray(tf.float32, size=steps, infer_shape=False,
+                         element_shape=tf.TensorShape([None, None, block_args["num_mel_bins"]]))
+
+    def step(i, out):
+        lo = i * per
+        return i + 1, out.write(i, block(x[lo:tf.minimum(lo + per, b)]))
+    _, out = tf.while_loop(lambda i, _: i < steps, step, (tf.constant(0), out),
+                           parallel_iterations=LOOP_PARALLEL)
+    return out.concat()
+
+
 def kaldi_fbank(waveform: tf.Tensor | np.ndarray,
                 sample_rate: int = params.SAMPLE_RATE,
                 num_mel_bins: int = params.NUM_MEL_BINS,
@@ -117,9 +312,10 @@ def kaldi_fbank(waveform: tf.Tensor | np.ndarray,
                 low_freq: float = params.LOW_FREQ,
                 high_freq: float = 0.0,
                 preemphasis: float = params.PREEMPHASIS,
-                dft: str = "matmul",
+                dft: str = "auto",
                 power_scale: float = 1.0,
-                runtime_matrices: bool = False) -> tf.Tensor:
+                runtime_matrices: bool = False,
+                chunk_samples: int | None = None) -> tf.Tensor:
     """Log-mel fbank of ``waveform`` ``[..., samples]`` → ``[..., frames, num_mel_bins]``.
 
     Frames follow Kaldi's snip_edges rule (1 + (n - 400) // 160; none when n < 400); each
@@ -127,6 +323,12 @@ def kaldi_fbank(waveform: tf.Tensor | np.ndarray,
     symmetric Hann window, zero-padded to 512 and turned into a power spectrum; Kaldi's mel
     banks (20 Hz..Nyquist) sum it and the log is floored at float32 eps. ``sample_rate``,
     frame and FFT sizes default to PSLA's 16 kHz / 25 ms / 10 ms / 512.
+
+    ``dft``: ``"rfft"`` (real FFT, banded mel sum; on a CPU in cache-sized steps of
+    ``chunk_samples`` samples of whole clips, default ``CHUNK_SAMPLES``; 0 = the whole batch at
+    once, the GPU / XLA default), ``"matmul"`` (DFT and the linear steps folded into one
+    ``[400, 514]`` matrix: TPU and TFLite) or ``"auto"`` (:func:`resolve_dft`). All equal the
+    reference within float32 rounding.
 
     ``power_scale`` (s) divides the spectrum's magnitude by s before squaring and adds
     2 ln s back after the log (the floor is applied in the log domain, at ln eps − 2 ln s), so
@@ -137,15 +339,14 @@ def kaldi_fbank(waveform: tf.Tensor | np.ndarray,
     float32 at run time, so TFLite weight quantisation (float16, dynamic) cannot round them:
     the front end keeps float32 precision (same values).
     """
-    if dft not in ("matmul", "rfft"):
-        raise ValueError(f"dft must be 'matmul' or 'rfft', got {dft!r}")
     x = tf.convert_to_tensor(waveform)
     if x.dtype != tf.float32:
         x = tf.cast(x, tf.float32)
     if x.shape.rank is not None and x.shape.rank < 1:
         raise ValueError("waveform must have at least one (samples) dimension")
-    frames = tf.signal.frame(x, frame_length, frame_shift, pad_end=False)  # [..., F, N]
+    dft = resolve_dft(dft, getattr(x, "device", "") or "")
     if dft == "matmul":
+        frames = tf.signal.frame(x, frame_length, frame_shift, pad_end=False)  # [..., F, N]
         matrix = _folded_dft_matrix(frame_length, fft_length, preemphasis)
         if power_scale != 1.0:
             matrix = (matrix / np.float32(power_scale)).astype(np.float32)
@@ -153,22 +354,31 @@ def kaldi_fbank(waveform: tf.Tensor | np.ndarray,
         spec = tf.linalg.matmul(frames, matrix)  # rank-agnostic: [..., F, 2K]
         re, im = tf.split(spec, 2, axis=-1)
         power = re * re + im * im
+        banks = kaldi_mel_banks(num_mel_bins, sample_rate, fft_length, low_freq, high_freq)
+        banks = _runtime_constant(banks, x) if runtime_matrices else tf.constant(banks)
+        mel = tf.linalg.matmul(power, banks)  # [..., F, bins]
     else:
-        frames = frames - tf.reduce_mean(frames, axis=-1, keepdims=True)
-        previous = tf.concat([frames[..., :1], frames[..., :-1]], axis=-1)
-        frames = frames - preemphasis * previous
-        window = tf.constant((0.5 - 0.5 * np.cos(
-            2.0 * np.pi * np.arange(frame_length) / (frame_length - 1))).astype(np.float32))
-        frames = frames * window
-        if power_scale != 1.0:
-            frames = frames / power_scale
-        # zero-pad explicitly: RFFT rejects an empty frame axis when asked to pad itself
-        pad = [[0, 0]] * (len(frames.shape) - 1) + [[0, fft_length - frame_length]]
-        frames = tf.pad(frames, pad)
-        power = tf.math.square(tf.abs(tf.signal.rfft(frames, fft_length=[fft_length])))
-    banks = kaldi_mel_banks(num_mel_bins, sample_rate, fft_length, low_freq, high_freq)
-    banks = _runtime_constant(banks, x) if runtime_matrices else tf.constant(banks)
-    mel = tf.linalg.matmul(power, banks)  # [..., F, bins]
+        lead = tf.shape(x)[:-1]
+        flat = tf.reshape(x, [-1, tf.shape(x)[-1]])                           # [B, n]
+        chunk = _default_chunk_samples(x) if chunk_samples is None else int(chunk_samples)
+        out = _rfft_fbank(flat, chunk, num_mel_bins=num_mel_bins, sample_rate=sample_rate,
+                          frame_length=frame_length, frame_shift=frame_shift,
+                          fft_length=fft_length, low_freq=low_freq, high_freq=high_freq,
+                          preemphasis=preemphasis, power_scale=power_scale,
+                          runtime_matrices=runtime_matrices)
+        out = tf.reshape(out, tf.concat([lead, tf.shape(out)[1:]], axis=0))
+        if x.shape.rank is not None:
+            n = x.shape[-1]
+            out.set_shape(x.shape[:-1].concatenate(
+                [None if n is None else num_frames(n, frame_length, frame_shift),
+                 num_mel_bins]))
+        return out
+    return _floored_log(mel, power_scale, runtime_matrices, x)
+
+
+def _floored_log(mel: tf.Tensor, power_scale: float, runtime_matrices: bool,
+                 x: tf.Tensor) -> tf.Tensor:
+    """log(max(mel, eps)), or with ``power_scale`` s the float16-safe form below."""
     if power_scale == 1.0:
         return tf.math.log(tf.maximum(mel, params.LOG_FLOOR))
     # log(max(m, eps / s²)) = max(log m, log eps − 2 ln s): the floor is applied in the log
@@ -190,13 +400,15 @@ class KaldiFbank(keras.layers.Layer):
     """
 
     def __init__(self, sample_rate: int = params.SAMPLE_RATE,
-                 num_mel_bins: int = params.NUM_MEL_BINS, dft: str = "matmul",
+                 num_mel_bins: int = params.NUM_MEL_BINS, dft: str = "auto",
                  power_scale: float = 1.0, **kwargs):
         kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         self.sample_rate = int(sample_rate)
         self.num_mel_bins = int(num_mel_bins)
-        self.dft = dft
+        if dft not in DFTS:
+            raise ValueError(f"dft must be one of {DFTS}, got {dft!r}")
+        self.dft = dft          # "auto" is resolved where the layer is traced
         self.power_scale = float(power_scale)
 
     def call(self, waveform):

@@ -125,3 +125,116 @@ def test_inside_tf_data():
     ds = ds.map(features.kaldi_fbank).batch(3)
     out = next(iter(ds)).numpy()
     assert out.shape == (3, features.num_frames(1000), 128)
+
+
+def _numpy_fbank(w: np.ndarray, frame_length: int, frame_shift: int, fft_length: int,
+                 num_mel_bins: int, sample_rate: int = 16000) -> np.ndarray:
+    """Kaldi fbank step by step in float64 NumPy (frames by a Python loop, np.fft.rfft, the
+    mel triangles from their definition), for any frame / FFT sizes."""
+    n_frames = 1 + (len(w) - frame_length) // frame_shift
+    frames = np.stack([w[i * frame_shift: i * frame_shift + frame_length]
+                       for i in range(n_frames)]).astype(np.float64)
+    frames -= frames.mean(axis=1, keepdims=True)
+    frames = frames - 0.97 * np.concatenate([frames[:, :1], frames[:, :-1]], axis=1)
+    frames *= 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(frame_length) / (frame_length - 1))
+    power = np.abs(np.fft.rfft(frames, n=fft_length)) ** 2
+    mel = lambda f: 1127 * np.log(1 + f / 700)  # noqa: E731
+    lo, hi = mel(20.0), mel(sample_rate / 2)
+    delta = (hi - lo) / (num_mel_bins + 1)
+    bins = mel(np.arange(fft_length // 2) * sample_rate / fft_length)
+    fb = np.zeros((num_mel_bins, fft_length // 2 + 1))
+    for m in range(num_mel_bins):
+        l, c, r = lo + m * delta, lo + (m + 1) * delta, lo + (m + 2) * delta
+        fb[m, :-1] = np.maximum(0, np.minimum((bins - l) / (c - l), (r - bins) / (r - c)))
+    return np.log(np.maximum(power @ fb.T, np.finfo(np.float32).eps))
+
+
+@pytest.mark.parametrize("frame_length,frame_shift,fft_length,bins", [
+    (320, 160, 512, 128),    # frame = whole rows of the shift
+    (100, 160, 128, 40),     # frame shorter than the shift
+    (400, 100, 1024, 128),   # four whole rows, a 1024-point FFT
+    (512, 256, 512, 64),     # no zero padding before the FFT
+])
+def test_other_frame_and_fft_sizes_match_numpy(frame_length, frame_shift, fft_length, bins):
+    """Both DFT paths (the rfft path cuts frames from rows of the shift, q rows + r samples)
+    agree with the float64 NumPy pipeline for frame / shift / FFT sizes other than PSLA's."""
+    rng = np.random.default_rng(4)
+    w = (0.3 * rng.standard_normal((2, 7777))).astype(np.float32)
+    expected = np.stack([_numpy_fbank(c, frame_length, frame_shift, fft_length, bins)
+                         for c in w])
+    for dft in ("matmul", "rfft"):
+        out = features.kaldi_fbank(w, num_mel_bins=bins, frame_length=frame_length,
+                                   frame_shift=frame_shift, fft_length=fft_length,
+                                   dft=dft).numpy()
+        assert out.shape == expected.shape
+        d = np.abs(out - expected)
+        assert d.mean() < 1e-4 and d.max() < 5e-2, (dft, d.mean(), d.max())
+
+
+def test_rfft_loop_steps_do_not_change_the_result():
+    """The CPU loop over clips (any number of clips per step, a last step with fewer clips)
+    gives the same features as the whole batch at once (chunk_samples=0), clip by clip."""
+    rng = np.random.default_rng(5)
+    x = rng.uniform(-0.5, 0.5, (5, 16000)).astype(np.float32)
+    whole = features.kaldi_fbank(x, dft="rfft", chunk_samples=0).numpy()
+    for chunk in (None, 1, 32000, 48000, 10 ** 7):     # 1, 2, 3 and all 5 clips per step
+        out = features.kaldi_fbank(x, dft="rfft", chunk_samples=chunk).numpy()
+        np.testing.assert_allclose(out, whole, rtol=0, atol=1e-5)
+    for i in range(len(x)):
+        np.testing.assert_allclose(features.kaldi_fbank(x[i], dft="rfft").numpy(), whole[i],
+                                   rtol=0, atol=1e-5)
+
+
+def test_rfft_shapes_empty_batch_leading_dims_and_dynamic_lengths():
+    assert features.kaldi_fbank(np.zeros((0, 4000), np.float32)).shape == (0, 23, 128)
+    rng = np.random.default_rng(6)
+    x = rng.uniform(-0.5, 0.5, (2, 3, 4000)).astype(np.float32)
+    out = features.kaldi_fbank(x, dft="rfft").numpy()
+    assert out.shape == (2, 3, 23, 128)
+    np.testing.assert_allclose(out[1, 2], features.kaldi_fbank(x[1, 2], dft="matmul").numpy(),
+                               rtol=0, atol=2e-3)
+    fn = tf.function(lambda w: features.kaldi_fbank(w, dft="rfft"),
+                     input_signature=[tf.TensorSpec([None, None], tf.float32)])
+    for n in (399, 400, 3000):
+        got = fn(tf.constant(x[0, :, :n])).numpy()
+        assert got.shape == (3, features.num_frames(n), 128)
+        np.testing.assert_allclose(got, features.kaldi_fbank(x[0, :, :n], dft="matmul").numpy(),
+                                   rtol=0, atol=2e-3)
+    static = tf.function(lambda w: features.kaldi_fbank(w, dft="rfft"))
+    assert static.get_concrete_function(
+        tf.TensorSpec([4, 16000])).structured_outputs.shape == (4, 98, 128)
+
+
+def test_rfft_under_xla_matches_matmul():
+    """Under jit_compile the rfft path runs without the loop and the complex bitcast."""
+    rng = np.random.default_rng(7)
+    x = rng.uniform(-1, 1, (3, 8000)).astype(np.float32)
+    jitted = tf.function(lambda w: features.kaldi_fbank(w, dft="rfft"), jit_compile=True)
+    np.testing.assert_allclose(jitted(tf.constant(x)).numpy(),
+                               features.kaldi_fbank(x, dft="matmul").numpy(), atol=2e-3)
+
+
+def test_auto_dft_resolution():
+    assert features.resolve_dft("auto") == "rfft"                      # this CPU machine
+    assert features.resolve_dft("auto", "/job:worker/replica:0/task:0/device:TPU:0") == "matmul"
+    assert features.resolve_dft("matmul") == "matmul"
+    assert features.resolve_dft("rfft", "/device:TPU:0") == "rfft"    # explicit choice kept
+    with pytest.raises(ValueError, match="dft must be one of"):
+        features.resolve_dft("fft")
+    with pytest.raises(ValueError, match="dft must be one of"):
+        features.KaldiFbank(dft="fft")
+
+
+def test_mel_blocks_hold_every_nonzero_weight():
+    """The banded mel sum's blocks, put back in place, are Kaldi's mel matrix exactly."""
+    banks = features.kaldi_mel_banks()
+    for groups in (1, 3, 6, 20):
+        rebuilt = np.zeros_like(banks)
+        col = 0
+        for lo, hi, block in features._mel_groups(128, 16000, 512, 20.0, 0.0, groups, False):
+            rebuilt[lo:hi, col:col + block.shape[1]] = block
+            col += block.shape[1]
+        assert col == 128
+        np.testing.assert_array_equal(rebuilt, banks)
+    blocks = features._mel_groups(128, 16000, 512, 20.0, 0.0, features.MEL_GROUPS, False)
+    assert sum(b.size for _, _, b in blocks) < 0.2 * banks.size      # banded: < 20 % dense
