@@ -655,7 +655,7 @@ def test_tflite_frontend_matches_torchaudio_reference(quantize):
     for ref in refs:
         n = ref["waveform"].size
         fn = tf.function(lambda w: features.kaldi_fbank(
-            w, power_scale=export_tflite.FLOAT16_POWER_SCALE,
+            w, dft="matmul", power_scale=export_tflite.FLOAT16_POWER_SCALE,
             runtime_matrices=quantize != "none"),
             input_signature=[tf.TensorSpec([n], tf.float32)])
         conv = tf.lite.TFLiteConverter.from_concrete_functions([fn.get_concrete_function()])
