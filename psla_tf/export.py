@@ -113,10 +113,12 @@ class ScoringModel:
         self.embedding_size = int(sum(c.outputs[1].shape[-1] for c in self.classifiers))
 
     def __call__(self, waveform, num_samples):
+        from psla_tf.features import forced_dft
         scores, embs = [], []
         for frontend, classifier, head in zip(self.frontends, self.classifiers,
                                               self.single_label):
-            fbank = frontend(waveform, num_samples, training=False)
+            with forced_dft("matmul"):   # exports: the folded-matmul front end (TFLite, ONNX)
+                fbank = frontend(waveform, num_samples, training=False)
             s, e = classifier(fbank, training=False)
             if head is not None:
                 s = head(s)

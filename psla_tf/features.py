@@ -27,6 +27,8 @@ shifted back afterwards, for runtimes that force float16 arithmetic.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 
@@ -36,7 +38,8 @@ import keras
 
 from psla_tf import params
 
-__all__ = ["kaldi_fbank", "KaldiFbank", "kaldi_mel_banks", "num_frames", "resolve_dft"]
+__all__ = ["kaldi_fbank", "KaldiFbank", "kaldi_mel_banks", "num_frames", "resolve_dft",
+           "forced_dft"]
 
 
 def num_frames(num_samples: int, frame_length: int = params.FRAME_LENGTH,
@@ -124,13 +127,34 @@ MEL_GROUPS = 6            # banded mel sum: bands in this many groups, each a sm
 LOOP_PARALLEL = 2         # loop steps in flight (each op uses the intra-op threads as well)
 
 
+_FORCED_DFT: contextvars.ContextVar[str | None] = contextvars.ContextVar("psla_tf_forced_dft",
+                                                                       default=None)
+
+
+@contextlib.contextmanager
+def forced_dft(dft: str):
+    """Within the block, every ``kaldi_fbank`` built (traced) computes with ``dft`` whatever it
+    was asked for (every choice computes the same function). The exports (SavedModel, TFLite,
+    ONNX: ``psla_tf.export.ScoringModel``) trace under ``forced_dft("matmul")``: TFLite and
+    ONNX have no complex bitcast / general RFFT, and the exported graphs stay one form."""
+    if dft not in DFTS or dft == "auto":
+        raise ValueError(f"forced_dft needs 'rfft' or 'matmul', got {dft!r}")
+    token = _FORCED_DFT.set(dft)
+    try:
+        yield
+    finally:
+        _FORCED_DFT.reset(token)
+
+
 def resolve_dft(dft: str, device: str = "") -> str:
-    """The DFT ``kaldi_fbank`` computes with: ``"auto"`` is ``"matmul"`` on a TPU (a TPU
-    distribution strategy in scope, or ``device`` naming a TPU) and ``"rfft"`` elsewhere (the
-    fastest exact path on CPU and GPU); ``"rfft"`` / ``"matmul"`` are returned as given.
-    TFLite has no general RFFT kernel: the TFLite export asks for ``"matmul"`` itself."""
+    """The DFT ``kaldi_fbank`` computes with: inside :func:`forced_dft` the forced one;
+    ``"auto"`` is ``"matmul"`` on a TPU (a TPU distribution strategy in scope, or ``device``
+    naming a TPU) and ``"rfft"`` elsewhere (the fastest exact path on CPU and GPU); ``"rfft"``
+    / ``"matmul"`` are returned as given."""
     if dft not in DFTS:
         raise ValueError(f"dft must be one of {DFTS}, got {dft!r}")
+    if _FORCED_DFT.get() is not None:
+        return _FORCED_DFT.get()
     if dft != "auto":
         return dft
     if "TPU" in (device or "").upper():

@@ -238,3 +238,43 @@ def test_mel_blocks_hold_every_nonzero_weight():
         np.testing.assert_array_equal(rebuilt, banks)
     blocks = features._mel_groups(128, 16000, 512, 20.0, 0.0, features.MEL_GROUPS, False)
     assert sum(b.size for _, _, b in blocks) < 0.2 * banks.size      # banded: < 20 % dense
+
+
+def _op_types(concrete) -> set[str]:
+    """Op types of a concrete function's graph and of every function it calls (loop bodies)."""
+    graph_def = concrete.graph.as_graph_def()
+    ops = {n.op for n in graph_def.node}
+    for fn in graph_def.library.function:
+        ops |= {n.op for n in fn.node_def}
+    return ops
+
+
+def test_front_end_dft_choice_and_exports_trace_the_matmul_form():
+    """The model front end's default ("auto") traces the rfft path on this CPU; an explicit
+    "matmul" and anything traced under forced_dft("matmul") (what the exports do) has no FFT;
+    all give the same features."""
+    from psla_tf import export
+    from psla_tf.models.frontend import AudioFrontend
+    from tests.helpers_models import CLIP_SAMPLES, make_tagger
+    rng = np.random.default_rng(8)
+    w = tf.constant(rng.uniform(-0.5, 0.5, (2, CLIP_SAMPLES)).astype(np.float32))
+    n = tf.constant([CLIP_SAMPLES, 5000], tf.int32)
+    spec = (tf.TensorSpec([None, CLIP_SAMPLES]), tf.TensorSpec([None], tf.int32))
+    auto = AudioFrontend(64, freqm=0, timem=0)
+    assert auto.dft == "auto" and auto.get_config()["dft"] == "auto"
+    with pytest.raises(ValueError, match="dft must be one of"):
+        AudioFrontend(64, dft="fft")
+    traced = tf.function(lambda a, b: auto(a, b)).get_concrete_function(*spec)
+    assert "RFFT" in _op_types(traced)
+    with features.forced_dft("matmul"):
+        forced = tf.function(lambda a, b: auto(a, b)).get_concrete_function(*spec)
+    assert "RFFT" not in _op_types(forced)
+    matmul = AudioFrontend(64, freqm=0, timem=0, dft="matmul")
+    np.testing.assert_allclose(traced(w, n).numpy(), matmul(w, n).numpy(), atol=2e-3)
+    np.testing.assert_allclose(forced(w, n).numpy(), matmul(w, n).numpy(), atol=1e-6)
+    with pytest.raises(ValueError, match="forced_dft needs"):
+        with features.forced_dft("auto"):
+            pass
+    scorer = export.ScoringModel(make_tagger(num_classes=3))
+    exported = tf.function(lambda a, b: scorer(a, b)).get_concrete_function(*spec)
+    assert "RFFT" not in _op_types(exported) and "BatchMatMulV2" in _op_types(exported)

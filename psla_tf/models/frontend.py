@@ -10,6 +10,9 @@
 5. training only: FrequencyMasking(freqm) then TimeMasking(timem) (skipped when 0);
 6. normalise: (x − dataset_mean) / dataset_std.
 
+``dft`` (default ``"auto"``) is ``kaldi_fbank``'s DFT choice, resolved where the layer is
+traced: the rfft path on CPU and GPU (the fastest exact one), the folded matmul on a TPU; the
+exports (SavedModel, TFLite, ONNX) always trace the matmul form (``features.forced_dft``).
 ``power_scale`` (default 1) is passed to ``kaldi_fbank``: the TFLite export sets it so the
 power spectrum of a full-scale clip stays inside float16's range (same function).
 
@@ -22,7 +25,7 @@ import tensorflow as tf
 
 from psla_tf import params
 from psla_tf.augment import FrequencyMasking, TimeMasking
-from psla_tf.features import kaldi_fbank
+from psla_tf.features import DFTS, kaldi_fbank
 
 __all__ = ["AudioFrontend"]
 
@@ -35,7 +38,7 @@ class AudioFrontend(keras.layers.Layer):
                  num_mel_bins: int = params.NUM_MEL_BINS, freqm: int = params.FREQM,
                  timem: int = params.TIMEM, dataset_mean: float = params.DATASET_MEAN,
                  dataset_std: float = params.DATASET_STD, seed: int | None = None,
-                 dft: str = "matmul", power_scale: float = 1.0, **kwargs):
+                 dft: str = "auto", power_scale: float = 1.0, **kwargs):
         kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         if int(target_length) < 1:
@@ -44,6 +47,8 @@ class AudioFrontend(keras.layers.Layer):
             raise ValueError(f"dataset_std must be > 0, got {dataset_std}")
         if int(freqm) < 0 or int(timem) < 0:
             raise ValueError(f"freqm and timem must be >= 0, got {freqm}, {timem}")
+        if dft not in DFTS:
+            raise ValueError(f"dft must be one of {DFTS}, got {dft!r}")
         self.target_length = int(target_length)
         self.num_mel_bins = int(num_mel_bins)
         self.freqm = int(freqm)
