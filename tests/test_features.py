@@ -278,3 +278,22 @@ def test_front_end_dft_choice_and_exports_trace_the_matmul_form():
     scorer = export.ScoringModel(make_tagger(num_classes=3))
     exported = tf.function(lambda a, b: scorer(a, b)).get_concrete_function(*spec)
     assert "RFFT" not in _op_types(exported) and "BatchMatMulV2" in _op_types(exported)
+
+
+def test_trainer_flag_sets_the_front_end_dft_and_is_recorded():
+    """--fbank_dft reaches the model's front end and the run's flags.txt text; a run may be
+    resumed with another value (same features)."""
+    from absl import flags as absl_flags
+    from psla_tf.training import flags as train_flags, trainer
+    fv = absl_flags.FlagValues()
+    train_flags.define_flags(fv)
+    fv(["main.py"])
+    assert train_flags.config_from_flags(fv).fbank_dft == "auto"
+    fv(["main.py", "--fbank_dft=rfft", "--eff_b=0", "--target_length=64", "--att_head=1",
+        "--dataset_mean=-4.0", "--dataset_std=4.0"])
+    cfg = train_flags.config_from_flags(fv)
+    assert "--fbank_dft=rfft" in trainer.flagfile_text(cfg).splitlines()
+    assert trainer.build_model(cfg, 3).get_layer("frontend").dft == "rfft"
+    assert "fbank_dft" in trainer._RESUME_FREE_FLAGS
+    with pytest.raises(absl_flags.IllegalFlagValueError):
+        fv(["main.py", "--fbank_dft=fft"])

@@ -126,6 +126,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       flag_values=fv)
     B("jit_compile", d.jit_compile, "Compile the train step with XLA (not with "
       "--deterministic: Keras turns XLA off under op determinism).", flag_values=fv)
+    E("fbank_dft", d.fbank_dft, ["auto", "rfft", "matmul"], "DFT of the model's Kaldi fbank "
+      "front end (the same features either way): auto = the real-FFT path on CPU and GPU "
+      "(fastest), the folded [400, 514] matmul on TPU; exports always use the matmul form.",
+      flag_values=fv)
     B("sync_batchnorm", d.sync_batchnorm, "With several replicas, BatchNorm uses the "
       "statistics of the global batch (the result does not depend on the device count; "
       "the reference's DataParallel uses per-GPU statistics).", flag_values=fv)

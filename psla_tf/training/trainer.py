@@ -83,6 +83,7 @@ class TrainConfig:
     tpu: str | None = None
     mixed_precision: str = "none"
     jit_compile: bool = False
+    fbank_dft: str = "auto"
     sync_batchnorm: bool = True
     deterministic: bool = False
     skip_corrupt_records: bool = False
@@ -269,7 +270,7 @@ def build_model(cfg: TrainConfig, num_classes: int):
                         bn_momentum=cfg.bn_momentum, backbone_init=cfg.backbone_init,
                         target_length=cfg.target_length, freqm=cfg.freqm, timem=cfg.timem,
                         dataset_mean=cfg.dataset_mean, dataset_std=cfg.dataset_std,
-                        seed=cfg.seed, single_label=cfg.loss == "ce")
+                        seed=cfg.seed, single_label=cfg.loss == "ce", fbank_dft=cfg.fbank_dft)
 
 
 def make_schedule(cfg: TrainConfig, steps_per_epoch: int):
@@ -375,7 +376,7 @@ def single_result(eval_history: list[dict], val_history: list[dict] | None,
 # flags that may change between a run and its resumption (they do not change the result)
 _RESUME_FREE_FLAGS = ("verbose", "resume", "strategy", "tpu", "jit_compile", "deterministic",
                       "skip_corrupt_records", "eval_batch_size", "save_predictions",
-                      "allow_cut_clips")
+                      "allow_cut_clips", "fbank_dft")
 
 
 def check_resume_flags(cfg: TrainConfig, exp_dir: str) -> None:
