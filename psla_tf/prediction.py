@@ -116,13 +116,16 @@ def check_cut_clips(spec, clip_samples: int, allow: bool = False) -> None:
 
 
 def predict_records(scorer, data: str, batch_size: int = 32, progress: bool = True,
-                    allow_cut_clips: bool = False) -> Predictions:
+                    allow_cut_clips: bool = False, ignore_labels: bool = False
+                    ) -> Predictions:
     """Score every clip of the shards ``data`` (a glob), in file order. Shards cut at
-    preparation shorter than the model's input are refused unless ``allow_cut_clips``."""
+    preparation shorter than the model's input are refused unless ``allow_cut_clips``.
+    ``ignore_labels``: no targets, and the shards' vocabulary may differ from the model's
+    (an AudioSet model on ESC-50 / FSD50K, evaluated through a class map: Table IX)."""
     from psla_tf.data import pipeline
     spec = pipeline.resolve_data(data)
     check_cut_clips(spec, scorer.clip_samples, allow_cut_clips)
-    if spec.mids != list(scorer.mids):
+    if spec.mids != list(scorer.mids) and not ignore_labels:
         if len(spec.mids) != len(scorer.mids):
             raise DataError(f"the data's vocabulary has {len(spec.mids)} classes, the model "
                             f"{len(scorer.mids)}: targets cannot be matched")
@@ -138,8 +141,8 @@ def predict_records(scorer, data: str, batch_size: int = 32, progress: bool = Tr
             ids.extend(x.decode("utf-8") for x in feats["id"].numpy().tolist())
             bar.update(len(s))
     c = len(scorer.mids)
-    return Predictions(ids, _cat(scores, c), _cat(targets, c), list(scorer.mids),
-                       list(scorer.names))
+    return Predictions(ids, _cat(scores, c), None if ignore_labels else _cat(targets, c),
+                       list(scorer.mids), list(scorer.names))
 
 
 def _cat(parts: list[np.ndarray], c: int) -> np.ndarray:
@@ -160,7 +163,7 @@ def _decoded(rows, clip_samples: int, sample_rate: int, failures: list
 
 def predict_listing(scorer, listing: str, batch_size: int = 32, fmt: str = "auto",
                     audio_dir: str | None = None, filename_pattern: str = "{YTID}.wav",
-                    progress: bool = True) -> Predictions:
+                    progress: bool = True, ignore_labels: bool = False) -> Predictions:
     """Score the audio files of a listing (``psla_tf.data.sources`` formats). Clips that
     cannot be decoded are skipped and returned in ``failures``; labels outside the model's
     class map are an error; ``targets`` only when every row has labels."""
@@ -168,7 +171,7 @@ def predict_listing(scorer, listing: str, batch_size: int = 32, fmt: str = "auto
     rows = sources.read_rows(listing, fmt, audio_dir, filename_pattern)
     if not rows:
         raise DataError(f"{listing}: lists no audio files")
-    have_labels = all(r.mids for r in rows)
+    have_labels = all(r.mids for r in rows) and not ignore_labels
     if have_labels:
         sources.check_rows(rows, scorer.mids, listing)
     index = {m: i for i, m in enumerate(scorer.mids)}
@@ -207,16 +210,19 @@ def predict_listing(scorer, listing: str, batch_size: int = 32, fmt: str = "auto
 
 
 def predict(scorer, data: str, batch_size: int = 32, progress: bool = True,
-            allow_cut_clips: bool = False, **listing_kwargs) -> Predictions:
+            allow_cut_clips: bool = False, ignore_labels: bool = False,
+            **listing_kwargs) -> Predictions:
     """Dispatch on ``data``: TFRecord shard glob or listing of audio files."""
     if batch_size <= 0:
         raise DataError(f"batch_size must be positive, got {batch_size}")
     if is_record_glob(data):
-        return predict_records(scorer, data, batch_size, progress, allow_cut_clips)
+        return predict_records(scorer, data, batch_size, progress, allow_cut_clips,
+                               ignore_labels)
     if not os.path.exists(data):
         raise DataError(f"--data {data!r}: neither TFRecord shards (*.tfrecord) nor an existing "
                         "listing (datafile .json, CSV or folder)")
-    return predict_listing(scorer, data, batch_size, progress=progress, **listing_kwargs)
+    return predict_listing(scorer, data, batch_size, progress=progress,
+                           ignore_labels=ignore_labels, **listing_kwargs)
 
 
 def members_agree(preds: Sequence[Predictions], names: Sequence[str]) -> None:

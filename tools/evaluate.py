@@ -7,6 +7,14 @@ Examples:
       --label_csv=class_labels_indices.csv        # Fig. 7 with ± std over the runs
   python tools/evaluate.py --scores=eval.npz --data='data/eval-*.tfrecord' --out_dir=report
       # coverage: mAP "on 19,185 of 20,371 listed clips" (from the shards' manifests)
+  # Table IX: an AudioSet model on a set with another vocabulary (predict.py --ignore_labels)
+  python tools/evaluate.py --scores=fsd50k_eval.npz --target_data='data/fsd50k_eval-*.tfrecord' \
+      --class_map=mid --out_dir=report_fsd50k         # ESC-50: --class_map=esc50_to_audioset.csv
+  # Sec. VII-B / Table VII: class-wise AP correlated with another model's and with class
+  # properties (training count from the shards' manifest; AudioSet's qa_true_counts.csv)
+  python tools/evaluate.py --scores=b2_4head.npz --compare_scores=b0_1head.npz \
+      --class_counts_data='data/full_train-*.tfrecord' --class_info=qa_true_counts.csv \
+      --out_dir=report
 """
 import os
 import sys
@@ -14,6 +22,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import dataclasses  # noqa: E402
+
+import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -29,6 +40,25 @@ flags.DEFINE_string("data", None, "The TFRecord shards the scores were predicted
                     "states the coverage (scored of listed clips) next to mAP.")
 flags.DEFINE_integer("listed", None, "How many clips the evaluation set lists (instead of "
                      "--data, e.g. the rows of the original CSV).")
+flags.DEFINE_string("class_map", None, "Evaluate the scores on a set with another vocabulary "
+                    "(paper Table IX): mid (same MIDs, e.g. FSD50K), name (same display "
+                    "names) or a CSV target,source of MIDs / names (several sources per target "
+                    "allowed: the maximum score). Needs --target_data. Metrics cover the mapped "
+                    "classes on the clips with a mapped label; unmapped classes are listed.")
+flags.DEFINE_string("target_data", None, "With --class_map: the evaluated set's labels, as "
+                    "TFRecord shards (glob) or a listing (datafile / CSV path,labels / folder); "
+                    "clips matched to the scores by id.")
+flags.DEFINE_string("target_label_csv", None, "With a --target_data listing: its vocabulary "
+                    "(default: the labels seen, sorted).")
+flags.DEFINE_string("compare_scores", None, "Another model's score file(s) of the same clips "
+                    "(comma-separated): Pearson/Spearman correlation of the class-wise APs "
+                    "(paper Sec. VII-B).")
+flags.DEFINE_string("class_info", None, "CSV of per-class numbers (a mid/label_id, index or "
+                    "name column + numeric columns; AudioSet's qa_true_counts.csv gives "
+                    "quality = num_true / num_rated): correlation of the class-wise AP with "
+                    "each column (paper Table VII).")
+flags.DEFINE_string("class_counts_data", None, "Training shards (glob): their manifest's class "
+                    "counts as the property train_count (Table VII).")
 
 
 def main(argv):
@@ -49,6 +79,12 @@ def main(argv):
             mids, names = preds[0].mids, preds[0].names
         else:
             raise DataError(f"{paths[0]} stores no class map; pass --label_csv")
+        mapping = None
+        own_vocab = (list(mids), list(names))   # the scores' own class map
+        if FLAGS.class_map or FLAGS.target_data:
+            if not (FLAGS.class_map and FLAGS.target_data):
+                raise DataError("--class_map and --target_data go together")
+            preds, mids, names, mapping = _map_classes(preds, mids, names)
         listed, written, source = FLAGS.listed, None, None
         if FLAGS.data:
             if not prediction.is_record_glob(FLAGS.data):
@@ -64,6 +100,8 @@ def main(argv):
                 listed = int(spec.listed)
         report = evaluation.evaluation_report(preds, mids, names, paths, listed=listed,
                                               written=written, coverage_source=source)
+        extra = _analyses(report, own_vocab, mids, names, mapping)
+        report["summary"].update(extra)
         files = evaluation.write_report(report, names, FLAGS.out_dir)
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -86,7 +124,80 @@ def main(argv):
         print(f"{len(s['excluded_from_mAP'])} classes without positives (excluded): "
               + ", ".join(e["name"] for e in s["excluded_from_mAP"][:10])
               + (" ..." if len(s["excluded_from_mAP"]) > 10 else ""))
+    _print_analyses(report["summary"])
     print("wrote " + ", ".join(files.values()))
+
+
+def _map_classes(preds, mids, names):
+    """Scores of the model's vocabulary → the --target_data set's mapped classes."""
+    from psla_tf import class_analysis as ca
+    t_ids, t_y, t_mids, t_names = ca.read_target_labels(FLAGS.target_data,
+                                                        FLAGS.target_label_csv)
+    cmap = ca.build_class_map(FLAGS.class_map, (mids, names), (t_mids, t_names))
+    out = []
+    for p in preds:
+        if p.mids and list(p.mids) != list(mids):
+            from psla_tf.data.records import DataError
+            raise DataError("score files with different class maps")
+        p = dataclasses.replace(p, mids=list(mids), names=list(names))
+        mapped, info = ca.apply_class_map(p, cmap, t_ids, t_y)
+        out.append(mapped)
+    return out, out[0].mids, out[0].names, (cmap, t_ids, t_y, info)
+
+
+def _analyses(report, source, mids, names, mapping) -> dict:
+    """Table IX's class map, Sec. VII-B's AP correlation, Table VII's class correlations."""
+    from psla_tf import class_analysis as ca
+    from psla_tf import evaluation, prediction
+    from psla_tf.data.records import DataError, load_data_spec
+    extra = {}
+    if mapping is not None:
+        extra["class_map"] = dict(mapping[3], spec=FLAGS.class_map, target_data=FLAGS.target_data)
+    if FLAGS.compare_scores:
+        other = [prediction.load_scores(p.strip()) for p in FLAGS.compare_scores.split(",")
+                 if p.strip()]
+        if mapping is not None:
+            cmap, t_ids, t_y, _ = mapping
+            other = [ca.apply_class_map(dataclasses.replace(o, mids=source[0],
+                                                            names=source[1]),
+                                        cmap, t_ids, t_y)[0] for o in other]
+        if other[0].scores.shape[1] != len(mids):
+            raise DataError(f"--compare_scores has {other[0].scores.shape[1]} classes, the "
+                            f"scores {len(mids)}")
+        rep = evaluation.evaluation_report(other, mids, names, FLAGS.compare_scores.split(","))
+        extra["ap_correlation"] = dict(ca.ap_correlation(report["ap"], rep["ap"]),
+                                       compare_scores=FLAGS.compare_scores,
+                                       compare_mAP=rep["summary"]["mAP"])
+    props = {}
+    if FLAGS.class_counts_data:
+        spec = load_data_spec(FLAGS.class_counts_data)
+        by_mid = dict(zip(spec.mids, np.asarray(spec.class_counts, float)))
+        props["train_count"] = np.array([by_mid.get(m, np.nan) for m in mids])
+    if FLAGS.class_info:
+        props.update(ca.read_class_info(FLAGS.class_info, mids, names))
+    if props:
+        extra["class_correlations"] = ca.property_correlations(report["ap"], props)
+    return extra
+
+
+def _print_analyses(s: dict) -> None:
+    cm = s.get("class_map")
+    if cm:
+        print(f"class map ({cm['spec']}): {len(cm['mapped'])} classes mapped, "
+              f"{len(cm['unmapped'])} unmapped; {cm['clips_evaluated']} clips with a mapped "
+              f"label ({cm['clips_without_mapped_label']} without, "
+              f"{cm['clips_without_scores']} without scores)")
+        if cm["unmapped"]:
+            print("unmapped: " + ", ".join(u["name"] for u in cm["unmapped"][:20])
+                  + (" ..." if len(cm["unmapped"]) > 20 else ""))
+    c = s.get("ap_correlation")
+    if c:
+        print(f"class-wise AP vs {c['compare_scores']} (mAP {c['compare_mAP']:.4f}): Pearson "
+              f"{c['pearson']:.4f} (p {c['pearson_p']:.2g}), Spearman {c['spearman']:.4f} over "
+              f"{c['classes']} classes")
+    for name, c in (s.get("class_correlations") or {}).items():
+        print(f"class-wise AP vs {name}: Pearson {c['pearson']:.4f} (p {c['pearson_p']:.2g}), "
+              f"Spearman {c['spearman']:.4f} over {c['classes']} classes")
 
 
 if __name__ == "__main__":

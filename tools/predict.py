@@ -7,6 +7,9 @@ Examples:
   python tools/predict.py --model=exp/full/checkpoints/epoch_030.weights.h5 \\
       --data=train.json --output=train_scores.npz
   python tools/predict.py --model=export/psla --data=clips.csv --output=clips.npz
+  # an AudioSet model on ESC-50 (another vocabulary; evaluate with --class_map, Table IX)
+  python tools/predict.py --model=exp/full --data='data/esc50-*.tfrecord' --ignore_labels \\
+      --output=esc50_scores.npz
 """
 import os
 import sys
@@ -34,6 +37,10 @@ flags.DEFINE_string("filename_pattern", "{YTID}.wav", "AudioSet CSV listings: fi
 flags.DEFINE_bool("allow_cut_clips", False, "Accept shards whose clips were cut at "
                   "preparation (make_tfrecords --max_seconds) to less than 90 % of the model's "
                   "input; refused otherwise (their scores are not the model's on the clips).")
+flags.DEFINE_bool("ignore_labels", False, "Write scores only (no targets), whatever the "
+                  "data's labels: for a set labelled in another vocabulary (an AudioSet model "
+                  "on ESC-50 / FSD50K), evaluated with tools/evaluate.py --class_map "
+                  "--target_data (paper Table IX).")
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
 
 
@@ -47,13 +54,14 @@ def main(argv):
             if not getattr(FLAGS, name):
                 raise DataError(f"--{name} is required")
         vocab = None
-        if prediction.is_record_glob(FLAGS.data):
+        if prediction.is_record_glob(FLAGS.data) and not FLAGS.ignore_labels:
             from psla_tf.data.records import load_data_spec
             spec = load_data_spec(FLAGS.data)
             vocab = (spec.mids, spec.names)
         scorer = load_scorer(FLAGS.model, FLAGS.label_csv, vocabulary=vocab)
         preds = prediction.predict(scorer, FLAGS.data, FLAGS.batch_size, FLAGS.progress,
                                    allow_cut_clips=FLAGS.allow_cut_clips,
+                                   ignore_labels=FLAGS.ignore_labels,
                                    audio_dir=FLAGS.audio_dir,
                                    filename_pattern=FLAGS.filename_pattern)
     except DataError as e:
