@@ -6,8 +6,12 @@ attention pooling of Fig. 2) with tf2onnx:
 
 * input ``waveform`` float32 ``[batch, samples]`` (both dimensions dynamic; mono 16 kHz in
   [-1, 1], at least 400 samples): shorter clips than the training length are zero-padded,
-  longer ones cut, or scored as windows and max-pooled if exported ``windowed``;
+  longer ones cut;
 * output ``scores`` float32 ``[batch, C]``.
+
+Not ``windowed``: tf2onnx converts the window pooling's masked max (``tf.where`` with -inf)
+into arithmetic (0 · -inf = NaN), so longer inputs are cut to the training length; score
+windows in the caller as ``tools/infer.py`` does.
 
 The class list travels in the model (``metadata_props``: ``mids`` and ``names`` as JSON
 lists, ``sample_rate``, ``clip_samples``; ONNX Runtime: ``session.get_modelmeta()
@@ -83,6 +87,11 @@ def export_onnx(model: keras.Model, out_path: str, mids: Sequence[str], names: S
     except ImportError as e:
         raise ExportError(f"ONNX export needs tf2onnx and onnx (pip install -r "
                           f"requirements-deploy.txt): {e}") from e
+    if windowed:
+        raise ExportError("--windowed is not available with --onnx: tf2onnx turns the window "
+                          "pooling's masked max (tf.where with -inf) into arithmetic that gives "
+                          "NaN; export without it and score windows in the caller (or use the "
+                          "SavedModel)")
     if int(opset) not in OPSETS:
         raise ExportError(f"onnx opset must be in {OPSETS.start}..{OPSETS.stop - 1}, got {opset}")
     scorer = ScoringModel(model, clip_scores)

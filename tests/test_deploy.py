@@ -340,3 +340,11 @@ def test_onnx_bad_opset_is_a_one_line_error(tagger, tmp_path):
                        timeout=300)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("error: --onnx_opset")
+
+
+def test_onnx_refuses_windowed(tagger, tmp_path):
+    from psla_tf import export_onnx
+    from psla_tf.export import ExportError
+    with pytest.raises(ExportError, match="windowed"):
+        export_onnx.export_onnx(tagger[0], str(tmp_path / "w.onnx"), MIDS, NAMES, windowed=True)
+    assert not os.path.exists(tmp_path / "w.onnx")
