@@ -185,3 +185,96 @@ def test_make_tfrecords_fold_column_speaker_split_real_audio(tmp_path, shared):
                         "--test_fold=nobody", f"--output_prefix={tmp_path / 'e' / 'x'}")
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:")
     assert "nobody" in r.stderr and not (tmp_path / "e").exists()
+
+
+# ----------------------------------------------------------------------------- grouped validation
+SPEAKERS = ("george", "jackson", "lucas", "nicolas", "theo", "yweweler")
+
+
+def _speaker_rows(per=3):
+    """FSDD-like rows: 6 speakers × 10 digits × ``per`` takes, speaker in a CSV column."""
+    return [sources.Row(id=f"{d}_{s}_{k}.wav", path=f"/r/{d}_{s}_{k}.wav", mids=(str(d),),
+                        line=1, record={"path": f"{d}_{s}_{k}.wav", "speaker": s})
+            for s in SPEAKERS for d in range(10) for k in range(per)]
+
+
+def _speakers(parts):
+    return {k: {r.id.split("_")[1] for r in v} for k, v in parts.items()}
+
+
+def test_val_fraction_takes_whole_groups_of_the_fold_column():
+    """--fold_column=speaker --test_fold=theo --val_fraction=0.2: test is theo, validation is
+    one whole other speaker (20 % of the 5 remaining), no speaker in two splits."""
+    rows = _speaker_rows()
+    parts = splits.make_splits(rows, val_fraction=0.2, fold_column="speaker", test_fold="theo")
+    spk = _speakers(parts)
+    assert spk["test"] == {"theo"} and len(spk["val"]) == 1 and len(spk["train"]) == 4
+    assert spk["train"] | spk["val"] | spk["test"] == set(SPEAKERS)
+    assert len(parts["val"]) == 30 and len(parts["test"]) == 30 and len(parts["train"]) == 120
+    # the same groups by file name give the same split; the seed picks another speaker
+    by_name = splits.make_splits(rows, val_fraction=0.2, group_regex=r"^\d+_([a-z]+)_",
+                                 test_fold="theo")
+    assert _speakers(by_name) == spk
+    others = {frozenset(_speakers(splits.make_splits(
+        rows, val_fraction=0.2, seed=s, fold_column="speaker", test_fold="theo"))["val"])
+        for s in range(8)}
+    assert len(others) > 1 and all(len(v) == 1 and "theo" not in v for v in others)
+    # fractions of whole groups without a named test fold (the old split_rows semantics)
+    both = splits.make_splits(rows, 1 / 6, 1 / 6, fold_column="speaker")
+    assert [len(v) for v in _speakers(both).values()] == [4, 1, 1]
+    # input order kept inside each split
+    pos = {r.id: i for i, r in enumerate(rows)}
+    assert [pos[r.id] for r in parts["train"]] == sorted(pos[r.id] for r in parts["train"])
+
+
+def test_val_fold_names_groups():
+    rows = _speaker_rows(per=1)
+    parts = splits.make_splits(rows, fold_column="speaker", test_fold="theo",
+                               val_fold="jackson,lucas")
+    assert _speakers(parts) == {"train": {"george", "nicolas", "yweweler"},
+                                "val": {"jackson", "lucas"}, "test": {"theo"}}
+    parts = splits.make_splits(rows, test_fraction=0.0, group_regex=r"^\d+_([a-z]+)_",
+                               val_fold="george")
+    assert _speakers(parts) == {"train": set(SPEAKERS) - {"george"}, "val": {"george"}}
+    bad = [
+        (dict(val_fold="theo"), "--fold_column"),                       # no groups defined
+        (dict(fold_column="speaker", test_fold="theo", val_fold="theo"), "both"),
+        (dict(fold_column="speaker", val_fold="nobody"), "nobody"),
+        (dict(fold_column="speaker", val_fold="george", val_fraction=0.2), "not both"),
+        (dict(fold_column="speaker", test_fold="theo", test_fraction=0.2), "not both"),
+        (dict(fold_column="speaker", group_regex="x", test_fold="theo"), "not both"),
+        (dict(fold_column="speaker"), "--test_fold"),
+        (dict(fold_column="speaker", test_fold=" , "), "at least one"),
+        (dict(fold_column="mic", test_fold="a"), "not a column"),
+        (dict(fold_column="speaker", test_fold=",".join(SPEAKERS)), "no training clips"),
+    ]
+    for kwargs, msg in bad:
+        with pytest.raises(DataError, match=msg):
+            splits.make_splits(rows, **kwargs)
+
+
+def test_split_cli_val_fold_and_grouped_val_fraction(tmp_path):
+    lst = tmp_path / "fsdd.csv"
+    with open(lst, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "speaker"])
+        for r in _speaker_rows(per=1):
+            w.writerow([r.record["path"], r.mids[0], r.record["speaker"]])
+    tool = [sys.executable, os.path.join(ROOT, "tools/split.py"), f"--input={lst}",
+            "--fold_column=speaker", "--test_fold=theo"]
+    r = subprocess.run(tool + ["--val_fold=lucas", f"--output_prefix={tmp_path / 'a'}"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    got = {k: {x.record["speaker"] for x in sources.read_plain_csv(f"{tmp_path / 'a'}_{k}.csv")[0]}
+           for k in splits.SPLIT_NAMES}
+    assert got == {"train": set(SPEAKERS) - {"theo", "lucas"}, "val": {"lucas"}, "test": {"theo"}}
+    # --val_fraction=0.2 of the 5 other speakers takes one whole speaker
+    r = subprocess.run(tool + ["--val_fraction=0.2", f"--output_prefix={tmp_path / 'b'}"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    val = {x.record["speaker"] for x in sources.read_plain_csv(f"{tmp_path / 'b'}_val.csv")[0]}
+    assert len(val) == 1 and "theo" not in val
+    r = subprocess.run(tool + ["--val_fold=theo", f"--output_prefix={tmp_path / 'c'}"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error:")

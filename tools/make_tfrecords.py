@@ -12,14 +12,17 @@ Examples:
   # FSD50K: 30-s model input (3000 frames); clips are kept up to 30 s
   python tools/make_tfrecords.py --input=fsd50k_dev.json --label_csv=fsd50k_labels.csv \\
       --target_length=3000 --output_prefix=data/fsd50k_train --num_shards=64
-  # a CSV path,label,speaker; test on one speaker (k-fold style: by a column)
+  # a CSV path,label,speaker; test on one speaker, validate on another (groups by a column)
   python tools/make_tfrecords.py --input=fsdd.csv --fold_column=speaker --test_fold=theo \\
-      --output_prefix=data/fsdd
+      --val_fold=jackson --output_prefix=data/fsdd
+  # or: whole speakers (by file name) as 20 % validation / 20 % test
+  python tools/make_tfrecords.py --audio_folder=fsdd_by_digit --group_regex='_([a-z]+)_' \\
+      --val_fraction=0.2 --test_fraction=0.2 --output_prefix=data/fsdd
 
 Without --label_csv the vocabulary is written to labels.csv in the output folder
 (index,mid,display_name; mid = the label as written, e.g. the class folder's name) and
 reused by later runs into the same folder. With a split (--test_fraction / --val_fraction /
---fold_column) the shard sets are {prefix}_train, {prefix}_val, {prefix}_test, each with its
+--fold_column / --test_fold / --val_fold) the shard sets are {prefix}_train, {prefix}_val, {prefix}_test, each with its
 own manifest (clip counts, coverage, fbank statistics).
 """
 import os
@@ -61,14 +64,20 @@ flags.DEFINE_integer("target_length", params.TARGET_LENGTH, "Frames per clip of 
                      "(training's --target_length: 1056 AudioSet, 3000 FSD50K): what the "
                      "statistics cover and, by default, where clips are cut.")
 flags.DEFINE_float("val_fraction", 0.0, "Split: fraction of clips for a validation set "
-                   "(stratified by the rarest label; 0 = none).")
-flags.DEFINE_float("test_fraction", 0.0, "Split: fraction of clips for a test set (0 = none).")
+                   "(stratified by the rarest label; whole groups of --group_regex / "
+                   "--fold_column; with --test_fold a fraction of the clips outside it; 0 = none).")
+flags.DEFINE_float("test_fraction", 0.0, "Split: fraction of clips for a test set (whole "
+                   "groups when groups are given; 0 = none).")
 flags.DEFINE_integer("split_seed", 0, "Split: random seed (same seed + listing → same split).")
 flags.DEFINE_string("group_regex", None, "Split: clips whose file names give the same match "
                     "(group 1 if any) stay together, e.g. '^\\d+_([a-z]+)_' (FSDD speaker).")
-flags.DEFINE_string("fold_column", None, "Split by a CSV column (ESC-50 'fold'): rows with "
-                    "--test_fold → test, the rest → train.")
-flags.DEFINE_string("test_fold", None, "Split: the --fold_column value of the test set.")
+flags.DEFINE_string("fold_column", None, "Split by a CSV column (ESC-50 'fold', a speaker or "
+                    "session column): its values are groups; rows of --test_fold → test, of "
+                    "--val_fold → val, fractions take whole groups of the rest, the rest → train.")
+flags.DEFINE_string("test_fold", None, "Split: the group(s) (--fold_column value or "
+                    "--group_regex match; comma-separated) of the test set.")
+flags.DEFINE_string("val_fold", None, "Split: the group(s) (--fold_column value or "
+                    "--group_regex match; comma-separated) of the validation set.")
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
 
 
@@ -93,10 +102,10 @@ def main(argv):
         fmt = "folder" if FLAGS.audio_folder else FLAGS.input_format
         rows = sources.read_rows(src, fmt, FLAGS.audio_dir, FLAGS.filename_pattern)
         split = (FLAGS.val_fraction or FLAGS.test_fraction or FLAGS.fold_column
-                 or FLAGS.test_fold is not None)
+                 or FLAGS.test_fold is not None or FLAGS.val_fold is not None)
         parts = (splits.make_splits(rows, FLAGS.val_fraction, FLAGS.test_fraction,
                                     FLAGS.split_seed, FLAGS.group_regex, FLAGS.fold_column,
-                                    FLAGS.test_fold)
+                                    FLAGS.test_fold, FLAGS.val_fold)
                  if split else {"": rows})
         max_seconds = (FLAGS.max_seconds if FLAGS.max_seconds is not None
                        else default_max_seconds(FLAGS.target_length))

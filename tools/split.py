@@ -4,7 +4,11 @@ audio folder), stratified by the rarest label, optionally grouped (speakers) or 
 Examples:
   python tools/split.py --input=all.csv --val_fraction=0.1 --test_fraction=0.1 --seed=0 \\
       --output_prefix=lists/esc
-  python tools/split.py --input=esc50.csv --fold_column=fold --test_fold=1 --output_prefix=lists/f1
+  python tools/split.py --input=esc50.csv --fold_column=fold --test_fold=1 --val_fold=2 \\
+      --output_prefix=lists/f1
+  # a speaker held out for test, whole other speakers (20 % of the rest) for validation
+  python tools/split.py --input=fsdd.csv --fold_column=speaker --test_fold=theo \\
+      --val_fraction=0.2 --output_prefix=lists/fsdd
   python tools/split.py --audio_folder=fsdd_by_digit --test_fraction=0.1667 --val_fraction=0 \\
       --group_regex='^\\d+_([a-z]+)_' --output_prefix=lists/fsdd
 Writes {prefix}_train.EXT, {prefix}_val.EXT, {prefix}_test.EXT (EXT = json for datafiles,
@@ -24,13 +28,20 @@ flags.DEFINE_string("audio_folder", None, "Instead of --input: class sub-folder 
 flags.DEFINE_enum("input_format", "auto", ["auto", "datafile", "audioset", "csv", "folder"],
                   "Format of --input.")
 flags.DEFINE_string("output_prefix", None, "Output DIR/name; writes DIR/name_train.csv etc.")
-flags.DEFINE_float("val_fraction", 0.1, "Fraction of clips for validation.")
-flags.DEFINE_float("test_fraction", 0.1, "Fraction of clips for test.")
+flags.DEFINE_float("val_fraction", 0.1, "Fraction of clips for validation: whole groups "
+                   "(--group_regex / --fold_column) when groups are given; with --test_fold a "
+                   "fraction of the clips outside the test fold. 0 = none.")
+flags.DEFINE_float("test_fraction", 0.1, "Fraction of clips for test (whole groups when "
+                   "groups are given); ignored with --test_fold.")
 flags.DEFINE_integer("seed", 0, "Random seed (same seed + same listing → same split).")
 flags.DEFINE_string("group_regex", None, "Regex on the file name; clips with the same match "
                     "(group 1 if present) stay in one split, e.g. '^\\d+_([a-z]+)_' (FSDD speaker).")
-flags.DEFINE_string("fold_column", None, "k-fold mode: CSV column holding the fold.")
-flags.DEFINE_string("test_fold", None, "k-fold mode: the fold used as test set.")
+flags.DEFINE_string("fold_column", None, "CSV column holding each clip's group (ESC-50 'fold', "
+                    "a speaker or session column); splits keep groups whole.")
+flags.DEFINE_string("test_fold", None, "Group(s) of --fold_column / --group_regex used as the "
+                    "test set (comma-separated).")
+flags.DEFINE_string("val_fold", None, "Group(s) of --fold_column / --group_regex used as the "
+                    "validation set (comma-separated; instead of --val_fraction).")
 
 
 def main(argv):
@@ -51,13 +62,11 @@ def main(argv):
             rows, header = sources.read_plain_csv(src)
         else:
             rows = sources.read_rows(src, fmt, audio_dir=".")
-        if FLAGS.fold_column:
-            if FLAGS.test_fold is None:
-                raise DataError("--fold_column needs --test_fold")
-            parts = splits.fold_split(rows, FLAGS.fold_column, FLAGS.test_fold)
-        else:
-            parts = splits.split_rows(rows, FLAGS.val_fraction, FLAGS.test_fraction,
-                                      FLAGS.seed, FLAGS.group_regex)
+        val_fraction = 0.0 if FLAGS.val_fold is not None else FLAGS.val_fraction
+        test_fraction = 0.0 if FLAGS.test_fold is not None else FLAGS.test_fraction
+        parts = splits.make_splits(rows, val_fraction, test_fraction, FLAGS.seed,
+                                   FLAGS.group_regex, FLAGS.fold_column, FLAGS.test_fold,
+                                   FLAGS.val_fold)
         ext = "json" if fmt == "datafile" else "csv"
         for name, part in parts.items():
             if part:

@@ -13,6 +13,12 @@
   the rarest label among all its clips.
 * Folds (``fold_split``): ESC-50 style — rows whose fold column equals ``test_fold`` are the
   test set, the rest train.
+* Named groups and grouped fractions (``make_splits``): the group of a clip is its
+  ``fold_column`` value (a CSV column: speaker, session, ESC-50 fold) or its ``group_regex``
+  match; ``test_fold`` / ``val_fold`` name groups (comma-separated) that become the test /
+  validation set, and ``test_fraction`` / ``val_fraction`` take whole groups, stratified as
+  above, from the clips no named group took. The validation set is thus grouped like the test
+  set: a model chosen on it has not heard the validation speakers either.
 
 Splits are written in the listing's own format (``write_split``) so make_tfrecords reads them.
 """
@@ -52,18 +58,45 @@ def row_groups(rows: Sequence[Row], group_regex: str | None) -> list[str]:
     return keys
 
 
+def column_groups(rows: Sequence[Row], column: str) -> list[str]:
+    """The value of CSV column ``column`` of each row (stripped); DataError if it is missing
+    or empty."""
+    out = []
+    for r in rows:
+        if not isinstance(r.record, dict) or column not in r.record:
+            raise DataError(f"--fold_column {column!r} is not a column of the input "
+                            "(needs a plain CSV with that column)")
+        v = str(r.record[column] or "").strip()
+        if not v:
+            raise DataError(f"line {r.line}: empty {column!r}")
+        out.append(v)
+    return out
+
+
+def group_keys(rows: Sequence[Row], group_regex: str | None = None,
+               fold_column: str | None = None) -> list[str]:
+    """Group of each row: its ``fold_column`` value, its ``group_regex`` match, else its id."""
+    if fold_column and group_regex:
+        raise DataError("give --fold_column or --group_regex, not both (each defines the groups)")
+    if fold_column:
+        return column_groups(rows, fold_column)
+    return row_groups(rows, group_regex)
+
+
 def split_rows(rows: Sequence[Row], val_fraction: float = 0.1, test_fraction: float = 0.1,
-               seed: int = 0, group_regex: str | None = None) -> dict[str, list[Row]]:
+               seed: int = 0, group_regex: str | None = None,
+               groups: Sequence[str] | None = None) -> dict[str, list[Row]]:
     """Stratified (rarest label), optionally grouped, reproducible split → {train, val, test}.
 
-    Input order is kept inside each split.
+    ``groups`` (one key per row) overrides ``group_regex``. Input order is kept inside each
+    split.
     """
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1
             and val_fraction + test_fraction < 1):
         raise DataError("--val_fraction and --test_fraction must be >= 0 with a sum below 1")
     fractions = np.array([1.0 - val_fraction - test_fraction, val_fraction, test_fraction])
     label_count = collections.Counter(m for r in rows for m in set(r.mids))
-    groups = row_groups(rows, group_regex)
+    groups = list(groups) if groups is not None else row_groups(rows, group_regex)
     members: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
@@ -109,20 +142,62 @@ def fold_split(rows: Sequence[Row], fold_column: str, test_fold: str) -> dict[st
     return out
 
 
+def _names(value: str | None) -> list[str]:
+    """``--test_fold`` / ``--val_fold`` → group names (comma-separated, stripped)."""
+    if value is None:
+        return []
+    return [v.strip() for v in str(value).split(",") if v.strip()]
+
+
 def make_splits(rows: Sequence[Row], val_fraction: float = 0.0, test_fraction: float = 0.0,
                 seed: int = 0, group_regex: str | None = None, fold_column: str | None = None,
-                test_fold: str | None = None) -> dict[str, list[Row]]:
-    """The split the tools' flags ask for: by ``fold_column``/``test_fold`` (k-fold), else
-    stratified (and grouped) by fractions. Empty splits are dropped."""
-    if fold_column or test_fold is not None:
-        if not fold_column or test_fold is None:
-            raise DataError("--fold_column and --test_fold go together")
-        parts = fold_split(rows, fold_column, test_fold)
-    else:
-        parts = split_rows(rows, val_fraction, test_fraction, seed, group_regex)
-    if not parts["train"]:
+                test_fold: str | None = None, val_fold: str | None = None
+                ) -> dict[str, list[Row]]:
+    """The split the tools' flags ask for (see the module doc). Groups: ``fold_column`` or
+    ``group_regex``; ``test_fold`` / ``val_fold`` name groups (comma-separated) for test /
+    validation; the fractions take whole groups from the clips no named group took (so with
+    a named test fold ``val_fraction`` is a fraction of the remaining clips). Empty splits are
+    dropped."""
+    if fold_column and group_regex:
+        raise DataError("give --fold_column or --group_regex, not both (each defines the groups)")
+    test_names, val_names = _names(test_fold), _names(val_fold)
+    if (test_fold is not None or val_fold is not None) and not (fold_column or group_regex):
+        raise DataError("--test_fold/--val_fold name groups: give --fold_column (a CSV column) "
+                        "or --group_regex (a part of the file name) too")
+    if test_fold is not None and not test_names or val_fold is not None and not val_names:
+        raise DataError("--test_fold/--val_fold must name at least one group")
+    if test_names and test_fraction:
+        raise DataError("give --test_fold or --test_fraction, not both")
+    if val_names and val_fraction:
+        raise DataError("give --val_fold or --val_fraction, not both")
+    both = sorted(set(test_names) & set(val_names))
+    if both:
+        raise DataError(f"{', '.join(both)} named both as --test_fold and --val_fold")
+    if fold_column and not (test_names or val_names or test_fraction or val_fraction):
+        raise DataError("--fold_column needs --test_fold (and/or --val_fold, or a "
+                        "--test_fraction/--val_fraction of whole groups)")
+    keys = group_keys(rows, group_regex, fold_column)
+    present = set(keys)
+    what = fold_column or "the --group_regex group"
+    for flag, names in (("--test_fold", test_names), ("--val_fold", val_names)):
+        missing = [n for n in names if n not in present]
+        if missing:
+            raise DataError(f"{flag}: no row has {what} == {missing[0]!r} (groups: "
+                            f"{', '.join(sorted(present)[:20])})")
+    named = {**{n: "test" for n in test_names}, **{n: "val" for n in val_names}}
+    rest = [i for i, k in enumerate(keys) if k not in named]
+    part = split_rows([rows[i] for i in rest], val_fraction, test_fraction, seed,
+                      groups=[keys[i] for i in rest])
+    where = {}
+    for name, got in part.items():
+        for r in got:
+            where[id(r)] = name
+    out = {name: [] for name in SPLIT_NAMES}
+    for r, k in zip(rows, keys):  # input order kept inside each split
+        out[named.get(k) or where[id(r)]].append(r)
+    if not out["train"]:
         raise DataError("the split leaves no training clips")
-    return {k: v for k, v in parts.items() if v}
+    return {k: v for k, v in out.items() if v}
 
 
 def write_split(rows: Sequence[Row], fmt: str, path: str, input_path: str,
