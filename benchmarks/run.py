@@ -258,28 +258,145 @@ def _label_sets(mids: list[str], n: int, rng) -> list[list[str]]:
 
 
 # ============================================================================ children
-def child_fbank(spec: dict) -> dict:
-    """kaldi_fbank at batch 32 of 10-s clips; kaldi-native-fbank on one thread."""
+# work model of one 10-s clip (998 frames) for the share of the machine's peak: a 512-point
+# real FFT ≈ 2.5 N log2 N = 11,520 flops per frame, the mel sum 2 × 504 nonzero weights, the
+# frame's DC removal / pre-emphasis / window ≈ 5 flops per sample, |X|² 2 per bin; compulsory
+# memory traffic: the waveform read once (640 kB) and the features written once (511 kB)
+FBANK_FRAMES = 998
+FBANK_FLOPS_PER_CLIP = FBANK_FRAMES * (2.5 * 512 * 9 + 2 * 504 + 5 * 400 + 2 * 257)
+FBANK_BYTES_PER_CLIP = 4 * (CLIP + FBANK_FRAMES * 128)
+FBANK_STAGES = ("signal", "frames", "fft", "power", "mel", "log")
+
+
+def machine_peaks(cores: int) -> dict[str, float]:
+    """What these ``cores`` can do at best, measured here: float32 GFLOP/s of a large matmul
+    (TensorFlow / oneDNN, the fastest kernel this process has) and GB/s of large memory copies
+    (one NumPy copy per core, 256 MB each way in all, read + write counted)."""
+    import threading
     import numpy as np
     import tensorflow as tf
+    a = tf.constant(np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32))
+
+    @tf.function
+    def mm(a):
+        acc = tf.zeros([])
+        for i in range(8):      # distinct operands: no common subexpression to fold
+            acc += tf.reduce_sum(tf.linalg.matmul(a + float(i), a)[:1, :1])
+        return acc
+    t = statistics.median(timed(lambda: mm(a).numpy(), 5, warmup=2))
+    gflops = 8 * 2 * 2048 ** 3 / t / 1e9
+    n = 64 * 2 ** 20 // max(cores, 1)                        # float32 elements per core
+    src = [np.ones(n, np.float32) for _ in range(cores)]
+    dst = [np.empty(n, np.float32) for _ in range(cores)]
+
+    def copy_all():
+        threads = [threading.Thread(target=np.copyto, args=(d, s)) for d, s in zip(dst, src)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    t = statistics.median(timed(copy_all, 7, warmup=2))
+    return {"gflops": gflops, "gbytes_per_s": 2 * 4 * n * cores / t / 1e9}
+
+
+def op_time_by_stage(fn: Callable[[], Any], calls: int, stages: tuple[str, ...]) -> dict:
+    """Run ``fn`` ``calls`` times under the TensorFlow profiler; the op time (ms per call) of
+    each stage, an op's stage being the first of ``stages`` among its name scopes (ops of
+    none: "other": loop control, output assembly). Op time is summed over threads, so it can
+    exceed the wall time when ops overlap."""
+    import glob
+    import shutil
+    import tempfile
+    import tensorflow as tf
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+    logdir = tempfile.mkdtemp(prefix="fbank_profile_")
+    try:
+        tf.profiler.experimental.start(logdir)
+        for _ in range(calls):
+            fn()
+        tf.profiler.experimental.stop()
+        space = xplane_pb2.XSpace()
+        with open(glob.glob(os.path.join(logdir, "**", "*.xplane.pb"), recursive=True)[0],
+                  "rb") as f:
+            space.ParseFromString(f.read())
+    finally:
+        shutil.rmtree(logdir, ignore_errors=True)
+    ps: dict[str, int] = {s: 0 for s in stages + ("other",)}
+    for plane in space.planes:
+        if not plane.name.startswith("/host:CPU"):
+            continue
+        meta = plane.event_metadata
+        for line in plane.lines:
+            for ev in line.events:
+                name = meta[ev.metadata_id].name
+                op, sep, kind = name.rpartition(":")
+                # TF op events are "scope/…/op_name:OpType"; runtime events have "::" or spaces
+                if (not sep or "::" in name or " " in name
+                        or not kind.lstrip("_")[:1].isupper()):
+                    continue
+                scopes = op.split("/")
+                stage = next((s for s in scopes if s in stages), "other")
+                ps[stage] += ev.duration_ps
+    return {s: v / 1e9 / calls for s, v in ps.items()}
+
+
+def child_fbank(spec: dict) -> dict:
+    """kaldi_fbank side by side with the plain tf.signal implementation (benchmarks/
+    plain_fbank.py), batch 32 of 10-s clips, measured in rounds (each round runs every
+    variant once; the ratio is the median of the per-round ratios, so load that drifts
+    during the run affects both alike); where the time goes per stage (profiler); the share
+    of the machine's peak; kaldi-native-fbank on one thread."""
+    import numpy as np
+    import tensorflow as tf
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from plain_fbank import STAGES as PLAIN_STAGES, plain_fbank
     from psla_tf.features import kaldi_fbank
     repeats, batch = spec["repeats"], spec["batch"]
     rng = np.random.default_rng(0)
     x = tf.constant(rng.uniform(-0.5, 0.5, (batch, CLIP)).astype(np.float32))
-    out = {}
-    for dft in ("matmul", "rfft"):
-        fn = tf.function(lambda w, d=dft: kaldi_fbank(w, dft=d))
-        xla = tf.function(lambda w, d=dft: kaldi_fbank(w, dft=d), jit_compile=True)
-        for mode, call in (("eager", lambda d=dft: kaldi_fbank(x, dft=d).numpy()),
-                           ("tf.function", lambda: fn(x).numpy()),
-                           ("jit_compile", lambda: xla(x).numpy())):
-            ts = timed(call, repeats, warmup=2)
-            out[f"{mode} ({dft})"] = batch / statistics.median(ts)
+    fns = {
+        "plain": tf.function(plain_fbank),
+        "kaldi_fbank": tf.function(lambda w: kaldi_fbank(w)),
+        "kaldi_fbank, dft=matmul": tf.function(lambda w: kaldi_fbank(w, dft="matmul")),
+        "kaldi_fbank, rfft as one batch (chunk_samples=0)":
+            tf.function(lambda w: kaldi_fbank(w, chunk_samples=0)),
+        "kaldi_fbank, jit_compile": tf.function(lambda w: kaldi_fbank(w), jit_compile=True),
+        "kaldi_fbank, eager": kaldi_fbank,
+    }
+    calls = {k: (lambda f=f: f(x).numpy()) for k, f in fns.items()}
+    ref = calls["plain"]()
+    diff = np.abs(calls["kaldi_fbank"]() - ref)
+    for call in calls.values():       # warm-up: tracing, oneDNN primitives, allocator
+        call()
+    wall: dict[str, list[float]] = {k: [] for k in calls}
+    cpu: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(repeats):
+        for k, call in calls.items():
+            t, c = time.perf_counter(), time.process_time()
+            call()
+            wall[k].append(time.perf_counter() - t)
+            cpu[k].append(time.process_time() - c)
+    out: dict[str, Any] = {
+        "clips_per_s": {k: batch / statistics.median(v) for k, v in wall.items()},
+        "cpu_ms_per_clip": {k: 1000 * statistics.median(v) / batch for k, v in cpu.items()},
+        "ratio_vs_plain": statistics.median(p / f for p, f in zip(wall["plain"],
+                                                                  wall["kaldi_fbank"])),
+        "cpu_ratio_vs_plain": statistics.median(p / f for p, f in zip(cpu["plain"],
+                                                                      cpu["kaldi_fbank"])),
+        "parity_vs_plain": {"mean_abs": float(diff.mean()), "max_abs": float(diff.max())},
+    }
+    if spec.get("profile", True):
+        calls_p = max(3, repeats)
+        out["stages_ms"] = {
+            "kaldi_fbank": op_time_by_stage(calls["kaldi_fbank"], calls_p, FBANK_STAGES),
+            "plain": op_time_by_stage(calls["plain"], calls_p, PLAIN_STAGES)}
+    if spec.get("peaks", True) and spec.get("cores"):
+        out["peaks"] = machine_peaks(spec["cores"])
     if spec.get("knf"):
         try:
             import kaldi_native_fbank as knf
         except ImportError:
-            out["kaldi-native-fbank"] = None
+            out["clips_per_s"]["kaldi-native-fbank"] = None
         else:
             opts = knf.FbankOptions()
             opts.frame_opts.dither = 0.0
@@ -296,8 +413,10 @@ def child_fbank(spec: dict) -> dict:
                 f.accept_waveform(16000, clip)
                 f.input_finished()
                 return [f.get_frame(i) for i in range(f.num_frames_ready)]
-            out["kaldi-native-fbank"] = 1 / statistics.median(timed(one, repeats, warmup=1))
-    return {"clips_per_s": out, "peak_rss_mb": peak_rss_mb()}
+            out["clips_per_s"]["kaldi-native-fbank"] = 1 / statistics.median(
+                timed(one, repeats, warmup=1))
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
 
 
 PIPELINE_VARIANTS = {
@@ -590,6 +709,53 @@ def _core_list(results: dict) -> list[int]:
     return [c for c in cores if c <= usable]
 
 
+def fbank_rows(r: dict, cores: Any) -> list[dict[str, Any]]:
+    """Table rows of one fbank child's result (``r``) on ``cores``."""
+    rows = []
+    for name, v in r["clips_per_s"].items():
+        if name == "kaldi-native-fbank":
+            rows.append(row("kaldi-native-fbank (C++, 1 thread, 80 bins)", v, cores=1,
+                            note="" if v is not None else "not installed "
+                            "(pip install kaldi-native-fbank)"))
+            continue
+        label = ("plain tf.signal fbank (benchmarks/plain_fbank.py), tf.function"
+                 if name == "plain" else name + ("" if "eager" in name or "jit" in name
+                                                 else ", tf.function"))
+        rows.append(row(f"{label}, batch 32", v, cores=cores,
+                        cpu_ms_per_clip=r["cpu_ms_per_clip"].get(name)))
+    p = r["parity_vs_plain"]
+    rows.append(row("kaldi_fbank / plain, side by side (median of per-round ratios)",
+                    r["ratio_vs_plain"], "ratio", cores=cores,
+                    note=f"target >= 1.4; process CPU time ratio {r['cpu_ratio_vs_plain']:.2f}; "
+                         f"|d| mean {p['mean_abs']:.1e}, max {p['max_abs']:.1e}"))
+    peaks = r.get("peaks")
+    if peaks:
+        cps = r["clips_per_s"]["kaldi_fbank"]
+        flops = cps * FBANK_FLOPS_PER_CLIP / 1e9
+        gbps = cps * FBANK_BYTES_PER_CLIP / 1e9
+        floor = max(FBANK_FLOPS_PER_CLIP / (peaks["gflops"] * 1e9),
+                    FBANK_BYTES_PER_CLIP / (peaks["gbytes_per_s"] * 1e9))   # s per clip
+        rows.append(row("machine peak: float32 matmul", peaks["gflops"], "GFLOP/s",
+                        cores=cores, note="measured here (TF/oneDNN 2048² matmul)"))
+        rows.append(row("machine peak: memory copy", peaks["gbytes_per_s"], "GB/s",
+                        cores=cores, note="measured here (read + write)"))
+        rows.append(row("kaldi_fbank: share of peak FLOP/s", flops / peaks["gflops"],
+                        "ratio", cores=cores,
+                        note=f"{flops:.1f} GFLOP/s at {FBANK_FLOPS_PER_CLIP / 1e6:.1f} "
+                             "MFLOP per clip (FFT 2.5 N log2 N)"))
+        rows.append(row("kaldi_fbank: share of the roofline bound", floor * cps, "ratio",
+                        cores=cores,
+                        note=f"bound {1 / floor:,.0f} clips/s = max(FLOPs / peak, "
+                             f"{FBANK_BYTES_PER_CLIP / 1e6:.2f} MB in+out / bandwidth); "
+                             f"{gbps:.2f} GB/s compulsory traffic"))
+    for who, stages in (r.get("stages_ms") or {}).items():
+        total = sum(stages.values())
+        for stage, ms in stages.items():
+            rows.append(row(f"{who} stage: {stage}", ms, "ms op time / batch", cores=cores,
+                            note=f"{100 * ms / total:.0f} % of op time" if total else ""))
+    return rows
+
+
 def bench_fbank(results: dict, ctx: dict) -> dict:
     rows, notes = [], []
     cores = _core_list(results)
@@ -599,20 +765,20 @@ def bench_fbank(results: dict, ctx: dict) -> dict:
         runs.append(("GPU", None, {}))
     for k, pin, env in runs:
         r = run_child({"kind": "fbank", "repeats": ctx["repeats"], "batch": 32,
-                       "knf": k == 1}, pin, env=env)
-        for name, v in r["clips_per_s"].items():
-            if name == "kaldi-native-fbank":
-                rows.append(row("kaldi-native-fbank (C++, 1 thread, 80 bins)", v, cores=1,
-                                note="" if v is not None else "not installed "
-                                "(pip install kaldi-native-fbank)"))
-            else:
-                rows.append(row(f"kaldi_fbank batch 32, {name}", v, cores=k))
+                       "knf": k == 1, "peaks": pin is not None}, pin, env=env)
+        rows += fbank_rows(r, k)
     best1 = max((r["value"] for r in rows if r["cores"] == 1 and r["value"]
-                 and r["config"].startswith("kaldi_fbank")), default=None)
+                 and r["unit"] == "clips/s" and r["config"].startswith("kaldi_fbank")),
+                default=None)
     knf = next((r["value"] for r in rows if r["config"].startswith("kaldi-native")), None)
     if best1 and knf:
         rows.append(row("kaldi_fbank (best, 1 core) / kaldi-native-fbank (1 thread)",
                         best1 / knf, "ratio", cores=1, note="target >= 0.5"))
+    notes.append("batch 32 of 10-s clips (uniform noise); variants run in rounds (each round "
+                 "times every variant once), the kaldi_fbank / plain ratio is the median of "
+                 "the rounds' ratios; stages: op time from the TensorFlow profiler by name "
+                 "scope (kaldi_fbank: signal = pad, pre-emphasis, frame means; frames = cut, "
+                 "zero-pad, DC removal + window; other = loop control and output assembly)")
     return {"rows": rows, "notes": notes}
 
 

@@ -305,6 +305,14 @@ def _rfft_block(x: tf.Tensor, *, num_mel_bins: int, sample_rate: int, frame_leng
         return tf.reshape(out, [c, rows, num_mel_bins])[:, :frames]
 
 
+@functools.lru_cache(maxsize=16)
+def _eager_rfft_fbank(settings: tuple) -> "tf.types.experimental.PolymorphicFunction":
+    """``_rfft_fbank`` with these ``settings`` as a tf.function (any batch and length: traced
+    for a new rank of shapes only), for eager callers."""
+    return tf.function(lambda x: _rfft_fbank(x, **dict(settings)), reduce_retracing=True,
+                       autograph=False)
+
+
 def _rfft_fbank(x: tf.Tensor, chunk_samples: int, **block_args) -> tf.Tensor:
     """Floored log of ``_rfft_block`` over ``x`` ``[B, n]``: at once (``chunk_samples`` 0), or
     in a loop over groups of whole clips of about ``chunk_samples`` samples."""
@@ -385,11 +393,16 @@ def kaldi_fbank(waveform: tf.Tensor | np.ndarray,
         lead = tf.shape(x)[:-1]
         flat = tf.reshape(x, [-1, tf.shape(x)[-1]])                           # [B, n]
         chunk = _default_chunk_samples(x) if chunk_samples is None else int(chunk_samples)
-        out = _rfft_fbank(flat, chunk, num_mel_bins=num_mel_bins, sample_rate=sample_rate,
-                          frame_length=frame_length, frame_shift=frame_shift,
-                          fft_length=fft_length, low_freq=low_freq, high_freq=high_freq,
-                          preemphasis=preemphasis, power_scale=power_scale,
-                          runtime_matrices=runtime_matrices)
+        settings = (("chunk_samples", chunk), ("num_mel_bins", num_mel_bins),
+                    ("sample_rate", sample_rate), ("frame_length", frame_length),
+                    ("frame_shift", frame_shift), ("fft_length", fft_length),
+                    ("low_freq", low_freq), ("high_freq", high_freq),
+                    ("preemphasis", preemphasis), ("power_scale", power_scale),
+                    ("runtime_matrices", runtime_matrices))
+        if tf.executing_eagerly():   # the loop op by op from Python would be ~20x slower
+            out = _eager_rfft_fbank(settings)(flat)
+        else:
+            out = _rfft_fbank(flat, **dict(settings))
         out = tf.reshape(out, tf.concat([lead, tf.shape(out)[1:]], axis=0))
         if x.shape.rank is not None:
             n = x.shape[-1]
