@@ -44,7 +44,7 @@ def _cfg(exp):
         TrainConfig(), exp_dir=str(exp), n_epochs=1, batch_size=4, eval_batch_size=6,
         lr=1e-3, warmup_steps=2, warmup_every=1, wa=False, balanced_sampling=False, mixup=0.0,
         freqm=8, timem=8, target_length=40, eff_b=0, att_head=2, loss="ce",
-        metric="accuracy", shuffle_buffer=12, verbose=0)
+        metric="accuracy", shuffle_buffer=12, verbose=0, pretrained="none")
 
 
 def test_two_folds_mean_std_and_resume(tmp_path, capsys):

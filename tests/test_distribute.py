@@ -41,7 +41,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 BASE = dict(n_epochs=2, batch_size=8, eval_batch_size=8, lr=1e-3, warmup_steps=2,
             warmup_every=1, lrscheduler_start=1, lrscheduler_step=1, wa=True, wa_start=1,
             wa_end=2, model="mobilenet_v2", att_head=2, target_length=48, freqm=0, timem=0,
-            shuffle_buffer=16, verbose=2, deterministic=True, bn_momentum=0.9)
+            shuffle_buffer=16, verbose=2, deterministic=True, bn_momentum=0.9, pretrained="none")
 
 
 # ----------------------------------------------------------------------------- child

@@ -93,7 +93,7 @@ def _run_with_checkpoints(tmp_path, epochs=3):
     from psla_tf.data.records import write_label_csv
     from psla_tf.training.trainer import TrainConfig, build_model, flagfile_text
     cfg = TrainConfig(model="efficientnet", eff_b=0, att_head=2, target_length=64, freqm=0,
-                      timem=0, dataset_mean=-4.27, dataset_std=4.57)
+                      timem=0, dataset_mean=-4.27, dataset_std=4.57, pretrained="none")
     exp = tmp_path / "exp"
     (exp / "checkpoints").mkdir(parents=True)
     (exp / "flags.txt").write_text(flagfile_text(cfg))

@@ -290,6 +290,7 @@ def test_trainer_flag_sets_the_front_end_dft_and_is_recorded():
     fv(["main.py"])
     assert train_flags.config_from_flags(fv).fbank_dft == "auto"
     fv(["main.py", "--fbank_dft=rfft", "--eff_b=0", "--target_length=64", "--att_head=1",
+        "--pretrained=none",
         "--dataset_mean=-4.0", "--dataset_std=4.0"])
     cfg = train_flags.config_from_flags(fv)
     assert "--fbank_dft=rfft" in trainer.flagfile_text(cfg).splitlines()

@@ -200,7 +200,7 @@ TINY = ["--n_epochs=2", "--batch_size=4", "--eval_batch_size=8", "--lr=1e-3",
         "--warmup_steps=2", "--warmup_every=1", "--lrscheduler_start=1",
         "--lrscheduler_step=1", "--nowa", "--eff_b=0", "--att_head=2", "--target_length=48",
         "--freqm=0", "--timem=0", "--shuffle_buffer=16", "--verbose=2", "--mixup=0",
-        "--nobalanced_sampling"]
+        "--nobalanced_sampling", "--pretrained=none"]
 
 
 def test_main_init_from_new_vocabulary_ce_accuracy(tmp_path, source):

@@ -65,7 +65,8 @@ def _peak_rss_mb(train: str, ev: str, exp: str) -> subprocess.Popen:
         [sys.executable, "-c", wrapper, os.path.join(ROOT, "main.py"), f"--train_data={train}",
          f"--eval_data={ev}", f"--exp_dir={exp}", "--n_epochs=1", "--batch_size=20",
          "--eval_batch_size=8", "--nowa", "--eff_b=0", "--att_head=1", "--target_length=48",
-         "--shuffle_buffer=32", "--verbose=0", "--nosave_predictions", "--mixup=0.5"],
+         "--shuffle_buffer=32", "--verbose=0", "--nosave_predictions", "--mixup=0.5",
+         "--pretrained=none"],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

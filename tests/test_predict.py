@@ -126,7 +126,7 @@ def test_cli_checkpoint_savedmodel_and_errors(setup, tmp_path):
         bg.start(f"case{i}", [sys.executable, os.path.join(ROOT, "tools", "predict.py"), *args,
                               "--noprogress"], env=env, cwd=ROOT)
     cfg = TrainConfig(model="efficientnet", eff_b=0, att_head=2, target_length=64, freqm=0,
-                      timem=0, dataset_mean=-4.27, dataset_std=4.57)
+                      timem=0, dataset_mean=-4.27, dataset_std=4.57, pretrained="none")
     exp = tmp_path / "exp"
     (exp / "checkpoints").mkdir(parents=True)
     (exp / "flags.txt").write_text(flagfile_text(cfg))

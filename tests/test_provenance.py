@@ -93,6 +93,7 @@ def test_flagfile_reproduces_a_tiny_run(tmp_path):
                    "--warmup_steps=2", "--warmup_every=1", "--nowa", "--eff_b=0",
                    "--att_head=2", "--target_length=40", "--freqm=8", "--timem=8",
                    "--shuffle_buffer=12", "--mixup=0.5", "--seed=3", "--verbose=2",
+                   "--pretrained=none",
                    f"--train_data={tr}", f"--eval_data={ev}", f"--exp_dir={a}"],
              env=env, cwd=ROOT)
     try:

@@ -24,7 +24,7 @@ ARGS = ["--n_epochs=3", "--batch_size=4", "--eval_batch_size=8", "--lr=1e-3",
         "--warmup_steps=4", "--warmup_every=2", "--lrscheduler_start=1",
         "--lrscheduler_step=1", "--wa_start=2", "--wa_end=3", "--eff_b=0", "--att_head=2",
         "--target_length=48", "--freqm=8", "--timem=8", "--shuffle_buffer=16", "--verbose=2",
-        "--deterministic", "--bn_momentum=0.9"]
+        "--deterministic", "--bn_momentum=0.9", "--pretrained=none"]
 TOL = 1e-6
 
 
@@ -132,7 +132,8 @@ def test_resume_with_other_flags_is_refused(data, tmp_path):
     exp = str(tmp_path / "exp")
     os.makedirs(exp)
     cfg = trainer.TrainConfig(train_data=train, eval_data=ev, exp_dir=exp, n_epochs=2,
-                              batch_size=4, wa_start=1, wa_end=2, eff_b=0, target_length=48)
+                              batch_size=4, wa_start=1, wa_end=2, eff_b=0, target_length=48,
+                              pretrained="none")
     cfg_r = trainer.resolve(cfg).cfg
     open(os.path.join(exp, "flags.txt"), "w").write(trainer.flagfile_text(cfg_r))
     json.dump({"epoch": 1}, open(os.path.join(exp, "train_state.json"), "w"))

@@ -45,7 +45,8 @@ def _write_set(prefix, n, seed, mids=MIDS):
 TINY = ["--n_epochs=2", "--batch_size=4", "--eval_batch_size=8", "--lr=1e-3",
         "--warmup_steps=4", "--warmup_every=2", "--lrscheduler_start=1",
         "--lrscheduler_step=1", "--wa_start=1", "--wa_end=2", "--eff_b=0", "--att_head=2",
-        "--target_length=48", "--freqm=8", "--timem=8", "--shuffle_buffer=16", "--verbose=2"]
+        "--target_length=48", "--freqm=8", "--timem=8", "--shuffle_buffer=16", "--verbose=2",
+        "--pretrained=none"]
 
 
 @pytest.fixture(scope="module")

@@ -69,7 +69,7 @@ class TrainConfig:
     model: str = "efficientnet"
     eff_b: int = 2
     att_head: int = 4
-    pretrained: str = "none"
+    pretrained: str = "imagenet"
     stem_init: str = "random"
     backbone_init: str = "auto"
     bn_momentum: float = 0.99
