@@ -1,4 +1,4 @@
-"""Balanced sampling (paper Sec. IV-B, Algorithm 1 lines 1-8) as a resampled TFRecord stream.
+"""Balanced sampling (paper Sec. IV-B, Algorithm 1 lines 1-8): weights and their draws.
 
 Procedure 1 gives every training example the weight
 
@@ -7,13 +7,16 @@ Procedure 1 gives every training example the weight
 where c_k is the number of training examples labelled k. Procedure 2 then draws N (the
 dataset size) examples per epoch with replacement, P(i) = p_i = w_i / W, W = sum_i w_i.
 
-TFRecords allow no random access and AudioSet does not fit in memory, so the draw is done on
-the stream: every record is emitted k_i ~ Poisson(N * p_i) times (k_i = 0 rejects it) and the
-emitted stream is shuffled. A multinomial draw of N items is, conditioned on its total,
-exactly what independent Poisson(N p_i) counts give, so the per-example counts have the
-paper's distribution up to the stream's total being Poisson(N) instead of exactly N; the
-pipeline fixes the total by cutting the stream at N // batch_size batches and, in the rare
-case it runs short, appending a further independent draw of the same epoch.
+The default training order (``sampling_order="iid"``, :mod:`psla_tf.data.pipeline`) makes
+exactly these draws, i.i.d., and reads the drawn records at their offsets
+(:mod:`psla_tf.data.record_index`). The sequential ``"stream"`` order draws on the stream
+instead: every record is emitted k_i ~ Poisson(N * p_i) times (:func:`poisson_counts`; k_i = 0
+rejects it) and the emitted stream is shuffled. A multinomial draw of N items is, conditioned
+on its total, exactly what independent Poisson(N p_i) counts give, so the per-example counts
+have the paper's distribution, but a record's copies arrive together (bursts the shuffle
+buffer only partly spreads); the pipeline fixes the total by cutting the stream at
+N // batch_size batches and, in the rare case it runs short, appending a further independent
+draw of the same epoch.
 
 The normaliser needs no pass over the data:
 
