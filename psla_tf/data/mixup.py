@@ -7,6 +7,11 @@ partner is zero-padded or cut to the length of x_i;
     x = lambda * x_i + (1 - lambda) * x_j,  then its mean is removed again;
     y = lambda * y_i + (1 - lambda) * y_j    (multi-hot arithmetic: a label in both gets 1).
 
+Knowledge distillation: an example with ``teacher`` targets [C] and ``has_teacher`` []
+(:mod:`psla_tf.data.teacher`) gets ``lambda * t_i + (1 - lambda) * t_j`` (soft targets mix
+linearly) and ``has_teacher = min(has_i, has_j)`` (a pair with a clip the teacher did not score
+trains on its mixed labels only; its teacher targets are zeroed).
+
 Otherwise the example passes unchanged (lambda = 1; the model's front end removes the mean of
 every clip). Beta is sampled as G1 / (G1 + G2) with G1, G2 ~ Gamma(alpha) drawn by the
 stateless ``tf.random.stateless_gamma``, so the draw is a pure function of the seed.
@@ -77,13 +82,20 @@ def mixup_example(example: dict[str, tf.Tensor], partner: dict[str, tf.Tensor],
         # lambda + (1 - lambda) is not always exactly 1 in float32: a label in both gets 1.
         y = tf.where((y_i > 0) & (y_j > 0), tf.ones_like(y_i), lam * y_i + (1.0 - lam) * y_j)
         pid = p["id"] if "id" in p else tf.constant(b"")
-        return x, y, lam, tf.cast(p["key"], tf.int64), pid
+        soft = {}
+        if "teacher" in example:
+            has = tf.minimum(example["has_teacher"], p["has_teacher"])
+            soft = {"teacher": (lam * example["teacher"] + (1.0 - lam) * p["teacher"]) * has,
+                    "has_teacher": has}
+        return x, y, lam, tf.cast(p["key"], tf.int64), pid, soft
 
     def plain():
+        soft = ({k: example[k] for k in ("teacher", "has_teacher")}
+                if "teacher" in example else {})
         return (example["waveform"], example["labels"], tf.constant(1.0, tf.float32),
-                tf.constant(-1, tf.int64), tf.constant(b""))
+                tf.constant(-1, tf.int64), tf.constant(b""), soft)
 
-    x, y, lam, pkey, pid = tf.cond(do_mix, mixed, plain)
+    x, y, lam, pkey, pid, soft = tf.cond(do_mix, mixed, plain)
     out = dict(example)
-    out.update(waveform=x, labels=y, mix_lambda=lam, partner_key=pkey, partner_id=pid)
+    out.update(waveform=x, labels=y, mix_lambda=lam, partner_key=pkey, partner_id=pid, **soft)
     return out

@@ -219,10 +219,16 @@ def _traversal(reader: _Reader, file_ids: np.ndarray, seed: tf.Tensor, cycle_len
         buffer_output_elements=1, prefetch_input_elements=0, deterministic=True)
 
 
-def _parse(key: tf.Tensor, rec: tf.Tensor, num_classes: int) -> dict[str, tf.Tensor]:
+# (parsed example, serialised record) → example: labels into the model's vocabulary, teacher
+# targets (psla_tf.data.teacher.ExampleTargets); applied right after parsing, before mixup
+Transform = Callable[[dict, tf.Tensor], dict]
+
+
+def _parse(key: tf.Tensor, rec: tf.Tensor, num_classes: int,
+           transform: Transform | None = None) -> dict[str, tf.Tensor]:
     ex = records.parse_example(rec, num_classes)
     ex["key"] = key
-    return ex
+    return ex if transform is None else transform(ex, rec)
 
 
 def _pad_or_cut(ex: dict[str, tf.Tensor], clip_samples: int) -> dict[str, tf.Tensor]:
@@ -239,6 +245,9 @@ def _format(ex: dict[str, tf.Tensor], with_ids: bool, id_keys: tuple[str, ...]):
     if with_ids:
         for k in id_keys:
             feats[k] = ex[k]
+    if "teacher" in ex:  # distillation targets [2C + 1]: labels, teacher, has_teacher
+        return feats, tf.concat([ex["labels"], ex["teacher"], ex["has_teacher"][tf.newaxis]],
+                                0)
     return feats, ex["labels"]
 
 
@@ -285,7 +294,8 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
                        features_in_pipeline: bool = False, frontend: Callable | None = None,
                        with_ids: bool = False, skip_corrupt_records: bool = False,
                        cycle_length: int = 8, num_parallel_calls: int = AUTOTUNE,
-                       prefetch: int = AUTOTUNE) -> tf.data.Dataset:
+                       prefetch: int = AUTOTUNE, transform: Transform | None = None
+                       ) -> tf.data.Dataset:
     """The training stream (Algorithm 1 lines 1-15) for epochs initial_epoch..+num_epochs-1.
 
     Yields exactly ``steps_per_epoch(N, batch_size)`` batches per epoch, each
@@ -308,6 +318,13 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
       times back to back into a ``shuffle_buffer`` shuffle, and the partners come from one
       shuffled pass per epoch (each clip is a candidate partner once). A rare clip's copies
       arrive in bursts unless the buffer holds a large part of the set; works on GZIP shards.
+
+    ``transform`` (:class:`psla_tf.data.teacher.ExampleTargets`) is applied to every parsed
+    example, partners included, before mixup: it may map the labels into another vocabulary
+    and add ``teacher`` [C] / ``has_teacher`` []; with a teacher the labels of each batch are
+    ``[B, 2C + 1]`` = (labels, mixed teacher targets, has_teacher), mixed with the same λ
+    (:func:`psla_tf.data.mixup.mixup_example`). It draws no random numbers: the order and
+    the mixing are those of the same call without it.
 
     Epochs are counted from 0 as in Keras' ``initial_epoch``. ``random_gain_db`` > 0 scales
     each training waveform by a random gain of ±random_gain_db dB after mixup
@@ -355,11 +372,11 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
     plan = _EpochPlan(steps, per_batch, replicas_per_pipeline, pid, npipe, batch_size)
     if sampling_order == "iid":
         examples = _iid_examples(spec, plan, base_seed, balanced_sampling, mixup, mixup_alpha,
-                                 skip_corrupt_records, num_parallel_calls)
+                                 skip_corrupt_records, num_parallel_calls, transform)
     else:
         examples = _stream_examples(spec, plan, base_seed, balanced_sampling, mixup,
                                     mixup_alpha, shuffle_buffer, skip_corrupt_records,
-                                    cycle_length, num_parallel_calls)
+                                    cycle_length, num_parallel_calls, transform)
     keep = ("id", "key", "partner_key", "partner_id", "mix_lambda")
 
     def epoch_dataset(epoch):
@@ -429,7 +446,8 @@ def _register_corrupt(bad) -> None:
 
 def _iid_examples(spec: DataSpec, plan: _EpochPlan, base_seed: tf.Tensor, balanced: bool,
                   mixup: float, mixup_alpha: float, skip_corrupt: bool,
-                  num_parallel_calls: int) -> Callable[[tf.Tensor], tf.data.Dataset]:
+                  num_parallel_calls: int, transform: Transform | None = None
+                  ) -> Callable[[tf.Tensor], tf.data.Dataset]:
     """epoch → dataset of parsed, mixed examples in i.i.d. order (see make_train_dataset)."""
     from psla_tf.data import record_index
     index = record_index.load_record_index(spec, skip_corrupt=skip_corrupt)
@@ -469,7 +487,8 @@ def _iid_examples(spec: DataSpec, plan: _EpochPlan, base_seed: tf.Tensor, balanc
         rec = tf.numpy_function(read_py, [fi, tf.gather(offset, row), tf.gather(length, row)],
                                 tf.string, stateful=False)
         rec = tf.ensure_shape(rec, [])
-        return _parse(fi * (1 << _KEY_SHIFT) + tf.gather(position, row), rec, num_classes)
+        return _parse(fi * (1 << _KEY_SHIFT) + tf.gather(position, row), rec, num_classes,
+                      transform)
 
     def examples(epoch):
         s = sampling.derive_seed(base_seed, _SALT_IID, epoch)
@@ -506,7 +525,8 @@ def _unmixed(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
 
 def _stream_examples(spec: DataSpec, plan: _EpochPlan, base_seed: tf.Tensor, balanced: bool,
                      mixup: float, mixup_alpha: float, shuffle_buffer: int, skip_corrupt: bool,
-                     cycle_length: int, num_parallel_calls: int
+                     cycle_length: int, num_parallel_calls: int,
+                     transform: Transform | None = None
                      ) -> Callable[[tf.Tensor], tf.data.Dataset]:
     """epoch → dataset of parsed, mixed examples from sequential reading (``"stream"``)."""
     n_total = int(spec.num_examples)
@@ -566,7 +586,7 @@ def _stream_examples(spec: DataSpec, plan: _EpochPlan, base_seed: tf.Tensor, bal
         return ds.shuffle(shuffle_buffer, seed=sampling.seed_to_int(sampling.derive_seed(s, 2)),
                           reshuffle_each_iteration=False)
 
-    parse = _nag(lambda key, rec: _parse(key, rec, num_classes))
+    parse = _nag(lambda key, rec: _parse(key, rec, num_classes, transform))
 
     def examples(epoch):
         main = tf.data.Dataset.range(MAX_DRAWS_PER_EPOCH).flat_map(
@@ -600,11 +620,12 @@ def _finish(ds: tf.data.Dataset, prefetch: int) -> tf.data.Dataset:
 def make_eval_dataset(data: str | DataSpec, batch_size: int = 100,
                       clip_samples: int | None = None, with_ids: bool = False,
                       features_in_pipeline: bool = False, frontend: Callable | None = None,
-                      skip_corrupt_records: bool = False, prefetch: int = AUTOTUNE
-                      ) -> tf.data.Dataset:
+                      skip_corrupt_records: bool = False, prefetch: int = AUTOTUNE,
+                      transform: Transform | None = None) -> tf.data.Dataset:
     """Every example once, shards and records in file order, last partial batch kept.
 
-    Elements as in :func:`make_train_dataset`; ``with_ids`` adds ``id`` and ``key``.
+    Elements as in :func:`make_train_dataset`; ``with_ids`` adds ``id`` and ``key``;
+    ``transform`` as there (evaluation uses it to map labels into the model's vocabulary).
     """
     spec = resolve_data(data)
     if batch_size <= 0:
@@ -615,8 +636,9 @@ def make_eval_dataset(data: str | DataSpec, batch_size: int = 100,
     reader = _Reader(spec, skip_corrupt=skip_corrupt_records)
     num_classes = spec.num_classes
     ds = tf.data.Dataset.range(len(spec.files)).flat_map(_nag(reader))
-    ds = ds.map(_nag(lambda key, rec: _format(_pad_or_cut(_parse(key, rec, num_classes),
-                                                     clip_samples), with_ids, ("id", "key"))),
+    ds = ds.map(_nag(lambda key, rec: _format(_pad_or_cut(
+                    _parse(key, rec, num_classes, transform), clip_samples), with_ids,
+                    ("id", "key"))),
                 num_parallel_calls=AUTOTUNE, deterministic=True)
     if features_in_pipeline:
         ds = ds.map(_nag(_apply_frontend(frontend, ("id", "key"))), num_parallel_calls=AUTOTUNE,

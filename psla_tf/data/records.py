@@ -11,6 +11,9 @@ waveform   bytes        int16 little-endian mono PCM at 16 kHz
 num_samples int64       number of samples in ``waveform``
 labels     int64 list   class indices into the manifest's vocabulary
 mids       bytes list   the same labels as MIDs (readable without the vocabulary)
+teacher    float list   optional: a teacher's raw scores (or logits) of the clip, one per
+                        class of the manifest's ``teacher.mids`` (knowledge distillation;
+                        written by tools/add_teacher_scores.py, absent: no teacher score)
 ========== ============ =========================================================
 
 Shards are named ``{prefix}-{i:05d}-of-{n:05d}.tfrecord`` (``.tfrecord.gz`` when GZIP
@@ -32,6 +35,7 @@ import tensorflow as tf
 from psla_tf import params
 
 MANIFEST_FORMAT = "psla_tf.tfrecords/1"
+TEACHER_FEATURE = "teacher"  # optional float feature (knowledge distillation)
 SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.tfrecord(?P<gz>\.gz)?$")
 
 
@@ -53,6 +57,10 @@ def _bytes_feature(values: Sequence[bytes]) -> tf.train.Feature:
     return tf.train.Feature(bytes_list=tf.train.BytesList(value=list(values)))
 
 
+def _float_feature(values: Sequence[float]) -> tf.train.Feature:
+    return tf.train.Feature(float_list=tf.train.FloatList(value=[float(v) for v in values]))
+
+
 def _int64_feature(values: Sequence[int]) -> tf.train.Feature:
     return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in values]))
 
@@ -64,8 +72,9 @@ def float_to_int16(waveform: np.ndarray) -> np.ndarray:
 
 
 def make_example(clip_id: str, waveform_int16: np.ndarray, labels: Sequence[int],
-                 mids: Sequence[str]) -> bytes:
-    """Serialise one clip (``waveform_int16``: int16 mono 16 kHz) as a tf.train.Example."""
+                 mids: Sequence[str], teacher: Sequence[float] | None = None) -> bytes:
+    """Serialise one clip (``waveform_int16``: int16 mono 16 kHz) as a tf.train.Example
+    (``teacher``: the optional raw teacher values, see the module doc)."""
     pcm = np.asarray(waveform_int16, dtype="<i2")
     if pcm.ndim != 1:
         raise ValueError("waveform must be mono (1-D)")
@@ -76,6 +85,8 @@ def make_example(clip_id: str, waveform_int16: np.ndarray, labels: Sequence[int]
         "labels": _int64_feature(labels),
         "mids": _bytes_feature([m.encode("utf-8") for m in mids]),
     }
+    if teacher is not None:
+        feature[TEACHER_FEATURE] = _float_feature(teacher)
     return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
 
 
@@ -87,6 +98,14 @@ FEATURE_SPEC = {
     "labels": tf.io.VarLenFeature(tf.int64),
     "mids": tf.io.VarLenFeature(tf.string),
 }
+
+
+def parse_teacher(serialized: tf.Tensor) -> tf.Tensor:
+    """The optional ``teacher`` feature of one serialised Example: float32 ``[Ct]``, or
+    ``[0]`` when the record has none."""
+    ex = tf.io.parse_single_example(
+        serialized, {TEACHER_FEATURE: tf.io.VarLenFeature(tf.float32)})
+    return tf.sparse.to_dense(ex[TEACHER_FEATURE])
 
 
 def decode_waveform(pcm_bytes: tf.Tensor) -> tf.Tensor:
@@ -355,4 +374,6 @@ def iter_examples(files: Iterable[str], compression: str = "") -> Iterable[dict[
                 "num_samples": feat["num_samples"].int64_list.value[0],
                 "labels": list(feat["labels"].int64_list.value),
                 "mids": [m.decode("utf-8") for m in feat["mids"].bytes_list.value],
+                "teacher": (np.asarray(feat[TEACHER_FEATURE].float_list.value, np.float32)
+                            if TEACHER_FEATURE in feat else None),
             }
