@@ -1,23 +1,26 @@
 """Training and evaluation input pipelines (tf.data) over psla_tf TFRecord shards.
 
-Training (paper Algorithm 1, lines 1-15), per epoch e:
+Training (paper Algorithm 1, lines 1-15), per epoch e, ``sampling_order="iid"`` (default):
 
-1. the shard list (this input pipeline's share) is shuffled and read with a deterministic
-   parallel ``interleave``; each record is checked against the manifest's per-shard count;
-2. balanced sampling (:mod:`psla_tf.data.sampling`): record i is emitted k_i ~ Poisson(N p_i)
-   times; non-balanced: every record once;
-3. the emitted stream is shuffled (``shuffle_buffer`` serialised records, ~320 kB per 10-s
-   clip), then parsed (:func:`psla_tf.data.records.parse_example`);
-4. mixup (:mod:`psla_tf.data.mixup`) against a second, independently shuffled and repeated
-   traversal of the same shards (the uniformly drawn partner j);
-5. the waveform is cut or zero-padded to ``clip_samples`` (``num_samples`` keeps the valid
-   length), batched (remainder dropped) and cut at exactly ``N // batch_size`` batches. If the
-   Poisson stream runs short, a further independent draw of the same epoch follows.
+1. the epoch's ``N // batch_size * batch_size`` draws: with balanced sampling i.i.d. with
+   P(i) = w_i / W (:mod:`psla_tf.data.sampling`; the weights from the record index's
+   labels), otherwise a random permutation; and one uniform mixup partner per draw;
+2. each drawn record is read at its byte offset (:mod:`psla_tf.data.record_index`) and
+   parsed (:func:`psla_tf.data.records.parse_example`); the partner is read only when the
+   example is mixed (:mod:`psla_tf.data.mixup`);
+3. the waveform is cut or zero-padded to ``clip_samples`` (``num_samples`` keeps the valid
+   length) and batched. Every input pipeline computes the same global draw and yields its
+   replicas' slices of each global batch.
+
+``sampling_order="stream"`` reads sequentially instead: the shard list (this pipeline's
+share) is shuffled and interleaved, record i is emitted k_i ~ Poisson(N p_i) times into a
+``shuffle_buffer`` shuffle, mixup takes its partners from a second shuffled traversal, and the
+epoch is cut at exactly ``N // batch_size`` batches (a further independent draw follows if the
+Poisson stream runs short). Its order is bursty (see BUILD.md "Training order").
 
 Every random number comes from stateless ops (or tf.data shuffles with explicit seeds)
-derived from (seed, epoch, input_pipeline_id, draw, ...), so a given (seed, epoch) gives the
-same batches in any run: resuming at ``initial_epoch`` after a kill continues exactly, and
-each input pipeline of a distributed run draws its own stream.
+derived from (seed, epoch, ...), so a given (seed, epoch) gives the same batches in any run:
+resuming at ``initial_epoch`` after a kill continues exactly.
 """
 from __future__ import annotations
 
