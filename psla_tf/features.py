@@ -239,49 +239,53 @@ def _rfft_block(x: tf.Tensor, *, num_mel_bins: int, sample_rate: int, frame_leng
     """Floored log-mel ``[c, F, bins]`` of ``c`` clips ``x`` ``[c, n]`` by the FFT.
 
     Kaldi's frame f (start s = f · shift, N samples, mean m) is, after DC removal and
-    pre-emphasis, v_i = w_i (x_{s+i} − a x_{s+i−1} − (1 − a) m) for i ≥ 1; v_0 = 0 because the
-    symmetric Hann window has w_0 = 0. So the pre-emphasis is done once on the whole signal
-    (e_n = x_{n+1} − a x_n), and since a circular shift leaves |DFT| unchanged, the DFT input
-    is the frame shifted by one sample, u_j = w_{j+1} (e_{s+j} − (1 − a) m) (u_{N−1} = 0),
-    zero-padded to the FFT length.
+    pre-emphasis, v_i = w_i (d_{s+i} − (1 − a) m) for i ≥ 1 with d_n = x_n − a x_{n−1} the
+    pre-emphasis of the whole signal, and v_0 = 0 because the symmetric Hann window has
+    w_0 = 0 (so whatever d holds at a frame's first sample is multiplied by 0). Hence the
+    pre-emphasis is done once per clip (x minus a times x rolled by one sample), the frame
+    means come from sums over rows of the clip, and the DC removal and the window are one
+    subtract-multiply of the cut frames.
 
-    Frames are cut without a gather: the clips' e as one column of rows of ``shift`` samples,
+    Frames are cut without a gather: the clips' d as one column of rows of ``shift`` samples,
     frame t = rows t, t+1, ... and the head of the next row (400 = 160 + 160 + 80), one
-    concatenation of row-aligned slices (views, not copies) and the zero padding. The column
-    also yields frames straddling two clips (``q`` per clip); they are dropped at the end.
-    |X|² is the square of the spectrum seen as interleaved floats (no complex abs), summed into
-    the bands by the banded mel blocks (:func:`_mel_groups`).
+    concatenation of row-aligned slices (views, not copies) and the zero padding to the FFT
+    length. The column also yields frames straddling two clips (``q`` per clip); they are
+    dropped at the end. |X|² is the square of the spectrum seen as interleaved floats (no
+    complex abs), summed into the bands by the banded mel blocks (:func:`_mel_groups`).
     """
     if fft_length < frame_length:
         raise ValueError(f"fft_length {fft_length} < frame_length {frame_length}")
-    window = 0.5 - 0.5 * np.cos(2.0 * np.pi * np.arange(frame_length) / (frame_length - 1))
-    shifted = np.zeros(fft_length)
-    shifted[:frame_length - 1] = window[1:] / power_scale   # window[0] = 0 exactly
+    window = np.zeros(fft_length)
+    window[:frame_length] = 0.5 - 0.5 * np.cos(
+        2.0 * np.pi * np.arange(frame_length) / (frame_length - 1))
+    window[0] = 0.0                                  # exactly (cos 0 = 1)
+    window /= power_scale
     q, r = divmod(frame_length, frame_shift)
+    single = x.shape[0] == 1
     c, n = tf.shape(x)[0], tf.shape(x)[1]
     frames = tf.maximum(0, 1 + (n - frame_length) // frame_shift)
     # rows of `shift` samples per clip: a clip's last frame reaches into row F - 1 + q
     rows = tf.maximum(frames + q - (0 if r else 1), 1)
     starts = tf.maximum(c * rows - q + (0 if r else 1), 0)    # frame starts in the column
-    with tf.name_scope("signal"):   # pad/cut, pre-emphasis, row sums (frame means)
-        need = rows * frame_shift + 1
-        x = tf.pad(x, [[0, 0], [0, tf.maximum(need - n, 0)]])[:, :need]
-        head = x[:, :-1]
-        e = tf.reshape(x[:, 1:] - preemphasis * head, [c * rows, frame_shift])
-        x_rows = tf.reshape(head, [c * rows, frame_shift])
+    with tf.name_scope("signal"):   # cut/pad to whole rows, pre-emphasis, frame means
+        length = rows * frame_shift                  # n itself for 10-s clips: no copy
+        x = tf.pad(x, [[0, 0], [0, tf.maximum(length - n, 0)]])[:, :length]
+        d = x - preemphasis * tf.roll(x, 1, axis=1)  # d_0 wraps: always under w_0 = 0
+        d = tf.reshape(d, [c * rows, frame_shift])
+        x_rows = tf.reshape(x, [c * rows, frame_shift])
         row_sum = tf.reduce_sum(x_rows, axis=-1)
         total = tf.add_n([row_sum[j:j + starts] for j in range(q)]) if q else 0.0
         if r:
             total = total + tf.reduce_sum(x_rows[q:q + starts, :r], axis=-1)
         dc = total * ((1.0 - preemphasis) / frame_length)                 # (1 − a) m
     with tf.name_scope("frames"):   # cut + zero-pad (one concat), DC removal and window
-        pieces = [e[j:j + starts] for j in range(q)]
+        pieces = [d[j:j + starts] for j in range(q)]
         if r:
-            pieces.append(e[q:q + starts, :r])
+            pieces.append(d[q:q + starts, :r])
         if fft_length > frame_length:
             pieces.append(tf.zeros([starts, fft_length - frame_length]))
         framed = tf.concat(pieces, axis=-1) if len(pieces) > 1 else pieces[0]  # [T, fft]
-        u = (framed - dc[:, tf.newaxis]) * tf.constant(shifted.astype(np.float32))
+        u = (framed - dc[:, tf.newaxis]) * tf.constant(window.astype(np.float32))
     with tf.name_scope("fft"):
         spectrum = tf.signal.rfft(u, fft_length=[fft_length])               # [T, K]
     interleaved = not _in_xla_context()
@@ -300,6 +304,8 @@ def _rfft_block(x: tf.Tensor, *, num_mel_bins: int, sample_rate: int, frame_leng
         mel = tf.concat(parts, axis=-1) if len(parts) > 1 else parts[0]    # [T, bins]
     with tf.name_scope("log"):
         out = _floored_log(mel, power_scale, runtime_matrices, x)
+        if single:      # one clip: its frames are the first F rows (a view)
+            return out[tf.newaxis, :frames]
         # back to [c, rows, bins]; drop each clip's frames that straddle two clips
         out = tf.pad(out, [[0, c * rows - starts], [0, 0]])
         return tf.reshape(out, [c, rows, num_mel_bins])[:, :frames]
@@ -318,17 +324,20 @@ def _rfft_fbank(x: tf.Tensor, chunk_samples: int, **block_args) -> tf.Tensor:
     in a loop over groups of whole clips of about ``chunk_samples`` samples."""
     def block(clips):
         return _rfft_block(clips, **block_args)
-    if chunk_samples <= 0:
+    if chunk_samples <= 0 or x.shape[0] == 1:   # one step: no loop (tf.data, clip by clip)
         return block(x)
     b, n = tf.shape(x)[0], tf.shape(x)[1]
     per = tf.maximum(1, chunk_samples // tf.maximum(n, 1))                # clips per step
+    # clip length known and one clip per step: slices of a static single clip
+    one = x.shape[-1] is not None and chunk_samples // max(x.shape[-1], 1) <= 1
     steps = tf.maximum((b + per - 1) // per, 1)       # >= 1: an empty batch concatenates
     out = tf.TensorArray(tf.float32, size=steps, infer_shape=False,
                          element_shape=tf.TensorShape([None, None, block_args["num_mel_bins"]]))
 
     def step(i, out):
         lo = i * per
-        return i + 1, out.write(i, block(x[lo:tf.minimum(lo + per, b)]))
+        clips = x[lo:lo + 1] if one else x[lo:tf.minimum(lo + per, b)]
+        return i + 1, out.write(i, block(clips))
     _, out = tf.while_loop(lambda i, _: i < steps, step, (tf.constant(0), out),
                            parallel_iterations=LOOP_PARALLEL)
     return out.concat()
