@@ -84,22 +84,35 @@ def audio():
 
 @pytest.fixture(scope="module")
 def tagger(tmp_path_factory):
+    """(model, its .keras path, the tool runs started on it in the background)."""
     from psla_tf.data.records import write_label_csv
+    from tests.helpers_proc import Background
     model = make_tagger(num_classes=len(MIDS), att_head=2)
     _calibrate_batchnorm(model, np.stack([_fit(x) for x in _fsdd(32)]))
     d = tmp_path_factory.mktemp("deploy_model")
     path = save_tagger(model, str(d))
     write_label_csv(os.path.join(d, "labels.csv"), MIDS, NAMES)
-    return model, path
+    # the tool runs (fresh TensorFlow processes, mostly single-threaded) overlap the
+    # in-process exports of the other fixtures; each test waits for its own run
+    runs = Background(str(d / "runs"))
+    tool = [sys.executable, os.path.join(ROOT, "tools", "export.py"), f"--model={path}"]
+    runs.start("export", tool + [f"--onnx={d / 'psla.onnx'}", f"--tflite={d / 'cli.tflite'}",
+                                 "--tflite_seconds=1", "--model_license=MIT",
+                                 "--model_version=7", "--model_name=cli tagger"],
+               env=ENV, cwd=ROOT)
+    runs.start("bad_opset", tool + [f"--onnx={d / 'x.onnx'}", "--onnx_opset=11"], env=ENV,
+               cwd=ROOT)
+    yield model, path, runs
+    runs.close()
 
 
 @pytest.fixture(scope="module")
 def variants(tagger, tmp_path_factory):
     """The four TFLite variants, exported in-process with explicit model information."""
     from psla_tf import export_tflite
-    model, _ = tagger
+    model = tagger[0]
     d = tmp_path_factory.mktemp("deploy_tflite")
-    calib = [_fit(x) for x in _fsdd(8, step=53)]
+    calib = [_fit(x) for x in _fsdd(4, step=53)]
     out = {}
     for q in VARIANTS:
         out[q] = str(d / f"m_{q}.tflite")
@@ -266,20 +279,14 @@ def test_mediapipe_scores_equal_litert(mediapipe_runs, variants, audio, q):
 
 # ----------------------------------------------------------------------------- ONNX
 @pytest.fixture(scope="module")
-def onnx_export(tagger, tmp_path_factory):
+def onnx_export(tagger):
     """tools/export.py --onnx (and --tflite in the same run, to check the metadata flags)."""
     pytest.importorskip("tf2onnx", reason="ONNX export needs tf2onnx (requirements-deploy.txt)")
     pytest.importorskip("onnxruntime", reason="needs onnxruntime (requirements-deploy.txt)")
-    _, model_path = tagger
-    d = tmp_path_factory.mktemp("onnx")
-    out = str(d / "psla.onnx")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "export.py"),
-                        f"--model={model_path}", f"--onnx={out}", f"--tflite={d / 'cli.tflite'}",
-                        "--tflite_seconds=1", "--model_license=MIT", "--model_version=7",
-                        "--model_name=cli tagger"],
-                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=900)
+    p = tagger[2].result("export")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    return out, str(d / "cli.tflite")
+    d = os.path.dirname(tagger[1])
+    return os.path.join(d, "psla.onnx"), os.path.join(d, "cli.tflite")
 
 
 def test_export_tool_metadata_flags(onnx_export):
@@ -293,7 +300,7 @@ def test_onnx_runtime_matches_keras_on_real_audio(onnx_export, tagger, audio, tm
     """ONNX Runtime in a fresh process without psla_tf on the path: a batch of different
     lengths per run (one clip shorter than the input: zero-padded; the 7-s clip: cut),
     against the Keras model on the same clips padded / cut as in training (1e-4)."""
-    model, _ = tagger
+    model = tagger[0]
     onnx_path, _ = onnx_export
     clips = [audio["digit"], audio["digits"], audio["audioset"]]
     np.savez(tmp_path / "in.npz", *clips)
@@ -332,12 +339,8 @@ def test_onnx_runtime_matches_keras_on_real_audio(onnx_export, tagger, audio, tm
     assert open(os.path.splitext(onnx_path)[0] + ".labels.txt").read().splitlines() == NAMES
 
 
-def test_onnx_bad_opset_is_a_one_line_error(tagger, tmp_path):
-    _, model_path = tagger
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "export.py"),
-                        f"--model={model_path}", f"--onnx={tmp_path / 'x.onnx'}",
-                        "--onnx_opset=11"], capture_output=True, text=True, env=ENV, cwd=ROOT,
-                       timeout=300)
+def test_onnx_bad_opset_is_a_one_line_error(tagger):
+    p = tagger[2].result("bad_opset")
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("error: --onnx_opset")
 
