@@ -38,7 +38,7 @@ MIN_PARSER_VERSION = "1.3.0"
 
 # enum values of metadata_schema.fbs
 TENSOR_AXIS_LABELS = 2                       # AssociatedFileType
-_CONTENT_FEATURE, _CONTENT_AUDIO = 1, 4      # ContentProperties union: FeatureProperties, AudioProperties
+_CONTENT_FEATURE, _CONTENT_AUDIO = 1, 4      # ContentProperties: FeatureProperties, AudioProperties
 
 # the label files in the model's zip: category names (MIDs) and display names. MediaPipe takes
 # the first TENSOR_AXIS_LABELS file as the names and the one of its display_names_locale
