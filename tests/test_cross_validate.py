@@ -5,6 +5,7 @@ recomputed with NumPy/sklearn from each fold's saved predictions, mean and std w
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import os
@@ -132,3 +133,143 @@ def test_tool_bad_inputs_are_one_line_errors(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "pass --init_from=MODEL" in r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "e2" / "data").exists()
+
+
+# ----------------------------------------------------------------------------- nested (issue 16)
+def test_fold_plans_rotation_fraction_and_errors():
+    from psla_tf.data import sources
+    from psla_tf.data.records import DataError
+    from psla_tf.training.cross_validation import fold_plans
+    g = ["a", "b", "c", "d"]
+    p = fold_plans(g, val_groups=1)
+    assert p["a"] == {"test": ["a"], "val": ["b"], "train": ["c", "d"]}
+    assert p["d"] == {"test": ["d"], "val": ["a"], "train": ["b", "c"]}   # wraps round
+    assert fold_plans(g, val_groups=2)["c"] == {"test": ["c"], "val": ["d", "a"], "train": ["b"]}
+    assert all(v["val"] == [] and len(v["train"]) == 3 for v in fold_plans(g).values())
+    # --val_fraction: whole groups of the other groups' clips (10 clips per group, one label)
+    keys = [k for k in g for _ in range(10)]
+    rows = [sources.Row(id=f"{k}{i}.wav", path=f"/x/{k}{i}.wav", mids=(str(i % 2),), line=1)
+            for i, k in enumerate(keys)]
+    p = fold_plans(g, keys, rows, val_fraction=0.34, seed=1)
+    for t, plan in p.items():
+        assert plan["test"] == [t] and len(plan["val"]) == 1 and len(plan["train"]) == 2
+        assert sorted(plan["val"] + plan["train"] + [t]) == g
+    for kwargs, msg in ((dict(val_groups=3), "at least 5 groups"),
+                        (dict(val_groups=1, val_fraction=0.2), "not both"),
+                        (dict(val_fraction=0.05), "leaves at least one"),
+                        (dict(val_groups=-1), ">= 0")):
+        with pytest.raises(DataError, match=msg):
+            fold_plans(g, keys, rows, **kwargs)
+
+
+def test_chosen_row_follows_validation_not_eval():
+    """The chosen row is the best on validation even where another row is best on the eval
+    (test) set; ties go to the exported weight-averaged model; no val data → nothing chosen."""
+    from psla_tf.training import selection
+    from psla_tf.training.trainer import TrainConfig
+    cfg = TrainConfig(val_data="v", metric="accuracy")
+    s = {"single": {"accuracy": 0.99, "epoch": 3, "val_accuracy": 0.70},
+         "weight_averaging": {"accuracy": 0.80, "epochs": [2, 3], "val_accuracy": 0.75},
+         "ensemble": {"accuracy": 0.85, "epochs": [1, 2, 3], "val_accuracy": 0.72}}
+    out = selection.add_selection(cfg, json.loads(json.dumps(s)))
+    assert out["chosen"]["row"] == "weight_averaging" and out["chosen"]["accuracy"] == 0.80
+    assert out["selection"]["set"] == "val" and not out["selection"]["eval_used_for_choices"]
+    s["ensemble"]["val_accuracy"] = 0.75                      # tie: the exported model wins
+    assert selection.chosen_row(s, "accuracy") == "weight_averaging"
+    s["single"]["val_accuracy"] = 0.76
+    assert selection.chosen_row(s, "accuracy") == "single"
+    text = "\n".join(selection.selection_lines(selection.add_selection(cfg, s)))
+    assert "validation set" in text and "epoch 3: best validation accuracy" in text
+    plain = {k: {kk: vv for kk, vv in v.items() if not kk.startswith("val_")} for k, v in s.items()}
+    plain["single"] = {"accuracy": 0.9, "epochs": [1, 2, 3]}
+    out = selection.add_selection(TrainConfig(metric="accuracy"), plain)
+    assert out["chosen"] is None and out["selection"]["set"] is None
+    assert "nothing (no --val_data)" in "\n".join(selection.selection_lines(out))
+
+
+def _ids(glob):
+    return {ex["id"] for ex in records.iter_examples(records.expand_glob(glob))}
+
+
+def _flags(path):
+    out = {}
+    for line in open(path).read().splitlines():
+        if line.startswith("--") and "=" in line:
+            k, v = line[2:].split("=", 1)
+            out[k] = v
+    return out
+
+
+def test_nested_leave_one_group_out(tmp_path, capsys):
+    """3 groups, --val_groups=1, folds 1 and 3 run (3 validates on 1: the rotation wraps):
+    each fold trains on one group, validates on the next and tests on its own; the test
+    group's clips never reach its training or validation set; the 'single' epoch and the
+    chosen row are recomputed from the saved validation scores alone; table, CSV, plot and
+    report; a re-run with another validation plan is refused."""
+    from psla_tf.data.records import DataError
+    from psla_tf.training import cross_validation as cv
+    csv_path = _listing(tmp_path, folds=("1", "2", "3"), per=2)
+    exp = tmp_path / "exp"
+    cfg = dataclasses.replace(_cfg(exp), n_epochs=2, wa=True, wa_start=1, wa_end=2)
+    run = ["1", "3"]
+    res = cv.cross_validate(cfg, str(csv_path), "fold", audio_root=str(tmp_path / "audio"),
+                            target_length=40, progress=False, val_groups=1, folds=run)
+    assert res["nested"] and not res["complete"] and res["folds"] == run
+    nxt = {"1": "2", "2": "3", "3": "1"}
+    assert not (exp / "fold_2").exists()
+    for k in run:
+        fold = exp / f"fold_{k}"
+        plan = json.loads((fold / "cv_fold.json").read_text())
+        assert plan == {"test": [k], "val": [nxt[k]],
+                        "train": [g for g in ("1", "2", "3") if g not in (k, nxt[k])]}
+        fl = _flags(fold / "flags.txt")
+        test_ids, train_ids, val_ids = (_ids(fl["eval_data"]), _ids(fl["train_data"]),
+                                        _ids(fl["val_data"]))
+        assert test_ids == {f"{k}-{c}-{i}.wav" for c in FREQS for i in range(2)}
+        assert {i.split("-")[0] for i in val_ids} == {nxt[k]}
+        assert not test_ids & (train_ids | val_ids) and not train_ids & val_ids
+        # selection from the saved validation scores alone
+        pred = fold / "predictions"
+        vt = np.load(pred / "val_targets.npy")
+        vs = [np.load(pred / f"val_epoch_{e:03d}.npy") for e in (1, 2)]
+        es = [np.load(pred / f"eval_epoch_{e:03d}.npy") for e in (1, 2)]
+        et = np.load(pred / "eval_targets.npy")
+        vacc = [float(np.mean(s.argmax(1) == vt.argmax(1))) for s in vs]
+        best = int(np.argmax(vacc))                            # earliest on ties
+        summary = json.loads((fold / "summary.json").read_text())
+        assert summary["single"]["epoch"] == best + 1
+        assert summary["single"]["accuracy"] == pytest.approx(
+            float(np.mean(es[best].argmax(1) == et.argmax(1))))
+        ens_val = float(np.mean(np.mean(vs, 0).argmax(1) == vt.argmax(1)))
+        assert summary["ensemble"]["val_accuracy"] == pytest.approx(ens_val)
+        vals = {"single": vacc[best], "ensemble": ens_val,
+                "weight_averaging": summary["weight_averaging"]["val_accuracy"]}
+        top = max(vals.values())
+        want = next(r for r in ("weight_averaging", "ensemble", "single") if vals[r] == top)
+        assert summary["chosen"]["row"] == want
+        assert summary["chosen"]["accuracy"] == summary[want]["accuracy"]
+        assert summary["selection"]["set"] == "val"
+    agg = res["aggregate"]
+    chosen = {k: json.loads((exp / f"fold_{k}" / "summary.json").read_text())["chosen"]
+              ["accuracy"] for k in run}
+    assert agg["chosen"]["accuracy"]["per_fold"] == pytest.approx(chosen)
+    assert agg["chosen"]["accuracy"]["std"] == pytest.approx(np.std(list(chosen.values())))
+    worst = min(chosen, key=chosen.get)
+    assert res["headline"]["row"] == "chosen" and res["headline"]["worst_group"] == worst
+    rows = list(csv.DictReader(open(exp / "cv_table.csv")))
+    assert [r["test_group"] for r in rows] == run
+    assert [float(r["chosen"]) for r in rows] == pytest.approx(list(chosen.values()), abs=1e-4)
+    assert [r["val_groups"] for r in rows] == ["2", "1"]
+    md = (exp / "cv_table.md").read_text()
+    assert md.startswith("| test group |") and f"worst group {worst}" in md
+    assert (exp / "cv_plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = cv.report(res)
+    assert "nested" in text and "worst group" in text and "| test group |" in text
+    capsys.readouterr()
+    again = cv.cross_validate(cfg, str(csv_path), "fold", audio_root=str(tmp_path / "audio"),
+                              target_length=40, progress=False, val_groups=1, folds=run)
+    assert capsys.readouterr().out.count("finished earlier") == 2
+    assert again["aggregate"] == res["aggregate"]
+    with pytest.raises(DataError, match="another split"):
+        cv.cross_validate(cfg, str(csv_path), "fold", audio_root=str(tmp_path / "audio"),
+                          target_length=40, progress=False, folds=run)

@@ -1,14 +1,25 @@
-"""k-fold cross-validation (ESC-50 style): prepare each fold once, train on the other folds,
-evaluate on it, report mean ± std of the chosen metric (accuracy for single-label sets).
+"""Leave-one-group-out cross-validation, nested: for every group (speaker, session, ESC-50
+fold) held out as the test set, train on the others, choose (epoch, result row) on validation
+groups taken from the others, score the held-out group once; report mean ± std, the worst
+group, a per-group table and a plot.
 
-Example (ESC-50: meta/esc50.csv has filename, fold, category; audio in audio/):
+Examples:
+  # FSDD, leave one speaker out over all 6 speakers; each fold validates on the next speaker
+  python tools/cross_validate.py --flagfile=configs/fsdd.flags --input=fsdd.csv \\
+      --fold_column=speaker --val_groups=1 --target_length=100 --max_seconds=2 \\
+      --exp_dir=exp/fsdd_loso
+  # groups from the file names instead of a column; 20 % of the other clips (whole groups)
+  python tools/cross_validate.py --flagfile=configs/custom_singlelabel.flags --input=mine.csv \\
+      --group_regex='^([a-z]+)_' --val_fraction=0.2 --init_from=exp/audioset --exp_dir=exp/cv
+  # ESC-50's published protocol (train on 4 folds, test on the 5th; nothing chosen by data)
   python tools/cross_validate.py --flagfile=configs/esc50.flags \\
-      --input=ESC-50/meta/esc50.csv --fold_column=fold --data_dir=data/esc50 \\
-      --exp_dir=exp/esc50 --init_from=exp/audioset
-Writes DATA_DIR/fold_{k}-*.tfrecord (+ manifests, labels.csv), EXP_DIR/fold_{k}/ (a normal
-training run each) and EXP_DIR/cv_summary.json. A killed run re-run with the same arguments
-skips the folds whose summary.json exists and keeps finished shards. All training flags of
-main.py apply to every fold (see --helpfull).
+      --input=ESC-50/meta/esc50.csv --audio_root=ESC-50/audio --fold_column=fold \\
+      --val_groups=0 --exp_dir=exp/esc50 --init_from=exp/audioset
+Writes DATA_DIR/fold_{g}-*.tfrecord (+ manifests, labels.csv), EXP_DIR/fold_{g}/ (a normal
+training run each, with cv_fold.json naming its train/val/test groups), EXP_DIR/cv_summary.json,
+cv_table.md, cv_table.csv and cv_plot.png. A killed run re-run with the same arguments skips
+the folds whose summary.json exists and keeps finished shards. All training flags of main.py
+apply to every fold (see --helpfull); --val_data is set per fold.
 """
 import os
 import sys
@@ -28,8 +39,18 @@ flags.DEFINE_string("input", None, "Plain CSV listing (path/filename + labels/ca
                     "CSV's folder.")
 flags.DEFINE_string("audio_root", None, "Folder the CSV's paths are relative to (ESC-50: the "
                     "audio/ folder; default: the CSV's folder).")
-flags.DEFINE_string("fold_column", "fold", "CSV column holding each clip's fold.")
-flags.DEFINE_list("folds", None, "Folds to run (default: every value of --fold_column).")
+flags.DEFINE_string("fold_column", "fold", "CSV column holding each clip's group (fold, "
+                    "speaker, session).")
+flags.DEFINE_string("group_regex", None, "Instead of --fold_column: the group is this regex's "
+                    "match on the file name (group 1 if any), e.g. '^\\d+_([a-z]+)_'.")
+flags.DEFINE_list("folds", None, "Held-out groups to run (default: every group).")
+flags.DEFINE_integer("val_groups", 1, "Nested: each fold validates on the next N groups "
+                     "(sorted, wrapping round) and trains on the rest; choices (best epoch, "
+                     "result row) are made on them. 0 with --val_fraction=0: no validation "
+                     "(train on all other groups, nothing chosen by data).")
+flags.DEFINE_float("val_fraction", 0.0, "Nested, instead of --val_groups: whole groups "
+                   "making up this fraction of the other groups' clips validate.")
+flags.DEFINE_integer("val_seed", 0, "Seed of the --val_fraction choice of groups.")
 flags.DEFINE_string("data_dir", None, "Where the per-fold shards go (default EXP_DIR/data).")
 flags.DEFINE_string("label_csv", None, "Vocabulary CSV (default: labels seen, written to "
                     "DATA_DIR/labels.csv).")
@@ -45,7 +66,7 @@ def main(argv):
     from psla_tf.training.trainer import ConfigError
     try:
         if not FLAGS.input:
-            raise DataError("--input (a CSV with a fold column) is required")
+            raise DataError("--input (a CSV with a group column) is required")
         if not FLAGS.exp_dir:
             raise DataError("--exp_dir is required")
         cfg = config_from_flags()
@@ -54,7 +75,10 @@ def main(argv):
             data_dir=FLAGS.data_dir or os.path.join(FLAGS.exp_dir, "data"),
             audio_root=FLAGS.audio_root, label_csv=FLAGS.label_csv, workers=FLAGS.workers,
             max_seconds=FLAGS.max_seconds,
-            target_length=FLAGS.target_length or params.TARGET_LENGTH)
+            target_length=FLAGS.target_length or params.TARGET_LENGTH,
+            group_regex=FLAGS.group_regex,
+            val_groups=0 if FLAGS.val_fraction else FLAGS.val_groups,
+            val_fraction=FLAGS.val_fraction, val_seed=FLAGS.val_seed)
     except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -10,6 +10,22 @@
 5. training only: FrequencyMasking(freqm) then TimeMasking(timem) (skipped when 0);
 6. normalise: (x − dataset_mean) / dataset_std.
 
+``clip_norm`` (default ``"none"``: the paper's steps above) normalises each clip by its own
+statistics instead — per-utterance cepstral mean (and variance) normalisation in the log-mel
+domain, not in PSLA. A recording's level and a fixed channel (microphone, room) add a
+per-bin constant to the log-mel fbank, which the per-bin mean over the clip's frames
+removes. Over the clip's ``n`` valid frames (those steps 3-4 keep, f < n), per mel bin m:
+μ_m = mean_f x[f, m], σ²_m = mean_f (x[f, m] − μ_m)²; then
+
+* ``"cmn"``:  y = (x − μ_m) / dataset_std;
+* ``"cmvn"``: y = (x − μ_m) / sqrt(σ²_m + ``CMVN_VAR_FLOOR``) (``dataset_mean/std`` unused);
+
+padding frames (f ≥ n) are 0 (the clip's mean) instead of step 6's −mean/std of a zero
+frame, so no trace of the level is left, and in training the masks (step 5) are applied
+after the normalisation, to 0 = the clip's mean. A clip shorter than one frame gives zeros.
+It is part of the layer, so every exported form (SavedModel, TFLite, ONNX) carries it; for
+windowed exports each window is normalised by its own statistics.
+
 ``dft`` (default ``"auto"``) is ``kaldi_fbank``'s DFT choice, resolved where the layer is
 traced: the rfft path on CPU and GPU (the fastest exact one), the folded matmul on a TPU; the
 exports (SavedModel, TFLite, ONNX) always trace the matmul form (``features.forced_dft``).
@@ -27,7 +43,30 @@ from psla_tf import params
 from psla_tf.augment import FrequencyMasking, TimeMasking
 from psla_tf.features import DFTS, kaldi_fbank
 
-__all__ = ["AudioFrontend"]
+__all__ = ["AudioFrontend", "CLIP_NORMS", "CMVN_VAR_FLOOR", "clip_normalise"]
+
+CLIP_NORMS = ("none", "cmn", "cmvn")
+#: variance floor of "cmvn" (log-mel units²): a bin whose level hardly moves within the clip
+#: (digital silence, a band-limited recording's empty bins) is not blown up to unit variance;
+#: 1e-2 is a std of 0.1, ~1/20 of a speech clip's typical within-clip std per bin
+CMVN_VAR_FLOOR = 1e-2
+
+
+def clip_normalise(fb: tf.Tensor, n_frames: tf.Tensor, mode: str, dataset_std: float = 1.0,
+                   var_floor: float = CMVN_VAR_FLOOR) -> tf.Tensor:
+    """Per-clip, per-bin normalisation of ``fb`` ``[B, T, M]`` over each clip's first
+    ``n_frames`` ``[B]`` frames (see the module doc); frames past them → 0."""
+    valid = tf.cast(tf.range(tf.shape(fb)[1])[tf.newaxis, :] < n_frames[:, tf.newaxis],
+                    fb.dtype)[:, :, tf.newaxis]                              # [B, T, 1]
+    count = tf.cast(tf.maximum(n_frames, 1), fb.dtype)[:, tf.newaxis, tf.newaxis]
+    mean = tf.reduce_sum(fb * valid, axis=1, keepdims=True) / count          # [B, 1, M]
+    x = (fb - mean) * valid
+    if mode == "cmn":
+        return x / dataset_std
+    if mode == "cmvn":
+        var = tf.reduce_sum(tf.square(x), axis=1, keepdims=True) / count     # [B, 1, M]
+        return x * tf.math.rsqrt(var + var_floor)
+    raise ValueError(f"clip_norm must be one of {CLIP_NORMS}, got {mode!r}")
 
 
 @keras.saving.register_keras_serializable(package="psla_tf")
@@ -38,7 +77,8 @@ class AudioFrontend(keras.layers.Layer):
                  num_mel_bins: int = params.NUM_MEL_BINS, freqm: int = params.FREQM,
                  timem: int = params.TIMEM, dataset_mean: float = params.DATASET_MEAN,
                  dataset_std: float = params.DATASET_STD, seed: int | None = None,
-                 dft: str = "auto", power_scale: float = 1.0, **kwargs):
+                 dft: str = "auto", power_scale: float = 1.0, clip_norm: str = "none",
+                 **kwargs):
         kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         if int(target_length) < 1:
@@ -49,6 +89,8 @@ class AudioFrontend(keras.layers.Layer):
             raise ValueError(f"freqm and timem must be >= 0, got {freqm}, {timem}")
         if dft not in DFTS:
             raise ValueError(f"dft must be one of {DFTS}, got {dft!r}")
+        if clip_norm not in CLIP_NORMS:
+            raise ValueError(f"clip_norm must be one of {CLIP_NORMS}, got {clip_norm!r}")
         self.target_length = int(target_length)
         self.num_mel_bins = int(num_mel_bins)
         self.freqm = int(freqm)
@@ -58,6 +100,7 @@ class AudioFrontend(keras.layers.Layer):
         self.seed = seed
         self.dft = dft
         self.power_scale = float(power_scale)   # kaldi_fbank's float16-safe scaling (export)
+        self.clip_norm = clip_norm
         self.runtime_matrices = False           # set by the TFLite export (kaldi_fbank doc)
         self.frequency_masking = FrequencyMasking(
             self.freqm, seed=seed, name="frequency_masking") if self.freqm else None
@@ -94,13 +137,28 @@ class AudioFrontend(keras.layers.Layer):
         fb = tf.pad(fb, [[0, 0], [0, pad], [0, 0]])
         return tf.ensure_shape(fb, [None, self.target_length, self.num_mel_bins])
 
+    def valid_frames(self, waveform, num_samples):
+        """Frames of each clip that ``fbank`` keeps ``[B]`` (at most ``target_length``)."""
+        n = tf.minimum(tf.cast(tf.reshape(num_samples, [-1]), tf.int32), tf.shape(waveform)[1])
+        frames = tf.where(n >= params.FRAME_LENGTH,
+                          1 + (n - params.FRAME_LENGTH) // params.FRAME_SHIFT, 0)
+        return tf.minimum(frames, self.target_length)
+
+    def _mask(self, fb):
+        if self.frequency_masking is not None:
+            fb = self.frequency_masking(fb, training=True)
+        if self.time_masking is not None:
+            fb = self.time_masking(fb, training=True)
+        return fb
+
     def call(self, waveform, num_samples, training=None):
         fb = self.fbank(waveform, num_samples)
+        if self.clip_norm != "none":   # the clip's own statistics; masks to its mean (0)
+            fb = clip_normalise(fb, self.valid_frames(waveform, num_samples), self.clip_norm,
+                                self.dataset_std)
+            return self._mask(fb) if training else fb
         if training:
-            if self.frequency_masking is not None:
-                fb = self.frequency_masking(fb, training=True)
-            if self.time_masking is not None:
-                fb = self.time_masking(fb, training=True)
+            fb = self._mask(fb)
         return (fb - self.dataset_mean) / self.dataset_std
 
     def compute_output_shape(self, waveform_shape, num_samples_shape=None):
@@ -112,5 +170,5 @@ class AudioFrontend(keras.layers.Layer):
         config.update(target_length=self.target_length, num_mel_bins=self.num_mel_bins,
                       freqm=self.freqm, timem=self.timem, dataset_mean=self.dataset_mean,
                       dataset_std=self.dataset_std, seed=self.seed, dft=self.dft,
-                      power_scale=self.power_scale)
+                      power_scale=self.power_scale, clip_norm=self.clip_norm)
         return config

@@ -123,7 +123,7 @@ def build_tagger(num_classes: int, *, model: str = "efficientnet", eff_b: int = 
                  dataset_std: float = params.DATASET_STD, seed: int | None = None,
                  bn_momentum: float | None = None, single_label: bool = False,
                  backbone_init: str = "auto", fbank_dft: str = "auto",
-                 name: str = "psla_tagger") -> keras.Model:
+                 clip_norm: str = "none", name: str = "psla_tagger") -> keras.Model:
     """The full PSLA model, waveform in, scores out (Fig. 2; masking of Alg. 1 inside).
 
     Inputs ``{"waveform": [B, S] float32, "num_samples": [B] int32}`` (S may vary between
@@ -131,11 +131,13 @@ def build_tagger(num_classes: int, *, model: str = "efficientnet", eff_b: int = 
     independent sigmoid scores, or with ``single_label`` class probabilities summing to 1
     (:class:`SingleLabelScores`, for ``--loss=ce``). ``fbank_dft``: the front end's DFT
     (:class:`AudioFrontend` ``dft``; ``"auto"`` resolves where the model is traced).
+    ``clip_norm``: the front end's per-clip normalisation (``none`` / ``cmn`` / ``cmvn``).
     """
     waveform = keras.Input((None,), name="waveform", dtype="float32")
     num_samples = keras.Input((), name="num_samples", dtype="int32")
     frontend = AudioFrontend(target_length, num_mel_bins, freqm, timem, dataset_mean,
-                             dataset_std, seed=seed, dft=fbank_dft, name="frontend")
+                             dataset_std, seed=seed, dft=fbank_dft, clip_norm=clip_norm,
+                             name="frontend")
     fbank = frontend(waveform, num_samples)
     classifier = build_classifier(num_classes, model=model, eff_b=eff_b, att_head=att_head,
                                   pretrained=pretrained, stem_init=stem_init,

@@ -181,13 +181,14 @@ class WeightAveraging(keras.callbacks.Callback):
     Averages every floating-point variable of ``model.weights`` (BatchNorm moving mean and
     variance included; integer variables, if any, keep the last value). When epoch
     ``wa_end`` ends (or training ends early after ``wa_start``) the averaged model is saved to
-    ``save_path`` and, given ``evaluation``, evaluated; the live model then gets its own
-    weights back, so training and the "single" results are unaffected.
+    ``save_path`` and, given ``evaluation``, evaluated (``result``) — and given
+    ``val_evaluation`` also on the validation set (``val_result``); the live model then gets
+    its own weights back, so training and the "single" results are unaffected.
     """
 
     def __init__(self, wa_start: int, wa_end: int, save_path: str | None = None,
                  state_path: str | None = None, evaluation: EpochEvaluation | None = None,
-                 verbose: int = 1):
+                 verbose: int = 1, val_evaluation: EpochEvaluation | None = None):
         super().__init__()
         if not 1 <= wa_start <= wa_end:
             raise ValueError(f"need 1 ≤ wa_start ≤ wa_end, got {wa_start}, {wa_end}")
@@ -195,10 +196,12 @@ class WeightAveraging(keras.callbacks.Callback):
         self.save_path = save_path
         self.state_path = state_path
         self.evaluation = evaluation
+        self.val_evaluation = val_evaluation
         self.verbose = verbose
         self.sums: list[np.ndarray] | None = None
         self.epochs: list[int] = []
         self.result: dict[str, float] | None = None
+        self.val_result: dict[str, float] | None = None
         self.averaged: list[np.ndarray] | None = None
 
     def restore(self, path: str | None = None) -> bool:
@@ -266,6 +269,9 @@ class WeightAveraging(keras.callbacks.Callback):
                     print(f"weight averaging of epochs {self.epochs[0]}-{self.epochs[-1]} "
                           f"({len(self.epochs)} models): mAP {self.result['mAP']:.4f}",
                           flush=True)
+            if self.val_evaluation is not None:
+                v = self.val_evaluation
+                self.val_result = v.score(v.predict(self.model))
         finally:
             for v, w in zip(self.model.weights, live):
                 v.assign(w)

@@ -130,6 +130,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "front end (the same features either way): auto = the real-FFT path on CPU and GPU "
       "(fastest), the folded [400, 514] matmul on TPU; exports always use the matmul form.",
       flag_values=fv)
+    E("clip_norm", d.clip_norm, ["none", "cmn", "cmvn"], "Per-clip normalisation in the "
+      "model's front end (not in PSLA; exported models carry it): none = the dataset "
+      "mean/std (the paper); cmn = each clip's per-mel-bin mean over its frames removed "
+      "(level and fixed channel), then / dataset std; cmvn = per-bin mean and variance of the "
+      "clip (BUILD.md, 'Your own data').", flag_values=fv)
     B("sync_batchnorm", d.sync_batchnorm, "With several replicas, BatchNorm uses the "
       "statistics of the global batch (the result does not depend on the device count; "
       "the reference's DataParallel uses per-GPU statistics).", flag_values=fv)

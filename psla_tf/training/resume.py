@@ -91,11 +91,12 @@ class ResumeCheckpoint(keras.callbacks.Callback):
     that changes state (after evaluation, ensemble, weight averaging and the CSV log)."""
 
     def __init__(self, exp_dir: str, evaluations: list, ensemble=None, weight_averaging=None,
-                 extra_state: Any = None, write: bool = True):
+                 extra_state: Any = None, write: bool = True, val_ensemble=None):
         super().__init__()
         self.exp_dir = exp_dir
         self.evaluations = evaluations
         self.ensemble = ensemble
+        self.val_ensemble = val_ensemble
         self.wa = weight_averaging
         self.extra_state = extra_state or (lambda: {})
         self.write = write
@@ -121,6 +122,9 @@ class ResumeCheckpoint(keras.callbacks.Callback):
         if self.ensemble is not None and self.ensemble.sum is not None:
             arrays["ens_sum"] = self.ensemble.sum
             arrays["ens_epochs"] = np.asarray(self.ensemble.epochs, np.int64)
+        if self.val_ensemble is not None and self.val_ensemble.sum is not None:
+            arrays["val_ens_sum"] = self.val_ensemble.sum
+            arrays["val_ens_epochs"] = np.asarray(self.val_ensemble.epochs, np.int64)
         if self.wa is not None and self.wa.sums is not None:
             arrays["wa_epochs"] = np.asarray(self.wa.epochs, np.int64)
             for i, s in enumerate(self.wa.sums):
@@ -159,7 +163,7 @@ def committed_epoch(exp_dir: str) -> int:
 
 
 def restore(model, exp_dir: str, evaluations: list, ensemble=None,
-            weight_averaging=None) -> dict[str, Any]:
+            weight_averaging=None, val_ensemble=None) -> dict[str, Any]:
     """Load the committed epoch into ``model`` (weights, optimizer, RNG) and the callbacks;
     returns the commit's JSON (``epoch`` = the epoch to continue after)."""
     with open(os.path.join(exp_dir, STATE_FILE)) as f:
@@ -182,6 +186,9 @@ def restore(model, exp_dir: str, evaluations: list, ensemble=None,
         if ensemble is not None and "ens_sum" in z.files:
             ensemble.sum = z["ens_sum"].astype(np.float64)
             ensemble.epochs = [int(x) for x in z["ens_epochs"]]
+        if val_ensemble is not None and "val_ens_sum" in z.files:
+            val_ensemble.sum = z["val_ens_sum"].astype(np.float64)
+            val_ensemble.epochs = [int(x) for x in z["val_ens_epochs"]]
         if weight_averaging is not None and "wa_num" in z.files:
             weight_averaging.sums = [z[f"wa{i}"] for i in range(int(z["wa_num"]))]
             weight_averaging.epochs = [int(x) for x in z["wa_epochs"]]

@@ -11,6 +11,11 @@ as training goes, and writes ``{exp_dir}/summary.json``:
   epoch with the best validation mAP (FSD50K);
 * ``weight_averaging`` — the averaged model of epochs wa_start..wa_end on the eval set;
 * ``ensemble`` — the average of all epochs' eval scores.
+
+With ``val_data`` the weight-averaged model and the ensemble are scored on the validation set
+too, and ``summary['selection']`` / ``summary['chosen']`` record which set chose what and the
+row with the best validation metric (``psla_tf.training.selection``); the eval set is only
+ever reported.
 """
 from __future__ import annotations
 
@@ -84,6 +89,7 @@ class TrainConfig:
     mixed_precision: str = "none"
     jit_compile: bool = False
     fbank_dft: str = "auto"
+    clip_norm: str = "none"
     sync_batchnorm: bool = True
     deterministic: bool = False
     skip_corrupt_records: bool = False
@@ -270,7 +276,8 @@ def build_model(cfg: TrainConfig, num_classes: int):
                         bn_momentum=cfg.bn_momentum, backbone_init=cfg.backbone_init,
                         target_length=cfg.target_length, freqm=cfg.freqm, timem=cfg.timem,
                         dataset_mean=cfg.dataset_mean, dataset_std=cfg.dataset_std,
-                        seed=cfg.seed, single_label=cfg.loss == "ce", fbank_dft=cfg.fbank_dft)
+                        seed=cfg.seed, single_label=cfg.loss == "ce", fbank_dft=cfg.fbank_dft,
+                        clip_norm=cfg.clip_norm)
 
 
 def make_schedule(cfg: TrainConfig, steps_per_epoch: int):
@@ -347,6 +354,8 @@ def summary_table(summary: dict[str, Any]) -> str:
             out.append(f"{name:22s} " + (f"{r.get('accuracy', float('nan')):8.4f} " if acc
                                          else "")
                        + f"{r['mAP']:8.4f} {r['AUC']:8.4f} {r['d_prime']:8.4f}")
+    from psla_tf.training.selection import selection_lines
+    out += selection_lines(summary)
     cov = summary.get("coverage")
     if cov:
         out.append("coverage: " + "; ".join(f"{k} {v['written']} of {v['listed']} listed clips"
@@ -455,6 +464,7 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
     from psla_tf.training import callbacks as cbs
     from psla_tf.training import distribute
     from psla_tf.training import resume as resume_lib
+    from psla_tf.training import selection
     from psla_tf.training.optim import TorchAdam, make_loss
 
     keras.utils.set_random_seed(cfg.seed)  # deterministic initialisation
@@ -528,6 +538,9 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
                                             skip_corrupt_records=skip)
         val_eval = cbs.EpochEvaluation(val_ds, "val", pred_dir, verbose=1)
         evaluations.append(val_eval)
+    # the ensemble's validation score (lets validation choose among the result rows)
+    val_ensemble = (cbs.CheckpointEnsemble(val_eval, None, prefix="val_ens", verbose=0)
+                    if val_eval is not None else None)
     # several replicas (not TPU): each process scores the whole set itself, in file order,
     # with no collective ops — the same numbers as one device, also for the partial last
     # batch (Keras' distributed predict splits it into empty per-replica batches)
@@ -538,11 +551,13 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
     ensemble = cbs.CheckpointEnsemble(evaluation, None)
     callbacks: list = [cbs.StopOnNonFiniteLoss(ckpt_dir), resume_lib.FaultInjection()]
     callbacks += list(evaluations) + [resume_lib.EvalFault(), ensemble]
+    if val_ensemble is not None:
+        callbacks.append(val_ensemble)
     wa = None
     if cfg.wa:
         wa = cbs.WeightAveraging(cfg.wa_start, cfg.wa_end,
                                  os.path.join(exp, "wa_model.keras") if chief else None,
-                                 None, evaluation)
+                                 None, evaluation, val_evaluation=val_eval)
         callbacks.append(wa)
     if cfg.freeze_backbone_epochs:
         from psla_tf.training.finetune import FreezeBackbone
@@ -550,7 +565,8 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
     initial_epoch = 0
     if resuming:
         with strategy.scope():
-            state = resume_lib.restore(model, exp, evaluations, ensemble, wa)
+            state = resume_lib.restore(model, exp, evaluations, ensemble, wa,
+                                       val_ensemble=val_ensemble)
         initial_epoch = int(state["epoch"])
         for name, v in state.get("corrupt_records", {}).get("shards", {}).items():
             pipeline.CORRUPT_SHARDS.setdefault(name, tuple(v))
@@ -562,7 +578,7 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
             keras.callbacks.CSVLogger(log_path, append=initial_epoch > 0),
             keras.callbacks.TensorBoard(os.path.join(exp, "tensorboard"), profile_batch=0)]
     callbacks.append(resume_lib.ResumeCheckpoint(
-        exp, evaluations, ensemble, wa, write=chief,
+        exp, evaluations, ensemble, wa, write=chief, val_ensemble=val_ensemble,
         extra_state=lambda: {"corrupt_records": pipeline.corrupt_summary()} if skip else {}))
     t0 = time.time()
     if initial_epoch < cfg.n_epochs:
@@ -602,14 +618,19 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
         wa.finalize()
     if ensemble.sum is not None and ensemble.result is None:
         ensemble.result = evaluation.score(ensemble.scores)
+    if val_ensemble is not None and val_ensemble.sum is not None and val_ensemble.result is None:
+        val_ensemble.result = val_eval.score(val_ensemble.scores)
     summary: dict[str, Any] = {
         "metric": cfg.metric,
         "single": single_result(evaluation.history, val_eval.history if val_eval else None,
                                 cfg.metric),
         "weight_averaging": ({k: wa.result[k] for k in SUMMARY_KEYS if k in wa.result} | {"epochs": wa.epochs}
+                             | selection.val_fields(wa.val_result)
                              if wa is not None and wa.result else None),
         "ensemble": ({k: ensemble.result[k] for k in SUMMARY_KEYS if k in ensemble.result}
-                     | {"epochs": ensemble.epochs} if ensemble.result else None),
+                     | {"epochs": ensemble.epochs}
+                     | selection.val_fields(val_ensemble.result if val_ensemble else None)
+                     if ensemble.result else None),
         "epochs": cfg.n_epochs,
         "train_examples": r.train.num_examples,
         "eval_examples": r.eval.num_examples,
@@ -626,6 +647,7 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
         "mixed_precision": cfg.mixed_precision,
         "xla": bool(model.jit_compile),   # what Keras compiled, not only what was asked
     }
+    selection.add_selection(cfg, summary)   # which set chose what; the val-chosen row
     if skip:
         summary["corrupt_records"] = pipeline.corrupt_summary()
         if summary["corrupt_records"]["shards"]:

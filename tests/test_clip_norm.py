@@ -1,0 +1,176 @@
+"""Per-clip normalisation of the front end (``AudioFrontend(clip_norm=...)``, ``--clip_norm``).
+
+Truth: per-clip, per-bin mean / variance over the valid frames computed with NumPy in float64;
+the level invariance a gain must give (a gain g adds 2 ln g to every log-mel value); exported
+SavedModel / TFLite scores against the Keras model that carries the option.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+T = 48                                      # frames of the small front ends
+CLIP = (T - 1) * 160 + 400                  # 7920 samples
+
+
+def _np_clip_norm(fb, n, mode, std=1.0, floor=1e-2):
+    out = np.zeros_like(fb, np.float64)
+    for b in range(fb.shape[0]):
+        k = int(n[b])
+        if k == 0:
+            continue
+        x = fb[b, :k].astype(np.float64)
+        x = x - x.mean(0)
+        out[b, :k] = x / std if mode == "cmn" else x / np.sqrt((x ** 2).mean(0) + floor)
+    return out
+
+
+def _speechlike(n, seed, gain=1.0):
+    """Harmonics with a moving pitch plus noise (every bin well above the log floor)."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n) / 16000.0
+    f0 = 120 + 60 * t / t[-1]
+    x = sum(np.sin(2 * np.pi * k * np.cumsum(f0) / 16000.0) / k for k in range(1, 20))
+    x = 0.2 * x + 0.02 * rng.standard_normal(n)
+    return (gain * x).astype(np.float32)
+
+
+def test_clip_normalise_matches_numpy():
+    from psla_tf.models.frontend import clip_normalise
+    rng = np.random.default_rng(0)
+    fb = rng.normal(-8.0, 3.0, (4, 20, 8)).astype(np.float32)
+    n = np.array([20, 7, 0, 1], np.int32)
+    fb[1, 7:] = 0.0                         # the front end's padding is 0 before normalising
+    for mode, std in (("cmn", 2.5), ("cmvn", 1.0)):
+        got = clip_normalise(fb, n, mode, std).numpy()
+        np.testing.assert_allclose(got, _np_clip_norm(fb, n, mode, std), atol=2e-5)
+        assert np.all(got[1, 7:] == 0) and np.all(got[2] == 0)
+        if mode == "cmvn":   # unit variance per bin where the variance is far above the floor
+            np.testing.assert_allclose(got[0].var(0), 3.0 ** 2 / (3.0 ** 2 + 1e-2), rtol=0.05)
+    with pytest.raises(ValueError, match="clip_norm"):
+        clip_normalise(fb, n, "global")
+
+
+def test_frontend_clip_norm_removes_level_and_matches_numpy():
+    """A -20 dB copy of a clip: the paper's front end moves by 2 ln(0.1) / std everywhere,
+    cmn/cmvn give the same output (within 1e-4); both equal the NumPy normalisation of the
+    layer's own fbank over its valid frames; padding frames are 0."""
+    from psla_tf.models.frontend import AudioFrontend
+    lengths = [CLIP, 5000, 300]             # whole input, 30 frames, no frame at all
+    w = np.zeros((3, CLIP), np.float32)
+    for i, n in enumerate(lengths):
+        w[i, :n] = _speechlike(n, i)
+    n = np.array(lengths, np.int32)
+    frames = np.array([T, 1 + (5000 - 400) // 160, 0])
+    quiet = 0.1 * w
+    plain = AudioFrontend(T, freqm=0, timem=0, dataset_mean=-5.0, dataset_std=4.0)
+    d = plain(quiet, n).numpy() - plain(w, n).numpy()
+    # the level stays in (except in the lowest mel bins, whose energy is at the log floor)
+    live = plain.fbank(quiet, n).numpy()[0] > np.log(np.finfo(np.float32).eps) + 2
+    assert live.mean() > 0.9
+    np.testing.assert_allclose(d[0][live], 2 * np.log(0.1) / 4.0, atol=1e-4)
+    # bins above the log floor in every valid frame of the quiet clip: there a gain is exactly
+    # a per-bin constant, which the clip normalisation removes
+    fq = plain.fbank(quiet, n).numpy()
+    floor = np.log(np.finfo(np.float32).eps) + 2
+    bins = [np.all(fq[b, :frames[b]] > floor, axis=0) for b in (0, 1)]
+    assert all(m.mean() > 0.9 for m in bins)
+    for mode in ("cmn", "cmvn"):
+        front = AudioFrontend(T, freqm=0, timem=0, dataset_mean=-5.0, dataset_std=4.0,
+                              clip_norm=mode)
+        loud, soft = front(w, n).numpy(), front(quiet, n).numpy()
+        for b in (0, 1):
+            np.testing.assert_allclose(soft[b][:, bins[b]], loud[b][:, bins[b]], atol=1e-4,
+                                       err_msg=mode)
+        want = _np_clip_norm(front.fbank(w, n).numpy(), frames, mode, 4.0)
+        np.testing.assert_allclose(loud, want, atol=1e-4, err_msg=mode)
+        assert np.all(loud[1, frames[1]:] == 0) and np.all(loud[2] == 0)
+        np.testing.assert_array_equal(front.valid_frames(w, n).numpy(), frames)
+        assert AudioFrontend.from_config(front.get_config()).clip_norm == mode
+    with pytest.raises(ValueError, match="clip_norm"):
+        AudioFrontend(T, clip_norm="per_speaker")
+
+
+def test_masks_come_after_clip_norm():
+    """In training the masks zero whole bins / frames of the normalised clip (= its mean);
+    everything else equals the inference output."""
+    from psla_tf.models.frontend import AudioFrontend
+    w = np.stack([_speechlike(CLIP, s) for s in range(4)])
+    n = np.full([4], CLIP, np.int32)
+    front = AudioFrontend(T, freqm=30, timem=20, seed=5, clip_norm="cmvn")
+    ref = front(w, n, training=False).numpy()
+    got = front(w, n, training=True).numpy()
+    masked = got != ref
+    assert masked.any()
+    assert np.all(got[masked] == 0)
+    for b in range(4):   # the masked entries are whole mel bins or whole frames
+        rows, cols = np.nonzero(masked[b])
+        full_bins = {c for c in set(cols) if masked[b][:, c].sum() >= T - 1}
+        full_frames = {r for r in set(rows) if masked[b][r].sum() >= 128 - 1}
+        assert all(c in full_bins or r in full_frames for r, c in zip(rows, cols))
+
+
+def test_flag_config_and_flagfile_carry_clip_norm(tmp_path):
+    from absl import flags as absl_flags
+    from psla_tf.models import loading
+    from psla_tf.training import trainer
+    from psla_tf.training.flags import define_flags
+    fv = absl_flags.FlagValues()
+    define_flags(fv)
+    fv(["prog", "--clip_norm=cmvn"])
+    assert fv.clip_norm == "cmvn"
+    with pytest.raises(absl_flags.IllegalFlagValueError):
+        fv["clip_norm"].parse("global")
+    cfg = trainer.TrainConfig(clip_norm="cmn", eff_b=0, att_head=2, target_length=T,
+                              freqm=0, timem=0, pretrained="none", dataset_mean=-5.0,
+                              dataset_std=4.0)
+    assert trainer.build_model(cfg, 3).get_layer("frontend").clip_norm == "cmn"
+    (tmp_path / "flags.txt").write_text(trainer.flagfile_text(cfg))
+    assert loading.config_from_flagfile(str(tmp_path / "flags.txt")).clip_norm == "cmn"
+
+
+def test_exports_carry_clip_norm(tmp_path):
+    """A cmvn tagger: the .keras file, the SavedModel and the float32 TFLite model give the
+    Keras scores (1e-4), and a -20 dB copy of each clip scores the same in every form."""
+    import keras
+    from ai_edge_litert.interpreter import Interpreter
+    from psla_tf import export, export_tflite
+    from psla_tf.models.tagger import build_tagger
+    keras.utils.set_random_seed(0)
+    model = build_tagger(3, eff_b=0, att_head=2, target_length=T, freqm=0, timem=0,
+                         dataset_mean=-5.0, dataset_std=4.0, clip_norm="cmvn")
+    mids, names = ["/m/a", "/m/b", "/m/c"], ["a", "b", "c"]
+    waves = np.stack([_speechlike(CLIP, s) for s in range(3)])
+    n = np.array([CLIP, 6000, 3000], np.int32)
+    for i, k in enumerate(n):
+        waves[i, k:] = 0.0
+    ref = model({"waveform": waves, "num_samples": n}, training=False).numpy()
+    quiet = model({"waveform": 0.1 * waves, "num_samples": n}, training=False).numpy()
+    np.testing.assert_allclose(quiet, ref, atol=1e-4)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert loaded.get_layer("frontend").clip_norm == "cmvn"
+    np.testing.assert_allclose(loaded({"waveform": waves, "num_samples": n},
+                                      training=False).numpy(), ref, atol=1e-5)
+    st = export.load_saved_model(export.export_saved_model(
+        model, str(tmp_path / "sm"), mids, names, clip_samples=CLIP))
+    np.testing.assert_allclose(st(waves, n)["scores"], ref, atol=1e-4)
+    np.testing.assert_allclose(st(0.1 * waves, n)["scores"], ref, atol=1e-4)
+    # TFLite: a fixed-length input, every sample counts as audio (as the deployed model sees)
+    path = str(tmp_path / "m.tflite")
+    export_tflite.export_tflite(model, path, mids, names, quantize="none",
+                                seconds=CLIP / 16000.0)
+    full = model({"waveform": waves, "num_samples": np.full([3], CLIP, np.int32)},
+                 training=False).numpy()
+    it = Interpreter(model_path=path)
+    it.allocate_tensors()
+    i, o = it.get_input_details()[0], it.get_output_details()[0]
+    assert list(i["shape"]) == [1, CLIP]
+    for gain in (1.0, 0.1):
+        for b in range(3):
+            it.set_tensor(i["index"], (gain * waves[b])[None].astype(np.float32))
+            it.invoke()
+            np.testing.assert_allclose(it.get_tensor(o["index"])[0], full[b], atol=1e-4)
