@@ -19,6 +19,10 @@ Examples:
   python tools/make_tfrecords.py --audio_folder=fsdd_by_digit --group_regex='_([a-z]+)_' \\
       --val_fraction=0.2 --test_fraction=0.2 --output_prefix=data/fsdd
 
+Beside the shards: {prefix}.manifest.json (counts, fbank statistics, failures) and, for
+uncompressed shards, {prefix}.index.npz (every record's length and labels: the random access
+the default i.i.d. training order reads; BUILD.md "TFRecord schema").
+
 Without --label_csv the vocabulary is written to labels.csv in the output folder
 (index,mid,display_name; mid = the label as written, e.g. the class folder's name) and
 reused by later runs into the same folder. With a split (--test_fraction / --val_fraction /
