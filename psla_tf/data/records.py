@@ -225,7 +225,8 @@ def expand_glob(pattern: str | Sequence[str]) -> list[str]:
         if not p:
             continue
         found = tf.io.gfile.glob(p) if ("://" in p) else globlib.glob(p)
-        files.extend(sorted(f for f in found if not f.endswith((".json", ".csv", ".tmp"))))
+        files.extend(sorted(f for f in found
+                            if not f.endswith((".json", ".csv", ".tmp", ".index.npz"))))
     return sorted(dict.fromkeys(files))
 
 
