@@ -201,13 +201,13 @@ def column_map(teacher_mids: Sequence[str] | None, teacher_classes: int,
 
 
 def class_lambdas(kd_lambda: float, covered: np.ndarray, labelled: np.ndarray) -> np.ndarray:
-    """Per-class weight of the teacher term (float32 [C]): ``kd_lambda`` where a class has
+    """Per-class weight of the teacher term (float64 [C]): ``kd_lambda`` where a class has
     labels and a teacher, 1 where it has only a teacher (``--append_classes``: the original
     classes on the new data), 0 where it has only labels."""
     covered = np.asarray(covered, bool)
     labelled = np.asarray(labelled, bool)
     lam = np.where(covered & labelled, float(kd_lambda), 0.0)
-    return np.where(covered & ~labelled, 1.0, lam).astype(np.float32)
+    return np.where(covered & ~labelled, 1.0, lam)
 
 
 # ----------------------------------------------------------------------------- stored

@@ -13,6 +13,12 @@ ESC-50 / Speech Commands recipes start from an ImageNet/AudioSet model).
   ``epochs`` epochs (only the head trains), then unfreezes it. Keras runs a frozen
   (``trainable=False``) BatchNormalization in inference mode, so the backbone's moving
   statistics are kept too while frozen.
+* :func:`append_classes` (``--append_classes``, growing a vocabulary): the model has the
+  source's classes first, then the new ones. Everything of the source is copied, its head
+  into the first columns (per-class kernels and biases; the multi-head weights ``w_h`` whole);
+  the new classes' columns keep their fresh initialisation. While the backbone is frozen,
+  :class:`FreezeBackbone` also pins those source columns (:func:`source_columns`, put back
+  after every step), so the original classes' scores stay exactly the source model's.
 """
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ class InitReport:
     target_classes: int | None = None
     copied_params: int = 0
     total_params: int = 0
+    heads_extended: list[str] = dataclasses.field(default_factory=list)  # --append_classes
 
     def describe(self) -> str:
         lines = [f"init_from {self.source}: copied {len(self.copied)} layers "
@@ -50,6 +57,11 @@ class InitReport:
                          + ", ".join(self.heads_reinitialised))
         elif self.same_vocabulary:
             lines.append("  same vocabulary: the classification head is copied too")
+        if self.heads_extended:
+            lines.append(f"  append classes: the {self.source_classes} source classes' head "
+                         f"columns copied into " + ", ".join(self.heads_extended) + ", "
+                         f"{self.target_classes - self.source_classes} new columns "
+                         "initialised")
         if self.mismatched:
             lines.append(f"  {len(self.mismatched)} layer(s) kept their initialisation "
                          "(weight shapes differ): " + ", ".join(self.mismatched[:10])
@@ -163,18 +175,30 @@ class FreezeBackbone(keras.callbacks.Callback):
     ``e < epochs``.
     """
 
-    def __init__(self, epochs: int, verbose: int = 1):
+    def __init__(self, epochs: int, verbose: int = 1,
+                 pin: list[tuple[keras.Variable, int]] | None = None):
         super().__init__()
         if epochs < 0:
             raise ValueError(f"freeze epochs must be >= 0, got {epochs}")
         self.epochs = int(epochs)
         self.verbose = verbose
         self.frozen = False
+        self.pin = pin or []
+        self._pinned: list[tuple[keras.Variable, int, np.ndarray]] = []
 
     def _set(self, frozen: bool) -> None:
         backbone_of(self.model).trainable = not frozen
         self.frozen = frozen
+        # --append_classes: the source classes' head columns as they are now
+        self._pinned = ([(v, n, np.asarray(v.numpy())[..., :n].copy()) for v, n in self.pin]
+                        if frozen else [])
         self.model.make_train_function(force=True)
+
+    def on_train_batch_end(self, batch: int, logs=None) -> None:
+        for v, n, value in self._pinned:  # put the pinned columns back after the step
+            cur = np.array(v.numpy())
+            cur[..., :n] = value
+            v.assign(cur)
 
     def on_train_begin(self, logs=None) -> None:
         opt = self.model.optimizer
@@ -193,3 +217,61 @@ class FreezeBackbone(keras.callbacks.Callback):
         if self.frozen:  # the saved model is a normal, fully trainable one
             backbone_of(self.model).trainable = True
             self.frozen = False
+
+
+def _copy_columns(ours: keras.Variable, theirs: np.ndarray, n: int, path: str) -> None:
+    """Source head weight → ours: whole when shaped alike, else into the first n columns."""
+    cur = np.asarray(ours.numpy())
+    if cur.shape == theirs.shape:
+        ours.assign(theirs)
+    elif cur.shape[:-1] == theirs.shape[:-1] and theirs.shape[-1] == n <= cur.shape[-1]:
+        cur[..., :n] = theirs
+        ours.assign(cur)
+    else:
+        from psla_tf.data.records import DataError
+        raise DataError(f"--append_classes: head {path} weight {ours.path} has shape "
+                        f"{cur.shape}, the source's {theirs.shape}: not the same head "
+                        "(same --model / --att_head as the source?)")
+
+
+def append_classes(model: keras.Model, source: str, target_mids: Sequence[str]
+                   ) -> tuple[InitReport, keras.Model]:
+    """Initialise ``model`` (source classes first, then new ones: ``target_mids``) from the
+    trained ``source`` (a path :func:`init_from` takes). Returns the report and the loaded
+    source model (the teacher of its classes)."""
+    from psla_tf.models import loading
+    src_model = loading.load_tagger(source)
+    source_mids = loading.load_vocabulary(source)[0]
+    n = len(source_mids)
+    if list(target_mids[:n]) != list(source_mids):
+        raise ValueError("target_mids must start with the source's classes")
+    report = init_from(model, src_model, target_mids=target_mids, source_mids=source_mids)
+    report.source = str(source)
+    src_layers = dict(weighted_layers(src_model))
+    for path, layer in weighted_layers(model):
+        if not _is_head(path):
+            continue
+        src = src_layers.get(path)
+        if src is None:
+            from psla_tf.data.records import DataError
+            raise DataError(f"--append_classes: {source} has no head {path}")
+        for ours, theirs in zip(layer.weights, src.get_weights()):
+            _copy_columns(ours, np.asarray(theirs), n, path)
+        report.heads_reinitialised.remove(path)
+        report.heads_extended.append(path)
+        report.copied_params += sum(int(np.prod(w.shape)) for w in src.get_weights())
+    return report, src_model
+
+
+def source_columns(model: keras.Model, num_source: int) -> list[tuple[keras.Variable, int]]:
+    """The head weights that carry the first ``num_source`` classes, each with the column
+    count to pin (the whole weight for shared ones such as the multi-head weights)."""
+    out = []
+    num_classes = _num_classes(model)
+    for path, layer in weighted_layers(model):
+        if _is_head(path):
+            for w in layer.weights:
+                last = int(w.shape[-1])
+                shared = "head_weight" in w.path or last != num_classes
+                out.append((w, last if shared else num_source))
+    return out

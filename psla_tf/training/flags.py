@@ -12,7 +12,7 @@ from psla_tf.training.trainer import TrainConfig
 
 _BOOL_FIELDS = ("wa", "balanced_sampling", "dry_run", "save_predictions", "demo", "resume",
                 "jit_compile", "sync_batchnorm", "deterministic", "skip_corrupt_records",
-                "allow_cut_clips")
+                "allow_cut_clips", "append_classes")
 
 
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
@@ -109,6 +109,29 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "loaded, the heads are re-initialised when the vocabulary differs.", flag_values=fv)
     I("freeze_backbone_epochs", d.freeze_backbone_epochs, "Fine-tune: train only the head "
       "for this many first epochs (0: never freeze).", flag_values=fv)
+    S("teacher_scores", d.teacher_scores, "Knowledge distillation: a teacher's score files "
+      "FILE[,FILE...] (tools/predict.py / tools/ensemble.py .npz, keyed by clip id; several "
+      "are averaged per clip; 'logits' arrays instead of 'scores' are taken as logits), or "
+      "'stored' for the teacher feature written into the training shards by "
+      "tools/add_teacher_scores.py (the way for large sets). Loss = (1 - λ) BCE(labels) + "
+      "λ BCE(teacher targets); clips without a teacher score train on labels only (counted "
+      "in the log and summary.json). Targets: scores clipped to [0, 1] (PSLA's multi-head "
+      "scores can exceed 1), logits through σ(z / T).", flag_values=fv)
+    F("kd_lambda", d.kd_lambda, "Weight λ of the teacher term (0: labels only, the teacher "
+      "is not read). Default chosen on validation data (BUILD.md, 'Knowledge distillation').",
+      flag_values=fv)
+    F("kd_temperature", d.kd_temperature, "Temperature T of the teacher targets: σ(z / T) "
+      "for logit teachers, σ(logit(p) / T) for score teachers (1: the scores themselves).",
+      flag_values=fv)
+    B("append_classes", d.append_classes, "Grow a vocabulary: fine-tune the --init_from model "
+      "on data with new classes, keeping its outputs: the model has its classes followed by "
+      "the new ones (exports carry both), the source model's scores on the training clips "
+      "are the teacher targets of its classes (or --teacher_scores), and while "
+      "--freeze_backbone_epochs last its classes' scores stay exactly the source's.",
+      flag_values=fv)
+    S("retain_eval_data", d.retain_eval_data, "With --append_classes: the source model's own "
+      "eval shards; each epoch and at the end the original classes' mAP on them is "
+      "reported next to the source model's (summary.json 'append_classes').", flag_values=fv)
     I("shuffle_buffer", d.shuffle_buffer, "Shuffle buffer (records) of "
       "--sampling_order=stream (the iid order needs none).", flag_values=fv)
     I("seed", d.seed, "Seed of the data order, augmentation and initialisation.",

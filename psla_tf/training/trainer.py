@@ -20,6 +20,7 @@ ever reported.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -82,6 +83,11 @@ class TrainConfig:
     metric: str = "map"
     init_from: str | None = None
     freeze_backbone_epochs: int = 0
+    teacher_scores: str | None = None
+    kd_lambda: float = 0.5
+    kd_temperature: float = 1.0
+    append_classes: bool = False
+    retain_eval_data: str | None = None
     shuffle_buffer: int = 1000
     seed: int = 0
     strategy: str = "auto"
@@ -180,6 +186,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError(f"--metric must be one of {sorted(METRIC_KEYS)}, got {cfg.metric!r}")
     if cfg.freeze_backbone_epochs < 0:
         raise ConfigError("--freeze_backbone_epochs must be ≥ 0")
+    from psla_tf.training import distill
+    problem = distill.check_flags(cfg)
+    if problem:
+        raise ConfigError(problem)
     if cfg.freeze_backbone_epochs and not cfg.init_from and cfg.pretrained == "none":
         raise ConfigError(f"--freeze_backbone_epochs={cfg.freeze_backbone_epochs} needs a "
                           "pretrained model to fine-tune: pass --init_from=MODEL (a psla_tf "
@@ -199,6 +209,7 @@ class Resolved:
     norm_source: str
     eval_without_positives: list = dataclasses.field(default_factory=list)
     cut_clips: list = dataclasses.field(default_factory=list)  # lines for describe()
+    kd: Any = None  # distill.Plan: the model's vocabulary, label maps, teacher
 
 
 def resolve(cfg: TrainConfig) -> Resolved:
@@ -208,11 +219,8 @@ def resolve(cfg: TrainConfig) -> Resolved:
     train = _load_spec(cfg.train_data, "train_data")
     ev = _load_spec(cfg.eval_data, "eval_data")
     val = _load_spec(cfg.val_data, "val_data") if cfg.val_data else None
-    for name, spec in (("eval_data", ev), ("val_data", val)):
-        if spec is not None and list(spec.mids) != list(train.mids):
-            raise DataError(f"--{name} and --train_data have different vocabularies "
-                            f"({spec.num_classes} vs {train.num_classes} classes or a "
-                            "different order); prepare both with the same --label_csv")
+    from psla_tf.training import distill
+    kd = distill.plan(cfg, train, ev, val)   # vocabularies (--append_classes), teacher
     steps = pipeline.steps_per_epoch(train.num_examples, cfg.batch_size)
     if steps < 1:
         raise ConfigError(f"--batch_size {cfg.batch_size} is larger than the training set "
@@ -220,11 +228,17 @@ def resolve(cfg: TrainConfig) -> Resolved:
     if ev.num_examples < 1:
         raise DataError("--eval_data holds no examples")
     # classes with no positive eval example have no AP/AUC: excluded from mAP, reported now
-    no_pos = [i for i, c in enumerate(ev.class_counts) if int(c) == 0]
-    if len(ev.class_counts) and len(no_pos) == len(ev.class_counts):
+    ev_map = kd.label_maps.get("eval")
+    counts = np.zeros(kd.num_classes, np.int64)
+    counts[np.arange(ev.num_classes) if ev_map is None else ev_map] = ev.class_counts
+    no_pos = [i for i, c in enumerate(counts) if int(c) == 0]
+    if len(ev.class_counts) and not any(int(c) for c in ev.class_counts):
         raise DataError("--eval_data has no positive example of any class: mAP is undefined")
     cfg = dataclasses.replace(cfg)
-    if cfg.dataset_mean is None:
+    if cfg.append_classes and cfg.dataset_mean is None:  # the source's front end, unchanged
+        cfg.dataset_mean, cfg.dataset_std = distill.source_normalisation(cfg)
+        source = "the --init_from model (--append_classes keeps its front end)"
+    elif cfg.dataset_mean is None:
         stats = normalisation_stats(train)
         if stats is not None:
             cfg.dataset_mean, cfg.dataset_std = stats
@@ -245,7 +259,7 @@ def resolve(cfg: TrainConfig) -> Resolved:
                       for _, s in sets if s is not None for m in s.manifests)
         clip = max(min(clip, longest), params.FRAME_LENGTH)
         cfg.clip_samples = clip
-    return Resolved(cfg, train, ev, val, steps, clip, source, no_pos, cut)
+    return Resolved(cfg, train, ev, val, steps, clip, source, no_pos, cut, kd)
 
 
 def cut_clip_problems(sets: list[tuple[str, Any]], target_length: int) -> list[str]:
@@ -326,9 +340,8 @@ def describe(r: Resolved, num_params: int | None) -> str:
     for line in r.cut_clips:
         out.append("  allowed by --allow_cut_clips: " + line)
     if r.eval_without_positives:
-        names = [r.eval.names[i] if r.eval.names else r.eval.mids[i]
-                 for i in r.eval_without_positives]
-        out.append(f"  eval set: {len(names)} of {r.eval.num_classes} classes have no positive "
+        names = [r.kd.model_names[i] or r.kd.model_mids[i] for i in r.eval_without_positives]
+        out.append(f"  eval set: {len(names)} of {r.kd.num_classes} classes have no positive "
                    "example and are excluded from mAP/AUC: " + ", ".join(names[:20])
                    + (" ..." if len(names) > 20 else ""))
     lrs = epoch_learning_rates(cfg.lr, cfg.n_epochs, cfg.lrscheduler_start,
@@ -339,6 +352,7 @@ def describe(r: Resolved, num_params: int | None) -> str:
                                                enumerate(lrs, start=1)))
     out.append(f"  weight averaging: epochs {cfg.wa_start}-{cfg.wa_end}" if cfg.wa
                else "  weight averaging: off")
+    out += r.kd.describe(cfg)
     return "\n".join(out)
 
 
@@ -465,7 +479,7 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
     from psla_tf.training import distribute
     from psla_tf.training import resume as resume_lib
     from psla_tf.training import selection
-    from psla_tf.training.optim import TorchAdam, make_loss
+    from psla_tf.training.optim import TorchAdam
 
     keras.utils.set_random_seed(cfg.seed)  # deterministic initialisation
     from psla_tf.models.backbones import PretrainedWeightsError
@@ -473,14 +487,18 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
     build_cfg = dataclasses.replace(cfg, pretrained="none") if cfg.dry_run else cfg
     try:
         with strategy.scope():
-            model = build_model(build_cfg, r.train.num_classes)
+            model = build_model(build_cfg, r.kd.num_classes)
     except PretrainedWeightsError as e:
         raise ConfigError(f"--pretrained={cfg.pretrained}: " + " ".join(str(e).split())
                           ) from None
     if replicas > 1 and cfg.sync_batchnorm:
         distribute.synchronise_batchnorm(model)
-    init_report = None
-    if cfg.init_from:  # fine-tuning: copy matching layers, new heads for a new vocabulary
+    init_report = source_model = None
+    if cfg.append_classes:  # the source model's layers and its classes' head columns
+        from psla_tf.training import finetune
+        init_report, source_model = finetune.append_classes(model, cfg.init_from,
+                                                            r.kd.model_mids)
+    elif cfg.init_from:  # fine-tuning: copy matching layers, new heads for a new vocabulary
         from psla_tf.training import finetune
         init_report = finetune.init_from(model, cfg.init_from, target_mids=r.train.mids)
     # the input pipeline seeds every op explicitly (stateless from --seed); a global TF seed
@@ -508,20 +526,32 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
         resume_lib.clean_partial_files(exp)
         if not cfg.resume and os.path.exists(os.path.join(exp, resume_lib.STATE_FILE)):
             os.remove(os.path.join(exp, resume_lib.STATE_FILE))  # --noresume: start over
+        if not resuming and os.path.exists(os.path.join(exp, "source_teacher.npz")):
+            os.remove(os.path.join(exp, "source_teacher.npz"))  # another run's teacher
         # flags.txt (reproduces the run), library versions, manifest hashes, git commit
         from psla_tf import provenance
         provenance.write_provenance(exp, flagfile_text(cfg), [
             ("train", cfg.train_data), ("eval", cfg.eval_data), ("val", cfg.val_data)],
             extra={"normalisation": {"mean": cfg.dataset_mean, "std": cfg.dataset_std,
                                      "source": r.norm_source},
-                   "init_from": init_report.as_dict() if init_report is not None else None})
+                   "init_from": init_report.as_dict() if init_report is not None else None,
+                   "distillation": r.kd.summary(cfg)})
         # the vocabulary travels with the models (predict / infer / export read it from here)
         from psla_tf.data.records import write_label_csv
-        write_label_csv(os.path.join(exp, "labels.csv"), r.train.mids, r.train.names)
+        write_label_csv(os.path.join(exp, "labels.csv"), r.kd.model_mids, r.kd.model_names)
+    from psla_tf.training import distill
+    if r.kd.teacher_mode == "source":  # --append_classes: the source model is the teacher
+        table = distill.source_teacher(source_model, r.train, r.clip_samples,
+                                       cfg.eval_batch_size,
+                                       os.path.join(exp, "source_teacher.npz"),
+                                       r.kd.source_mids, write=chief)
+        r.kd.set_teacher(table, table.ids)
+        r.kd.set_lambdas(cfg.kd_lambda, r.train.mids)
+        print(distill.coverage_line(r.kd.coverage).strip(), flush=True)
 
     with strategy.scope():
         model.compile(optimizer=TorchAdam(make_schedule(cfg, r.steps_per_epoch)),
-                      loss=make_loss(cfg.loss), jit_compile=bool(cfg.jit_compile))
+                      loss=distill.make_loss(cfg, r.kd), jit_compile=bool(cfg.jit_compile))
         # the optimizer's slots now, not inside the first traced train step: a tf.function
         # that creates variables is traced twice (Keras defers this build to the trace on
         # the default strategy), which cost ~15 s per run for EfficientNet-B0 on CPU
@@ -529,18 +559,27 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
 
     skip = cfg.skip_corrupt_records
     eval_ds = pipeline.make_eval_dataset(r.eval, cfg.eval_batch_size, r.clip_samples,
-                                         skip_corrupt_records=skip)
+                                         skip_corrupt_records=skip,
+                                         transform=r.kd.eval_transform("eval"))
     evaluation = cbs.EpochEvaluation(eval_ds, "eval", pred_dir, verbose=1)
     evaluations = [evaluation]
     val_eval = None
     if r.val is not None:
         val_ds = pipeline.make_eval_dataset(r.val, cfg.eval_batch_size, r.clip_samples,
-                                            skip_corrupt_records=skip)
+                                            skip_corrupt_records=skip,
+                                            transform=r.kd.eval_transform("val"))
         val_eval = cbs.EpochEvaluation(val_ds, "val", pred_dir, verbose=1)
         evaluations.append(val_eval)
     # the ensemble's validation score (lets validation choose among the result rows)
     val_ensemble = (cbs.CheckpointEnsemble(val_eval, None, prefix="val_ens", verbose=0)
                     if val_eval is not None else None)
+    retain_eval = None
+    if r.kd.retain is not None:  # --append_classes: the original classes on their own set
+        retain_ds = pipeline.make_eval_dataset(r.kd.retain, cfg.eval_batch_size,
+                                               r.clip_samples, skip_corrupt_records=skip,
+                                               transform=r.kd.eval_transform("retain"))
+        retain_eval = cbs.EpochEvaluation(retain_ds, "retain", pred_dir, verbose=1)
+        evaluations.append(retain_eval)
     # several replicas (not TPU): each process scores the whole set itself, in file order,
     # with no collective ops — the same numbers as one device, also for the partial last
     # batch (Keras' distributed predict splits it into empty per-replica batches)
@@ -560,8 +599,9 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
                                  None, evaluation, val_evaluation=val_eval)
         callbacks.append(wa)
     if cfg.freeze_backbone_epochs:
-        from psla_tf.training.finetune import FreezeBackbone
-        callbacks.insert(0, FreezeBackbone(cfg.freeze_backbone_epochs))
+        from psla_tf.training.finetune import FreezeBackbone, source_columns
+        callbacks.insert(0, FreezeBackbone(cfg.freeze_backbone_epochs, pin=source_columns(
+            model, len(r.kd.source_mids)) if cfg.append_classes else None))
     initial_epoch = 0
     if resuming:
         with strategy.scope():
@@ -589,11 +629,14 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
                       random_gain_db=cfg.random_gain_db, random_speed=cfg.random_speed,
                       seed=cfg.seed, initial_epoch=initial_epoch,
                       num_epochs=cfg.n_epochs - initial_epoch, skip_corrupt_records=skip)
+        # labels into the model's vocabulary, teacher targets (built with each pipeline)
+        targets = functools.partial(r.kd.train_transform, cfg.kd_temperature)
         if strategy is tf.distribute.get_strategy() and replicas == 1:
-            train_ds = pipeline.make_train_dataset(r.train, **kwargs)
+            train_ds = pipeline.make_train_dataset(r.train, transform=targets(), **kwargs)
         else:  # one pipeline per worker, its own share and seeds; per-replica batches
             train_ds = strategy.distribute_datasets_from_function(
-                lambda ctx: pipeline.make_train_dataset(r.train, input_context=ctx, **kwargs))
+                lambda ctx: pipeline.make_train_dataset(r.train, input_context=ctx,
+                                                        transform=targets(), **kwargs))
         if multi_worker:
             # Keras 3.15's fit reduces a first batch across replicas to build the model
             # symbolically; MultiWorkerMirroredStrategy.reduce cannot take a dict of
@@ -642,7 +685,11 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
                      for name, spec in (("train", r.train), ("eval", r.eval), ("val", r.val))
                      if spec is not None},
         "init_from": cfg.init_from,
-        "eval_classes_without_positives": [r.eval.mids[i] for i in r.eval_without_positives],
+        "eval_classes_without_positives": [r.kd.model_mids[i]
+                                           for i in r.eval_without_positives],
+        "distillation": r.kd.summary(cfg),
+        "append_classes": (distill.append_summary(r.kd, retain_eval, wa, model, source_model)
+                           if cfg.append_classes else None),
         "replicas": replicas,
         "mixed_precision": cfg.mixed_precision,
         "xla": bool(model.jit_compile),   # what Keras compiled, not only what was asked
