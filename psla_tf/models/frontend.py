@@ -2,7 +2,10 @@
 
 ``AudioFrontend`` follows PSLA's dataloader order for a batch of padded waveforms:
 
-1. subtract each clip's mean over its ``num_samples`` valid samples; zero the padding;
+1. subtract each clip's mean over its ``num_samples`` valid samples; zero the padding (the
+   matmul DFT, exports; the rfft path skips both passes: Kaldi's per-frame DC removal makes
+   the features independent of a constant offset, and the frames that reach into the padding
+   are zeroed in step 3, so the result is the same within float32 rounding);
 2. Kaldi fbank (``psla_tf.features.kaldi_fbank``);
 3. zero the frames past the clip's end (frame f is valid iff 160 f + 400 ≤ n, so the kept
    frames equal the fbank of the unpadded clip);
@@ -41,7 +44,7 @@ import tensorflow as tf
 
 from psla_tf import params
 from psla_tf.augment import FrequencyMasking, TimeMasking
-from psla_tf.features import DFTS, kaldi_fbank
+from psla_tf.features import DFTS, kaldi_fbank, resolve_dft
 
 __all__ = ["AudioFrontend", "CLIP_NORMS", "CMVN_VAR_FLOOR", "clip_normalise"]
 
@@ -121,10 +124,12 @@ class AudioFrontend(keras.layers.Layer):
         total = tf.shape(w)[1]
         n = tf.minimum(tf.cast(tf.reshape(num_samples, [-1]), tf.int32), total)
         n = tf.maximum(n, 0)
-        valid = tf.cast(tf.range(total)[tf.newaxis, :] < n[:, tf.newaxis], tf.float32)
-        mean = tf.reduce_sum(w * valid, axis=1) / tf.cast(tf.maximum(n, 1), tf.float32)
-        w = (w - mean[:, tf.newaxis]) * valid
-        fb = kaldi_fbank(w, params.SAMPLE_RATE, self.num_mel_bins, dft=self.dft,
+        dft = resolve_dft(self.dft)
+        if dft == "matmul":   # the folded DFT cancels a DC offset in (float16) arithmetic
+            valid = tf.cast(tf.range(total)[tf.newaxis, :] < n[:, tf.newaxis], tf.float32)
+            mean = tf.reduce_sum(w * valid, axis=1) / tf.cast(tf.maximum(n, 1), tf.float32)
+            w = (w - mean[:, tf.newaxis]) * valid
+        fb = kaldi_fbank(w, params.SAMPLE_RATE, self.num_mel_bins, dft=dft,
                          power_scale=self.power_scale,
                          runtime_matrices=getattr(self, "runtime_matrices", False))  # [B, F, M]
         frames = tf.shape(fb)[1]
