@@ -4,6 +4,14 @@
 
 writes ``OUT/audio`` (wavs, datafiles, labels.csv) and ``OUT/shards/{train,eval}-*.tfrecord``
 with manifests (see psla_tf/data/fsdd_mixtures.py for the set's definition).
+
+With ``--val_speakers`` a validation split of its own speakers is made too
+(``OUT/shards/val-*``): train, validation and test (eval) speakers are disjoint, so a model
+chosen on validation has heard none of the test speakers, e.g.
+
+  python tools/make_fsdd_mixtures.py --fsdd_dir=../shared/data/fsdd/recordings \\
+      --out=data/fsddmix3 --train_speakers=george,jackson,lucas --val_speakers=nicolas \\
+      --num_train=1500 --num_val=400
 """
 import os
 import sys
@@ -21,6 +29,9 @@ flags.DEFINE_integer("num_eval", 600, "Evaluation clips.")
 flags.DEFINE_list("train_speakers", ["george", "jackson", "lucas", "nicolas"],
                   "Speakers of the training clips.")
 flags.DEFINE_list("eval_speakers", ["theo", "yweweler"], "Speakers of the evaluation clips.")
+flags.DEFINE_list("val_speakers", [], "Speakers of a validation split (none by default); "
+                  "disjoint from the train and eval speakers.")
+flags.DEFINE_integer("num_val", 400, "Validation clips (with --val_speakers).")
 flags.DEFINE_integer("seed", 0, "Seed of the set.")
 flags.DEFINE_float("clip_seconds", 3.0, "Clip length.")
 flags.DEFINE_integer("target_length", 298, "Frames the fbank statistics cover.")
@@ -32,13 +43,39 @@ def main(argv):
     if not FLAGS.fsdd_dir or not FLAGS.out:
         raise app.UsageError("--fsdd_dir and --out are required")
     from psla_tf.data import fsdd_mixtures, prepare, records, sources
-    paths = fsdd_mixtures.generate(
-        os.path.join(FLAGS.out, "audio"), FLAGS.fsdd_dir,
-        counts={"train": FLAGS.num_train, "eval": FLAGS.num_eval},
-        splits={"train": FLAGS.train_speakers, "eval": FLAGS.eval_speakers},
-        seed=FLAGS.seed, clip_seconds=FLAGS.clip_seconds)
+    counts = {"train": FLAGS.num_train, "eval": FLAGS.num_eval}
+    speakers = {"train": FLAGS.train_speakers, "eval": FLAGS.eval_speakers}
+    if FLAGS.val_speakers:
+        counts["val"], speakers["val"] = FLAGS.num_val, FLAGS.val_speakers
+    # shards of another speaker split or clip count in OUT would be stale: refuse them
+    import json
+    spec_path = os.path.join(FLAGS.out, "shards", "splits.json")
+    spec = {"counts": counts, "speakers": speakers, "seed": FLAGS.seed,
+            "clip_seconds": FLAGS.clip_seconds}
+    if os.path.exists(spec_path):
+        with open(spec_path) as f:
+            if json.load(f) != json.loads(json.dumps(spec)):
+                print(f"error: {FLAGS.out}/shards holds shards of another split "
+                      f"({spec_path}): use a new --out", file=sys.stderr)
+                sys.exit(2)
+    elif FLAGS.val_speakers and any(
+            os.path.exists(records.manifest_path(os.path.join(FLAGS.out, "shards", s)))
+            for s in ("train", "eval")):  # shards of the tool's train/eval-only versions
+        print(f"error: {FLAGS.out}/shards holds train/eval shards made without "
+              "--val_speakers: use a new --out", file=sys.stderr)
+        sys.exit(2)
+    try:
+        paths = fsdd_mixtures.generate(
+            os.path.join(FLAGS.out, "audio"), FLAGS.fsdd_dir, counts=counts, splits=speakers,
+            seed=FLAGS.seed, clip_seconds=FLAGS.clip_seconds)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    os.makedirs(os.path.dirname(spec_path), exist_ok=True)
+    with open(spec_path, "w") as f:
+        json.dump(spec, f, indent=1)
     vocab = records.read_label_csv(paths["label_csv"])
-    for split in ("train", "eval"):
+    for split in counts:
         prefix = os.path.join(FLAGS.out, "shards", split)
         if not os.path.exists(records.manifest_path(prefix)):
             rows = sources.read_datafile(paths[split])
