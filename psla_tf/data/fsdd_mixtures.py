@@ -25,6 +25,7 @@ import numpy as np
 
 from psla_tf import params
 from psla_tf.data import records
+from psla_tf.demo import _read_json, _write_text_atomic, _write_wav_atomic  # one home
 
 VERSION = 1
 SAMPLE_RATE = params.SAMPLE_RATE
@@ -150,25 +151,3 @@ def generate(out_dir: str, fsdd_dir: str, counts: dict[str, int] | None = None,
     records.write_label_csv(paths["label_csv"], mids, names)
     _write_text_atomic(marker, json.dumps(spec, indent=1))
     return paths
-
-
-def _read_json(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _write_wav_atomic(path: str, x: np.ndarray) -> None:
-    import soundfile as sf
-    tmp = path + ".tmp.wav"
-    sf.write(tmp, records.float_to_int16(x), SAMPLE_RATE, subtype="PCM_16")
-    os.replace(tmp, path)
