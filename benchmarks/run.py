@@ -739,7 +739,7 @@ def fbank_rows(r: dict, cores: Any) -> list[dict[str, Any]]:
     rows.append(row("kaldi_fbank / plain, side by side (median of per-round ratios)",
                     r["ratio_vs_plain"], "ratio", cores=cores,
                     note=f"target >= 1.4; process CPU time ratio {r['cpu_ratio_vs_plain']:.2f}; "
-                         f"|d| mean {p['mean_abs']:.1e}, max {p['max_abs']:.1e}"))
+                         f"abs. difference mean {p['mean_abs']:.1e}, max {p['max_abs']:.1e}"))
     peaks = r.get("peaks")
     if peaks:
         cps = r["clips_per_s"]["kaldi_fbank"]
@@ -751,12 +751,12 @@ def fbank_rows(r: dict, cores: Any) -> list[dict[str, Any]]:
                         cores=cores, note="measured here (TF/oneDNN 2048² matmul)"))
         rows.append(row("machine peak: memory copy", peaks["gbytes_per_s"], "GB/s",
                         cores=cores, note="measured here (read + write)"))
-        rows.append(row("kaldi_fbank: share of peak FLOP/s", flops / peaks["gflops"],
-                        "ratio", cores=cores,
+        rows.append(row("kaldi_fbank: share of peak FLOP/s", 100 * flops / peaks["gflops"],
+                        "% of peak", cores=cores,
                         note=f"{flops:.1f} GFLOP/s at {FBANK_FLOPS_PER_CLIP / 1e6:.1f} "
                              "MFLOP per clip (FFT 2.5 N log2 N)"))
-        rows.append(row("kaldi_fbank: share of the roofline bound", floor * cps, "ratio",
-                        cores=cores,
+        rows.append(row("kaldi_fbank: share of the roofline bound", 100 * floor * cps,
+                        "% of bound", cores=cores,
                         note=f"bound {1 / floor:,.0f} clips/s = max(FLOPs / peak, "
                              f"{FBANK_BYTES_PER_CLIP / 1e6:.2f} MB in+out / bandwidth); "
                              f"{gbps:.2f} GB/s compulsory traffic"))
@@ -1031,6 +1031,8 @@ def _fmt(v: float | None, unit: str) -> str:
         return f"{v:.2f}×"
     if unit.startswith("MB"):
         return f"{v:,.0f}"
+    if unit.startswith("%"):
+        return f"{v:.1f}"
     if unit.startswith("ms"):
         return f"{v:,.2f}"
     return f"{v:,.1f}" if v >= 10 else f"{v:,.2f}"

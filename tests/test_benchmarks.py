@@ -143,3 +143,55 @@ def test_merged_section_names_when_it_was_measured(bench):
     assert "pipeline: measured 2025-01-01 00:00 UTC" in md and "a note" in md
     res["pipeline"]["measured"] = bench._measured(res["machine"], res["argv"])
     assert "pipeline: measured" not in bench.to_markdown(res)
+
+
+def test_plain_fbank_baseline_is_the_same_features():
+    """benchmarks/plain_fbank.py (the baseline of the fbank section) computes Kaldi's fbank."""
+    import tensorflow as tf
+    from psla_tf.features import kaldi_fbank
+    plain = _load(os.path.join(ROOT, "benchmarks", "plain_fbank.py"), "plain_fbank")
+    x = np.random.default_rng(0).uniform(-0.5, 0.5, (2, 8000)).astype(np.float32)
+    got = plain.plain_fbank(tf.constant(x)).numpy()
+    want = kaldi_fbank(x, dft="matmul").numpy()
+    assert got.shape == want.shape == (2, 48, 128)
+    assert np.abs(got - want).mean() < 1e-4
+
+
+def test_op_time_by_stage_attributes_ops_to_name_scopes(bench):
+    import tensorflow as tf
+    x = tf.constant(np.random.default_rng(1).random((256, 512)).astype(np.float32))
+
+    @tf.function
+    def fn(x):
+        with tf.name_scope("fft"):
+            y = tf.signal.rfft(x)
+        with tf.name_scope("mel"):
+            return tf.linalg.matmul(tf.abs(y), tf.ones([257, 8]))
+    fn(x)
+    ms = bench.op_time_by_stage(lambda: fn(x).numpy(), 3, ("fft", "mel"))
+    assert set(ms) == {"fft", "mel", "other"}
+    assert ms["fft"] > 0 and ms["mel"] > 0
+
+
+def test_fbank_rows_give_ratio_peak_share_and_stages(bench):
+    child = {"clips_per_s": {"plain": 100.0, "kaldi_fbank": 250.0,
+                             "kaldi_fbank, eager": 50.0},
+             "cpu_ms_per_clip": {"plain": 20.0, "kaldi_fbank": 8.0, "kaldi_fbank, eager": 9.0},
+             "ratio_vs_plain": 2.5, "cpu_ratio_vs_plain": 2.4,
+             "parity_vs_plain": {"mean_abs": 1e-6, "max_abs": 2e-3},
+             "stages_ms": {"kaldi_fbank": {"fft": 30.0, "mel": 10.0, "other": 0.0}},
+             "peaks": {"gflops": 100.0, "gbytes_per_s": 10.0}}
+    rows = {r["config"]: r for r in bench.fbank_rows(child, 2)}
+    ratio = rows["kaldi_fbank / plain, side by side (median of per-round ratios)"]
+    assert ratio["value"] == 2.5 and ratio["unit"] == "ratio" and "2.40" in ratio["note"]
+    share = rows["kaldi_fbank: share of peak FLOP/s"]["value"]
+    assert share == pytest.approx(100 * 250 * bench.FBANK_FLOPS_PER_CLIP / 100e9)
+    bound = rows["kaldi_fbank: share of the roofline bound"]["value"]
+    assert bound == pytest.approx(100 * 250 * max(bench.FBANK_FLOPS_PER_CLIP / 100e9,
+                                                  bench.FBANK_BYTES_PER_CLIP / 10e9))
+    assert rows["kaldi_fbank stage: fft"]["note"] == "75 % of op time"
+    res = _results(bench)
+    res["fbank"] = {"rows": list(rows.values()), "notes": ""}
+    for line in bench.to_markdown(res).splitlines():
+        if line.startswith("| fbank"):
+            assert line.count("|") == 7, line          # no stray '|' inside a cell
