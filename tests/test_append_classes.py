@@ -1,0 +1,126 @@
+"""--append_classes (issue 16, "grow a vocabulary without losing it"): a trained 3-class
+tagger fine-tuned on data with 2 new classes (and one of its own) becomes one 5-output model
+whose run folder, checkpoints and SavedModel export carry old + new labels. With the backbone
+frozen for the whole run the original classes' scores equal the source model's (≤ 1e-6,
+computed here from both models); fine-tuned, the source model's scores on the training clips
+are the teacher targets of its classes. Tiny data, two runs side by side."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from helpers_models import CLIP_SAMPLES, TARGET_LENGTH, make_tagger, save_tagger
+from helpers_proc import Background
+from test_train_e2e import ROOT, _write_set
+
+OLD = ["/m/c0", "/m/c1", "/m/c2"]          # save_tagger's vocabulary
+NEW_DATA = ["/m/c1", "/m/x", "/m/y"]       # one shared class, two new
+ARGS = ["--n_epochs=2", "--batch_size=4", "--eval_batch_size=8", "--lr=1e-3",
+        "--warmup_steps=2", "--warmup_every=1", "--lrscheduler_start=1", "--lrscheduler_step=1",
+        "--wa_start=1", "--wa_end=2", "--eff_b=0", "--att_head=2",
+        f"--target_length={TARGET_LENGTH}", "--freqm=8", "--timem=8", "--verbose=2",
+        "--pretrained=none", "--bn_momentum=0.9", "--append_classes"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("append")
+    src = save_tagger(make_tagger(3, seed=1, att_head=2), str(d / "source"))
+    old_eval = _write_set(str(d / "old_eval"), 9, 2, mids=OLD)
+    train = _write_set(str(d / "new_train"), 16, 3, mids=NEW_DATA)
+    ev = _write_set(str(d / "new_eval"), 9, 4, mids=NEW_DATA)
+    bg = Background(d / "logs")
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    base = [sys.executable, os.path.join(ROOT, "main.py"), f"--train_data={train}",
+            f"--eval_data={ev}", f"--init_from={src}", f"--retain_eval_data={old_eval}",
+            *ARGS]
+    bg.start("frozen", base + ["--freeze_backbone_epochs=2", f"--exp_dir={d / 'frozen'}"],
+             env=env, cwd=ROOT)
+    bg.start("tuned", base + ["--freeze_backbone_epochs=1", "--kd_lambda=0.5",
+                              f"--exp_dir={d / 'tuned'}"], env=env, cwd=ROOT)
+    yield d, src, old_eval, train, bg, env
+    bg.close()
+
+
+def _ok(bg, name):
+    r = bg.result(name, timeout=1800)
+    assert r.returncode == 0, (name, r.stdout[-3000:], r.stderr[-3000:])
+    return r
+
+
+def _scores(model, data):
+    from psla_tf.data import pipeline
+    from psla_tf.training.callbacks import inputs_only
+    ds = pipeline.make_eval_dataset(data, 8, CLIP_SAMPLES)
+    return np.asarray(model.predict(inputs_only(ds), verbose=0), np.float64)
+
+
+def test_frozen_backbone_keeps_the_original_scores(runs):
+    d, src, old_eval, _, bg, _ = runs
+    r = _ok(bg, "frozen")
+    assert "append classes: 3 classes of" in r.stdout
+    from psla_tf.data.records import read_label_csv
+    from psla_tf.models.loading import load_scorer, load_tagger
+    mids, _ = read_label_csv(str(d / "frozen" / "labels.csv"))
+    assert mids == OLD + ["/m/x", "/m/y"]
+    source = _scores(load_tagger(src), old_eval)
+    for name in ("wa_model.keras", "final_model.keras", "checkpoints/epoch_001.weights.h5"):
+        got = _scores(load_tagger(str(d / "frozen" / name)), old_eval)
+        assert got.shape == (9, 5)
+        assert np.max(np.abs(got[:, :3] - source)) <= 1e-6, name
+    assert list(load_scorer(str(d / "frozen")).mids) == mids
+    s = json.load(open(d / "frozen" / "summary.json"))["append_classes"]
+    assert (s["source_classes"], s["new_classes"], s["new_mids"]) == (3, 2, ["/m/x", "/m/y"])
+    assert s["retain_eval"]["max_abs_score_change"] <= 1e-6
+    assert np.isfinite(s["retain_eval"]["source_mAP"])  # (the random source ties its scores:
+    #                                                      its mAP moves with round-off)
+
+
+def test_export_carries_old_and_new_labels(runs, tmp_path):
+    import subprocess
+    d, *_, bg, env = runs
+    _ok(bg, "frozen")
+    out = tmp_path / "sm"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "export.py"),
+                        f"--model={d / 'frozen'}", f"--saved_model_dir={out}"],
+                       capture_output=True, text=True, cwd=ROOT, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    from psla_tf.models.loading import load_scorer
+    assert list(load_scorer(str(out)).mids) == OLD + ["/m/x", "/m/y"]
+
+
+def test_fine_tuned_learns_old_classes_from_the_source_model(runs):
+    d, src, _, train, bg, _ = runs
+    _ok(bg, "tuned")
+    from psla_tf.models.loading import load_tagger
+    # the teacher: the source model's scores of the training clips (as evaluation sees them)
+    with np.load(d / "tuned" / "source_teacher.npz") as z:
+        ids, scores, mids = list(z["ids"]), z["scores"], list(z["mids"])
+    assert mids == OLD and len(ids) == 16
+    np.testing.assert_allclose(scores, _scores(load_tagger(src), train), atol=1e-5)
+    s = json.load(open(d / "tuned" / "summary.json"))
+    kd = s["distillation"]
+    assert kd["teacher"] == "source" and (kd["with_teacher"], kd["without_teacher"]) == (16, 0)
+    # c1 is labelled in the new data: kd_lambda; c0, c2 only taught: 1; new classes: labels
+    assert kd["class_lambda"] == [1.0, 0.5, 1.0, 0.0, 0.0]
+    assert s["append_classes"]["retain_eval"]["max_abs_score_change"] > 1e-6  # it trained
+    assert np.isfinite(s["append_classes"]["retain_eval"]["weight_averaging_mAP"])
+
+
+def test_append_classes_errors(runs, tmp_path):
+    sys.path.insert(0, ROOT)
+    from psla_tf.data.records import DataError
+    from psla_tf.training import trainer
+    d, src, old_eval, train, _, _ = runs
+    cfg = dict(train_data=old_eval, eval_data=old_eval, exp_dir=str(tmp_path / "e"),
+               n_epochs=2, batch_size=4, wa_start=1, wa_end=2, eff_b=0, att_head=2,
+               target_length=TARGET_LENGTH, pretrained="none", append_classes=True,
+               init_from=src)
+    with pytest.raises(DataError, match="already one of"):   # nothing new to append
+        trainer.resolve(trainer.TrainConfig(**cfg))
+    with pytest.raises(trainer.ConfigError, match="--loss=bce"):
+        trainer.check_config(trainer.TrainConfig(**dict(cfg, loss="ce")))
