@@ -776,8 +776,9 @@ def bench_fbank(results: dict, ctx: dict) -> dict:
     if FLAGS.device == "gpu":
         runs.append(("GPU", None, {}))
     for k, pin, env in runs:
+        cpu = pin is not None          # the profile and the peaks are the CPU's
         r = run_child({"kind": "fbank", "repeats": ctx["repeats"], "batch": 32,
-                       "knf": k == 1, "peaks": pin is not None}, pin, env=env)
+                       "knf": k == 1, "peaks": cpu, "profile": cpu}, pin, env=env)
         rows += fbank_rows(r, k)
     best1 = max((r["value"] for r in rows if r["cores"] == 1 and r["value"]
                  and r["unit"] == "clips/s" and r["config"].startswith("kaldi_fbank")),
