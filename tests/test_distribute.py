@@ -195,7 +195,7 @@ def _log_column(path, name):
     return np.array([float(line.split(",")[i]) for line in lines[1:]])
 
 
-def _compare_runs(runs, bits, weight_atol):
+def _compare_runs(runs, bits, weight_atol, score_atol=1e-6):
     single, mirrored = runs / f"single{bits}", runs / f"mirrored{bits}"
     w1, s1, r1 = _weights(f"{single}.npz")
     w2, s2, r2 = _weights(f"{mirrored}.npz")
@@ -208,7 +208,7 @@ def _compare_runs(runs, bits, weight_atol):
     # every variable: kernels, BatchNorm gammas/betas and moving statistics
     for a, b in zip(w1, w2):
         np.testing.assert_allclose(b, a, rtol=1e-5, atol=weight_atol)
-    np.testing.assert_allclose(s2, s1, rtol=1e-5, atol=1e-6)  # eval scores, final model
+    np.testing.assert_allclose(s2, s1, rtol=1e-5, atol=score_atol)  # eval scores, final model
     a = json.load(open(single / "summary.json"))
     b = json.load(open(mirrored / "summary.json"))
     for part in ("single", "weight_averaging", "ensemble"):
@@ -220,7 +220,7 @@ def _compare_runs(runs, bits, weight_atol):
     for e in (1, 2):  # per-epoch eval scores, the checkpoint ensemble's inputs
         p1, p2 = (np.load(d / "predictions" / f"eval_epoch_{e:03d}.npy")
                   for d in (single, mirrored))
-        np.testing.assert_allclose(p2, p1, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(p2, p1, rtol=1e-5, atol=score_atol)
 
 
 def test_mirrored_equals_single_device(equality_runs):
@@ -229,11 +229,12 @@ def test_mirrored_equals_single_device(equality_runs):
 
 
 def test_mirrored_equals_single_device_float32(equality_runs):
-    """float32: losses, eval scores, metrics, WA and ensemble within 1e-5 relative; the
-    weights within 1e-4 absolute (Adam normalises each gradient element, so the round-off of
-    an element whose gradient is near zero moves it by up to a fraction of lr = 1e-3 per
-    step; measured max |Δw| 3.3e-5 after 8 steps)."""
-    _compare_runs(equality_runs, 32, weight_atol=1e-4)
+    """float32: losses, metrics, WA and ensemble within 1e-5 relative; the weights within
+    1e-4 absolute (Adam normalises each gradient element, so the round-off of an element
+    whose gradient is near zero moves it by up to a fraction of lr = 1e-3 per step; measured
+    max |Δw| 3.3e-5 after 8 steps) and so the final model's eval scores within 1e-4
+    (measured 2.9e-5 on the i.i.d. order's batches)."""
+    _compare_runs(equality_runs, 32, weight_atol=1e-4, score_atol=1e-4)
 
 
 # XLA: float32 arithmetic, fused and reordered; one epoch of Adam amplifies the round-off
