@@ -7,8 +7,8 @@ before TensorFlow starts): ``python tests/test_distribute.py CONFIG_JSON``.
   pipeline feeding both replicas in turn), synchronised BatchNorm, losses scaled per replica
   and gradients summed. The model is a small conv+BN tagger (the real front end), once with
   a float64 classifier: losses bit-identical, weights within 1.5e-9, eval scores, weight
-  averaging and ensemble identical (asserted: 1e-5 relative); once in float32: losses,
-  scores and metrics within 1e-5 relative, weights within 1e-4 absolute (Adam's
+  averaging and ensemble identical (asserted: 1e-5 relative); once in float32: losses and
+  metrics within 1e-5 relative, weights and eval scores within 1e-4 absolute (Adam's
   per-element normalisation turns float32 round-off of near-zero gradient elements into
   up to ~1e-5 per step; measured 3.3e-5). MobileNetV2 is not used here: at random
   initialisation its gradients change by 1-5 % (several BN layers in a row with small
