@@ -248,7 +248,8 @@ def resolve(cfg: TrainConfig) -> Resolved:
             source = "AudioSet defaults (the train manifest has no fbank statistics)"
     else:
         source = "flags"
-    sets = [("train_data", train), ("eval_data", ev), ("val_data", val)]
+    sets = [("train_data", train), ("eval_data", ev), ("val_data", val),
+            ("retain_eval_data", kd.retain)]
     cut = cut_clip_problems([(n, s) for n, s in sets if s is not None], cfg.target_length)
     if cut and not cfg.allow_cut_clips:
         raise DataError(cut[0])
