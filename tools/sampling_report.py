@@ -21,7 +21,8 @@ from absl import app, flags  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("train_data", None, "Glob of training TFRecord shards.")
 flags.DEFINE_integer("epochs", 5, "Epochs to draw.")
-flags.DEFINE_float("mixup", 0.0, "Mixup rate (0.5 in the paper).")
+flags.DEFINE_float("mixup", 0.5, "Mixup rate (main.py's default, the paper's 0.5; 0 without "
+                   "mixup).")
 flags.DEFINE_bool("balanced_sampling", True, "Balanced sampling (Algorithm 1; the full-AudioSet "
                   "and FSD50K recipes use it). --nobalanced_sampling: plain shuffled epochs.")
 flags.DEFINE_enum("sampling_order", "iid", ["iid", "stream"], "The training order to report "
