@@ -30,7 +30,7 @@ def _env(**extra):
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("kd_train")
     train, ev = _write_set(str(d / "train"), 16, 0), _write_set(str(d / "eval"), 9, 1)
     ids = [f"clip{i}.wav" for i in range(16) if f"clip{i}.wav" not in MISSING]
@@ -38,6 +38,13 @@ def setup(tmp_path_factory):
     teacher = str(d / "teacher.npz")   # multi-head-like scores, some above 1
     np.savez(teacher, ids=np.asarray(ids), scores=rng.uniform(0, 1.1, (len(ids), 3))
              .astype(np.float32), mids=np.asarray(MIDS))
+    return d, train, ev, teacher
+
+
+@pytest.fixture(scope="module")
+def setup(data):
+    """The training runs, started together (the tests below read them)."""
+    d, train, ev, teacher = data
     bg = Background(d / "logs")
     main = [sys.executable, os.path.join(ROOT, "main.py"), f"--train_data={train}",
             f"--eval_data={ev}", f"--teacher_scores={teacher}"]
@@ -95,10 +102,10 @@ def test_kd_mixed_float16_trains(setup):
     assert all(np.isfinite(float(row.split(",")[i])) for row in log[1:])
 
 
-def test_kd_mirrored_equals_single_device(setup, tmp_path):
+def test_kd_mirrored_equals_single_device(data, tmp_path):
     """The small float64 tagger of test_distribute with a teacher: one device vs mirrored
     over 2 logical CPUs (same pipeline stream, teacher targets included)."""
-    d, train, ev, teacher, _, _ = setup
+    d, train, ev, teacher = data
     base = dict(BASE, train_data=train, eval_data=ev, teacher_scores=teacher, kd_lambda=0.6)
 
     def run(name, **kw):
@@ -127,10 +134,10 @@ def _cfg(train, ev, tmp_path, **kw):
                                target_length=48, pretrained="none", **kw)
 
 
-def test_kd_lambda_zero_is_the_plain_recipe(setup, tmp_path):
+def test_kd_lambda_zero_is_the_plain_recipe(data, tmp_path):
     from psla_tf.training import distill, trainer
     from psla_tf.training.optim import psla_bce
-    _, train, ev, teacher, _, _ = setup
+    _, train, ev, teacher = data
     r = trainer.resolve(_cfg(train, ev, tmp_path, teacher_scores=teacher, kd_lambda=0.0))
     assert not r.kd.active and r.kd.train_transform(1.0) is None
     assert distill.make_loss(r.cfg, r.kd) is psla_bce
@@ -140,10 +147,10 @@ def test_kd_lambda_zero_is_the_plain_recipe(setup, tmp_path):
                                        distill.DistillationLoss)
 
 
-def test_stored_teacher_is_resolved_from_the_manifest(setup, tmp_path):
+def test_stored_teacher_is_resolved_from_the_manifest(data, tmp_path):
     from psla_tf.data.teacher_shards import add_teacher_scores
     from psla_tf.training import trainer
-    _, train, ev, teacher, _, _ = setup
+    _, train, ev, teacher = data
     add_teacher_scores(train, [teacher], str(tmp_path / "kd" / "train"), progress=False)
     r = trainer.resolve(_cfg(str(tmp_path / "kd" / "train-*.tfrecord"), ev, tmp_path,
                              teacher_scores="stored"))
@@ -159,16 +166,16 @@ def test_stored_teacher_is_resolved_from_the_manifest(setup, tmp_path):
     (dict(kd_temperature=0.0), "--kd_temperature must be > 0"),
     (dict(append_classes=True), "--append_classes needs --init_from"),
     (dict(retain_eval_data="x-*.tfrecord"), "--retain_eval_data is for --append_classes")])
-def test_kd_flag_errors(setup, tmp_path, kw, msg):
+def test_kd_flag_errors(data, tmp_path, kw, msg):
     from psla_tf.training import trainer
-    _, train, ev, _, _, _ = setup
+    _, train, ev, _ = data
     with pytest.raises(trainer.ConfigError, match=msg):
         trainer.check_config(_cfg(train, ev, tmp_path, **kw))
 
 
-def test_kd_main_errors_are_one_line(setup, tmp_path):
+def test_kd_main_errors_are_one_line(data, tmp_path):
     import subprocess
-    _, train, ev, _, _, main = setup
+    _, train, ev, _ = data
     bad = str(tmp_path / "missing.npz")
     p = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), f"--train_data={train}",
                         f"--eval_data={ev}", f"--teacher_scores={bad}",
@@ -176,3 +183,22 @@ def test_kd_main_errors_are_one_line(setup, tmp_path):
                        cwd=ROOT, env=_env())
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1] == f"error: teacher scores file not found: {bad}"
+
+
+@pytest.mark.parametrize("recipe", ["demo_kd", "kd_mobile_b0", "kd_mobile_mobilenetv2",
+                                    "demo_append_fsdd"])
+def test_kd_recipes_parse(recipe):
+    """The distillation / append recipes parse into valid TrainConfigs."""
+    from absl import flags
+    from psla_tf.training.flags import config_from_flags, define_flags
+    from psla_tf.training.trainer import check_config
+    fv = flags.FlagValues()
+    define_flags(fv)
+    fv(["main.py", f"--flagfile={os.path.join(ROOT, 'configs', recipe + '.flags')}",
+        "--train_data=t", "--eval_data=e", "--exp_dir=x"])
+    c = config_from_flags(fv)
+    check_config(c)
+    assert c.teacher_scores or c.append_classes
+    if recipe.startswith("kd_mobile"):
+        assert c.teacher_scores == "stored" and c.model in ("efficientnet", "mobilenet_v2")
+        assert c.att_head == 1
