@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.helpers_models import make_tagger
 
@@ -38,3 +39,22 @@ def test_keras_load_model_after_import_psla_tf(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip().splitlines()[-1]) <= 1e-6
+
+
+def _requirement_lines(name: str) -> list[str]:
+    with open(os.path.join(ROOT, name)) as f:
+        return [line.split("#")[0].strip() for line in f
+                if line.split("#")[0].strip() and not line.startswith("-")]
+
+
+def test_pyproject_pins_are_the_requirement_files():
+    """pyproject.toml's dependencies + extras are requirements*.txt line for line (the files
+    stay the dependency lists for environments that bring their own TensorFlow)."""
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    extras = project["optional-dependencies"]
+    assert project["dependencies"] + extras["test"] == _requirement_lines("requirements.txt")
+    assert extras["import"] == _requirement_lines("requirements-import.txt")
+    assert extras["deploy"] == _requirement_lines("requirements-deploy.txt")
+    assert project["requires-python"] == ">=3.10"
