@@ -1,4 +1,4 @@
-"""psla_tf benchmark (issue 8): one command, JSON + a markdown table written into BUILD.md.
+"""psla_tf benchmark (issue 8): one command, JSON + a markdown table in docs/performance.md.
 
     python benchmarks/run.py [--sections=fbank,pipeline,train,infer,rss,prepare,torch]
                              [--device=cpu|gpu] [--cores=1,2] [--out=bench_out]
@@ -74,8 +74,10 @@ flags.DEFINE_integer("repeats", 5, "Timed runs per figure (the median is reporte
 flags.DEFINE_integer("num_clips", 1000, "10-s clips in the benchmark set (written once, kept "
                      "in --out/data).")
 flags.DEFINE_boolean("write_build_md", False,
-                     "Replace the table between the benchmark markers in --build_md.")
-flags.DEFINE_string("build_md", os.path.join(ROOT, "BUILD.md"), "The BUILD.md to update.")
+                     "Replace the table between the benchmark markers in --build_md "
+                     "(docs/performance.md).")
+flags.DEFINE_string("build_md", os.path.join(ROOT, "docs", "performance.md"),
+                    "The markdown page whose benchmark table --write_build_md replaces.")
 flags.DEFINE_boolean("quick", False, "End-to-end check: 200 clips, 1 repeat, fewer batches, "
                      "EfficientNet-B0 at 100 frames. Not the benchmark's figures.")
 flags.DEFINE_boolean("merge", False,
