@@ -1,6 +1,6 @@
 """Shards that carry a listing's real label sets and silent 25-ms clips: what the sampling
 stream depends on (labels), without the audio. For tools/sampling_report.py at the scale of a
-real label distribution (BUILD.md "Training order and sampling": Fig. 6 on AudioSet's
+real label distribution (docs/decisions.md, "The stream, inspected": Fig. 6 on AudioSet's
 balanced_train labels).
 
   python benchmarks/label_shards.py \\

@@ -1,5 +1,5 @@
-"""Size and CPU latency of every TFLite variant of the mobile recipes (issue 5, BUILD.md
-"Deployment"): the architectures of configs/mobile_*.flags (random weights, 527 classes,
+"""Size and CPU latency of every TFLite variant of the mobile recipes (issue 5, docs/deployment.md,
+"Size and latency"): the architectures of configs/mobile_*.flags (random weights, 527 classes,
 10-s input), each exported with psla_tf.export_tflite and run by the LiteRT interpreter.
 
   python benchmarks/mobile_tflite.py [--recipes=mobile_b0,mobile_mobilenetv2] [--repeats=10]

@@ -1,6 +1,6 @@
 """PSLA's reference training, step for step in PyTorch, on psla_tf's prepared shards.
 
-The instrument of the learning comparison (BUILD.md, "Learning as the reference learns"): the
+The instrument of the learning comparison (docs/learning.md): the
 authors' model (efficientnet_pytorch ``EfficientNet.from_name(in_channels=1)`` + their
 ``MHeadAttention`` / ``Attention`` / mean pooling behind ``AvgPool2d((4, 1))``), their
 ``AudiosetDataset`` (per-clip mixup against a partner drawn with ``random.randint``,
