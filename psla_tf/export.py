@@ -4,7 +4,7 @@
 whole waveform → scores graph of a trained tagger (front end of paper Sec. II-C, CNN,
 attention pooling of Fig. 2) -- or of a checkpoint ensemble (Sec. VI) -- as plain TF ops, so
 ``tf.saved_model.load`` / ``saved_model_cli`` / TF Serving need neither Python nor the
-psla_tf custom layers. Signatures (see ``/tmp`` contract in BUILD.md "Deployment")::
+psla_tf custom layers. Signatures (see docs/deployment.md, "SavedModel")::
 
     serving_default(waveform float32 [B, S])                    → scores [B, C], embeddings [B, D]
     serving_lengths(waveform [B, S], num_samples int32 [B])     → same (zero-padded batch)

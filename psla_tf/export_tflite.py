@@ -54,13 +54,13 @@ FLOAT16_POWER_SCALE = 16.0
 # dynamic: TF op types whose kernels stay float32. The hybrid depthwise kernel quantises its
 # input per tensor, across channels whose ranges differ by orders of magnitude after the
 # folded BatchNorm; keeping the 16 depthwise kernels float (~0.5 MB of a B0) cut the mean
-# score error by ~40% on both demo models measured (BUILD.md, Deployment)
+# score error by ~40% on both demo models measured (docs/deployment.md)
 DYNAMIC_FLOAT_OPS = ("DepthwiseConv2dNative",)
 # dynamic: kernels (convolution / dense / einsum) with fewer weights than this stay float32 as
 # well. The int8 weights, not the dynamically quantised activations, make most of dynamic's
 # score error (int8 weights alone in a float graph: 86 % of it on the demo model), and per
 # weight they cost the most in the early, small layers (EfficientNet-B0 blocks 1-4 and 5a's
-# expansion: 11 % of the weights, 60 % of the error); BUILD.md, Deployment, has the measured size /
+# expansion: 11 % of the weights, 60 % of the error); docs/deployment.md has the measured size /
 # error trade-off per threshold
 DYNAMIC_FLOAT_MAX_ELEMENTS = params.DYNAMIC_FLOAT_MAX_ELEMENTS
 KERNEL_OPS = ("Conv2D", "DepthwiseConv2dNative", "MatMul", "BatchMatMulV2", "Einsum")

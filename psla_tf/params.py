@@ -25,5 +25,5 @@ MIXUP_ALPHA: float = 10.0         # Beta(alpha, alpha)
 CLAMP_EPS: float = 1e-7           # outputs clamped to [eps, 1 - eps] for BCE / attention
 
 # deployment (not in the paper): TFLite dynamic-range export keeps kernels with fewer weights
-# than this in float32 (the early, small layers; psla_tf.export_tflite, BUILD.md Deployment)
+# than this in float32 (the early, small layers; psla_tf.export_tflite, docs/deployment.md)
 DYNAMIC_FLOAT_MAX_ELEMENTS: int = 50000

@@ -16,7 +16,7 @@ Training (paper Algorithm 1, lines 1-15), per epoch e, ``sampling_order="iid"`` 
 share) is shuffled and interleaved, record i is emitted k_i ~ Poisson(N p_i) times into a
 ``shuffle_buffer`` shuffle, mixup takes its partners from a second shuffled traversal, and the
 epoch is cut at exactly ``N // batch_size`` batches (a further independent draw follows if the
-Poisson stream runs short). Its order is bursty (see BUILD.md "Training order").
+Poisson stream runs short). Its order is bursty (see docs/decisions.md, "Training order").
 
 Every random number comes from stateless ops (or tf.data shuffles with explicit seeds)
 derived from (seed, epoch, ...), so a given (seed, epoch) gives the same batches in any run:
@@ -459,7 +459,7 @@ def _iid_examples(spec: DataSpec, plan: _EpochPlan, base_seed: tf.Tensor, balanc
         raise DataError(f"{spec.files[0]}: GZIP-compressed shards cannot be read at random "
                         "offsets, which the i.i.d. sampling order needs; prepare the shards "
                         "without --compression, or pass --sampling_order=stream (sequential "
-                        "reading, bursty order: see BUILD.md)")
+                        "reading, bursty order: see docs/decisions.md)")
     n_rec = index.num_records
     if n_rec == 0:
         raise DataError(f"no readable training record in {spec.files[0]}...")

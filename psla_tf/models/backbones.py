@@ -218,7 +218,7 @@ def reinit_like_torch(model: keras.Model) -> int:
 
     Keras' EfficientNet instead draws VarianceScaling(2, fan_out): on B0 its squeeze-excite
     kernels start ~12× and its projection kernels ~6× larger, which slows learning from
-    scratch (BUILD.md, "Learning as the reference learns")."""
+    scratch (docs/learning.md, "Initialisation")."""
     count = 0
     for layer in model.layers:
         if not isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D,

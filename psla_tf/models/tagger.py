@@ -60,7 +60,7 @@ class SingleLabelScores(keras.layers.Layer):
     single-head pooling the logit of ``p`` is the head's pre-sigmoid activation, so this is
     the usual softmax classifier; class probabilities sum to 1. (The reference applies
     PyTorch's CrossEntropyLoss to the sigmoid scores themselves, which caps the top class's
-    softmax probability at e / (e + C - 1); see BUILD.md.)"""
+    softmax probability at e / (e + C - 1); see docs/decisions.md.)"""
 
     def __init__(self, **kwargs):
         kwargs["dtype"] = "float32"

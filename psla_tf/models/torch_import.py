@@ -19,7 +19,7 @@ pads for the actual input size; for B2 the two differ at ``block3a``, ``block4a`
 ``block6a`` (e.g. (2, 2) instead of (1, 2)). ``with_reference_padding`` rebuilds a model with
 the reference's paddings, so an imported model computes the reference's function.
 
-Tensor mapping (``module.`` — DataParallel — prefix optional; see BUILD.md for the table):
+Tensor mapping (``module.`` — DataParallel — prefix optional; see docs/checkpoint_import.md for the table):
 ``effnet._conv_stem`` → ``stem_conv``, ``effnet._bn0`` → ``stem_bn``,
 ``effnet._blocks.N._{expand_conv, bn0, depthwise_conv, bn1, se_reduce, se_expand,
 project_conv, bn2}`` → ``block{S}{l}_{expand_conv, expand_bn, dwconv, bn, se_reduce,

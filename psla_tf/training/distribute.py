@@ -89,7 +89,7 @@ def make_strategy(name: str = "auto", tpu: str | None = None):
         cfg = tf_config()
         if _cluster_size(cfg) < 1 or "task" not in cfg:
             raise StrategyError("--strategy=multi_worker needs TF_CONFIG with the cluster "
-                                "and this process's task (see BUILD.md, Scale and resilience)")
+                                "and this process's task (see docs/scale.md)")
         return tf.distribute.MultiWorkerMirroredStrategy()
     resolver = tf.distribute.cluster_resolver.TPUClusterResolver(
         tpu=None if tpu in (None, "", "local") else tpu)

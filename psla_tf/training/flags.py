@@ -118,7 +118,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "in the log and summary.json). Targets: scores clipped to [0, 1] (PSLA's multi-head "
       "scores can exceed 1), logits through σ(z / T).", flag_values=fv)
     F("kd_lambda", d.kd_lambda, "Weight λ of the teacher term (0: labels only, the teacher "
-      "is not read). Default chosen on validation data (BUILD.md, 'Knowledge distillation').",
+      "is not read). Default chosen on validation data (docs/distillation.md).",
       flag_values=fv)
     F("kd_temperature", d.kd_temperature, "Temperature T of the teacher targets: σ(z / T) "
       "for logit teachers, σ(logit(p) / T) for score teachers (1: the scores themselves).",
@@ -157,7 +157,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "model's front end (not in PSLA; exported models carry it): none = the dataset "
       "mean/std (the paper); cmn = each clip's per-mel-bin mean over its frames removed "
       "(level and fixed channel), then / dataset std; cmvn = per-bin mean and variance of the "
-      "clip (BUILD.md, 'Your own data').", flag_values=fv)
+      "clip (docs/decisions.md, 'Per-clip normalisation').", flag_values=fv)
     B("sync_batchnorm", d.sync_batchnorm, "With several replicas, BatchNorm uses the "
       "statistics of the global batch (the result does not depend on the device count; "
       "the reference's DataParallel uses per-GPU statistics).", flag_values=fv)
@@ -170,7 +170,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     B("save_predictions", d.save_predictions, "Save every epoch's eval scores (.npy).",
       flag_values=fv)
     B("resume", d.resume, "Continue a killed run from exp_dir's last committed epoch "
-      "(weights, optimizer, schedule, accumulators, logs; see BUILD.md).",
+      "(weights, optimizer, schedule, accumulators, logs; see docs/scale.md).",
       flag_values=fv)
     B("dry_run", d.dry_run, "Print the resolved configuration, parameter count (no "
       "pretrained weights are fetched), input length, per-epoch lr and WA window, then exit.",

@@ -176,7 +176,7 @@ def check_config(cfg: TrainConfig) -> None:
                           "XLA off while op determinism is enabled")
     if cfg.strategy == "multi_worker" and not os.environ.get("TF_CONFIG"):
         raise ConfigError("--strategy=multi_worker needs the TF_CONFIG environment variable "
-                          "(cluster and this task; see BUILD.md)")
+                          "(cluster and this task; see docs/scale.md)")
     try:
         distribute.check_precision(cfg.mixed_precision,
                                    "tpu" if cfg.tpu or cfg.strategy == "tpu" else "")
