@@ -56,7 +56,7 @@ flags.DEFINE_integer("calibration_size", 100, "int8: number of calibration clips
 flags.DEFINE_integer("float_kernel_elements", params.DYNAMIC_FLOAT_MAX_ELEMENTS, "dynamic: kernels with fewer weights stay "
                      "float32 (the early, small layers, where int8 weights cost the most "
                      "accuracy per byte saved; 0: only the depthwise kernels stay float). "
-                     "Larger: more accurate and larger (BUILD.md, Deployment).", lower_bound=0)
+                     "Larger: more accurate and larger (docs/deployment.md).", lower_bound=0)
 flags.DEFINE_integer("benchmark", 0, "After writing --tflite: time this many invocations on one "
                      "input with the LiteRT runtime at 1 and 2 threads and print the median "
                      "latency (0: skip).")

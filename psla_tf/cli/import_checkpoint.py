@@ -2,7 +2,7 @@
 
 The reference's EffNetAttention (efficientnet_pytorch EfficientNet-B{b} with a 1-channel
 stem, mean / single-head / multi-head attention pooling) is rebuilt with psla_tf's layers and
-every tensor is mapped onto it (psla_tf/models/torch_import.py; table in BUILD.md). Any
+every tensor is mapped onto it (psla_tf/models/torch_import.py; table in docs/checkpoint_import.md). Any
 missing, unexpected or mis-shaped tensor is an error listing them; nothing is loaded partially.
 The output is a waveform → scores tagger like a training run's final_model.keras, with
 labels.csv beside it, ready for tools/predict.py, tools/evaluate.py and tools/export.py.

@@ -21,7 +21,7 @@ Examples:
 
 Beside the shards: {prefix}.manifest.json (counts, fbank statistics, failures) and, for
 uncompressed shards, {prefix}.index.npz (every record's length and labels: the random access
-the default i.i.d. training order reads; BUILD.md "TFRecord schema").
+the default i.i.d. training order reads; docs/architecture.md, "TFRecord schema").
 
 Without --label_csv the vocabulary is written to labels.csv in the output folder
 (index,mid,display_name; mid = the label as written, e.g. the class folder's name) and
