@@ -9,9 +9,7 @@ balanced_train labels).
       --output_prefix=/tmp/fig6/bal_labels --num_shards=16
 """
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402

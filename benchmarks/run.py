@@ -54,7 +54,6 @@ import time
 from typing import Any, Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from absl import app, flags  # noqa: E402
@@ -362,7 +361,7 @@ def child_fbank(spec: dict) -> dict:
     of the machine's peak; kaldi-native-fbank on one thread."""
     import numpy as np
     import tensorflow as tf
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    # benchmarks/ is sys.path[0]: the child process runs this file as a script
     from plain_fbank import STAGES as PLAIN_STAGES, plain_fbank
     from psla_tf.features import kaldi_fbank
     repeats, batch = spec["repeats"], spec["batch"]

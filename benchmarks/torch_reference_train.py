@@ -36,9 +36,7 @@ import time
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from psla_tf import metrics  # noqa: E402  (numpy / scipy / sklearn only)
+from psla_tf import metrics  # NumPy / SciPy / sklearn only: no TensorFlow in the bench venv
 
 EFFNET_CHANNELS = (1280, 1280, 1408, 1536, 1792, 2048, 2304, 2560)
 DEFAULTS = {"n_epochs": 30, "batch_size": 100, "eval_batch_size": 100, "lr": 1e-4,

@@ -41,16 +41,13 @@ import tensorflow as tf
 import keras
 
 from psla_tf import params
+from psla_tf.errors import ExportError
 
 __all__ = ["ExportError", "ExportSpec", "ScoringModel", "scoring_model", "export_saved_model",
            "load_saved_model", "ServingTagger", "find_version_dir", "CLASS_MAP_ASSET",
            "default_clip_samples"]
 
 CLASS_MAP_ASSET = "class_map.csv"
-
-
-class ExportError(ValueError):
-    """A model or option that cannot be exported (the message says why)."""
 
 
 # ----------------------------------------------------------------------------- model parts

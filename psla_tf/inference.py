@@ -15,13 +15,10 @@ from typing import Callable, Iterator
 import numpy as np
 
 from psla_tf import params
+from psla_tf.errors import AudioError, VocabularyMismatch
 
 ScoreFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
 """``(waveforms [B, S] float32, num_samples [B] int32) -> scores [B, C]``."""
-
-
-class AudioError(ValueError):
-    """An audio file that cannot be used (unreadable, empty, too short, non-finite)."""
 
 
 def _open(path: str):
@@ -185,8 +182,6 @@ def top_k(scores: np.ndarray, names: list[str], k: int) -> list[tuple[str, float
 
 
 # ----------------------------------------------------------------------------- scorers
-class VocabularyMismatch(ValueError):
-    """The model's number of outputs differs from its vocabulary's number of classes."""
 
 
 class Scorer:

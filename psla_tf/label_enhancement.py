@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from psla_tf.data.records import DataError
+from psla_tf.errors import DataError
 from psla_tf.ontology import Ontology
 
 THRESHOLD_MODES = ("mean", "median", "25", "10", "5")

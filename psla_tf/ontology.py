@@ -24,7 +24,7 @@ import dataclasses
 import json
 from typing import Iterable, Sequence
 
-from psla_tf.data.records import DataError
+from psla_tf.errors import DataError
 
 ABSTRACT = ["abstract"]
 

@@ -112,7 +112,6 @@ def test_fine_tuned_learns_old_classes_from_the_source_model(runs):
 
 
 def test_append_classes_errors(runs, tmp_path):
-    sys.path.insert(0, ROOT)
     from psla_tf.data.records import DataError
     from psla_tf.training import trainer
     d, src, old_eval, train, _, _ = runs

@@ -1,8 +1,6 @@
 """Frequency / time masking (Alg. 1 lines 16-18) against torchaudio's exact distribution."""
 from __future__ import annotations
 
-import os
-
 import keras
 import numpy as np
 import pytest
@@ -165,8 +163,6 @@ def test_random_gain():
 
 
 def test_random_gain_in_training_pipeline(tmp_path):
-    import sys
-    sys.path.insert(0, os.path.dirname(__file__))
     from helpers_data import write_shards
     from psla_tf.data import pipeline
     rng = np.random.default_rng(0)

@@ -82,7 +82,6 @@ def test_markdown_and_build_md_replacement(bench, tmp_path):
 def test_pipeline_child_measures_on_one_pinned_core(tmp_path):
     """One real measurement: the full pipeline (mixup, fbank + masking in tf.data) on tiny
     shards, in a child pinned to one CPU; clips/s positive and consistent with the runs."""
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
     from helpers_data import random_labels, random_waveforms, write_shards
     rng = np.random.default_rng(0)
     glob = write_shards(str(tmp_path), random_waveforms(24, rng, 16400, 16400),

@@ -127,7 +127,6 @@ def test_kd_mirrored_equals_single_device(data, tmp_path):
 
 # ----------------------------------------------------------------------------- no training
 def _cfg(train, ev, tmp_path, **kw):
-    sys.path.insert(0, ROOT)
     from psla_tf.training import trainer
     return trainer.TrainConfig(train_data=train, eval_data=ev, exp_dir=str(tmp_path / "x"),
                                n_epochs=2, batch_size=4, wa_start=1, wa_end=2, eff_b=0,

@@ -81,7 +81,6 @@ def _child(spec: dict) -> None:
             cpu, [tf.config.LogicalDeviceConfiguration()] * spec["logical_cpus"])
     if spec.get("tf_config"):
         os.environ["TF_CONFIG"] = json.dumps(spec["tf_config"])
-    sys.path.insert(0, ROOT)
     import keras
     keras.config.disable_traceback_filtering()
     from psla_tf.training import trainer

@@ -51,8 +51,7 @@ def _pad_cut(x: np.ndarray, n: int = CLIP) -> tuple[np.ndarray, int]:
 
 def _mixed_precision_code(d: str) -> str:
     return f"""
-        import sys, numpy as np, tensorflow as tf, keras
-        sys.path.insert(0, {ROOT!r})
+        import numpy as np, tensorflow as tf, keras
         from psla_tf import export
         from psla_tf.models.tagger import build_tagger
         keras.mixed_precision.set_global_policy("mixed_float16")

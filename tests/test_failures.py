@@ -86,7 +86,6 @@ def test_nan_loss_end_to_end_exit_1(main_runs):
 def corrupt(data, tmp_path_factory):
     """Two train shards, the second cut in the middle of a record."""
     d = tmp_path_factory.mktemp("corrupt")
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from helpers_data import write_shards
     rng = np.random.default_rng(3)
     t = np.arange(6400) / 16000.0

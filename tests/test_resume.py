@@ -126,7 +126,6 @@ def test_kills_then_resume_equal_uninterrupted(data, tmp_path):
 
 def test_resume_with_other_flags_is_refused(data, tmp_path):
     """Re-running into a folder with other result-changing flags: an error, nothing loaded."""
-    sys.path.insert(0, ROOT)
     from psla_tf.training import trainer
     train, ev = data
     exp = str(tmp_path / "exp")

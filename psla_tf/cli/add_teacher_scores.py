@@ -14,13 +14,11 @@ manifest are written atomically, so a killed run leaves no partial output a read
 (run it again). Training then reads the targets with the records: no lookup per step, for any
 set size (AudioSet: 2 M clips x 527 classes add ~2 kB per 320-kB clip).
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags
 
-from absl import app, flags  # noqa: E402
+from psla_tf import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", None, "Training shards (glob; the manifest beside them).")
@@ -31,7 +29,10 @@ flags.DEFINE_string("output", None, "Output shard prefix (new shards + manifest 
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
-def main(argv):
+def main(argv: list[str] | None = None):
+    """psla-add-teacher-scores (see the module doc); ``main()`` parses sys.argv."""
+    if argv is None:
+        cli.run(main)
     if len(argv) > 1:
         print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
         return 2
@@ -56,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    main()

@@ -9,10 +9,9 @@ Examples:
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags
 
-from absl import app, flags  # noqa: E402
+from psla_tf import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoints", None, "Comma-separated checkpoints (.weights.h5 inside a run "
@@ -52,7 +51,10 @@ def _paths():
     return paths
 
 
-def main(argv):
+def main(argv: list[str] | None = None):
+    """psla-average-weights (see the module doc); ``main()`` parses sys.argv."""
+    if argv is None:
+        cli.run(main)
     del argv
     from psla_tf.data.records import DataError, write_label_csv
     from psla_tf.ensemble import average_checkpoints
@@ -90,4 +92,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

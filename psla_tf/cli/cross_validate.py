@@ -24,13 +24,10 @@ apply to every fold (see --helpfull); --val_data is set per fold.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags
 
-from absl import app, flags  # noqa: E402
-
-from psla_tf import params  # noqa: E402
-from psla_tf.training.flags import define_flags  # noqa: E402
+from psla_tf import cli, params
+from psla_tf.training.flags import define_flags
 
 FLAGS = flags.FLAGS
 define_flags()
@@ -58,7 +55,10 @@ flags.DEFINE_integer("workers", 1, "Preparation worker processes.")
 flags.DEFINE_float("max_seconds", 10.0, "Clips longer than this are cut when preparing.")
 
 
-def main(argv):
+def main(argv: list[str] | None = None):
+    """psla-cross-validate (see the module doc); ``main()`` parses sys.argv."""
+    if argv is None:
+        cli.run(main)
     del argv
     from psla_tf.data.records import DataError
     from psla_tf.training import cross_validation as cv
@@ -86,4 +86,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

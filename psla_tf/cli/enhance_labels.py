@@ -8,15 +8,13 @@
 or a TFRecord glob (then ``--output`` is the new shard prefix). ``--scores``: an .npz with
 ``ids``, ``scores`` [N, C] and optionally ``targets``, matched to the clips by id.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-from absl import app, flags  # noqa: E402
-
-from psla_tf import label_enhancement as le  # noqa: E402
-from psla_tf.data.records import DataError  # noqa: E402
+from psla_tf import cli
+from psla_tf import label_enhancement as le
+from psla_tf.errors import DataError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("train_data", None, "Datafile (.json / .csv) or TFRecord shard glob.")
@@ -36,7 +34,10 @@ flags.DEFINE_integer("top", 20, "How many top (source → added) pairs to report
 flags.mark_flags_as_required(["train_data", "scores", "ontology", "output"])
 
 
-def main(argv):
+def main(argv: list[str] | None = None):
+    """psla-enhance-labels (see the module doc); ``main()`` parses sys.argv."""
+    if argv is None:
+        cli.run(main)
     del argv
     try:
         report = le.run_enhancement(FLAGS.train_data, FLAGS.scores, FLAGS.ontology,
@@ -52,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    main()

@@ -11,10 +11,9 @@ Examples:
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags
 
-from absl import app, flags  # noqa: E402
+from psla_tf import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("scores", None, "Comma-separated score files (tools/predict.py) of the "
@@ -65,7 +64,10 @@ def _export(paths, out_dir):
     return path
 
 
-def main(argv):
+def main(argv: list[str] | None = None):
+    """psla-ensemble (see the module doc); ``main()`` parses sys.argv."""
+    if argv is None:
+        cli.run(main)
     del argv
     from psla_tf import ensemble, prediction
     from psla_tf.data.records import DataError
@@ -104,4 +106,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

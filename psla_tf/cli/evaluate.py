@@ -16,16 +16,13 @@ Examples:
       --class_counts_data='data/full_train-*.tfrecord' --class_info=qa_true_counts.csv \
       --out_dir=report
 """
-import os
+import dataclasses
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+from absl import flags
 
-import dataclasses  # noqa: E402
-
-import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from psla_tf import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("scores", None, "Score file (.npz from tools/predict.py) or a comma-"
@@ -61,7 +58,10 @@ flags.DEFINE_string("class_counts_data", None, "Training shards (glob): their ma
                     "counts as the property train_count (Table VII).")
 
 
-def main(argv):
+def main(argv: list[str] | None = None):
+    """psla-evaluate (see the module doc); ``main()`` parses sys.argv."""
+    if argv is None:
+        cli.run(main)
     del argv
     from psla_tf import evaluation, prediction
     from psla_tf.data.records import DataError, read_label_csv
@@ -201,4 +201,4 @@ def _print_analyses(s: dict) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -16,12 +16,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags
 
-from absl import app, flags  # noqa: E402
-
-from psla_tf import params  # noqa: E402  (constants only, no TensorFlow)
+from psla_tf import cli, params  # params: constants only, no TensorFlow
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Trained model: .keras file, experiment folder or "
@@ -94,7 +91,10 @@ def _clip_samples(model_path: str) -> int | None:
     return None
 
 
-def main(argv):
+def main(argv: list[str] | None = None):
+    """psla-export (see the module doc); ``main()`` parses sys.argv."""
+    if argv is None:
+        cli.run(main)
     del argv
     from psla_tf import export, export_tflite, params
     from psla_tf.data.records import DataError
@@ -183,4 +183,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

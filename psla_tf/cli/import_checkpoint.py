@@ -17,12 +17,9 @@ Example (the authors' AudioSet model, EfficientNet-B2 + 4 heads):
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags
 
-from absl import app, flags  # noqa: E402
-
-from psla_tf import params  # noqa: E402
+from psla_tf import cli, params
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "The reference's .pth state dict (keys like "
@@ -58,7 +55,10 @@ def _flag_problem() -> str | None:
     return None
 
 
-def main(argv):
+def main(argv: list[str] | None = None):
+    """psla-import-checkpoint (see the module doc); ``main()`` parses sys.argv."""
+    if argv is None:
+        cli.run(main)
     del argv
     problem = _flag_problem()
     if problem:
@@ -98,4 +98,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -15,10 +15,9 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags
 
-from absl import app, flags  # noqa: E402
+from psla_tf import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", os.environ.get("PSLA_MODEL"), "A .keras file, a training run's "
@@ -61,7 +60,10 @@ def _frame_path(path, out_dir):
     return out
 
 
-def main(argv):
+def main(argv: list[str] | None = None):
+    """psla-infer (see the module doc); ``main()`` parses sys.argv."""
+    if argv is None:
+        cli.run(main)
     files = argv[1:]
     from psla_tf import inference
     from psla_tf.data.records import DataError
@@ -137,4 +139,4 @@ def _print_text(e):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -16,10 +16,9 @@ chosen on validation has heard none of the test speakers, e.g.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import app, flags
 
-from absl import app, flags  # noqa: E402
+from psla_tf import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("fsdd_dir", None, "FSDD recordings folder ({digit}_{speaker}_{n}.wav).")
@@ -38,7 +37,10 @@ flags.DEFINE_integer("target_length", 298, "Frames the fbank statistics cover.")
 flags.DEFINE_integer("workers", 2, "Preparation worker processes.")
 
 
-def main(argv):
+def main(argv: list[str] | None = None):
+    """psla-make-fsdd-mixtures (see the module doc); ``main()`` parses sys.argv."""
+    if argv is None:
+        cli.run(main)
     del argv
     if not FLAGS.fsdd_dir or not FLAGS.out:
         raise app.UsageError("--fsdd_dir and --out are required")
@@ -86,4 +88,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -11,13 +11,11 @@ Examples:
   python tools/predict.py --model=exp/full --data='data/esc50-*.tfrecord' --ignore_labels \\
       --output=esc50_scores.npz
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags
 
-from absl import app, flags  # noqa: E402
+from psla_tf import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "A .keras file, a training run's folder (its wa_model.keras, "
@@ -44,7 +42,10 @@ flags.DEFINE_bool("ignore_labels", False, "Write scores only (no targets), whate
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
 
 
-def main(argv):
+def main(argv: list[str] | None = None):
+    """psla-predict (see the module doc); ``main()`` parses sys.argv."""
+    if argv is None:
+        cli.run(main)
     del argv
     from psla_tf import prediction
     from psla_tf.data.records import DataError
@@ -81,4 +82,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

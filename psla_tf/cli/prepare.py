@@ -32,12 +32,9 @@ own manifest (clip counts, coverage, fbank statistics).
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags
 
-from absl import app, flags  # noqa: E402
-
-from psla_tf import params  # noqa: E402
+from psla_tf import cli, params
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", None, "Listing: PSLA datafile .json, AudioSet segment CSV, or a "
@@ -92,7 +89,10 @@ def default_max_seconds(target_length: int) -> float:
     return max(10.0, samples / params.SAMPLE_RATE)
 
 
-def main(argv):
+def main(argv: list[str] | None = None):
+    """psla-prepare (see the module doc); ``main()`` parses sys.argv."""
+    if argv is None:
+        cli.run(main)
     del argv
     from psla_tf.data import prepare, sources, splits
     from psla_tf.data.records import DataError
@@ -141,4 +141,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -13,10 +13,9 @@ in training order).
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from absl import flags
 
-from absl import app, flags  # noqa: E402
+from psla_tf import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("train_data", None, "Glob of training TFRecord shards.")
@@ -38,7 +37,10 @@ flags.DEFINE_integer("shuffle_buffer", 1000, "Shuffle buffer (records; stream or
 flags.DEFINE_bool("progress", True, "Show tqdm progress bars.")
 
 
-def main(argv):
+def main(argv: list[str] | None = None):
+    """psla-sampling-report (see the module doc); ``main()`` parses sys.argv."""
+    if argv is None:
+        cli.run(main)
     del argv
     import tensorflow as tf
     from psla_tf.data import report
@@ -113,4 +115,4 @@ def _p(v) -> str:
 
 
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)))
+    main()

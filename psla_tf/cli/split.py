@@ -15,12 +15,11 @@ Writes {prefix}_train.EXT, {prefix}_val.EXT, {prefix}_test.EXT (EXT = json for d
 csv otherwise; empty splits are not written) and, for CSV/folder input, {prefix}_labels.csv
 (the vocabulary of the whole listing, for make_tfrecords --label_csv).
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-from absl import app, flags  # noqa: E402
+from psla_tf import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", None, "Listing to split (.json datafile, AudioSet CSV, plain CSV).")
@@ -44,7 +43,10 @@ flags.DEFINE_string("val_fold", None, "Group(s) of --fold_column / --group_regex
                     "validation set (comma-separated; instead of --val_fraction).")
 
 
-def main(argv):
+def main(argv: list[str] | None = None):
+    """psla-split (see the module doc); ``main()`` parses sys.argv."""
+    if argv is None:
+        cli.run(main)
     del argv
     from psla_tf.data import sources, splits
     from psla_tf.data.records import DataError, write_label_csv
@@ -82,4 +84,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -33,6 +33,7 @@ from psla_tf import params
 from psla_tf.data import records
 from psla_tf.data.records import DataError, Manifest
 from psla_tf.data.sources import Row
+from psla_tf.errors import AudioError
 
 SIDECAR_VERSION = 1
 
@@ -43,10 +44,6 @@ class PreparationFailed(DataError):
     def __init__(self, message: str, manifest: Manifest):
         super().__init__(message)
         self.manifest = manifest
-
-
-class AudioError(DataError):
-    """An audio file that cannot be used (missing, unreadable, empty, truncated, NaN/Inf)."""
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -33,14 +33,11 @@ import numpy as np
 import tensorflow as tf
 
 from psla_tf import params
+from psla_tf.errors import DataError
 
 MANIFEST_FORMAT = "psla_tf.tfrecords/1"
 TEACHER_FEATURE = "teacher"  # optional float feature (knowledge distillation)
 SHARD_RE = re.compile(r"^(?P<prefix>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.tfrecord(?P<gz>\.gz)?$")
-
-
-class DataError(ValueError):
-    """A user-facing problem with data files (bad glob, missing manifest, mismatch...)."""
 
 
 def shard_name(prefix: str, index: int, num_shards: int, compression: str = "") -> str:

@@ -26,6 +26,8 @@ from typing import Callable
 import keras
 import numpy as np
 
+from psla_tf.errors import PretrainedWeightsError
+
 __all__ = ["build_backbone", "BACKBONES", "BACKBONE_INITS", "PretrainedWeightsError",
            "stem_layer_name", "backbone_channels", "stem_kernel_from_rgb", "torch_fan_in",
            "reinit_like_torch"]
@@ -40,10 +42,6 @@ _RGB_SHAPE = (224, 224, 3)
 # "auto": the reference's initialisation where it is known (efficientnet_pytorch builds its
 # EfficientNet from torch.nn layers and keeps their default initialisation), else Keras'.
 BACKBONE_INITS = ("auto", "pytorch", "keras")
-
-
-class PretrainedWeightsError(ValueError):
-    """Pretrained weights could not be obtained or do not fit the backbone."""
 
 
 def stem_layer_name(model: str) -> str:

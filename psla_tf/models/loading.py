@@ -22,6 +22,7 @@ import os
 import keras
 
 from psla_tf.data.records import DataError, read_label_csv
+from psla_tf.errors import ModelLoadError
 
 __all__ = ["ModelLoadError", "resolve_model_path", "find_label_csv", "read_flagfile",
            "config_from_flagfile", "load_tagger", "load_vocabulary", "is_saved_model",
@@ -30,10 +31,6 @@ __all__ = ["ModelLoadError", "resolve_model_path", "find_label_csv", "read_flagf
 LABELS_FILE = "labels.csv"
 FLAGS_FILE = "flags.txt"
 _EXP_MODELS = ("wa_model.keras", "final_model.keras")
-
-
-class ModelLoadError(DataError):
-    """The model path does not name a loadable psla_tf model (message says what to pass)."""
 
 
 def _exp_dir_of(path: str) -> str | None:

@@ -45,7 +45,7 @@ import keras
 import numpy as np
 
 from psla_tf import params
-from psla_tf.data.records import DataError
+from psla_tf.errors import CheckpointImportError
 
 __all__ = ["CheckpointImportError", "REFERENCE_IMAGE_SIZE", "TensorMapping", "read_state_dict",
            "strip_module_prefix", "infer_architecture", "describe", "reference_padding",
@@ -70,10 +70,6 @@ _TOP_MODULES = {"stem_conv": "_conv_stem", "stem_bn": "_bn0", "top_conv": "_conv
 _BN_PARAMS = {"gamma": "weight", "beta": "bias", "moving_mean": "running_mean",
               "moving_variance": "running_var"}
 _BLOCK_RE = re.compile(r"^(block\d+[a-z])_(.+)$")
-
-
-class CheckpointImportError(DataError):
-    """The checkpoint cannot be read or does not fit the requested architecture."""
 
 
 @dataclasses.dataclass(frozen=True)

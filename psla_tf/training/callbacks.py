@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from psla_tf import metrics
+from psla_tf.errors import NonFiniteLossError
 
 
 def _atomic_savez(path: str, **arrays: Any) -> None:
@@ -275,10 +276,6 @@ class WeightAveraging(keras.callbacks.Callback):
         finally:
             for v, w in zip(self.model.weights, live):
                 v.assign(w)
-
-
-class NonFiniteLossError(RuntimeError):
-    """The training loss became NaN or Inf."""
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):

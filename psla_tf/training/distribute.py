@@ -21,12 +21,10 @@ import json
 import os
 from typing import Any
 
+from psla_tf.errors import StrategyError
+
 STRATEGIES = ("auto", "mirrored", "multi_worker", "tpu")
 PRECISIONS = ("none", "mixed_float16", "mixed_bfloat16")
-
-
-class StrategyError(ValueError):
-    """A strategy that cannot be set up with the given flags / environment."""
 
 
 def tf_config() -> dict[str, Any] | None:

@@ -31,80 +31,11 @@ import numpy as np
 
 from psla_tf import params
 from psla_tf.data.records import DataError
+from psla_tf.errors import ConfigError
+from psla_tf.training.config import TrainConfig
 
 SUMMARY_KEYS = ("mAP", "AUC", "d_prime", "accuracy")
 METRIC_KEYS = {"map": "mAP", "accuracy": "accuracy"}  # --metric → summary key
-
-
-class ConfigError(ValueError):
-    """A bad flag combination, reported before training starts."""
-
-
-@dataclasses.dataclass
-class TrainConfig:
-    """Every setting of a training run; defaults = the paper's full-AudioSet recipe."""
-    train_data: str | None = None
-    eval_data: str | None = None
-    val_data: str | None = None
-    exp_dir: str | None = None
-    n_epochs: int = 30
-    batch_size: int = 100
-    eval_batch_size: int = 100
-    lr: float = 1e-4
-    warmup_steps: int = 1000
-    warmup_every: int = 50
-    lrscheduler_start: int = 10
-    lrscheduler_step: int = 5
-    lrscheduler_decay: float = 0.5
-    wa: bool = True
-    wa_start: int = 16
-    wa_end: int = 30
-    balanced_sampling: bool = True
-    sampling_order: str = "iid"
-    mixup: float = params.MIXUP
-    mixup_alpha: float = params.MIXUP_ALPHA
-    random_gain_db: float = 0.0
-    random_speed: float = 0.0
-    freqm: int = params.FREQM
-    timem: int = params.TIMEM
-    target_length: int = params.TARGET_LENGTH
-    clip_samples: int | None = None
-    allow_cut_clips: bool = False
-    dataset_mean: float | None = None
-    dataset_std: float | None = None
-    model: str = "efficientnet"
-    eff_b: int = 2
-    att_head: int = 4
-    pretrained: str = "imagenet"
-    stem_init: str = "random"
-    backbone_init: str = "auto"
-    bn_momentum: float = 0.99
-    loss: str = "bce"
-    metric: str = "map"
-    init_from: str | None = None
-    freeze_backbone_epochs: int = 0
-    teacher_scores: str | None = None
-    kd_lambda: float = 0.5
-    kd_temperature: float = 1.0
-    append_classes: bool = False
-    retain_eval_data: str | None = None
-    shuffle_buffer: int = 1000
-    seed: int = 0
-    strategy: str = "auto"
-    tpu: str | None = None
-    mixed_precision: str = "none"
-    jit_compile: bool = False
-    fbank_dft: str = "auto"
-    clip_norm: str = "none"
-    sync_batchnorm: bool = True
-    deterministic: bool = False
-    skip_corrupt_records: bool = False
-    save_predictions: bool = True
-    resume: bool = True
-    dry_run: bool = False
-    demo: bool = False
-    demo_dir: str = "demo_data"
-    verbose: int = 1
 
 
 # ----------------------------------------------------------------------------- checks

@@ -1,0 +1,52 @@
+"""Train a PSLA audio tagger (paper Sec. II-B, VI): flags → psla_tf.training.trainer.run.
+
+The ``psla-train`` command; ``python main.py`` is the same.
+
+  python main.py --flagfile=configs/balanced.flags --train_data='data/bal-*.tfrecord' \\
+      --eval_data='data/eval-*.tfrecord' --exp_dir=exp/balanced
+  python main.py --flagfile=configs/demo.flags          # synthetic demo, CPU, minutes
+  python main.py --flagfile=configs/full.flags ... --dry_run   # show the plan and exit
+"""
+import sys
+
+from absl import flags
+
+from psla_tf import cli
+from psla_tf.training import flags as train_flags
+
+train_flags.define_flags()
+FLAGS = flags.FLAGS
+
+
+def main(argv: list[str] | None = None):
+    """psla-train (see the module doc); ``main()`` parses sys.argv."""
+    if argv is None:
+        cli.run(main)
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+        return 2
+    from psla_tf.data.records import DataError
+    from psla_tf.models.backbones import PretrainedWeightsError
+    from psla_tf.training import trainer
+    from psla_tf.training.callbacks import NonFiniteLossError
+    try:
+        cfg = train_flags.config_from_flags(FLAGS)
+        if cfg.demo:
+            from psla_tf.training.demo_data import prepare_demo
+            cfg = prepare_demo(cfg)
+        trainer.run(cfg)
+    except (DataError, trainer.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except PretrainedWeightsError as e:  # e.g. no network for ImageNet weights: one line
+        print(f"error: --pretrained={FLAGS.pretrained}: {' '.join(str(e).split())}",
+              file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:  # training diverged: the last good checkpoint stays
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    main()
