@@ -5,6 +5,8 @@ onto it; ``psla_tf.training.trainer`` runs it.
 from __future__ import annotations
 
 import dataclasses
+import sys
+from typing import TextIO
 
 from psla_tf import params
 
@@ -73,4 +75,17 @@ class TrainConfig:
     dry_run: bool = False
     demo: bool = False
     demo_dir: str = "demo_data"
-    verbose: int = 1
+    verbose: int | None = None   # None: fit_verbosity() chooses
+
+
+def fit_verbosity(verbose: int | None, stream: TextIO | None = None) -> int:
+    """Keras ``fit`` verbosity: ``verbose`` when given, else 1 (the progress bar) when
+    ``stream`` (default stdout) is a terminal and 2 (one line per epoch) when it is redirected
+    to a file or a pipe, where the bar's carriage returns and escape codes would fill the log."""
+    if verbose is not None:
+        return verbose
+    stream = sys.stdout if stream is None else stream
+    try:
+        return 1 if stream.isatty() else 2
+    except (AttributeError, ValueError):  # no isatty / a closed stream
+        return 2

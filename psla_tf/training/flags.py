@@ -178,8 +178,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     B("demo", d.demo, "Generate (cached) the synthetic demo dataset in --demo_dir, prepare "
       "shards, and train on it (configs/demo.flags).", flag_values=fv)
     S("demo_dir", d.demo_dir, "Cache folder of the demo dataset.", flag_values=fv)
-    I("verbose", d.verbose, "Keras fit verbosity (1 progress bar, 2 one line per epoch).",
-      flag_values=fv)
+    I("verbose", d.verbose, "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per "
+      "epoch. Default: 1 when stdout is a terminal, 2 when it is redirected to a file or pipe "
+      "(cluster logs get no progress-bar escape codes).", flag_values=fv)
 
 
 def config_from_flags(fv: flags.FlagValues = flags.FLAGS) -> TrainConfig:

@@ -32,7 +32,7 @@ import numpy as np
 from psla_tf import params
 from psla_tf.data.records import DataError
 from psla_tf.errors import ConfigError
-from psla_tf.training.config import TrainConfig
+from psla_tf.training.config import TrainConfig, fit_verbosity
 
 SUMMARY_KEYS = ("mAP", "AUC", "d_prime", "accuracy")
 METRIC_KEYS = {"map": "mAP", "accuracy": "accuracy"}  # --metric → summary key
@@ -580,7 +580,7 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
             with strategy.scope():
                 model.fit(train_ds, epochs=cfg.n_epochs, initial_epoch=initial_epoch,
                           steps_per_epoch=r.steps_per_epoch, callbacks=callbacks,
-                          verbose=cfg.verbose, shuffle=False)
+                          verbose=fit_verbosity(cfg.verbose), shuffle=False)
         except tf.errors.OpError as e:
             err = pipeline.data_error_from(e)
             if err is not None:
