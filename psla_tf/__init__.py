@@ -1,5 +1,14 @@
 """psla_tf: PSLA audio tagging (Gong, Chung, Glass) in Keras 3 / TensorFlow.
 
+The public API (README "Python API"), imported on first use:
+
+    tagger = psla_tf.load_tagger("exp/demo")      # .keras, run folder, checkpoint, SavedModel
+    psla_tf.tag(tagger, "clip.wav", top_k=3)      # [(name, score), ...]
+    psla_tf.kaldi_fbank(waveform)                 # Kaldi log-mel [..., frames, 128]
+    psla_tf.KaldiFbank()                          # the same as a Keras layer
+    psla_tf.export_saved_model(tagger.model, "serving/psla", tagger.mids, tagger.names)
+    psla_tf.export_tflite(tagger.model, "psla.tflite", tagger.mids, tagger.names)
+
 ``import psla_tf`` registers every custom Keras object psla_tf saves (front end, fbank and
 masking layers, pooling heads, optimizer, schedule, distillation loss), so
 ``keras.models.load_model`` opens any ``.keras`` file psla_tf writes:
@@ -19,3 +28,28 @@ __version__ = "0.3.0"
 from psla_tf._keras_objects import register_when_keras_loads  # noqa: E402
 
 register_when_keras_loads()
+
+# public name → the module defining it; imported on first access (PEP 562)
+_API = {
+    "load_tagger": "psla_tf.api",
+    "tag": "psla_tf.api",
+    "kaldi_fbank": "psla_tf.features",
+    "KaldiFbank": "psla_tf.features",
+    "export_saved_model": "psla_tf.export",
+    "export_tflite": "psla_tf.export_tflite",
+    "PslaError": "psla_tf.errors",
+}
+__all__ = ["__version__", *_API]
+
+
+def __getattr__(name: str):
+    if name in _API:
+        import importlib
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'psla_tf' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API))

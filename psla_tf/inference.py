@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -131,6 +131,40 @@ def tag_file(score_fn: ScoreFn, path: str, *, window_seconds: float = 10.0,
     ``frame_fn`` (e.g. :meth:`KerasScorer.frame_level`) adds each window's frame-level
     arrays to ``Window.frames``.
     """
+    return _tag_windows(score_fn, iter_windows(path, window_seconds, hop_seconds, sample_rate),
+                        path, window_seconds=window_seconds, batch_size=batch_size,
+                        pooling=pooling, sample_rate=sample_rate, frame_fn=frame_fn)
+
+
+def tag_waveform(score_fn: ScoreFn, waveform: np.ndarray, *, window_seconds: float = 10.0,
+                 hop_seconds: float = 5.0, batch_size: int = 8, pooling: str = "max",
+                 sample_rate: int = params.SAMPLE_RATE, name: str = "waveform") -> FileResult:
+    """:func:`tag_file` for a float32 mono waveform ``[samples]`` already at ``sample_rate``:
+    the same windows (``window_starts``), batches and pooling."""
+    x = np.asarray(waveform, np.float32)
+    if x.ndim != 1:
+        raise AudioError(f"{name}: expected a mono waveform [samples], got shape {x.shape}")
+    if x.size == 0:
+        raise AudioError(f"{name}: no audio samples")
+    if x.size < params.FRAME_LENGTH:
+        raise AudioError(f"{name}: {x.size} samples at {sample_rate} Hz is shorter than one "
+                         f"{params.FRAME_LENGTH}-sample frame (25 ms)")
+    if not np.all(np.isfinite(x)):
+        raise AudioError(f"{name}: contains NaN or Inf samples")
+    window = int(round(window_seconds * sample_rate))
+    hop = int(round(hop_seconds * sample_rate))
+    if window <= 0 or hop <= 0:
+        raise ValueError("window_seconds and hop_seconds must be positive")
+    windows = ((s, x[s: s + window]) for s in window_starts(x.size, window, hop))
+    return _tag_windows(score_fn, windows, name, window_seconds=window_seconds,
+                        batch_size=batch_size, pooling=pooling, sample_rate=sample_rate)
+
+
+def _tag_windows(score_fn: ScoreFn, source: Iterable[tuple[int, np.ndarray]], path: str, *,
+                 window_seconds: float, batch_size: int, pooling: str, sample_rate: int,
+                 frame_fn: Callable[[np.ndarray, np.ndarray], dict] | None = None
+                 ) -> FileResult:
+    """Score ``(start_sample, samples)`` windows in zero-padded batches; pool to clip level."""
     if pooling not in ("max", "mean"):
         raise ValueError(f"pooling must be 'max' or 'mean', got {pooling!r}")
     window = int(round(window_seconds * sample_rate))
@@ -163,7 +197,7 @@ def tag_file(score_fn: ScoreFn, path: str, *, window_seconds: float = 10.0,
         count += len(pending)
         pending.clear()
 
-    for start, w in iter_windows(path, window_seconds, hop_seconds, sample_rate):
+    for start, w in source:
         if w.size < params.FRAME_LENGTH and windows + pending:
             continue  # a sub-frame tail adds nothing the previous window did not see
         pending.append((start, w))
