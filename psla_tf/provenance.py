@@ -23,11 +23,13 @@ import subprocess
 import sys
 from typing import Any, Iterable, Sequence
 
+from psla_tf import run_folder
+
 __all__ = ["LIBRARIES", "PROVENANCE_FILE", "FLAGS_FILE", "git_state", "library_versions",
            "file_sha256", "manifest_entries", "write_provenance", "check_provenance"]
 
-PROVENANCE_FILE = "provenance.json"
-FLAGS_FILE = "flags.txt"
+PROVENANCE_FILE = run_folder.PROVENANCE_FILE
+FLAGS_FILE = run_folder.FLAGS_FILE
 LIBRARIES = ("tensorflow", "tensorflow-cpu", "keras", "numpy", "scipy", "scikit-learn",
              "soundfile", "soxr", "absl-py", "h5py", "ai-edge-litert")
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -21,6 +21,7 @@ import os
 
 import keras
 
+from psla_tf import run_folder
 from psla_tf.data.records import DataError, read_label_csv
 from psla_tf.errors import ModelLoadError
 
@@ -28,9 +29,9 @@ __all__ = ["ModelLoadError", "resolve_model_path", "find_label_csv", "read_flagf
            "config_from_flagfile", "load_tagger", "load_vocabulary", "is_saved_model",
            "load_scorer"]
 
-LABELS_FILE = "labels.csv"
-FLAGS_FILE = "flags.txt"
-_EXP_MODELS = ("wa_model.keras", "final_model.keras")
+LABELS_FILE = run_folder.LABELS_FILE
+FLAGS_FILE = run_folder.FLAGS_FILE
+_EXP_MODELS = run_folder.MODELS
 
 
 def _exp_dir_of(path: str) -> str | None:

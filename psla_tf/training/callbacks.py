@@ -24,7 +24,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from psla_tf import metrics
+from psla_tf import metrics, run_folder
 from psla_tf.errors import NonFiniteLossError
 
 
@@ -72,7 +72,7 @@ class EpochEvaluation(keras.callbacks.Callback):
         self.last_epoch: int | None = None
         if predictions_dir:
             os.makedirs(predictions_dir, exist_ok=True)
-            _atomic_save_npy(os.path.join(predictions_dir, f"{prefix}_targets.npy"),
+            _atomic_save_npy(os.path.join(predictions_dir, run_folder.targets_name(prefix)),
                              self.targets.astype(np.float32))
 
     #: predict on this process's default device with a plain loop instead of
@@ -111,7 +111,8 @@ class EpochEvaluation(keras.callbacks.Callback):
         self.history.append(dict(result, epoch=epoch + 1))
         if self.predictions_dir:
             _atomic_save_npy(os.path.join(self.predictions_dir,
-                                          f"{self.prefix}_epoch_{epoch + 1:03d}.npy"), scores)
+                                          run_folder.prediction_name(self.prefix, epoch + 1)),
+                             scores)
         if logs is not None:
             for k, v in result.items():
                 logs[f"{self.prefix}_{k}"] = v

@@ -36,6 +36,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from psla_tf import run_folder
 from psla_tf.data.records import DataError
 
 __all__ = ["fold_values", "fold_plans", "cross_validate", "aggregate", "headline_row",
@@ -294,7 +295,7 @@ def cross_validate(cfg, input_csv: str, fold_column: str = "fold",
         plan = plans[k]
         exp_k = os.path.join(cfg.exp_dir, f"fold_{k}")
         _check_plan(exp_k, plan)
-        summary_path = os.path.join(exp_k, "summary.json")
+        summary_path = run_folder.path(exp_k, run_folder.SUMMARY_FILE)
         if os.path.exists(summary_path) and not cfg.dry_run:
             with open(summary_path) as f:
                 per_fold[k] = json.load(f)

@@ -32,10 +32,12 @@ from typing import Any
 import keras
 import numpy as np
 
+from psla_tf import run_folder
 from psla_tf.data.records import DataError
 from psla_tf.training.callbacks import _atomic_savez, write_json_atomic
 
-STATE_FILE = "train_state.json"
+STATE_FILE = run_folder.STATE_FILE
+checkpoint_path = run_folder.checkpoint_path
 
 
 # ----------------------------------------------------------------------------- fault injection
@@ -78,14 +80,6 @@ def _extra_variables(model) -> list:
     return [v for v in model.variables if id(v) not in ids]
 
 
-def checkpoint_path(exp_dir: str, epoch: int) -> str:
-    return os.path.join(exp_dir, "checkpoints", f"epoch_{epoch:03d}.weights.h5")
-
-
-def _state_path(exp_dir: str, epoch: int) -> str:
-    return os.path.join(exp_dir, "checkpoints", f"state_{epoch:03d}.npz")
-
-
 class ResumeCheckpoint(keras.callbacks.Callback):
     """Commits the finished epoch (see the module doc). Must be the last epoch-end callback
     that changes state (after evaluation, ensemble, weight averaging and the CSV log)."""
@@ -106,7 +100,7 @@ class ResumeCheckpoint(keras.callbacks.Callback):
         if not self.write:  # non-chief workers: the chief writes
             return
         ckpt = checkpoint_path(self.exp_dir, e)
-        tmp = os.path.join(os.path.dirname(ckpt), f"tmp-epoch_{e:03d}.weights.h5")
+        tmp = os.path.join(os.path.dirname(ckpt), "tmp-" + run_folder.checkpoint_name(e))
         self.model.save_weights(tmp)
         if _fault_spec() and _fault_spec()[:2] == ("checkpoint", e):
             with open(tmp, "r+b") as f:  # leave a half-written file behind, then die
@@ -130,22 +124,23 @@ class ResumeCheckpoint(keras.callbacks.Callback):
             for i, s in enumerate(self.wa.sums):
                 arrays[f"wa{i}"] = s
             arrays["wa_num"] = np.asarray(len(self.wa.sums))
-        _atomic_savez(_state_path(self.exp_dir, e), **arrays)
-        state = {"epoch": e, "state": os.path.basename(_state_path(self.exp_dir, e)),
+        _atomic_savez(run_folder.state_path(self.exp_dir, e), **arrays)
+        state = {"epoch": e, "state": os.path.basename(run_folder.state_path(self.exp_dir, e)),
                  "checkpoint": os.path.basename(ckpt),
                  "num_optimizer_variables": len(opt.variables),
                  "histories": [ev.history for ev in self.evaluations]}
         state.update(self.extra_state())
         write_json_atomic(os.path.join(self.exp_dir, STATE_FILE), state)
-        for old in glob.glob(os.path.join(self.exp_dir, "checkpoints", "state_*.npz")):
-            if old != _state_path(self.exp_dir, e):  # only the committed state is kept
+        for old in glob.glob(os.path.join(self.exp_dir, run_folder.CHECKPOINTS_DIR, "state_*.npz")):
+            if old != run_folder.state_path(self.exp_dir, e):  # only the committed state is kept
                 os.remove(old)
 
 
 def clean_partial_files(exp_dir: str) -> list[str]:
     """Delete temp files a killed write left behind (they are never loaded); returns them."""
-    pats = ("*.tmp", "*.tmp.*", "tmp-*", os.path.join("checkpoints", "tmp-*"),
-            os.path.join("checkpoints", "*.tmp.*"), os.path.join("predictions", "*.tmp.*"))
+    pats = ("*.tmp", "*.tmp.*", "tmp-*", os.path.join(run_folder.CHECKPOINTS_DIR, "tmp-*"),
+            os.path.join(run_folder.CHECKPOINTS_DIR, "*.tmp.*"),
+            os.path.join(run_folder.PREDICTIONS_DIR, "*.tmp.*"))
     found = sorted({p for pat in pats for p in glob.glob(os.path.join(exp_dir, pat))})
     for p in found:
         if os.path.isfile(p):
@@ -168,10 +163,10 @@ def restore(model, exp_dir: str, evaluations: list, ensemble=None,
     returns the commit's JSON (``epoch`` = the epoch to continue after)."""
     with open(os.path.join(exp_dir, STATE_FILE)) as f:
         state = json.load(f)
-    model.load_weights(os.path.join(exp_dir, "checkpoints", state["checkpoint"]))
+    model.load_weights(os.path.join(exp_dir, run_folder.CHECKPOINTS_DIR, state["checkpoint"]))
     opt = model.optimizer
     opt.build(model.trainable_variables)
-    path = os.path.join(exp_dir, "checkpoints", state["state"])
+    path = os.path.join(exp_dir, run_folder.CHECKPOINTS_DIR, state["state"])
     with np.load(path) as z:
         n_opt = sum(1 for k in z.files if k.startswith("opt"))
         if n_opt != len(opt.variables):

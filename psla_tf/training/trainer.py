@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from psla_tf import params
+from psla_tf import params, run_folder
 from psla_tf.data.records import DataError
 from psla_tf.errors import ConfigError
 from psla_tf.training.config import TrainConfig, fit_verbosity
@@ -336,7 +336,7 @@ _RESUME_FREE_FLAGS = ("verbose", "resume", "strategy", "tpu", "jit_compile", "de
 
 def check_resume_flags(cfg: TrainConfig, exp_dir: str) -> None:
     """Resuming with flags that change the result is an error (before anything is loaded)."""
-    path = os.path.join(exp_dir, "flags.txt")
+    path = run_folder.path(exp_dir, run_folder.FLAGS_FILE)
     if not os.path.exists(path):
         return
 
@@ -448,8 +448,9 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
     if init_report is not None:
         print(init_report.describe(), flush=True)
     exp = cfg.exp_dir
-    ckpt_dir = os.path.join(exp, "checkpoints")
-    pred_dir = os.path.join(exp, "predictions") if cfg.save_predictions and chief else None
+    ckpt_dir = os.path.join(exp, run_folder.CHECKPOINTS_DIR)
+    pred_dir = (os.path.join(exp, run_folder.PREDICTIONS_DIR) if cfg.save_predictions and chief
+                else None)
     resuming = cfg.resume and resume_lib.committed_epoch(exp) > 0
     if resuming:
         check_resume_flags(cfg, exp)
@@ -470,7 +471,8 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
                    "distillation": r.kd.summary(cfg)})
         # the vocabulary travels with the models (predict / infer / export read it from here)
         from psla_tf.data.records import write_label_csv
-        write_label_csv(os.path.join(exp, "labels.csv"), r.kd.model_mids, r.kd.model_names)
+        write_label_csv(run_folder.path(exp, run_folder.LABELS_FILE), r.kd.model_mids,
+                        r.kd.model_names)
     from psla_tf.training import distill
     if r.kd.teacher_mode == "source":  # --append_classes: the source model is the teacher
         table = distill.source_teacher(source_model, r.train, r.clip_samples,
@@ -527,7 +529,7 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
     wa = None
     if cfg.wa:
         wa = cbs.WeightAveraging(cfg.wa_start, cfg.wa_end,
-                                 os.path.join(exp, "wa_model.keras") if chief else None,
+                                 run_folder.path(exp, run_folder.WA_MODEL) if chief else None,
                                  None, evaluation, val_evaluation=val_eval)
         callbacks.append(wa)
     if cfg.freeze_backbone_epochs:
@@ -634,9 +636,9 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
                   f"{summary['corrupt_records']['records_lost']} record(s) lost: "
                   + ", ".join(summary["corrupt_records"]["shards"]), flush=True)
     if chief:
-        final_path = os.path.join(exp, "final_model.keras")  # the last epoch, whole (.keras)
+        final_path = run_folder.path(exp, run_folder.FINAL_MODEL)  # the last epoch, whole (.keras)
         model.save(final_path + ".tmp.keras")
         os.replace(final_path + ".tmp.keras", final_path)
-        cbs.write_json_atomic(os.path.join(exp, "summary.json"), summary)
+        cbs.write_json_atomic(run_folder.path(exp, run_folder.SUMMARY_FILE), summary)
         print(summary_table(summary), flush=True)
     return summary, model
