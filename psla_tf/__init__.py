@@ -7,7 +7,7 @@ The public API (README "Python API"), imported on first use:
     psla_tf.kaldi_fbank(waveform)                 # Kaldi log-mel [..., frames, 128]
     psla_tf.KaldiFbank()                          # the same as a Keras layer
     psla_tf.export_saved_model(tagger.model, "serving/psla", tagger.mids, tagger.names)
-    psla_tf.export_tflite(tagger.model, "psla.tflite", tagger.mids, tagger.names)
+    psla_tf.export_tflite_model(tagger.model, "psla.tflite", tagger.mids, tagger.names)
 
 ``import psla_tf`` registers every custom Keras object psla_tf saves (front end, fbank and
 masking layers, pooling heads, optimizer, schedule, distillation loss), so
@@ -29,15 +29,16 @@ from psla_tf._keras_objects import register_when_keras_loads  # noqa: E402
 
 register_when_keras_loads()
 
-# public name → the module defining it; imported on first access (PEP 562)
+# public name → (the module defining it, its name there); imported on first access (PEP 562).
+# No public name may equal a submodule's name: importing the submodule would rebind it.
 _API = {
-    "load_tagger": "psla_tf.api",
-    "tag": "psla_tf.api",
-    "kaldi_fbank": "psla_tf.features",
-    "KaldiFbank": "psla_tf.features",
-    "export_saved_model": "psla_tf.export",
-    "export_tflite": "psla_tf.export_tflite",
-    "PslaError": "psla_tf.errors",
+    "load_tagger": ("psla_tf.api", "load_tagger"),
+    "tag": ("psla_tf.api", "tag"),
+    "kaldi_fbank": ("psla_tf.features", "kaldi_fbank"),
+    "KaldiFbank": ("psla_tf.features", "KaldiFbank"),
+    "export_saved_model": ("psla_tf.export", "export_saved_model"),
+    "export_tflite_model": ("psla_tf.export_tflite", "export_tflite"),
+    "PslaError": ("psla_tf.errors", "PslaError"),
 }
 __all__ = ["__version__", *_API]
 
@@ -45,7 +46,8 @@ __all__ = ["__version__", *_API]
 def __getattr__(name: str):
     if name in _API:
         import importlib
-        value = getattr(importlib.import_module(_API[name]), name)
+        module, attr = _API[name]
+        value = getattr(importlib.import_module(module), attr)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'psla_tf' has no attribute {name!r}")

@@ -34,7 +34,7 @@ def test_import_is_light_and_the_api_is_lazy(tmp_path):
     lines = out.splitlines()
     assert lines[0] == "False False"
     assert {"load_tagger", "tag", "kaldi_fbank", "KaldiFbank", "export_saved_model",
-            "export_tflite", "PslaError", "__version__"} <= set(eval(lines[1]))
+            "export_tflite_model", "PslaError", "__version__"} <= set(eval(lines[1]))
     assert lines[2] == "True"
 
 
@@ -121,3 +121,16 @@ def test_tag_pools_windows_of_the_model_input(tmp_path):
                                atol=1e-6)
     with pytest.raises(psla_tf.PslaError, match="NaN"):
         psla_tf.tag(tagger, np.full(4000, np.nan, np.float32))
+
+
+def test_public_names_do_not_shadow_submodules():
+    """A public name equal to a submodule's (e.g. export_tflite) would be rebound to the
+    module on import, or rebind ``from psla_tf import <module>`` to the function."""
+    import pkgutil
+    import psla_tf
+    submodules = {m.name for m in pkgutil.iter_modules(psla_tf.__path__)}
+    assert not submodules & set(psla_tf._API)
+    import psla_tf.export_tflite as module
+    assert callable(psla_tf.export_tflite_model) and hasattr(module, "read_embedded_labels")
+    from psla_tf import export_tflite
+    assert export_tflite is module
