@@ -113,7 +113,8 @@ def read_target_labels(data: str, label_csv: str | None = None
         for ex in ds.as_numpy_iterator():
             ids.append(ex["id"].decode("utf-8"))
             row = np.zeros(spec.num_classes, np.float32)
-            row[ex["labels"].values] = 1.0
+            labels = ex["labels"]  # a SparseTensorValue, or (TF ≥ 2.20) its dense values
+            row[np.asarray(getattr(labels, "values", labels), np.int64)] = 1.0
             hot.append(row)
         y = np.stack(hot) if hot else np.zeros((0, spec.num_classes), np.float32)
         return ids, y, list(spec.mids), list(spec.names)

@@ -80,6 +80,9 @@ def load_scores(path: str) -> Predictions:
     if scores.ndim != 2 or scores.shape[0] != len(ids):
         raise DataError(f"{path}: scores must be [N, C] with N = len(ids) = {len(ids)}, "
                         f"got {scores.shape}")
+    if not np.all(np.isfinite(scores)):
+        raise DataError(f"{path}: {int(np.sum(~np.isfinite(scores)))} scores are NaN or Inf "
+                        "(a diverged model?); predict them again with a working model")
     if targets is not None and targets.shape != scores.shape:
         raise DataError(f"{path}: targets {targets.shape} and scores {scores.shape} differ")
     if mids and len(mids) != scores.shape[1]:

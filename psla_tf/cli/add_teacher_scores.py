@@ -19,6 +19,7 @@ import sys
 from absl import flags
 
 from psla_tf import cli
+from psla_tf.cli.paths import OUT_PREFIX, SCORES, SHARDS, PathFlag
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data", None, "Training shards (glob; the manifest beside them).")
@@ -27,6 +28,9 @@ flags.DEFINE_string("teacher_scores", None, "Teacher score files FILE[,FILE...] 
                     "several are averaged per clip.")
 flags.DEFINE_string("output", None, "Output shard prefix (new shards + manifest + index).")
 flags.DEFINE_bool("progress", True, "Show a progress bar.")
+PATHS = {"data": PathFlag(SHARDS, many=True),
+         "teacher_scores": PathFlag(SCORES, many=True, what="teacher scores"),
+         "output": PathFlag(OUT_PREFIX)}
 
 
 def main(argv: list[str] | None = None):
@@ -38,15 +42,11 @@ def main(argv: list[str] | None = None):
         return 2
     from psla_tf.data.records import DataError
     from psla_tf.data.teacher_shards import add_teacher_scores
-    try:
-        for name in ("data", "teacher_scores", "output"):
-            if not getattr(FLAGS, name):
-                raise DataError(f"--{name} is required")
-        man = add_teacher_scores(FLAGS.data, FLAGS.teacher_scores.split(","), FLAGS.output,
-                                 progress=FLAGS.progress)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for name in ("data", "teacher_scores", "output"):
+        if not getattr(FLAGS, name):
+            raise DataError(f"--{name} is required")
+    man = add_teacher_scores(FLAGS.data, FLAGS.teacher_scores.split(","), FLAGS.output,
+                             progress=FLAGS.progress)
     t = man.extra["teacher"]
     n = t["with_teacher"] + t["without_teacher"]
     print(f"wrote {man.path}: {len(man.shards)} shards, teacher scores ({t['kind']}, "

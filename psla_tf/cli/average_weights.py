@@ -12,6 +12,7 @@ import sys
 from absl import flags
 
 from psla_tf import cli
+from psla_tf.cli.paths import OUT_FILE, PathFlag
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoints", None, "Comma-separated checkpoints (.weights.h5 inside a run "
@@ -21,6 +22,8 @@ flags.DEFINE_string("epochs", None, "With a run folder: inclusive 1-based epoch 
 flags.DEFINE_string("output", None, "Averaged model: .keras (whole model; labels.csv written "
                     "beside it) or .weights.h5 (weights only).")
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+# --checkpoints mixes globs, files and a run folder: checked by _paths()
+PATHS = {"output": PathFlag(OUT_FILE)}
 
 
 def _paths():
@@ -59,17 +62,13 @@ def main(argv: list[str] | None = None):
     from psla_tf.data.records import DataError, write_label_csv
     from psla_tf.ensemble import average_checkpoints
     from psla_tf.models.loading import find_label_csv, load_vocabulary
-    try:
-        if not FLAGS.checkpoints or not FLAGS.output:
-            raise DataError("--checkpoints and --output are required")
-        if not FLAGS.output.endswith((".keras", ".weights.h5")):
-            raise DataError("--output must end in .keras or .weights.h5")
-        paths = _paths()
-        model = average_checkpoints(paths, progress=FLAGS.progress)
-        vocab = load_vocabulary(paths[0]) if find_label_csv(paths[0]) else None
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if not FLAGS.checkpoints or not FLAGS.output:
+        raise DataError("--checkpoints and --output are required")
+    if not FLAGS.output.endswith((".keras", ".weights.h5")):
+        raise DataError("--output must end in .keras or .weights.h5")
+    paths = _paths()
+    model = average_checkpoints(paths, progress=FLAGS.progress)
+    vocab = load_vocabulary(paths[0]) if find_label_csv(paths[0]) else None
     out = os.path.abspath(FLAGS.output)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     suffix = ".keras" if out.endswith(".keras") else ".weights.h5"

@@ -22,11 +22,11 @@ the folds whose summary.json exists and keeps finished shards. All training flag
 apply to every fold (see --helpfull); --val_data is set per fold.
 """
 import os
-import sys
 
 from absl import flags
 
 from psla_tf import cli, params
+from psla_tf.cli.paths import FOLDER, LABEL_CSV, LISTING, OUT_DIR, TRAINING, PathFlag
 from psla_tf.training.flags import define_flags
 
 FLAGS = flags.FLAGS
@@ -54,6 +54,11 @@ flags.DEFINE_string("label_csv", None, "Vocabulary CSV (default: labels seen, wr
 flags.DEFINE_integer("workers", 1, "Preparation worker processes.")
 flags.DEFINE_float("max_seconds", 10.0, "Clips longer than this are cut when preparing.")
 
+PATHS = {**TRAINING, "input": PathFlag(LISTING, folder_ok=False),
+         "audio_root": PathFlag(FOLDER), "label_csv": PathFlag(LABEL_CSV),
+         "data_dir": PathFlag(OUT_DIR, overwrite="resume"),
+         "exp_dir": PathFlag(OUT_DIR, overwrite="resume")}
+
 
 def main(argv: list[str] | None = None):
     """psla-cross-validate (see the module doc); ``main()`` parses sys.argv."""
@@ -63,25 +68,23 @@ def main(argv: list[str] | None = None):
     from psla_tf.data.records import DataError
     from psla_tf.training import cross_validation as cv
     from psla_tf.training.flags import config_from_flags
-    from psla_tf.training.trainer import ConfigError
-    try:
-        if not FLAGS.input:
-            raise DataError("--input (a CSV with a group column) is required")
-        if not FLAGS.exp_dir:
-            raise DataError("--exp_dir is required")
-        cfg = config_from_flags()
-        result = cv.cross_validate(
-            cfg, FLAGS.input, fold_column=FLAGS.fold_column, folds=FLAGS.folds,
-            data_dir=FLAGS.data_dir or os.path.join(FLAGS.exp_dir, "data"),
-            audio_root=FLAGS.audio_root, label_csv=FLAGS.label_csv, workers=FLAGS.workers,
-            max_seconds=FLAGS.max_seconds,
-            target_length=FLAGS.target_length or params.TARGET_LENGTH,
-            group_regex=FLAGS.group_regex,
-            val_groups=0 if FLAGS.val_fraction else FLAGS.val_groups,
-            val_fraction=FLAGS.val_fraction, val_seed=FLAGS.val_seed)
-    except (DataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if not FLAGS.input:
+        raise DataError("--input (a CSV with a group column) is required")
+    if not FLAGS.exp_dir:
+        raise DataError("--exp_dir is required")
+    cfg = config_from_flags()
+    if cfg.teacher_scores and cfg.teacher_scores != "stored":  # read before any fold is made
+        from psla_tf.data.teacher import load_teacher
+        load_teacher(cfg.teacher_scores.split(","))
+    result = cv.cross_validate(
+        cfg, FLAGS.input, fold_column=FLAGS.fold_column, folds=FLAGS.folds,
+        data_dir=FLAGS.data_dir or os.path.join(FLAGS.exp_dir, "data"),
+        audio_root=FLAGS.audio_root, label_csv=FLAGS.label_csv, workers=FLAGS.workers,
+        max_seconds=FLAGS.max_seconds,
+        target_length=FLAGS.target_length or params.TARGET_LENGTH,
+        group_regex=FLAGS.group_regex,
+        val_groups=0 if FLAGS.val_fraction else FLAGS.val_groups,
+        val_fraction=FLAGS.val_fraction, val_seed=FLAGS.val_seed)
     print(cv.report(result))
 
 

@@ -8,11 +8,11 @@
 or a TFRecord glob (then ``--output`` is the new shard prefix). ``--scores``: an .npz with
 ``ids``, ``scores`` [N, C] and optionally ``targets``, matched to the clips by id.
 """
-import sys
 
 from absl import flags
 
 from psla_tf import cli
+from psla_tf.cli.paths import DATA, JSON, LABEL_CSV, OUT_FILE, SCORES, PathFlag
 from psla_tf import label_enhancement as le
 from psla_tf.errors import DataError
 
@@ -30,8 +30,11 @@ flags.DEFINE_enum("fix", "both", list(le.FIX_TYPES),
 flags.DEFINE_string("output", None, "Enhanced datafile (same format) or TFRecord prefix.")
 flags.DEFINE_string("report", None, "Report path without extension (default {output}.report); "
                     ".json and .md are written.")
-flags.DEFINE_integer("top", 20, "How many top (source → added) pairs to report.")
+flags.DEFINE_integer("top", 20, "How many top (source → added) pairs to report.", lower_bound=0)
 flags.mark_flags_as_required(["train_data", "scores", "ontology", "output"])
+PATHS = {"train_data": PathFlag(DATA, folder_ok=False), "scores": PathFlag(SCORES),
+         "label_csv": PathFlag(LABEL_CSV), "ontology": PathFlag(JSON, what="ontology"),
+         "output": PathFlag(OUT_FILE), "report": PathFlag(OUT_FILE)}
 
 
 def main(argv: list[str] | None = None):
@@ -45,7 +48,7 @@ def main(argv: list[str] | None = None):
                                     threshold=FLAGS.threshold, fix=FLAGS.fix,
                                     report_path=FLAGS.report, top=FLAGS.top)
     except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        cli.fail(e)
         return 2
     print(le.report_markdown(report))
     print(f"wrote {report['output']} and {', '.join(report['report_files'])}")

@@ -14,6 +14,7 @@ import sys
 from absl import flags
 
 from psla_tf import cli
+from psla_tf.cli.paths import DATA, LABEL_CSV, MODEL, OUT_DIR, OUT_FILE, SCORES, PathFlag
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("scores", None, "Comma-separated score files (tools/predict.py) of the "
@@ -25,9 +26,13 @@ flags.DEFINE_string("output", None, "Ensemble scores .npz (optional).")
 flags.DEFINE_string("export", None, "With --models (Keras models): folder to save the ensemble "
                     "as one Keras model, DIR/ensemble.keras with DIR/labels.csv.")
 flags.DEFINE_string("label_csv", None, "Class map of Keras members without a labels.csv.")
-flags.DEFINE_integer("batch_size", 32, "Clips per forward pass with --models.")
+flags.DEFINE_integer("batch_size", 32, "Clips per forward pass with --models.", lower_bound=1)
 flags.DEFINE_string("json", None, "Also write the Table XI row (and member mAPs) as JSON here.")
 flags.DEFINE_bool("progress", True, "Show tqdm progress bars.")
+PATHS = {"scores": PathFlag(SCORES, many=True), "models": PathFlag(MODEL, many=True),
+         "data": PathFlag(DATA), "label_csv": PathFlag(LABEL_CSV),
+         "output": PathFlag(OUT_FILE), "json": PathFlag(OUT_FILE),
+         "export": PathFlag(OUT_DIR, overwrite="merge")}
 
 
 def _members(paths):
@@ -72,24 +77,20 @@ def main(argv: list[str] | None = None):
     from psla_tf import ensemble, prediction
     from psla_tf.data.records import DataError
     from psla_tf.training.callbacks import write_json_atomic
-    try:
-        if bool(FLAGS.scores) == bool(FLAGS.models):
-            raise DataError("give exactly one of --scores or --models")
-        if FLAGS.models and not FLAGS.data:
-            raise DataError("--models needs --data (the clips to score)")
-        if FLAGS.export and not FLAGS.models:
-            raise DataError("--export needs --models (score files hold no weights)")
-        paths = [p.strip() for p in (FLAGS.scores or FLAGS.models).split(",") if p.strip()]
-        if len(paths) < 2:
-            raise DataError(f"an ensemble needs at least 2 members, got {len(paths)}")
-        preds = ([prediction.load_scores(p) for p in paths] if FLAGS.scores
-                 else _members(paths))
-        ens = ensemble.average_predictions(preds, paths)
-        row = ensemble.ensemble_table(preds, paths) if ens.targets is not None else None
-        exported = _export(paths, FLAGS.export) if FLAGS.export else None
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if bool(FLAGS.scores) == bool(FLAGS.models):
+        raise DataError("give exactly one of --scores or --models")
+    if FLAGS.models and not FLAGS.data:
+        raise DataError("--models needs --data (the clips to score)")
+    if FLAGS.export and not FLAGS.models:
+        raise DataError("--export needs --models (score files hold no weights)")
+    paths = [p.strip() for p in (FLAGS.scores or FLAGS.models).split(",") if p.strip()]
+    if len(paths) < 2:
+        raise DataError(f"an ensemble needs at least 2 members, got {len(paths)}")
+    preds = ([prediction.load_scores(p) for p in paths] if FLAGS.scores
+             else _members(paths))
+    ens = ensemble.average_predictions(preds, paths)
+    row = ensemble.ensemble_table(preds, paths) if ens.targets is not None else None
+    exported = _export(paths, FLAGS.export) if FLAGS.export else None
     if FLAGS.output:
         prediction.save_scores(FLAGS.output, ens)
         print(f"wrote {FLAGS.output}: {len(ens.ids)} clips x {ens.scores.shape[1]} classes")

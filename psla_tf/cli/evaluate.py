@@ -17,12 +17,12 @@ Examples:
       --out_dir=report
 """
 import dataclasses
-import sys
 
 import numpy as np
 from absl import flags
 
 from psla_tf import cli
+from psla_tf.cli.paths import DATA, LABEL_CSV, OUT_DIR, SCORES, SHARDS, TABLE, PathFlag
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("scores", None, "Score file (.npz from tools/predict.py) or a comma-"
@@ -31,12 +31,12 @@ flags.DEFINE_string("scores", None, "Score file (.npz from tools/predict.py) or 
 flags.DEFINE_string("label_csv", None, "Class map index,mid,display_name (default: the mids "
                     "and names stored in the score file).")
 flags.DEFINE_string("out_dir", None, "Output folder: metrics.json, classes.csv, sorted_ap.png.")
-flags.DEFINE_integer("show", 5, "Best and worst classes printed.")
+flags.DEFINE_integer("show", 5, "Best and worst classes printed.", lower_bound=0)
 flags.DEFINE_string("data", None, "The TFRecord shards the scores were predicted on (glob): "
                     "their manifests say how many clips the input listed, so the report "
                     "states the coverage (scored of listed clips) next to mAP.")
 flags.DEFINE_integer("listed", None, "How many clips the evaluation set lists (instead of "
-                     "--data, e.g. the rows of the original CSV).")
+                     "--data, e.g. the rows of the original CSV).", lower_bound=0)
 flags.DEFINE_string("class_map", None, "Evaluate the scores on a set with another vocabulary "
                     "(paper Table IX): mid (same MIDs, e.g. FSD50K), name (same display "
                     "names) or a CSV target,source of MIDs / names (several sources per target "
@@ -57,6 +57,15 @@ flags.DEFINE_string("class_info", None, "CSV of per-class numbers (a mid/label_i
 flags.DEFINE_string("class_counts_data", None, "Training shards (glob): their manifest's class "
                     "counts as the property train_count (Table VII).")
 
+PATHS = {"scores": PathFlag(SCORES, many=True), "label_csv": PathFlag(LABEL_CSV),
+         "data": PathFlag(SHARDS, many=True, hint="pass the TFRecord shards the scores were "
+                          "predicted on (a glob with a manifest); for a listing use --listed=N"),
+         "class_map": PathFlag(TABLE, keywords=("mid", "name")),
+         "target_data": PathFlag(DATA), "target_label_csv": PathFlag(LABEL_CSV),
+         "compare_scores": PathFlag(SCORES, many=True), "class_info": PathFlag(TABLE),
+         "class_counts_data": PathFlag(SHARDS, many=True),
+         "out_dir": PathFlag(OUT_DIR, overwrite="merge")}
+
 
 def main(argv: list[str] | None = None):
     """psla-evaluate (see the module doc); ``main()`` parses sys.argv."""
@@ -65,47 +74,43 @@ def main(argv: list[str] | None = None):
     del argv
     from psla_tf import evaluation, prediction
     from psla_tf.data.records import DataError, read_label_csv
-    try:
-        if not FLAGS.scores or not FLAGS.out_dir:
-            raise DataError("--scores and --out_dir are required")
-        paths = [p.strip() for p in FLAGS.scores.split(",") if p.strip()]
-        preds = [prediction.load_scores(p) for p in paths]
-        if FLAGS.label_csv:
-            mids, names = read_label_csv(FLAGS.label_csv)
-            if preds[0].mids and preds[0].mids != mids:
-                raise DataError(f"{FLAGS.label_csv} does not match the class map stored in "
-                                f"{paths[0]}")
-        elif preds[0].mids:
-            mids, names = preds[0].mids, preds[0].names
-        else:
-            raise DataError(f"{paths[0]} stores no class map; pass --label_csv")
-        mapping = None
-        own_vocab = (list(mids), list(names))   # the scores' own class map
-        if FLAGS.class_map or FLAGS.target_data:
-            if not (FLAGS.class_map and FLAGS.target_data):
-                raise DataError("--class_map and --target_data go together")
-            preds, mids, names, mapping = _map_classes(preds, mids, names)
-        listed, written, source = FLAGS.listed, None, None
-        if FLAGS.data:
-            if not prediction.is_record_glob(FLAGS.data):
-                raise DataError("--data must be the TFRecord shards the scores were predicted "
-                                "on (a glob with a manifest); for a listing use --listed=N")
-            from psla_tf.data.records import load_data_spec
-            spec = load_data_spec(FLAGS.data)
-            if list(spec.mids) != list(mids):
-                raise DataError(f"--data {FLAGS.data}: its vocabulary differs from the "
-                                "scores' class map")
-            written, source = int(spec.num_examples), FLAGS.data
-            if listed is None:
-                listed = int(spec.listed)
-        report = evaluation.evaluation_report(preds, mids, names, paths, listed=listed,
-                                              written=written, coverage_source=source)
-        extra = _analyses(report, own_vocab, mids, names, mapping)
-        report["summary"].update(extra)
-        files = evaluation.write_report(report, names, FLAGS.out_dir)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    if not FLAGS.scores or not FLAGS.out_dir:
+        raise DataError("--scores and --out_dir are required")
+    paths = [p.strip() for p in FLAGS.scores.split(",") if p.strip()]
+    preds = [prediction.load_scores(p) for p in paths]
+    if FLAGS.label_csv:
+        mids, names = read_label_csv(FLAGS.label_csv)
+        if preds[0].mids and preds[0].mids != mids:
+            raise DataError(f"{FLAGS.label_csv} does not match the class map stored in "
+                            f"{paths[0]}")
+    elif preds[0].mids:
+        mids, names = preds[0].mids, preds[0].names
+    else:
+        raise DataError(f"{paths[0]} stores no class map; pass --label_csv")
+    mapping = None
+    own_vocab = (list(mids), list(names))   # the scores' own class map
+    if FLAGS.class_map or FLAGS.target_data:
+        if not (FLAGS.class_map and FLAGS.target_data):
+            raise DataError("--class_map and --target_data go together")
+        preds, mids, names, mapping = _map_classes(preds, mids, names)
+    listed, written, source = FLAGS.listed, None, None
+    if FLAGS.data:
+        if not prediction.is_record_glob(FLAGS.data):
+            raise DataError("--data must be the TFRecord shards the scores were predicted "
+                            "on (a glob with a manifest); for a listing use --listed=N")
+        from psla_tf.data.records import load_data_spec
+        spec = load_data_spec(FLAGS.data)
+        if list(spec.mids) != list(mids):
+            raise DataError(f"--data {FLAGS.data}: its vocabulary differs from the "
+                            "scores' class map")
+        written, source = int(spec.num_examples), FLAGS.data
+        if listed is None:
+            listed = int(spec.listed)
+    report = evaluation.evaluation_report(preds, mids, names, paths, listed=listed,
+                                          written=written, coverage_source=source)
+    extra = _analyses(report, own_vocab, mids, names, mapping)
+    report["summary"].update(extra)
+    files = evaluation.write_report(report, names, FLAGS.out_dir)
     s = report["summary"]
     runs = f" (mean of {len(paths)} runs)" if len(paths) > 1 else ""
     print(f"{s['num_examples']} clips, {s['num_classes_evaluated']}/{s['num_classes']} classes "

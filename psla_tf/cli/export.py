@@ -12,13 +12,12 @@ Examples:
 --model is anything psla_tf.models.loading.load_tagger accepts: a .keras file (also an
 ensemble from tools/ensemble.py), an experiment folder, or checkpoints/epoch_NNN.weights.h5.
 """
-import json
 import os
-import sys
 
 from absl import flags
 
 from psla_tf import cli, params  # params: constants only, no TensorFlow
+from psla_tf.cli.paths import LABEL_CSV, MODEL, OUT_DIR, OUT_FILE, SHARDS, PathFlag
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "Trained model: .keras file, experiment folder or "
@@ -27,10 +26,12 @@ flags.DEFINE_string("label_csv", None, "Vocabulary CSV index,mid,display_name (d
                     "labels.csv beside the model / in its experiment folder).")
 flags.DEFINE_string("saved_model_dir", None, "Write a TF Serving SavedModel to "
                     "DIR/<version>/.")
-flags.DEFINE_integer("version", 1, "SavedModel version folder (TF Serving serves the highest).")
+flags.DEFINE_integer("version", 1, "SavedModel version folder (TF Serving serves the highest).",
+                     lower_bound=0)
 flags.DEFINE_bool("overwrite", False, "Replace an existing DIR/<version>/.")
 flags.DEFINE_integer("clip_samples", None, "Training input length in samples (default: the "
-                     "run's --clip_samples from flags.txt, else (target_length-1)*160+400).")
+                     "run's --clip_samples from flags.txt, else (target_length-1)*160+400).",
+                     lower_bound=400)
 flags.DEFINE_bool("windowed", False, "Score inputs longer than the training length as windows "
                   "(max-pooled scores, mean-pooled embeddings), like tools/infer.py; without "
                   "it longer inputs are cut.")
@@ -46,22 +47,23 @@ flags.DEFINE_string("tflite", None, "Write a TFLite/LiteRT model here, with TFLi
 flags.DEFINE_enum("quantize", "none", ["none", "float16", "dynamic", "int8"],
                   "TFLite quantisation: none (float32), float16 weights, dynamic (int8 weights), "
                   "int8 (full integer, needs --calibration_data).")
-flags.DEFINE_float("tflite_seconds", 10.0, "TFLite fixed input length in seconds.")
+flags.DEFINE_float("tflite_seconds", None, "TFLite fixed input length in seconds (default: "
+                   "the model's input length; with --windowed at least 10 s).")
 flags.DEFINE_string("calibration_data", None, "int8: TFRecord shard glob of representative "
                     "clips (e.g. the training set).")
-flags.DEFINE_integer("calibration_size", 100, "int8: number of calibration clips.")
+flags.DEFINE_integer("calibration_size", 100, "int8: number of calibration clips.", lower_bound=1)
 flags.DEFINE_integer("float_kernel_elements", params.DYNAMIC_FLOAT_MAX_ELEMENTS, "dynamic: kernels with fewer weights stay "
                      "float32 (the early, small layers, where int8 weights cost the most "
                      "accuracy per byte saved; 0: only the depthwise kernels stay float). "
                      "Larger: more accurate and larger (docs/deployment.md).", lower_bound=0)
 flags.DEFINE_integer("benchmark", 0, "After writing --tflite: time this many invocations on one "
                      "input with the LiteRT runtime at 1 and 2 threads and print the median "
-                     "latency (0: skip).")
+                     "latency (0: skip).", lower_bound=0)
 flags.DEFINE_string("compare_data", None, "After writing --tflite: score these TFRecord "
                     "shards (glob) with the .tflite and the Keras model; print the score "
                     "differences and both mAPs, and write them to OUT.compare.json.")
 flags.DEFINE_integer("compare_size", None, "--compare_data: at most this many clips "
-                     "(default: all).")
+                     "(default: all).", lower_bound=1)
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar during int8 calibration.")
 flags.DEFINE_string("onnx", None, "Write an ONNX model here (waveform [batch, samples] in, "
                     "scores [batch, C] out; + OUT.labels.txt and OUT.json beside it). Needs "
@@ -77,6 +79,12 @@ flags.DEFINE_string("model_license", "unspecified (set with tools/export.py --mo
                     "your training data allows).")
 flags.DEFINE_string("model_author", "psla_tf", "Author in the metadata.")
 
+PATHS = {"model": PathFlag(MODEL), "label_csv": PathFlag(LABEL_CSV),
+         "calibration_data": PathFlag(SHARDS, many=True),
+         "compare_data": PathFlag(SHARDS, many=True),
+         "saved_model_dir": PathFlag(OUT_DIR, overwrite="refuse"),
+         "tflite": PathFlag(OUT_FILE), "onnx": PathFlag(OUT_FILE)}
+
 
 def _clip_samples(model_path: str) -> int | None:
     from psla_tf.models import loading
@@ -91,95 +99,108 @@ def _clip_samples(model_path: str) -> int | None:
     return None
 
 
+def check_flags() -> None:
+    """The flag errors that need no file (before the paths are checked)."""
+    from psla_tf.errors import DataError
+    if not FLAGS.model:
+        raise DataError("--model is required")
+    if not FLAGS.saved_model_dir and not FLAGS.tflite and not FLAGS.onnx:
+        raise DataError("nothing to do: give --saved_model_dir, --tflite and/or --onnx")
+    if FLAGS.onnx and not 13 <= FLAGS.onnx_opset <= 18:
+        raise DataError(f"--onnx_opset must be in 13..18, got {FLAGS.onnx_opset}")
+    if FLAGS.quantize == "int8" and FLAGS.tflite and not FLAGS.calibration_data:
+        raise DataError("--quantize=int8 needs --calibration_data (a TFRecord shard glob)")
+    if (FLAGS.tflite_seconds is not None
+            and FLAGS.tflite_seconds * params.SAMPLE_RATE < params.FRAME_LENGTH):
+        raise DataError("--tflite_seconds must be at least 0.025 (one 25-ms frame)")
+    for name in ("window_seconds", "hop_seconds"):
+        v = getattr(FLAGS, name)
+        if v is not None and v <= 0:
+            raise DataError(f"--{name} must be positive")
+    if FLAGS.saved_model_dir and not FLAGS.overwrite:
+        out = os.path.join(FLAGS.saved_model_dir, str(FLAGS.version))
+        if os.path.exists(out):
+            raise DataError(f"{out} already exists (choose another --version or --overwrite)")
+
+
 def main(argv: list[str] | None = None):
     """psla-export (see the module doc); ``main()`` parses sys.argv."""
     if argv is None:
         cli.run(main)
     del argv
     from psla_tf import export, export_tflite, params
-    from psla_tf.data.records import DataError
     from psla_tf.models import loading
-    try:
-        if not FLAGS.model:
-            raise DataError("--model is required")
-        if not FLAGS.saved_model_dir and not FLAGS.tflite and not FLAGS.onnx:
-            raise DataError("nothing to do: give --saved_model_dir, --tflite and/or --onnx")
-        if FLAGS.onnx and not 13 <= FLAGS.onnx_opset <= 18:
-            raise DataError(f"--onnx_opset must be in 13..18, got {FLAGS.onnx_opset}")
-        if FLAGS.quantize == "int8" and FLAGS.tflite and not FLAGS.calibration_data:
-            raise DataError("--quantize=int8 needs --calibration_data (a TFRecord shard glob)")
-        if FLAGS.tflite_seconds * params.SAMPLE_RATE < params.FRAME_LENGTH:
-            raise DataError("--tflite_seconds must be at least 0.025 (one 25-ms frame)")
-        for name in ("window_seconds", "hop_seconds"):
-            v = getattr(FLAGS, name)
-            if v is not None and v <= 0:
-                raise DataError(f"--{name} must be positive")
-        model = loading.load_tagger(FLAGS.model)
-        mids, names = loading.load_vocabulary(FLAGS.model, FLAGS.label_csv)
-        kw = dict(clip_samples=_clip_samples(FLAGS.model), windowed=FLAGS.windowed,
-                  window=int(round((FLAGS.window_seconds or 0) * params.SAMPLE_RATE)),
-                  hop=int(round((FLAGS.hop_seconds or 0) * params.SAMPLE_RATE)),
-                  clip_scores=FLAGS.clip_scores)
-        info = dict(name=FLAGS.model_name or "", description=FLAGS.model_description or "",
-                    version=FLAGS.model_version or "", license=FLAGS.model_license or "",
-                    author=FLAGS.model_author or "")
-        if FLAGS.saved_model_dir:
-            out = export.export_saved_model(model, FLAGS.saved_model_dir, mids, names,
-                                            version=FLAGS.version, overwrite=FLAGS.overwrite,
-                                            **kw)
-            print(f"SavedModel: {out}")
-        if FLAGS.tflite:
-            calibration, bar = None, None
-            if FLAGS.quantize == "int8":
-                calibration = export_tflite.calibration_clips(
-                    FLAGS.calibration_data, int(round(FLAGS.tflite_seconds * params.SAMPLE_RATE)),
-                    FLAGS.calibration_size)
-                if FLAGS.progress:
-                    from tqdm import tqdm
-                    bar = tqdm(total=len(calibration), desc="calibration", unit="clip")
-            meta = export_tflite.export_tflite(
-                model, FLAGS.tflite, mids, names, quantize=FLAGS.quantize,
-                seconds=FLAGS.tflite_seconds, calibration=calibration,
-                float_kernel_elements=FLAGS.float_kernel_elements,
-                progress=(lambda i: bar.update(1)) if bar else None, model_info=info, **kw)
+    check_flags()
+    mids, names = loading.load_vocabulary(FLAGS.model, FLAGS.label_csv)
+    model = loading.load_tagger(FLAGS.model)
+    clip_samples = _clip_samples(FLAGS.model)
+    # the TFLite input: the model's own input length unless --tflite_seconds is given
+    tflite_seconds = FLAGS.tflite_seconds
+    if tflite_seconds is None:
+        tflite_seconds = (clip_samples or export.default_clip_samples(model)) / params.SAMPLE_RATE
+        if FLAGS.windowed:  # windows of the model's length over a 10-s clip (AudioSet's)
+            tflite_seconds = max(tflite_seconds, 10.0)
+    kw = dict(clip_samples=clip_samples, windowed=FLAGS.windowed,
+              window=int(round((FLAGS.window_seconds or 0) * params.SAMPLE_RATE)),
+              hop=int(round((FLAGS.hop_seconds or 0) * params.SAMPLE_RATE)),
+              clip_scores=FLAGS.clip_scores)
+    info = dict(name=FLAGS.model_name or "", description=FLAGS.model_description or "",
+                version=FLAGS.model_version or "", license=FLAGS.model_license or "",
+                author=FLAGS.model_author or "")
+    if FLAGS.saved_model_dir:
+        out = export.export_saved_model(model, FLAGS.saved_model_dir, mids, names,
+                                        version=FLAGS.version, overwrite=FLAGS.overwrite,
+                                        **kw)
+        print(f"SavedModel: {out}")
+    if FLAGS.tflite:
+        calibration, bar = None, None
+        if FLAGS.quantize == "int8":
+            calibration = export_tflite.calibration_clips(
+                FLAGS.calibration_data, int(round(tflite_seconds * params.SAMPLE_RATE)),
+                FLAGS.calibration_size)
+            if FLAGS.progress:
+                from tqdm import tqdm
+                bar = tqdm(total=len(calibration), desc="calibration", unit="clip")
+        meta = export_tflite.export_tflite(
+            model, FLAGS.tflite, mids, names, quantize=FLAGS.quantize,
+            seconds=tflite_seconds, calibration=calibration,
+            float_kernel_elements=FLAGS.float_kernel_elements,
+            progress=(lambda i: bar.update(1)) if bar else None, model_info=info, **kw)
+        if bar:
+            bar.close()
+        print(f"TFLite ({FLAGS.quantize}): {FLAGS.tflite} ({meta['size_bytes']} bytes, "
+              f"input {meta['input_samples']} samples)")
+        if FLAGS.benchmark > 0:
+            for threads in (1, 2):
+                t = export_tflite.TFLiteTagger(FLAGS.tflite, num_threads=threads).latency(
+                    FLAGS.benchmark)
+                print(f"latency ({threads} thread{'s' if threads > 1 else ''}): "
+                      f"{t * 1000:.1f} ms per {tflite_seconds:g}-s input")
+        if FLAGS.compare_data:
+            bar = None
+            if FLAGS.progress:
+                from tqdm import tqdm
+                bar = tqdm(desc="compare", unit="clip", total=FLAGS.compare_size)
+            res = export_tflite.compare_with_keras(
+                model, FLAGS.tflite, FLAGS.compare_data, limit=FLAGS.compare_size,
+                progress=(lambda i: bar.update(1)) if bar else None)
             if bar:
                 bar.close()
-            print(f"TFLite ({FLAGS.quantize}): {FLAGS.tflite} ({meta['size_bytes']} bytes, "
-                  f"input {meta['input_samples']} samples)")
-            if FLAGS.benchmark > 0:
-                for threads in (1, 2):
-                    t = export_tflite.TFLiteTagger(FLAGS.tflite, num_threads=threads).latency(
-                        FLAGS.benchmark)
-                    print(f"latency ({threads} thread{'s' if threads > 1 else ''}): "
-                          f"{t * 1000:.1f} ms per {FLAGS.tflite_seconds:g}-s input")
-            if FLAGS.compare_data:
-                bar = None
-                if FLAGS.progress:
-                    from tqdm import tqdm
-                    bar = tqdm(desc="compare", unit="clip", total=FLAGS.compare_size)
-                res = export_tflite.compare_with_keras(
-                    model, FLAGS.tflite, FLAGS.compare_data, limit=FLAGS.compare_size,
-                    progress=(lambda i: bar.update(1)) if bar else None)
-                if bar:
-                    bar.close()
-                path = os.path.splitext(FLAGS.tflite)[0] + ".compare.json"
-                with open(path, "w") as f:
-                    json.dump(res, f, indent=1)
-                line = (f"vs Keras on {res['clips']} clips: max |d| {res['max_abs_diff']:.2e}, "
-                        f"mean {res['mean_abs_diff']:.2e}, p99 {res['p99_abs_diff']:.2e}")
-                if "mAP_diff" in res:
-                    line += (f"; mAP Keras {res['keras_mAP']:.4f}, TFLite "
-                             f"{res['tflite_mAP']:.4f} ({res['mAP_diff']:+.4f})")
-                print(line + f"  [{path}]")
-        if FLAGS.onnx:
-            from psla_tf import export_onnx
-            meta = export_onnx.export_onnx(model, FLAGS.onnx, mids, names,
-                                           opset=FLAGS.onnx_opset, model_info=info, **kw)
-            print(f"ONNX (opset {meta['opset']}): {FLAGS.onnx} ({meta['size_bytes']} bytes, "
-                  "input waveform [batch, samples])")
-    except (DataError, export.ExportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+            path = os.path.splitext(FLAGS.tflite)[0] + ".compare.json"
+            from psla_tf.training.callbacks import write_json_atomic
+            write_json_atomic(path, res)
+            line = (f"vs Keras on {res['clips']} clips: max |d| {res['max_abs_diff']:.2e}, "
+                    f"mean {res['mean_abs_diff']:.2e}, p99 {res['p99_abs_diff']:.2e}")
+            if "mAP_diff" in res:
+                line += (f"; mAP Keras {res['keras_mAP']:.4f}, TFLite "
+                         f"{res['tflite_mAP']:.4f} ({res['mAP_diff']:+.4f})")
+            print(line + f"  [{path}]")
+    if FLAGS.onnx:
+        from psla_tf import export_onnx
+        meta = export_onnx.export_onnx(model, FLAGS.onnx, mids, names,
+                                       opset=FLAGS.onnx_opset, model_info=info, **kw)
+        print(f"ONNX (opset {meta['opset']}): {FLAGS.onnx} ({meta['size_bytes']} bytes, "
+              "input waveform [batch, samples])")
 
 
 if __name__ == "__main__":

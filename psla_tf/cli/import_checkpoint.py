@@ -15,11 +15,11 @@ Example (the authors' AudioSet model, EfficientNet-B2 + 4 heads):
       --label_csv=class_labels_indices.csv --output=imported/audioset_b2/model.keras
 """
 import os
-import sys
 
 from absl import flags
 
 from psla_tf import cli, params
+from psla_tf.cli.paths import LABEL_CSV, OUT_FILE, TORCH, PathFlag
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("checkpoint", None, "The reference's .pth state dict (keys like "
@@ -28,16 +28,19 @@ flags.DEFINE_string("label_csv", None, "Vocabulary CSV index,mid,display_name of
                     "checkpoint's classes (AudioSet: class_labels_indices.csv, 527 classes).")
 flags.DEFINE_string("output", None, "Output .keras file; labels.csv is written beside it.")
 flags.DEFINE_integer("eff_b", None, "EfficientNet-B variant 0-7 (default: inferred from the "
-                     "checkpoint; the released models are B2).")
+                     "checkpoint; the released models are B2).", lower_bound=0, upper_bound=7)
 flags.DEFINE_integer("att_head", None, "Pooling: 0 mean, 1 single-head attention, > 1 "
-                     "multi-head (default: inferred from the checkpoint; released models: 4).")
+                     "multi-head (default: inferred from the checkpoint; released models: 4).",
+                     lower_bound=0)
 flags.DEFINE_integer("target_length", params.TARGET_LENGTH, "Input frames of the model "
-                     "(the reference's AudioSet models: 1056, FSD50K: 3000).")
+                     "(the reference's AudioSet models: 1056, FSD50K: 3000).", lower_bound=1)
 flags.DEFINE_float("dataset_mean", params.DATASET_MEAN, "Fbank normalisation mean the "
                    "checkpoint was trained with (the reference's AudioSet value).")
 flags.DEFINE_float("dataset_std", params.DATASET_STD, "Fbank normalisation std the "
                    "checkpoint was trained with (the reference's AudioSet value).")
 flags.DEFINE_bool("overwrite", False, "Replace an existing --output (and its labels.csv).")
+PATHS = {"checkpoint": PathFlag(TORCH), "label_csv": PathFlag(LABEL_CSV),
+         "output": PathFlag(OUT_FILE, overwrite="refuse")}
 
 
 def _flag_problem() -> str | None:
@@ -62,35 +65,31 @@ def main(argv: list[str] | None = None):
     del argv
     problem = _flag_problem()
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        sys.exit(2)
+        from psla_tf.errors import DataError
+        raise DataError(problem)
     from psla_tf.data.records import DataError, read_label_csv, write_label_csv
     from psla_tf.models import torch_import
     from psla_tf.models.loading import LABELS_FILE
+    out_dir = os.path.dirname(os.path.abspath(FLAGS.output))
+    labels_path = os.path.join(out_dir, LABELS_FILE)
+    mids, names = read_label_csv(FLAGS.label_csv)
+    if not FLAGS.overwrite:
+        if os.path.exists(labels_path) and read_label_csv(labels_path) != (mids, names):
+            raise DataError(f"{labels_path} exists with another vocabulary; choose another "
+                            "folder for --output (or pass --overwrite)")
+    model = torch_import.import_checkpoint(
+        FLAGS.checkpoint, len(mids), eff_b=FLAGS.eff_b, att_head=FLAGS.att_head,
+        target_length=FLAGS.target_length, dataset_mean=FLAGS.dataset_mean,
+        dataset_std=FLAGS.dataset_std)
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, f".{os.path.basename(FLAGS.output)}.tmp.keras")
     try:
-        out_dir = os.path.dirname(os.path.abspath(FLAGS.output))
-        labels_path = os.path.join(out_dir, LABELS_FILE)
-        mids, names = read_label_csv(FLAGS.label_csv)
-        if not FLAGS.overwrite:
-            if os.path.exists(labels_path) and read_label_csv(labels_path) != (mids, names):
-                raise DataError(f"{labels_path} exists with another vocabulary; choose another "
-                                "folder for --output (or pass --overwrite)")
-        model = torch_import.import_checkpoint(
-            FLAGS.checkpoint, len(mids), eff_b=FLAGS.eff_b, att_head=FLAGS.att_head,
-            target_length=FLAGS.target_length, dataset_mean=FLAGS.dataset_mean,
-            dataset_std=FLAGS.dataset_std)
-        os.makedirs(out_dir, exist_ok=True)
-        tmp = os.path.join(out_dir, f".{os.path.basename(FLAGS.output)}.tmp.keras")
-        try:
-            model.save(tmp)
-            os.replace(tmp, FLAGS.output)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        write_label_csv(labels_path, mids, names)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        model.save(tmp)
+        os.replace(tmp, FLAGS.output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    write_label_csv(labels_path, mids, names)
     classifier = model.get_layer("classifier")
     print(f"imported {FLAGS.checkpoint} ({torch_import.describe(classifier)}, "
           f"{len(torch_import.tensor_mapping(classifier))} tensors, "

@@ -14,27 +14,28 @@ chosen on validation has heard none of the test speakers, e.g.
       --num_train=1500 --num_val=400
 """
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
 from psla_tf import cli
+from psla_tf.cli.paths import FOLDER, OUT_DIR, PathFlag
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("fsdd_dir", None, "FSDD recordings folder ({digit}_{speaker}_{n}.wav).")
 flags.DEFINE_string("out", None, "Output folder.")
-flags.DEFINE_integer("num_train", 2000, "Training clips.")
-flags.DEFINE_integer("num_eval", 600, "Evaluation clips.")
+flags.DEFINE_integer("num_train", 2000, "Training clips.", lower_bound=1)
+flags.DEFINE_integer("num_eval", 600, "Evaluation clips.", lower_bound=1)
 flags.DEFINE_list("train_speakers", ["george", "jackson", "lucas", "nicolas"],
                   "Speakers of the training clips.")
 flags.DEFINE_list("eval_speakers", ["theo", "yweweler"], "Speakers of the evaluation clips.")
 flags.DEFINE_list("val_speakers", [], "Speakers of a validation split (none by default); "
                   "disjoint from the train and eval speakers.")
-flags.DEFINE_integer("num_val", 400, "Validation clips (with --val_speakers).")
+flags.DEFINE_integer("num_val", 400, "Validation clips (with --val_speakers).", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Seed of the set.")
 flags.DEFINE_float("clip_seconds", 3.0, "Clip length.")
-flags.DEFINE_integer("target_length", 298, "Frames the fbank statistics cover.")
-flags.DEFINE_integer("workers", 2, "Preparation worker processes.")
+flags.DEFINE_integer("target_length", 298, "Frames the fbank statistics cover.", lower_bound=1)
+flags.DEFINE_integer("workers", 2, "Preparation worker processes.", lower_bound=1)
+PATHS = {"fsdd_dir": PathFlag(FOLDER), "out": PathFlag(OUT_DIR, overwrite="resume")}
 
 
 def main(argv: list[str] | None = None):
@@ -42,40 +43,47 @@ def main(argv: list[str] | None = None):
     if argv is None:
         cli.run(main)
     del argv
-    if not FLAGS.fsdd_dir or not FLAGS.out:
-        raise app.UsageError("--fsdd_dir and --out are required")
     from psla_tf.data import fsdd_mixtures, prepare, records, sources
+    from psla_tf.errors import DataError
+    if not FLAGS.fsdd_dir or not FLAGS.out:
+        raise DataError("--fsdd_dir and --out are required")
     counts = {"train": FLAGS.num_train, "eval": FLAGS.num_eval}
     speakers = {"train": FLAGS.train_speakers, "eval": FLAGS.eval_speakers}
     if FLAGS.val_speakers:
         counts["val"], speakers["val"] = FLAGS.num_val, FLAGS.val_speakers
+    if min(counts.values()) < 1 or FLAGS.clip_seconds <= 0 or FLAGS.workers < 1:
+        raise DataError("--num_train, --num_eval, --num_val and --workers must be >= 1, "
+                        "--clip_seconds > 0")
     # shards of another speaker split or clip count in OUT would be stale: refuse them
     import json
     spec_path = os.path.join(FLAGS.out, "shards", "splits.json")
     spec = {"counts": counts, "speakers": speakers, "seed": FLAGS.seed,
             "clip_seconds": FLAGS.clip_seconds}
     if os.path.exists(spec_path):
-        with open(spec_path) as f:
-            if json.load(f) != json.loads(json.dumps(spec)):
-                print(f"error: {FLAGS.out}/shards holds shards of another split "
-                      f"({spec_path}): use a new --out", file=sys.stderr)
-                sys.exit(2)
+        try:
+            with open(spec_path) as f:
+                same = json.load(f) == json.loads(json.dumps(spec))
+        except ValueError:
+            same = False
+        if not same:
+            raise DataError(f"{FLAGS.out}/shards holds shards of another split "
+                            f"({spec_path}): use a new --out")
     elif FLAGS.val_speakers and any(
             os.path.exists(records.manifest_path(os.path.join(FLAGS.out, "shards", s)))
             for s in ("train", "eval")):  # shards of the tool's train/eval-only versions
-        print(f"error: {FLAGS.out}/shards holds train/eval shards made without "
-              "--val_speakers: use a new --out", file=sys.stderr)
-        sys.exit(2)
+        raise DataError(f"{FLAGS.out}/shards holds train/eval shards made without "
+                        "--val_speakers: use a new --out")
     try:
         paths = fsdd_mixtures.generate(
             os.path.join(FLAGS.out, "audio"), FLAGS.fsdd_dir, counts=counts, splits=speakers,
             seed=FLAGS.seed, clip_seconds=FLAGS.clip_seconds)
     except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"--fsdd_dir {FLAGS.fsdd_dir}: {e}") from None
     os.makedirs(os.path.dirname(spec_path), exist_ok=True)
-    with open(spec_path, "w") as f:
-        json.dump(spec, f, indent=1)
+    from psla_tf.training.callbacks import write_json_atomic
+    write_json_atomic(spec_path, spec)
     vocab = records.read_label_csv(paths["label_csv"])
     for split in counts:
         prefix = os.path.join(FLAGS.out, "shards", split)

@@ -16,6 +16,7 @@ import sys
 from absl import flags
 
 from psla_tf import cli
+from psla_tf.cli.paths import DATA, FOLDER, LABEL_CSV, MODEL, OUT_FILE, PathFlag
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "A .keras file, a training run's folder (its wa_model.keras, "
@@ -28,7 +29,8 @@ flags.DEFINE_string("data", None, "TFRecord shards (glob, e.g. 'data/eval-*.tfre
 flags.DEFINE_string("output", None, "Output .npz (written atomically).")
 flags.DEFINE_string("label_csv", None, "Class map index,mid,display_name of a Keras model "
                     "(default: the labels.csv beside the model / in its run folder).")
-flags.DEFINE_integer("batch_size", 32, "Clips per forward pass (memory: one batch of audio).")
+flags.DEFINE_integer("batch_size", 32, "Clips per forward pass (memory: one batch of audio).",
+                     lower_bound=1)
 flags.DEFINE_string("audio_dir", None, "AudioSet CSV listings: folder holding the clips.")
 flags.DEFINE_string("filename_pattern", "{YTID}.wav", "AudioSet CSV listings: file name of a "
                     "clip ({YTID}, {start}, {end}, {start:d}).")
@@ -40,6 +42,8 @@ flags.DEFINE_bool("ignore_labels", False, "Write scores only (no targets), whate
                   "on ESC-50 / FSD50K), evaluated with tools/evaluate.py --class_map "
                   "--target_data (paper Table IX).")
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+PATHS = {"model": PathFlag(MODEL), "data": PathFlag(DATA), "label_csv": PathFlag(LABEL_CSV),
+         "audio_dir": PathFlag(FOLDER), "output": PathFlag(OUT_FILE)}
 
 
 def main(argv: list[str] | None = None):
@@ -50,24 +54,20 @@ def main(argv: list[str] | None = None):
     from psla_tf import prediction
     from psla_tf.data.records import DataError
     from psla_tf.models.loading import load_scorer
-    try:
-        for name in ("model", "data", "output"):
-            if not getattr(FLAGS, name):
-                raise DataError(f"--{name} is required")
-        vocab = None
-        if prediction.is_record_glob(FLAGS.data) and not FLAGS.ignore_labels:
-            from psla_tf.data.records import load_data_spec
-            spec = load_data_spec(FLAGS.data)
-            vocab = (spec.mids, spec.names)
-        scorer = load_scorer(FLAGS.model, FLAGS.label_csv, vocabulary=vocab)
-        preds = prediction.predict(scorer, FLAGS.data, FLAGS.batch_size, FLAGS.progress,
-                                   allow_cut_clips=FLAGS.allow_cut_clips,
-                                   ignore_labels=FLAGS.ignore_labels,
-                                   audio_dir=FLAGS.audio_dir,
-                                   filename_pattern=FLAGS.filename_pattern)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    for name in ("model", "data", "output"):
+        if not getattr(FLAGS, name):
+            raise DataError(f"--{name} is required")
+    vocab = None
+    if prediction.is_record_glob(FLAGS.data) and not FLAGS.ignore_labels:
+        from psla_tf.data.records import load_data_spec
+        spec = load_data_spec(FLAGS.data)
+        vocab = (spec.mids, spec.names)
+    scorer = load_scorer(FLAGS.model, FLAGS.label_csv, vocabulary=vocab)
+    preds = prediction.predict(scorer, FLAGS.data, FLAGS.batch_size, FLAGS.progress,
+                               allow_cut_clips=FLAGS.allow_cut_clips,
+                               ignore_labels=FLAGS.ignore_labels,
+                               audio_dir=FLAGS.audio_dir,
+                               filename_pattern=FLAGS.filename_pattern)
     prediction.save_scores(FLAGS.output, preds)
     for clip_id, reason in preds.failures:
         print(f"skipped {clip_id}: {reason}", file=sys.stderr)

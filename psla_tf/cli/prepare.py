@@ -35,6 +35,7 @@ import sys
 from absl import flags
 
 from psla_tf import cli, params
+from psla_tf.cli.paths import FOLDER, LABEL_CSV, LISTING, OUT_PREFIX, PathFlag
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("input", None, "Listing: PSLA datafile .json, AudioSet segment CSV, or a "
@@ -52,8 +53,9 @@ flags.DEFINE_string("label_csv", None, "Vocabulary CSV index,mid,display_name. W
 flags.DEFINE_string("output_prefix", None, "Output DIR/name: shards "
                     "{prefix}-NNNNN-of-NNNNN.tfrecord and {prefix}.manifest.json ({prefix}_train "
                     "etc. with a split).")
-flags.DEFINE_integer("num_shards", 1, "Number of shards per set (row i → shard i % num_shards).")
-flags.DEFINE_integer("workers", 1, "Worker processes.")
+flags.DEFINE_integer("num_shards", 1, "Number of shards per set (row i → shard i % num_shards).",
+                     lower_bound=1)
+flags.DEFINE_integer("workers", 1, "Worker processes.", lower_bound=1)
 flags.DEFINE_float("max_seconds", None, "Clips longer than this are cut. Default: the model "
                    "input of --target_length frames, at least 10 s (AudioSet's clips): 10.58 s "
                    "for 1056 frames, 30.02 s for FSD50K's 3000, so training's --target_length "
@@ -63,12 +65,13 @@ flags.DEFINE_bool("strict", False, "Exit non-zero if any clip failed.")
 flags.DEFINE_bool("no_stats", False, "Skip the fbank normalisation statistics.")
 flags.DEFINE_integer("target_length", params.TARGET_LENGTH, "Frames per clip of the model "
                      "(training's --target_length: 1056 AudioSet, 3000 FSD50K): what the "
-                     "statistics cover and, by default, where clips are cut.")
+                     "statistics cover and, by default, where clips are cut.", lower_bound=1)
 flags.DEFINE_float("val_fraction", 0.0, "Split: fraction of clips for a validation set "
                    "(stratified by the rarest label; whole groups of --group_regex / "
-                   "--fold_column; with --test_fold a fraction of the clips outside it; 0 = none).")
+                   "--fold_column; with --test_fold a fraction of the clips outside it; 0 = none).",
+                   lower_bound=0, upper_bound=1)
 flags.DEFINE_float("test_fraction", 0.0, "Split: fraction of clips for a test set (whole "
-                   "groups when groups are given; 0 = none).")
+                   "groups when groups are given; 0 = none).", lower_bound=0, upper_bound=1)
 flags.DEFINE_integer("split_seed", 0, "Split: random seed (same seed + listing → same split).")
 flags.DEFINE_string("group_regex", None, "Split: clips whose file names give the same match "
                     "(group 1 if any) stay together, e.g. '^\\d+_([a-z]+)_' (FSDD speaker).")
@@ -80,6 +83,9 @@ flags.DEFINE_string("test_fold", None, "Split: the group(s) (--fold_column value
 flags.DEFINE_string("val_fold", None, "Split: the group(s) (--fold_column value or "
                     "--group_regex match; comma-separated) of the validation set.")
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+PATHS = {"input": PathFlag(LISTING), "audio_folder": PathFlag(LISTING),
+         "audio_dir": PathFlag(FOLDER), "label_csv": PathFlag(LABEL_CSV),
+         "output_prefix": PathFlag(OUT_PREFIX)}
 
 
 def default_max_seconds(target_length: int) -> float:
@@ -87,6 +93,17 @@ def default_max_seconds(target_length: int) -> float:
     least 10 s."""
     samples = (target_length - 1) * params.FRAME_SHIFT + params.FRAME_LENGTH
     return max(10.0, samples / params.SAMPLE_RATE)
+
+
+def _remove_new_files(prefix: str, before: set[str], also: tuple[str, ...] = ()) -> None:
+    """Remove the files named ``{prefix}...`` (and ``also``) that were not in the folder
+    ``before``."""
+    folder, base = os.path.split(os.path.abspath(prefix))
+    for name in os.listdir(folder):
+        if (name.startswith(base) or name in also) and name not in before:
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                os.remove(path)
 
 
 def main(argv: list[str] | None = None):
@@ -114,6 +131,7 @@ def main(argv: list[str] | None = None):
         max_seconds = (FLAGS.max_seconds if FLAGS.max_seconds is not None
                        else default_max_seconds(FLAGS.target_length))
         out_dir = os.path.dirname(os.path.abspath(FLAGS.output_prefix))
+        before = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
         mids, names, where = sources.output_vocabulary(rows, FLAGS.label_csv, out_dir)
         sources.check_rows(rows, mids, src)
         print(where)
@@ -127,17 +145,20 @@ def main(argv: list[str] | None = None):
                 compression=FLAGS.compression, strict=FLAGS.strict,
                 stats=not FLAGS.no_stats, target_length=FLAGS.target_length,
                 progress=FLAGS.progress)
+            if m.num_examples == 0 and m.failures:  # nothing usable: no empty set left behind
+                _remove_new_files(prefix, before, also=("labels.csv",))
+                first = m.failures[0]
+                raise DataError(f"{src}: none of the {len(part)} clips could be prepared "
+                                f"(first: {first['path']}: {first['reason']}); nothing written")
             manifests.append((prefix, m))
             print(prepare.summary_line(m))
             if m.failures:
                 print(f"failures listed in {prefix}.failures.csv", file=sys.stderr)
-    except prepare.PreparationFailed as e:
+    except prepare.PreparationFailed as e:  # --strict and clips failed: a failed run, 1
         print(prepare.summary_line(e.manifest))
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(e)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -11,17 +11,17 @@ in training order).
       --balanced_sampling --mixup=0.5 --out_dir=reports/sampling --stream_csv=stream.csv
 """
 import os
-import sys
 
 from absl import flags
 
 from psla_tf import cli
+from psla_tf.cli.paths import OUT_DIR, OUT_FILE, SHARDS, PathFlag
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("train_data", None, "Glob of training TFRecord shards.")
-flags.DEFINE_integer("epochs", 5, "Epochs to draw.")
+flags.DEFINE_integer("epochs", 5, "Epochs to draw.", lower_bound=1)
 flags.DEFINE_float("mixup", 0.5, "Mixup rate (main.py's default, the paper's 0.5; 0 without "
-                   "mixup).")
+                   "mixup).", lower_bound=0, upper_bound=1)
 flags.DEFINE_bool("balanced_sampling", True, "Balanced sampling (Algorithm 1; the full-AudioSet "
                   "and FSD50K recipes use it). --nobalanced_sampling: plain shuffled epochs.")
 flags.DEFINE_enum("sampling_order", "iid", ["iid", "stream"], "The training order to report "
@@ -31,10 +31,13 @@ flags.DEFINE_string("out_dir", None, "Output folder.")
 flags.DEFINE_string("stream_csv", None, "Also write the training stream: one row "
                     "epoch,position,id,partner per example in training order (epochs from 1, "
                     "positions from 0 within the epoch; partner empty when not mixed).")
-flags.DEFINE_integer("batch_size", 100, "Batch size (sets the steps per epoch).")
+flags.DEFINE_integer("batch_size", 100, "Batch size (sets the steps per epoch).", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Pipeline seed.")
-flags.DEFINE_integer("shuffle_buffer", 1000, "Shuffle buffer (records; stream order only).")
+flags.DEFINE_integer("shuffle_buffer", 1000, "Shuffle buffer (records; stream order only).",
+                     lower_bound=1)
 flags.DEFINE_bool("progress", True, "Show tqdm progress bars.")
+PATHS = {"train_data": PathFlag(SHARDS, many=True), "out_dir": PathFlag(OUT_DIR, overwrite="merge"),
+         "stream_csv": PathFlag(OUT_FILE)}
 
 
 def main(argv: list[str] | None = None):
@@ -42,26 +45,22 @@ def main(argv: list[str] | None = None):
     if argv is None:
         cli.run(main)
     del argv
-    import tensorflow as tf
     from psla_tf.data import report
-    from psla_tf.data.pipeline import data_error_from
     from psla_tf.data.records import DataError
+    if not FLAGS.train_data or not FLAGS.out_dir:
+        raise DataError("--train_data and --out_dir are required")
+    if FLAGS.epochs < 1 or FLAGS.batch_size < 1 or not 0 <= FLAGS.mixup <= 1:
+        raise DataError("--epochs and --batch_size must be >= 1, --mixup in [0, 1]")
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
     try:
-        if not FLAGS.train_data or not FLAGS.out_dir:
-            raise DataError("--train_data and --out_dir are required")
-        os.makedirs(FLAGS.out_dir, exist_ok=True)
         r = report.sampling_report(FLAGS.train_data, FLAGS.epochs, mixup=FLAGS.mixup,
                                    balanced_sampling=FLAGS.balanced_sampling,
                                    batch_size=FLAGS.batch_size, seed=FLAGS.seed,
                                    shuffle_buffer=FLAGS.shuffle_buffer,
                                    sampling_order=FLAGS.sampling_order,
                                    stream_csv=FLAGS.stream_csv, progress=FLAGS.progress)
-    except (DataError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except tf.errors.OpError as e:
-        err = data_error_from(e)
-        print(f"error: {err or e.message}", file=sys.stderr)
+    except ValueError as e:  # a DataError, or a value the pipeline refuses
+        cli.fail(e)
         return 2
     tally = r["tally"]
     out = FLAGS.out_dir
