@@ -99,7 +99,7 @@ def exit_status(exc: BaseException) -> tuple[int, str]:
         return exc.exit_code, one_line(exc)
     if isinstance(exc, KeyboardInterrupt):
         return EXIT_INTERRUPTED, "interrupted"
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
         return EXIT_FAILED, one_line(f"no space left on the device writing {exc.filename}: "
                                      "free some space and run it again")
     if isinstance(exc, (FileNotFoundError, IsADirectoryError, NotADirectoryError,

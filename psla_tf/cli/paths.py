@@ -252,12 +252,11 @@ def _check_model(path: str, label: str, hint: str) -> None:
         raise DataError(f"{label} {path} is {kind}; {hint}")
 
 
-RUN_MODELS = ("wa_model.keras", "final_model.keras")
-
-
 def _holds_model(folder: str) -> bool:
     """A finished run's folder or an exported SavedModel (DIR or DIR/<version>)."""
-    if any(os.path.isfile(os.path.join(folder, n)) for n in RUN_MODELS + ("saved_model.pb",)):
+    from psla_tf import run_folder
+    names = run_folder.MODELS + ("saved_model.pb",)
+    if any(os.path.isfile(os.path.join(folder, n)) for n in names):
         return True
     return any(n.isdigit() and os.path.isfile(os.path.join(folder, n, "saved_model.pb"))
                for n in os.listdir(folder))
