@@ -549,6 +549,20 @@ def test_bad_input(fx, tmp_path, monkeypatch, name, flag, case, expect):
     assert _tree(fx.dir) == fx.snapshot, "an input fixture was changed"
 
 
+@pytest.mark.parametrize("name", sorted(set(COMMANDS) - {"psla-infer"}))
+def test_unquoted_glob_is_one_line(fx, tmp_path, name):
+    """A glob the shell expanded (``--data=a-0.tfrecord a-1.tfrecord``) leaves extra
+    arguments: refused (exit 2) instead of silently using the first file."""
+    cmd = COMMANDS[name]
+    out = str(tmp_path / "case")
+    os.makedirs(out)
+    with command(cmd.module) as run:
+        r = run(*cmd.base(fx, out), fx.shards.replace("*", "00000"))
+    _check_one_error_line(r, 2)
+    assert "unexpected arguments" in r.error_lines[0] and "quote" in r.error_lines[0]
+    assert not os.listdir(out)
+
+
 # ----------------------------------------------------------------------------- --debug
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_debug_shows_the_traceback(fx, tmp_path, how):

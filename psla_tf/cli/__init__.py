@@ -147,6 +147,11 @@ def guarded(main: Callable[[list[str]], int | None], argv: list[str]) -> int:
     declared = getattr(module, "PATHS", {})
     guard = None
     try:
+        if len(argv) > 1 and paths.POSITIONAL not in declared:
+            from psla_tf.errors import DataError
+            raise DataError(f"unexpected arguments {' '.join(argv[1:])}: this command takes "
+                            "flags only (quote globs, e.g. --data='data/eval-*.tfrecord', so "
+                            "the shell does not expand them)")
         if hasattr(module, "check_flags"):  # flag combinations first: they need no file
             module.check_flags()
         paths.check_paths(declared, flags.FLAGS, argv)
