@@ -111,6 +111,10 @@ def exit_status(exc: BaseException) -> tuple[int, str]:
         return EXIT_USER_ERROR, one_line(f"a file given as text is not UTF-8 text ({exc}): a "
                                          "binary or audio file where a listing / CSV is "
                                          "expected?")
+    if isinstance(exc, ModuleNotFoundError):
+        return EXIT_USER_ERROR, (f"the module {exc.name!r} is not installed: install the extra "
+                                 "that needs it (README, Install), e.g. pip install "
+                                 "'psla_tf[deploy]' or 'psla_tf[import]'")
     if isinstance(exc, MemoryError):
         return EXIT_FAILED, "out of memory: use a smaller --batch_size or fewer workers"
     tf = sys.modules.get("tensorflow")

@@ -72,12 +72,16 @@ def main(argv: list[str] | None = None):
     out = os.path.abspath(FLAGS.output)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     suffix = ".keras" if out.endswith(".keras") else ".weights.h5"
-    tmp = out[: -len(suffix)] + ".tmp" + suffix
-    if suffix == ".keras":
-        model.save(tmp)
-    else:
-        model.save_weights(tmp)
-    os.replace(tmp, out)
+    tmp = out + ".tmp" + suffix  # Keras wants the suffix; a failed write leaves nothing
+    try:
+        if suffix == ".keras":
+            model.save(tmp)
+        else:
+            model.save_weights(tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     print(f"averaged {len(paths)} checkpoints ({os.path.basename(paths[0])} … "
           f"{os.path.basename(paths[-1])}) → {out}")
     if suffix == ".keras" and vocab is not None:

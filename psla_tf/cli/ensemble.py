@@ -63,8 +63,12 @@ def _export(paths, out_dir):
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "ensemble.keras")
     tmp = os.path.join(out_dir, "ensemble.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+    try:
+        model.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     write_label_csv(os.path.join(out_dir, "labels.csv"), *vocab)
     return path
 
