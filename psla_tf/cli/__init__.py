@@ -142,6 +142,25 @@ def _first_line(text, limit: int = 400) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
+def import_tensorflow_quietly() -> None:
+    """Import TensorFlow with file descriptor 2 sent to /dev/null: TF 2.21's C++ start-up
+    prints absl / oneDNN notices on stderr whatever TF_CPP_MIN_LOG_LEVEL says, and a command's
+    stderr is kept to its one ``error:`` line. ``--debug`` keeps them."""
+    if "tensorflow" in sys.modules:
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        import tensorflow  # noqa: F401
+    except ImportError:
+        pass  # the command reports what it misses itself
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
 def guarded(main: Callable[[list[str]], int | None], argv: list[str]) -> int:
     """``main(argv)`` after the module's declared paths are checked; any exception is one
     line (:func:`fail`), and a failed run's new output files and empty folders are removed
@@ -160,6 +179,8 @@ def guarded(main: Callable[[list[str]], int | None], argv: list[str]) -> int:
             module.check_flags()
         paths.check_paths(declared, flags.FLAGS, argv)
         guard = paths.OutputGuard.snapshot(declared, flags.FLAGS, argv)
+        if not debug_enabled():
+            import_tensorflow_quietly()
         code = main(argv)
     except SystemExit as e:
         code = e.code
