@@ -29,7 +29,7 @@ FLAGS = flags.FLAGS
 def _recipe_model(name: str, num_classes: int):
     """The recipe's architecture with random weights (pretrained=none: the weights do not
     change size or latency)."""
-    from psla_tf.models.loading import read_flagfile
+    from psla_tf.config import read_flagfile
     from psla_tf.models.tagger import build_tagger
     path = os.path.join(ROOT, "configs", f"{name}.flags")
     if not os.path.exists(path):

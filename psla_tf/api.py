@@ -26,7 +26,7 @@ def load_tagger(model: str | os.PathLike, label_csv: str | None = None):
     num_samples [B] int32) -> scores [B, C]``, with ``names``, ``mids``, ``clip_samples`` (the
     model's input length) and, for Keras forms, the Keras ``model``.
     """
-    from psla_tf.models.loading import load_scorer
+    from psla_tf.scoring import load_scorer
     return load_scorer(os.fspath(model), label_csv)
 
 

@@ -64,7 +64,8 @@ def test_frozen_backbone_keeps_the_original_scores(runs):
     r = _ok(bg, "frozen")
     assert "append classes: 3 classes of" in r.stdout
     from psla_tf.data.records import read_label_csv
-    from psla_tf.models.loading import load_scorer, load_tagger
+    from psla_tf.models.loading import load_tagger
+    from psla_tf.scoring import load_scorer
     mids, _ = read_label_csv(str(d / "frozen" / "labels.csv"))
     assert mids == OLD + ["/m/x", "/m/y"]
     source = _scores(load_tagger(src), old_eval)
@@ -89,7 +90,7 @@ def test_export_carries_old_and_new_labels(runs, tmp_path):
                         f"--model={d / 'frozen'}", f"--saved_model_dir={out}"],
                        capture_output=True, text=True, cwd=ROOT, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
-    from psla_tf.models.loading import load_scorer
+    from psla_tf.scoring import load_scorer
     assert list(load_scorer(str(out)).mids) == OLD + ["/m/x", "/m/y"]
 
 

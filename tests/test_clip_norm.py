@@ -115,7 +115,7 @@ def test_masks_come_after_clip_norm():
 
 def test_flag_config_and_flagfile_carry_clip_norm(tmp_path):
     from absl import flags as absl_flags
-    from psla_tf.models import loading
+    from psla_tf import config
     from psla_tf.training import trainer
     from psla_tf.training.flags import define_flags
     fv = absl_flags.FlagValues()
@@ -128,8 +128,8 @@ def test_flag_config_and_flagfile_carry_clip_norm(tmp_path):
                               freqm=0, timem=0, pretrained="none", dataset_mean=-5.0,
                               dataset_std=4.0)
     assert trainer.build_model(cfg, 3).get_layer("frontend").clip_norm == "cmn"
-    (tmp_path / "flags.txt").write_text(trainer.flagfile_text(cfg))
-    assert loading.config_from_flagfile(str(tmp_path / "flags.txt")).clip_norm == "cmn"
+    (tmp_path / "flags.txt").write_text(config.flagfile_text(cfg))
+    assert config.config_from_flagfile(str(tmp_path / "flags.txt")).clip_norm == "cmn"
 
 
 def test_exports_carry_clip_norm(tmp_path):

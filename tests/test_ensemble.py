@@ -62,7 +62,8 @@ def test_score_average_and_table_xi(tmp_path):
 def test_ensemble_model_is_the_mean_and_round_trips(tmp_path):
     import keras
     from psla_tf import ensemble
-    from psla_tf.models.loading import load_scorer, load_tagger
+    from psla_tf.models.loading import load_tagger
+    from psla_tf.scoring import load_scorer
     a, b = make_tagger(C, seed=1), make_tagger(C, seed=2, att_head=1)
     e = ensemble.build_ensemble([a, b])
     assert e.name == "psla_ensemble"
@@ -91,7 +92,8 @@ def _run_with_checkpoints(tmp_path, epochs=3):
     """An experiment folder as main.py writes it, with epoch checkpoints whose weights
     (BN statistics included) differ."""
     from psla_tf.data.records import write_label_csv
-    from psla_tf.training.trainer import TrainConfig, build_model, flagfile_text
+    from psla_tf.config import TrainConfig, flagfile_text
+    from psla_tf.models.tagger import build_model
     cfg = TrainConfig(model="efficientnet", eff_b=0, att_head=2, target_length=64, freqm=0,
                       timem=0, dataset_mean=-4.27, dataset_std=4.57, pretrained="none")
     exp = tmp_path / "exp"

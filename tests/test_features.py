@@ -284,6 +284,7 @@ def test_trainer_flag_sets_the_front_end_dft_and_is_recorded():
     """--fbank_dft reaches the model's front end and the run's flags.txt text; a run may be
     resumed with another value (same features)."""
     from absl import flags as absl_flags
+    from psla_tf import config
     from psla_tf.training import flags as train_flags, trainer
     fv = absl_flags.FlagValues()
     train_flags.define_flags(fv)
@@ -293,7 +294,7 @@ def test_trainer_flag_sets_the_front_end_dft_and_is_recorded():
         "--pretrained=none",
         "--dataset_mean=-4.0", "--dataset_std=4.0"])
     cfg = train_flags.config_from_flags(fv)
-    assert "--fbank_dft=rfft" in trainer.flagfile_text(cfg).splitlines()
+    assert "--fbank_dft=rfft" in config.flagfile_text(cfg).splitlines()
     assert trainer.build_model(cfg, 3).get_layer("frontend").dft == "rfft"
     assert "fbank_dft" in trainer._RESUME_FREE_FLAGS
     with pytest.raises(absl_flags.IllegalFlagValueError):

@@ -107,7 +107,7 @@ def test_init_from_epoch_checkpoint(tmp_path, source):
     import dataclasses
     from psla_tf.data.records import write_label_csv
     from psla_tf.training.finetune import init_from
-    from psla_tf.training.trainer import TrainConfig, flagfile_text
+    from psla_tf.config import TrainConfig, flagfile_text
     src_model, _ = source
     exp = tmp_path / "exp"
     (exp / "checkpoints").mkdir(parents=True)

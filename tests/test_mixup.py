@@ -94,7 +94,7 @@ def shards(tmp_path_factory):
 
 def _rows(keys, spec):
     fi, pos = pipeline.example_key_parts(np.asarray(keys))
-    starts = np.concatenate([[0], np.cumsum(pipeline.shard_counts(spec))])
+    starts = np.concatenate([[0], np.cumsum(records.shard_counts(spec))])
     return starts[fi] + pos
 
 

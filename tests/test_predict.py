@@ -51,7 +51,7 @@ def direct_scores(model, waves_float):
 
 def test_records_match_direct_application(setup):
     from psla_tf import prediction
-    from psla_tf.models.loading import load_scorer
+    from psla_tf.scoring import load_scorer
     scorer = load_scorer(setup["path"])
     p = prediction.predict(scorer, setup["glob"], batch_size=5, progress=False)
     assert p.ids == [f"clips/x{i}.wav" for i in range(12)]
@@ -79,7 +79,7 @@ def test_listing_of_real_audio_with_a_bad_file(setup):
     silently."""
     from psla_tf import prediction
     from psla_tf.data.prepare import decode_audio
-    from psla_tf.models.loading import load_scorer
+    from psla_tf.scoring import load_scorer
     rec = shared_path("data", "fsdd", "recordings")
     files = sorted(os.listdir(rec))[:5]
     bad = setup["dir"] / "broken.wav"
@@ -105,7 +105,8 @@ def test_cli_checkpoint_savedmodel_and_errors(setup, tmp_path):
     Keras model's scores; bad inputs give one-line errors with exit code 2."""
     import dataclasses
     from psla_tf.data.records import write_label_csv
-    from psla_tf.training.trainer import TrainConfig, build_model, flagfile_text
+    from psla_tf.config import TrainConfig, flagfile_text
+    from psla_tf.models.tagger import build_model
     from psla_tf import prediction
     from helpers_proc import Background
     # the error cases' tool runs start first and overlap the rest of the test
@@ -141,7 +142,7 @@ def test_cli_checkpoint_savedmodel_and_errors(setup, tmp_path):
                  f"--output={out}", "--batch_size=6", "--noprogress")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "12 clips x 5 classes (with targets)" in r.stdout and "mAP" in r.stdout
-    from psla_tf.models.loading import load_scorer
+    from psla_tf.scoring import load_scorer
     ref = prediction.predict(load_scorer(setup["path"]), setup["glob"], progress=False)
     np.testing.assert_allclose(prediction.load_scores(str(out)).scores, ref.scores, atol=2e-6)
 

@@ -126,6 +126,7 @@ def test_kills_then_resume_equal_uninterrupted(data, tmp_path):
 
 def test_resume_with_other_flags_is_refused(data, tmp_path):
     """Re-running into a folder with other result-changing flags: an error, nothing loaded."""
+    from psla_tf import config
     from psla_tf.training import trainer
     train, ev = data
     exp = str(tmp_path / "exp")
@@ -134,7 +135,7 @@ def test_resume_with_other_flags_is_refused(data, tmp_path):
                               batch_size=4, wa_start=1, wa_end=2, eff_b=0, target_length=48,
                               pretrained="none")
     cfg_r = trainer.resolve(cfg).cfg
-    open(os.path.join(exp, "flags.txt"), "w").write(trainer.flagfile_text(cfg_r))
+    open(os.path.join(exp, "flags.txt"), "w").write(config.flagfile_text(cfg_r))
     json.dump({"epoch": 1}, open(os.path.join(exp, "train_state.json"), "w"))
     with pytest.raises(trainer.ConfigError, match=r"--lr: 0\.0001 → 0\.001"):
         trainer.check_resume_flags(trainer.resolve(

@@ -7,7 +7,7 @@ import tensorflow as tf
 from scipy import stats
 
 from helpers_data import random_labels, random_waveforms, write_shards
-from psla_tf.data import pipeline, report, sampling
+from psla_tf.data import pipeline, records, report, sampling
 
 C = 6
 
@@ -61,7 +61,7 @@ def _example_rows(keys, shard_sizes):
 def test_draw_counts_match_exact_expectation(data, order):
     glob, labels = data
     spec = pipeline.resolve_data(glob)
-    sizes = pipeline.shard_counts(spec)
+    sizes = records.shard_counts(spec)
     n, epochs, batch = 120, 25, 10
     ds = pipeline.make_train_dataset(glob, batch_size=batch, clip_samples=64, mixup=0.0,
                                      seed=3, num_epochs=epochs, with_ids=True,
@@ -189,7 +189,7 @@ def test_unseen_fraction_matches_numpy(data):
     w = sampling.balanced_sampling_weights(labels, r["spec"].class_counts)
     np.testing.assert_allclose(r["expected"], 120 * (w / w.sum()) @ hot)
     drawn = np.concatenate([f["key"] for f, _ in b])
-    obs = np.bincount(_example_rows(drawn, pipeline.shard_counts(r["spec"])), minlength=120)
+    obs = np.bincount(_example_rows(drawn, records.shard_counts(r["spec"])), minlength=120)
     np.testing.assert_allclose(r["tally"].observed_class_frequency(), (obs @ hot) / 4)
 
 

@@ -8,9 +8,10 @@ import os
 import subprocess
 import sys
 
-from psla_tf.training.config import TrainConfig, fit_verbosity
+from psla_tf import config
+from psla_tf.config import TrainConfig, fit_verbosity
 
-_PRINT = "from psla_tf.training.config import fit_verbosity; print(fit_verbosity(None))"
+_PRINT = "from psla_tf.config import fit_verbosity; print(fit_verbosity(None))"
 
 
 def test_explicit_verbosity_wins():
@@ -56,7 +57,7 @@ def test_flag_default_and_help():
     assert fv["verbose"].default is None and TrainConfig().verbose is None
     assert "terminal" in fv["verbose"].help and "redirected" in fv["verbose"].help
     cfg = config_from_flags(fv)
-    assert cfg.verbose is None and "--verbose" not in trainer.flagfile_text(cfg)
+    assert cfg.verbose is None and "--verbose" not in config.flagfile_text(cfg)
     fv(["main.py", "--verbose=1"])
     assert config_from_flags(fv).verbose == 1
 
@@ -64,7 +65,7 @@ def test_flag_default_and_help():
 def test_keras_fit_with_the_default_writes_one_line_per_epoch(tmp_path):
     """What a redirected log then holds: Keras' verbose=2 output, no carriage returns."""
     code = ("import numpy as np, keras\n"
-            "from psla_tf.training.config import fit_verbosity\n"
+            "from psla_tf.config import fit_verbosity\n"
             "m = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])\n"
             "m.compile(optimizer='sgd', loss='mse')\n"
             "x = np.ones((8, 2), np.float32)\n"

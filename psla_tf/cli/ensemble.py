@@ -37,7 +37,7 @@ PATHS = {"scores": PathFlag(SCORES, many=True), "models": PathFlag(MODEL, many=T
 
 def _members(paths):
     from psla_tf import prediction
-    from psla_tf.models.loading import load_scorer
+    from psla_tf.scoring import load_scorer
     preds = []
     for p in paths:
         scorer = load_scorer(p, FLAGS.label_csv)

@@ -87,15 +87,15 @@ PATHS = {"model": PathFlag(MODEL), "label_csv": PathFlag(LABEL_CSV),
 
 
 def _clip_samples(model_path: str) -> int | None:
-    from psla_tf.models import loading
+    """--clip_samples, else the run's (its flags.txt beside the model or one folder up)."""
+    from psla_tf import config, run_folder
     if FLAGS.clip_samples:
         return FLAGS.clip_samples
     d = model_path if os.path.isdir(model_path) else os.path.dirname(os.path.abspath(model_path))
     for cand in (d, os.path.dirname(d)):
-        f = os.path.join(cand, loading.FLAGS_FILE)
+        f = os.path.join(cand, run_folder.FLAGS_FILE)
         if os.path.exists(f):
-            v = loading.read_flagfile(f).get("clip_samples")
-            return int(v) if v not in (None, "", "None") and not isinstance(v, bool) else None
+            return config.config_from_flagfile(f).clip_samples
     return None
 
 

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None):
     files = argv[1:]
     from psla_tf import inference
     from psla_tf.data.records import DataError
-    from psla_tf.models.loading import load_scorer
+    from psla_tf.scoring import load_scorer
     if not files:
         raise DataError("give one or more audio files: infer.py --model=M AUDIO...")
     if not FLAGS.model:

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None):
     del argv
     from psla_tf import prediction
     from psla_tf.data.records import DataError
-    from psla_tf.models.loading import load_scorer
+    from psla_tf.scoring import load_scorer
     for name in ("model", "data", "output"):
         if not getattr(FLAGS, name):
             raise DataError(f"--{name} is required")

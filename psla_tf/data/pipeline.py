@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import os
 import sys
 from typing import Any, Callable
 
@@ -38,10 +37,10 @@ from psla_tf import params
 from psla_tf.data import records
 from psla_tf.data import sampling
 from psla_tf.data.mixup import mixup_example
-from psla_tf.data.records import DataError, DataSpec
+from psla_tf.data.records import DataError, DataSpec, shard_counts
 
 __all__ = ["DEFAULT_CLIP_SAMPLES", "make_train_dataset", "make_eval_dataset",
-           "clip_samples_for_frames", "steps_per_epoch", "resolve_data", "shard_counts",
+           "clip_samples_for_frames", "steps_per_epoch", "resolve_data",
            "READ_BUFFER_BYTES"]
 
 steps_per_epoch = sampling.steps_per_epoch
@@ -97,18 +96,6 @@ DEFAULT_CLIP_SAMPLES = clip_samples_for_frames(params.TARGET_LENGTH)  # 169360
 def resolve_data(data: str | DataSpec) -> DataSpec:
     """A DataSpec from a shard glob (or the DataSpec itself)."""
     return data if isinstance(data, DataSpec) else records.load_data_spec(data)
-
-
-def shard_counts(spec: DataSpec) -> np.ndarray:
-    """Records per file of ``spec.files`` according to the manifests (int64 ``[F]``)."""
-    per_file: dict[str, int] = {}
-    for m in spec.manifests:
-        for path, s in zip(m.shard_paths(), m.shards):
-            per_file[os.path.basename(path)] = int(s["num_examples"])
-    try:
-        return np.array([per_file[os.path.basename(f)] for f in spec.files], np.int64)
-    except KeyError as e:
-        raise DataError(f"shard {e.args[0]} is not listed in any manifest") from None
 
 
 def example_key_parts(key: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:

@@ -259,7 +259,6 @@ def load_record_index(spec: DataSpec, *, skip_corrupt: bool = False, cache: bool
     it (``corrupt or truncated TFRecord shard ...``), or with ``skip_corrupt`` keeps the
     records read and reports it in ``RecordIndex.corrupt``.
     """
-    from psla_tf.data.pipeline import shard_counts
     sizes = _shard_sizes(spec.files)
     key = (tuple(spec.files), tuple(sizes), spec.num_classes)
     with _CACHE_LOCK:
@@ -268,7 +267,7 @@ def load_record_index(spec: DataSpec, *, skip_corrupt: bool = False, cache: bool
         hit = _build(spec, sizes, cache, progress)
         with _CACHE_LOCK:
             _CACHE[key] = hit
-    listed = shard_counts(spec)
+    listed = records.shard_counts(spec)
     counts = np.bincount(hit.file_index, minlength=len(spec.files))
     corrupt = []
     for f, n_read, n_listed in zip(spec.files, counts.tolist(), listed.tolist()):

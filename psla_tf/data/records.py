@@ -255,6 +255,18 @@ class DataSpec:
         return sum(m.listed if m.listed is not None else m.num_examples for m in self.manifests)
 
 
+def shard_counts(spec: DataSpec) -> np.ndarray:
+    """Records per file of ``spec.files`` according to the manifests (int64 ``[F]``)."""
+    per_file: dict[str, int] = {}
+    for m in spec.manifests:
+        for path, s in zip(m.shard_paths(), m.shards):
+            per_file[os.path.basename(path)] = int(s["num_examples"])
+    try:
+        return np.array([per_file[os.path.basename(f)] for f in spec.files], np.int64)
+    except KeyError as e:
+        raise DataError(f"shard {e.args[0]} is not listed in any manifest") from None
+
+
 def load_data_spec(pattern: str | Sequence[str]) -> DataSpec:
     """Resolve a shard glob and the manifests beside the shards, checking they agree.
 

@@ -11,8 +11,7 @@ Accepted ``path`` forms (what ``--model`` of the tools takes):
   from the run's ``flags.txt`` and ``labels.csv``, then the weights are loaded.
 
 Exported SavedModels (tools/export.py: ``DIR`` or ``DIR/<version>``) are not Keras models;
-:func:`load_scorer` accepts them too (through :func:`psla_tf.export.load_saved_model`) and
-gives the tools one interface (:class:`psla_tf.inference.Scorer`) for every form.
+:func:`psla_tf.scoring.load_scorer` takes every form, SavedModels included.
 """
 from __future__ import annotations
 
@@ -22,12 +21,12 @@ import os
 import keras
 
 from psla_tf import run_folder
-from psla_tf.data.records import DataError, read_label_csv
-from psla_tf.errors import ModelLoadError
+from psla_tf.config import config_from_flagfile
+from psla_tf.data.records import read_label_csv
+from psla_tf.errors import ConfigError, ModelLoadError
 
-__all__ = ["ModelLoadError", "resolve_model_path", "find_label_csv", "read_flagfile",
-           "config_from_flagfile", "load_tagger", "load_vocabulary", "is_saved_model",
-           "load_scorer"]
+__all__ = ["ModelLoadError", "resolve_model_path", "find_label_csv", "load_tagger",
+           "load_vocabulary", "is_saved_model"]
 
 LABELS_FILE = run_folder.LABELS_FILE
 FLAGS_FILE = run_folder.FLAGS_FILE
@@ -55,7 +54,7 @@ def resolve_model_path(path: str) -> str:
                 return cand
         if is_saved_model(path):
             raise ModelLoadError(f"{path!r} is an exported SavedModel, not a Keras model "
-                                 "(the tools accept it through load_scorer)")
+                                 "(the tools accept it through psla_tf.scoring.load_scorer)")
         raise ModelLoadError(f"folder {path!r} holds none of {', '.join(_EXP_MODELS)} "
                              "(pass a .keras file, an experiment folder of a finished run, or "
                              "a checkpoints/epoch_NNN.weights.h5 file)")
@@ -84,51 +83,6 @@ def load_vocabulary(path: str, label_csv: str | None = None) -> tuple[list[str],
     return read_label_csv(csv)
 
 
-def read_flagfile(path: str) -> dict[str, str | bool]:
-    """``--name=value`` / ``--name`` / ``--noname`` lines of an absl flagfile (comments
-    skipped) as {name: value string or bool}."""
-    out: dict[str, str | bool] = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line or line.startswith("#") or not line.startswith("--"):
-                continue
-            body = line[2:]
-            if "=" in body:
-                k, v = body.split("=", 1)
-                out[k] = v
-            elif body.startswith("no"):
-                out[body[2:]] = False
-            else:
-                out[body] = True
-    return out
-
-
-def config_from_flagfile(path: str):
-    """A TrainConfig from a run's ``flags.txt`` (unknown names are an error)."""
-    from psla_tf.training.trainer import TrainConfig
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    values = {}
-    defaults = TrainConfig()
-    for k, v in read_flagfile(path).items():
-        if k not in fields:
-            raise ModelLoadError(f"{path}: unknown flag --{k}")
-        cur = getattr(defaults, k)
-        if isinstance(v, bool) or isinstance(cur, bool):
-            values[k] = v if isinstance(v, bool) else v.lower() in ("1", "true", "yes")
-        elif isinstance(cur, int) and not isinstance(cur, bool):
-            values[k] = int(v)
-        elif isinstance(cur, float):
-            values[k] = float(v)
-        elif cur is None and k in ("dataset_mean", "dataset_std"):
-            values[k] = float(v)
-        elif cur is None and k == "clip_samples":
-            values[k] = int(v)
-        else:
-            values[k] = v
-    return dataclasses.replace(defaults, **values)
-
-
 def load_tagger(path: str, compile: bool = False) -> keras.Model:
     """Load the tagger ``path`` names (see the module doc); inference-ready, not compiled."""
     import psla_tf.models.tagger  # noqa: F401  (registers the custom layers)
@@ -142,8 +96,11 @@ def load_tagger(path: str, compile: bool = False) -> keras.Model:
     if exp is None:
         raise ModelLoadError(f"checkpoint {file!r} is not inside an experiment folder with "
                              f"{FLAGS_FILE}; the architecture cannot be rebuilt")
-    from psla_tf.training.trainer import build_model
-    cfg = config_from_flagfile(os.path.join(exp, FLAGS_FILE))
+    from psla_tf.models.tagger import build_model
+    try:
+        cfg = config_from_flagfile(os.path.join(exp, FLAGS_FILE))
+    except ConfigError as e:
+        raise ModelLoadError(str(e)) from None
     mids, _ = load_vocabulary(exp)
     cfg = dataclasses.replace(cfg, pretrained="none")
     model = build_model(cfg, len(mids))
@@ -165,40 +122,3 @@ def is_saved_model(path: str) -> bool:
         return True
     return any(name.isdigit() and os.path.exists(os.path.join(path, name, "saved_model.pb"))
                for name in os.listdir(path))
-
-
-def load_scorer(path: str, label_csv: str | None = None,
-                vocabulary: tuple[list[str], list[str]] | None = None):
-    """A :class:`psla_tf.inference.Scorer` for any model form the tools take.
-
-    Keras forms (see the module doc) use ``label_csv``, else the ``labels.csv`` found beside
-    the model, else ``vocabulary`` (e.g. the data's manifest) as the class map; a SavedModel
-    carries its own. A model whose outputs do not match the class map is an error.
-    """
-    from psla_tf import inference
-    if is_saved_model(path):
-        try:
-            from psla_tf.export import load_saved_model
-        except ImportError as e:
-            raise ModelLoadError(f"{path!r} is a SavedModel but psla_tf.export is unavailable "
-                                 f"({e})") from None
-        try:
-            serving = load_saved_model(path)
-        except DataError:
-            raise
-        except Exception as e:
-            raise ModelLoadError(f"could not load SavedModel {path!r}: "
-                                 f"{type(e).__name__}: {e}") from e
-        try:
-            return inference.ServingScorer(serving, source=path)
-        except inference.VocabularyMismatch as e:
-            raise ModelLoadError(str(e)) from None
-    model = load_tagger(path)
-    if label_csv or find_label_csv(path) or vocabulary is None:
-        mids, names = load_vocabulary(path, label_csv)
-    else:
-        mids, names = vocabulary
-    try:
-        return inference.KerasScorer(model, mids, names, source=path)
-    except (inference.VocabularyMismatch, ValueError) as e:
-        raise ModelLoadError(str(e)) from None

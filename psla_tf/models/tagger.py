@@ -20,6 +20,7 @@ runs in half precision; the front end, the pooling head and the outputs stay flo
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import keras
 
@@ -28,7 +29,10 @@ from psla_tf.models.backbones import BACKBONES, build_backbone
 from psla_tf.models.frontend import AudioFrontend
 from psla_tf.models.pooling import make_pooling
 
-__all__ = ["build_tagger", "build_classifier", "embedding_model", "classifier_features",
+if TYPE_CHECKING:
+    from psla_tf.config import TrainConfig
+
+__all__ = ["build_tagger", "build_model", "build_classifier", "embedding_model", "classifier_features",
            "SingleLabelScores"]
 
 
@@ -149,6 +153,17 @@ def build_tagger(num_classes: int, *, model: str = "efficientnet", eff_b: int = 
         scores = SingleLabelScores(name="single_label")(scores)
     scores = keras.layers.Activation("linear", name="scores", dtype="float32")(scores)
     return keras.Model({"waveform": waveform, "num_samples": num_samples}, scores, name=name)
+
+
+def build_model(cfg: "TrainConfig", num_classes: int) -> keras.Model:
+    """:func:`build_tagger` with a run's settings (a :class:`psla_tf.config.TrainConfig`)."""
+    return build_tagger(num_classes, model=cfg.model, eff_b=cfg.eff_b, att_head=cfg.att_head,
+                        pretrained=cfg.pretrained, stem_init=cfg.stem_init,
+                        bn_momentum=cfg.bn_momentum, backbone_init=cfg.backbone_init,
+                        target_length=cfg.target_length, freqm=cfg.freqm, timem=cfg.timem,
+                        dataset_mean=cfg.dataset_mean, dataset_std=cfg.dataset_std,
+                        seed=cfg.seed, single_label=cfg.loss == "ce", fbank_dft=cfg.fbank_dft,
+                        clip_norm=cfg.clip_norm)
 
 
 def classifier_features(classifier: keras.Model, fbank) -> "keras.KerasTensor":

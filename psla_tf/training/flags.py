@@ -8,7 +8,7 @@ from __future__ import annotations
 from absl import flags
 
 from psla_tf import params
-from psla_tf.training.config import TrainConfig
+from psla_tf.config import TrainConfig
 
 _BOOL_FIELDS = ("wa", "balanced_sampling", "dry_run", "save_predictions", "demo", "resume",
                 "jit_compile", "sync_batchnorm", "deterministic", "skip_corrupt_records",

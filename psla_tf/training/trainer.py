@@ -23,7 +23,6 @@ import dataclasses
 import functools
 import math
 import os
-import sys
 import time
 from typing import Any
 
@@ -32,7 +31,8 @@ import numpy as np
 from psla_tf import params, run_folder
 from psla_tf.data.records import DataError
 from psla_tf.errors import ConfigError
-from psla_tf.training.config import TrainConfig, fit_verbosity
+from psla_tf.config import TrainConfig, fit_verbosity, flagfile_text, parse_flag_lines
+from psla_tf.models.tagger import build_model
 
 SUMMARY_KEYS = ("mAP", "AUC", "d_prime", "accuracy")
 METRIC_KEYS = {"map": "mAP", "accuracy": "accuracy"}  # --metric → summary key
@@ -215,38 +215,11 @@ def cut_clip_problems(sets: list[tuple[str, Any]], target_length: int) -> list[s
 
 
 # ----------------------------------------------------------------------------- building
-def build_model(cfg: TrainConfig, num_classes: int):
-    from psla_tf.models.tagger import build_tagger
-    return build_tagger(num_classes, model=cfg.model, eff_b=cfg.eff_b, att_head=cfg.att_head,
-                        pretrained=cfg.pretrained, stem_init=cfg.stem_init,
-                        bn_momentum=cfg.bn_momentum, backbone_init=cfg.backbone_init,
-                        target_length=cfg.target_length, freqm=cfg.freqm, timem=cfg.timem,
-                        dataset_mean=cfg.dataset_mean, dataset_std=cfg.dataset_std,
-                        seed=cfg.seed, single_label=cfg.loss == "ce", fbank_dft=cfg.fbank_dft,
-                        clip_norm=cfg.clip_norm)
-
-
 def make_schedule(cfg: TrainConfig, steps_per_epoch: int):
     from psla_tf.training.schedule import PSLASchedule
     return PSLASchedule(cfg.lr, steps_per_epoch, cfg.n_epochs, cfg.lrscheduler_start,
                         cfg.lrscheduler_decay, cfg.lrscheduler_step, cfg.warmup_steps,
                         cfg.warmup_every)
-
-
-def flagfile_text(cfg: TrainConfig) -> str:
-    """A flagfile that reproduces the run (resolved values; demo data as plain globs)."""
-    lines = ["# resolved flags of this run: python main.py --flagfile=flags.txt"]
-    for f in dataclasses.fields(TrainConfig):
-        v = getattr(cfg, f.name)
-        if f.name in ("dry_run", "demo", "demo_dir"):
-            continue
-        if v is None:
-            continue
-        if isinstance(v, bool):
-            lines.append(f"--{f.name}" if v else f"--no{f.name}")
-        else:
-            lines.append(f"--{f.name}={v}")
-    return "\n".join(lines) + "\n"
 
 
 def describe(r: Resolved, num_params: int | None) -> str:
@@ -340,21 +313,9 @@ def check_resume_flags(cfg: TrainConfig, exp_dir: str) -> None:
     if not os.path.exists(path):
         return
 
-    def parse(text: str) -> dict[str, str]:
-        out = {}
-        for line in text.splitlines():
-            if line.startswith("--"):
-                k, _, v = line[2:].partition("=")
-                if not _ and k.startswith("no") and k[2:] in fields:
-                    k, v = k[2:], "False"
-                elif not _:
-                    v = "True"
-                out[k] = v
-        return out
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    with open(path) as f:
-        old = parse(f.read())
-    new = parse(flagfile_text(cfg))
+    with open(path, encoding="utf-8") as f:
+        old = parse_flag_lines(f.read())
+    new = parse_flag_lines(flagfile_text(cfg))
     diff = [f"--{k}: {old.get(k)} → {new.get(k)}" for k in sorted(set(old) | set(new))
             if k not in _RESUME_FREE_FLAGS and old.get(k) != new.get(k)]
     if diff:
