@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from psla_tf import atomic
 from psla_tf import params
 from psla_tf.data import records
 from psla_tf.ontology import write_ontology
@@ -211,18 +212,11 @@ def make_clip(seed: int, split: str, index: int, clip_seconds: float,
 
 
 # ----------------------------------------------------------------------------- files
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _write_wav_atomic(path: str, x: np.ndarray) -> None:
+def write_wav(path: str, x: np.ndarray) -> None:
+    """A float waveform in [-1, 1] as a 16-bit 16-kHz WAV file, atomically."""
     import soundfile as sf
-    tmp = path + ".tmp.wav"
-    sf.write(tmp, records.float_to_int16(x), SAMPLE_RATE, subtype="PCM_16")
-    os.replace(tmp, path)
+    with atomic.atomic_path(path, ".wav") as tmp:
+        sf.write(tmp, records.float_to_int16(x), SAMPLE_RATE, subtype="PCM_16")
 
 
 def generate_demo_dataset(out_dir: str, num_train: int = 800, num_eval: int = 200,
@@ -260,14 +254,14 @@ def generate_demo_dataset(out_dir: str, num_train: int = 800, num_eval: int = 20
     if not reuse:
         import shutil
         shutil.rmtree(os.path.join(out_dir, "audio"), ignore_errors=True)
-        _write_text_atomic(started, json.dumps(spec, indent=1))
+        atomic.write_json(started, spec, indent=1)
     for split, count in (("train", num_train), ("eval", num_eval)):
         _generate_split(out_dir, split, count, spec, progress, paths[split])
     mids, names = vocabulary()
     records.write_label_csv(paths["label_csv"], mids, names)
-    write_ontology(paths["ontology"] + ".tmp", ontology_entries())
-    os.replace(paths["ontology"] + ".tmp", paths["ontology"])
-    _write_text_atomic(marker, json.dumps(spec, indent=1))
+    with atomic.atomic_path(paths["ontology"]) as tmp:
+        write_ontology(tmp, ontology_entries())
+    atomic.write_json(marker, spec, indent=1)
     return paths
 
 
@@ -291,11 +285,11 @@ def _generate_split(out_dir: str, split: str, count: int, spec: dict, progress: 
                                       spec["missing_label_rate"])
         path = os.path.join(out_dir, rel)
         if not os.path.exists(path):
-            _write_wav_atomic(path, x)
+            write_wav(path, x)
         entries.append({"wav": rel, "labels": ",".join(labels),
                         "events": [{k: (round(v, 4) if isinstance(v, float) else v)
                                     for k, v in e.items()} for e in events]})
-    _write_text_atomic(datafile, json.dumps({"data": entries}, indent=1))
+    atomic.write_json(datafile, {"data": entries}, indent=1)
 
 
 if __name__ == "__main__":  # python -m psla_tf.demo OUT_DIR

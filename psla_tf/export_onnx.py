@@ -149,11 +149,11 @@ def export_onnx(model: keras.Model, out_path: str, mids: Sequence[str], names: S
     for k, v in props.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = k, v
-    from psla_tf.export_tflite import _write_atomic
-    _write_atomic(out_path, proto.SerializeToString())
+    from psla_tf import atomic
+    atomic.write_bytes(out_path, proto.SerializeToString())
     base = os.path.splitext(out_path)[0]
-    _write_atomic(base + ".labels.txt", ("\n".join(names) + "\n").encode("utf-8"))
-    _write_atomic(base + ".json", json.dumps(meta, indent=1).encode("utf-8"))
+    atomic.write_text(base + ".labels.txt", "\n".join(names) + "\n")
+    atomic.write_json(base + ".json", meta, indent=1)
     meta["size_bytes"] = os.path.getsize(out_path)
     return meta
 

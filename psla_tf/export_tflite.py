@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 import zipfile
 from typing import Callable, Iterable, Sequence
@@ -38,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from psla_tf import atomic
 from psla_tf import params, tflite_metadata
 from psla_tf.export import ExportError, ExportSpec, ScoringModel, default_clip_samples, serve
 
@@ -202,10 +202,10 @@ def export_tflite(model: keras.Model, out_path: str, mids: Sequence[str], names:
         tflite_metadata.NAMES_FILE: "\n".join(names) + "\n",
         tflite_metadata.MIDS_FILE: "\n".join(mids) + "\n",
         "psla_tf.json": json.dumps(meta, indent=1)})
-    _write_atomic(out_path, flat)
+    atomic.write_bytes(out_path, flat)
     base = os.path.splitext(out_path)[0]
-    _write_atomic(base + ".labels.txt", ("\n".join(names) + "\n").encode("utf-8"))
-    _write_atomic(base + ".json", json.dumps(meta, indent=1).encode("utf-8"))
+    atomic.write_text(base + ".labels.txt", "\n".join(names) + "\n")
+    atomic.write_json(base + ".json", meta, indent=1)
     meta["size_bytes"] = len(flat)
     return meta
 
@@ -414,15 +414,6 @@ def read_embedded_labels(path: str) -> tuple[list[str], dict]:
         names = z.read("labels.txt").decode("utf-8").splitlines()
         meta = json.loads(z.read("psla_tf.json").decode("utf-8"))
     return names, meta
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
 
 class TFLiteTagger:

@@ -533,31 +533,6 @@ def rewrite_tfrecords(files: Sequence[str], compression: str, new_labels: Sequen
     return shards
 
 
-def _merged_manifest_fields(manifests: Sequence[Any]) -> dict[str, Any]:
-    """Carry manifest fields over (summing counts; pooling fbank statistics by frames)."""
-    m0 = manifests[0]
-    out = {"compression": m0.compression, "max_seconds": m0.max_seconds,
-           "sample_rate": m0.sample_rate, "extra": dict(m0.extra)}
-    out["total_seconds"] = float(sum(m.total_seconds for m in manifests))
-    out["num_cut"] = int(sum(m.num_cut for m in manifests))
-    out["listed"] = (None if any(m.listed is None for m in manifests)
-                     else int(sum(m.listed for m in manifests)))
-    out["failures"] = [f for m in manifests for f in m.failures]
-    if len(manifests) == 1:
-        out.update(fbank_mean=m0.fbank_mean, fbank_std=m0.fbank_std,
-                   fbank_frames=m0.fbank_frames)
-    elif all(m.fbank_mean is not None and m.fbank_std is not None and m.fbank_frames
-             for m in manifests):
-        w = np.array([m.fbank_frames for m in manifests], np.float64)
-        mu = np.array([m.fbank_mean for m in manifests])
-        sd = np.array([m.fbank_std for m in manifests])
-        mean = float((w * mu).sum() / w.sum())
-        var = float((w * (sd ** 2 + mu ** 2)).sum() / w.sum() - mean ** 2)
-        out.update(fbank_mean=mean, fbank_std=float(np.sqrt(max(var, 0.0))),
-                   fbank_frames=int(w.sum()))
-    return out
-
-
 def run_enhancement(train_data: str, scores_path: str, ontology_path: str, output: str,
                     label_csv: str | None = None, threshold: str = "mean", fix: str = "both",
                     report_path: str | None = None, top: int = 20) -> dict[str, Any]:
@@ -620,7 +595,7 @@ def run_enhancement(train_data: str, scores_path: str, ontology_path: str, outpu
         prefix = output[:-len(".manifest.json")] if output.endswith(".manifest.json") else output
         shards = rewrite_tfrecords(spec.files, spec.compression, result.labels, vocab, prefix)
         counts = multi_hot(result.labels, len(vocab)).sum(axis=0)
-        fields = _merged_manifest_fields(spec.manifests)
+        fields = records.merged_manifest_fields(spec.manifests)
         extra = fields.pop("extra")
         extra["label_enhancement"] = {k: report[k] for k in (
             "threshold", "fix", "labels_before", "labels_after", "labels_added")}

@@ -23,6 +23,7 @@ import subprocess
 import sys
 from typing import Any, Iterable, Sequence
 
+from psla_tf import atomic
 from psla_tf import run_folder
 
 __all__ = ["LIBRARIES", "PROVENANCE_FILE", "FLAGS_FILE", "git_state", "library_versions",
@@ -33,13 +34,6 @@ FLAGS_FILE = run_folder.FLAGS_FILE
 LIBRARIES = ("tensorflow", "tensorflow-cpu", "keras", "numpy", "scipy", "scikit-learn",
              "soundfile", "soxr", "absl-py", "h5py", "ai-edge-litert")
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def git_state(repo: str = _REPO) -> dict[str, Any]:
@@ -104,7 +98,8 @@ def write_provenance(exp_dir: str, flagfile_text: str,
     ``data``: (role, shard glob) pairs, e.g. ``[("train", cfg.train_data), ...]``.
     """
     os.makedirs(exp_dir, exist_ok=True)
-    _atomic_write(os.path.join(exp_dir, FLAGS_FILE), flagfile_text)
+    pid = str(os.getpid())   # workers of a distributed run may write at once
+    atomic.write_text(os.path.join(exp_dir, FLAGS_FILE), flagfile_text, suffix=pid)
     record = {
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": [sys.executable] + sys.argv,
@@ -115,8 +110,8 @@ def write_provenance(exp_dir: str, flagfile_text: str,
     }
     if extra:
         record.update(extra)
-    _atomic_write(os.path.join(exp_dir, PROVENANCE_FILE),
-                  json.dumps(record, indent=2, sort_keys=False) + "\n")
+    atomic.write_text(os.path.join(exp_dir, PROVENANCE_FILE),
+                      json.dumps(record, indent=2, sort_keys=False) + "\n", suffix=pid)
     return record
 
 

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None):
     del argv
     from psla_tf import ensemble, prediction
     from psla_tf.data.records import DataError
-    from psla_tf.training.callbacks import write_json_atomic
+    from psla_tf import atomic
     if bool(FLAGS.scores) == bool(FLAGS.models):
         raise DataError("give exactly one of --scores or --models")
     if FLAGS.models and not FLAGS.data:
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None):
             print(f"  mAP {m['mAP']:.4f}  {m['source']}")
         print(ensemble.format_table(row))
         if FLAGS.json:
-            write_json_atomic(FLAGS.json, row)
+            atomic.write_json(FLAGS.json, row, indent=1)
     if exported:
         print(f"wrote {exported} (one Keras model; export it with tools/export.py)")
 

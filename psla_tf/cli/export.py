@@ -187,8 +187,8 @@ def main(argv: list[str] | None = None):
             if bar:
                 bar.close()
             path = os.path.splitext(FLAGS.tflite)[0] + ".compare.json"
-            from psla_tf.training.callbacks import write_json_atomic
-            write_json_atomic(path, res)
+            from psla_tf import atomic
+            atomic.write_json(path, res, indent=1)
             line = (f"vs Keras on {res['clips']} clips: max |d| {res['max_abs_diff']:.2e}, "
                     f"mean {res['mean_abs_diff']:.2e}, p99 {res['p99_abs_diff']:.2e}")
             if "mAP_diff" in res:

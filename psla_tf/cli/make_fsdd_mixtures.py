@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None):
             raise
         raise DataError(f"--fsdd_dir {FLAGS.fsdd_dir}: {e}") from None
     os.makedirs(os.path.dirname(spec_path), exist_ok=True)
-    from psla_tf.training.callbacks import write_json_atomic
-    write_json_atomic(spec_path, spec)
+    from psla_tf import atomic
+    atomic.write_json(spec_path, spec, indent=1)
     vocab = records.read_label_csv(paths["label_csv"])
     for split in counts:
         prefix = os.path.join(FLAGS.out, "shards", split)

@@ -16,16 +16,16 @@ Files under ``out_dir``: ``audio/{split}/{split}_{i:05d}.wav`` (16 kHz PCM16), `
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 from typing import Any, Sequence
 
 import numpy as np
 
+from psla_tf import atomic
 from psla_tf import params
 from psla_tf.data import records
-from psla_tf.demo import _read_json, _write_text_atomic, _write_wav_atomic  # one home
+from psla_tf.demo import _read_json, write_wav
 
 VERSION = 1
 SAMPLE_RATE = params.SAMPLE_RATE
@@ -143,11 +143,11 @@ def generate(out_dir: str, fsdd_dir: str, counts: dict[str, int] | None = None,
             x, digits, events = make_clip(recordings, speakers, seed, split, i, clip_seconds,
                                           zipf_exponent)
             rel = f"audio/{split}/{split}_{i:05d}.wav"
-            _write_wav_atomic(os.path.join(out_dir, rel), x)
+            write_wav(os.path.join(out_dir, rel), x)
             entries.append({"wav": rel, "labels": ",".join(mids[d] for d in digits),
                             "speakers": sorted({e["speaker"] for e in events}),
                             "events": events})
-        _write_text_atomic(paths[split], json.dumps({"data": entries}, indent=1))
+        atomic.write_json(paths[split], {"data": entries}, indent=1)
     records.write_label_csv(paths["label_csv"], mids, names)
-    _write_text_atomic(marker, json.dumps(spec, indent=1))
+    atomic.write_json(marker, spec, indent=1)
     return paths

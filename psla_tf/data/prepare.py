@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from psla_tf import atomic
 from psla_tf import params
 from psla_tf.data import records
 from psla_tf.data.records import DataError, Manifest
@@ -171,15 +172,6 @@ def sidecar_path(shard_path: str) -> str:
     return shard_path + ".done.json"
 
 
-def _atomic_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _read_sidecar(path: str, fingerprint: str) -> dict | None:
     try:
         with open(sidecar_path(path)) as f:
@@ -252,7 +244,7 @@ def write_shard(job: ShardJob) -> dict:
             "failures": failures, "num_unlabelled": n_unlabelled,
             "stats": [s, ss, cnt] if job.stats else None,
             "record_lengths": lengths, "record_labels": label_lists}
-    _atomic_json(sidecar_path(job.path), side)
+    atomic.write_json(sidecar_path(job.path), side, fsync=True)
     return side
 
 
@@ -413,13 +405,11 @@ def _drain(q: Any, bar: Any, timeout: float = 0.0) -> None:
 
 
 def write_failures_csv(path: str, failures: Sequence[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["id", "path", "reason"])
         for x in failures:
             w.writerow([x["id"], x["path"], x["reason"]])
-    os.replace(tmp, path)
 
 
 def summary_line(m: Manifest) -> str:

@@ -267,6 +267,32 @@ def shard_counts(spec: DataSpec) -> np.ndarray:
         raise DataError(f"shard {e.args[0]} is not listed in any manifest") from None
 
 
+def merged_manifest_fields(manifests: Sequence[Manifest]) -> dict[str, Any]:
+    """The fields of one manifest for the union of several sets' shards (a rewritten copy of
+    them): counts summed, fbank statistics pooled by frames."""
+    m0 = manifests[0]
+    out = {"compression": m0.compression, "max_seconds": m0.max_seconds,
+           "sample_rate": m0.sample_rate, "extra": dict(m0.extra)}
+    out["total_seconds"] = float(sum(m.total_seconds for m in manifests))
+    out["num_cut"] = int(sum(m.num_cut for m in manifests))
+    out["listed"] = (None if any(m.listed is None for m in manifests)
+                     else int(sum(m.listed for m in manifests)))
+    out["failures"] = [f for m in manifests for f in m.failures]
+    if len(manifests) == 1:
+        out.update(fbank_mean=m0.fbank_mean, fbank_std=m0.fbank_std,
+                   fbank_frames=m0.fbank_frames)
+    elif all(m.fbank_mean is not None and m.fbank_std is not None and m.fbank_frames
+             for m in manifests):
+        w = np.array([m.fbank_frames for m in manifests], np.float64)
+        mu = np.array([m.fbank_mean for m in manifests])
+        sd = np.array([m.fbank_std for m in manifests])
+        mean = float((w * mu).sum() / w.sum())
+        var = float((w * (sd ** 2 + mu ** 2)).sum() / w.sum() - mean ** 2)
+        out.update(fbank_mean=mean, fbank_std=float(np.sqrt(max(var, 0.0))),
+                   fbank_frames=int(w.sum()))
+    return out
+
+
 def load_data_spec(pattern: str | Sequence[str]) -> DataSpec:
     """Resolve a shard glob and the manifests beside the shards, checking they agree.
 

@@ -44,7 +44,6 @@ def add_teacher_scores(data: str, score_files: Sequence[str], prefix: str,
     from tqdm import tqdm
     from psla_tf.data import record_index
     from psla_tf.data import teacher as tlib
-    from psla_tf.label_enhancement import _merged_manifest_fields
     spec = records.load_data_spec(data)
     table = tlib.load_teacher(score_files)
     if table.mids is not None and not set(table.mids) & set(spec.mids):
@@ -93,7 +92,7 @@ def add_teacher_scores(data: str, score_files: Sequence[str], prefix: str,
     bar.close()
     if entries:
         record_index.write_index(record_index.index_path(prefix), entries)
-    fields = _merged_manifest_fields(spec.manifests)
+    fields = records.merged_manifest_fields(spec.manifests)
     extra = fields.pop("extra")
     extra["teacher"] = {
         "kind": table.kind, "classes": table.num_classes, "mids": table.mids,

@@ -16,28 +16,15 @@ epoch and restore it with :meth:`restore`, so a killed run can resume without do
 """
 from __future__ import annotations
 
-import json
 import os
-from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from psla_tf import atomic
 from psla_tf import metrics, run_folder
 from psla_tf.errors import NonFiniteLossError
-
-
-def _atomic_savez(path: str, **arrays: Any) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-
-
-def _atomic_save_npy(path: str, array: np.ndarray) -> None:
-    tmp = path + ".tmp.npy"
-    np.save(tmp, array)
-    os.replace(tmp, path)
 
 
 def inputs_only(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -72,7 +59,7 @@ class EpochEvaluation(keras.callbacks.Callback):
         self.last_epoch: int | None = None
         if predictions_dir:
             os.makedirs(predictions_dir, exist_ok=True)
-            _atomic_save_npy(os.path.join(predictions_dir, run_folder.targets_name(prefix)),
+            atomic.save_npy(os.path.join(predictions_dir, run_folder.targets_name(prefix)),
                              self.targets.astype(np.float32))
 
     #: predict on this process's default device with a plain loop instead of
@@ -110,7 +97,7 @@ class EpochEvaluation(keras.callbacks.Callback):
         self.last_scores, self.last_epoch = scores, epoch + 1
         self.history.append(dict(result, epoch=epoch + 1))
         if self.predictions_dir:
-            _atomic_save_npy(os.path.join(self.predictions_dir,
+            atomic.save_npy(os.path.join(self.predictions_dir,
                                           run_folder.prediction_name(self.prefix, epoch + 1)),
                              scores)
         if logs is not None:
@@ -163,7 +150,7 @@ class CheckpointEnsemble(keras.callbacks.Callback):
             self.sum = s if self.sum is None else self.sum + s
             self.epochs.append(e)
             if self.state_path:
-                _atomic_savez(self.state_path, sum=self.sum, epochs=np.asarray(self.epochs))
+                atomic.save_npz(self.state_path, sum=self.sum, epochs=np.asarray(self.epochs))
         self.result = self.evaluation.score(self.scores)
         if logs is not None:
             for k in ("mAP", "AUC", "d_prime"):
@@ -232,7 +219,7 @@ class WeightAveraging(keras.callbacks.Callback):
                     s += v
         self.epochs.append(e)
         if self.state_path:
-            _atomic_savez(self.state_path, num_arrays=len(self.sums),
+            atomic.save_npz(self.state_path, num_arrays=len(self.sums),
                           epochs=np.asarray(self.epochs),
                           **{f"w{i}": s for i, s in enumerate(self.sums)})
         if e == self.wa_end:
@@ -261,9 +248,8 @@ class WeightAveraging(keras.callbacks.Callback):
                 v.assign(a)
             if self.save_path:
                 os.makedirs(os.path.dirname(os.path.abspath(self.save_path)), exist_ok=True)
-                tmp = self.save_path + ".tmp.keras"  # atomic: a kill leaves no partial file
-                self.model.save(tmp)
-                os.replace(tmp, self.save_path)
+                with atomic.atomic_path(self.save_path, ".keras") as tmp:
+                    self.model.save(tmp)
             if self.evaluation is not None:
                 self.result = self.evaluation.score(self.evaluation.predict(self.model))
                 self.result["epochs"] = list(self.epochs)
@@ -306,10 +292,3 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
         raise NonFiniteLossError(
             f"training loss is {loss} at step {step} (epoch {self._epoch}, batch {batch + 1})"
             f"{where}; lower --lr or check the data and the normalisation flags")
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)

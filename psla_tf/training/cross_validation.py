@@ -36,6 +36,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from psla_tf import atomic
 from psla_tf import run_folder
 from psla_tf.data.records import DataError
 
@@ -249,7 +250,6 @@ def cross_validate(cfg, input_csv: str, fold_column: str = "fold",
 
     from psla_tf.data import prepare, sources, splits
     from psla_tf.training import trainer
-    from psla_tf.training.callbacks import write_json_atomic
 
     if not cfg.exp_dir:
         raise DataError("--exp_dir is required")
@@ -309,7 +309,7 @@ def cross_validate(cfg, input_csv: str, fold_column: str = "fold",
               + f"; test on {k} → {exp_k}", flush=True)
         if not cfg.dry_run:
             os.makedirs(exp_k, exist_ok=True)
-            write_json_atomic(os.path.join(exp_k, PLAN_FILE), plan)
+            atomic.write_json(os.path.join(exp_k, PLAN_FILE), plan, indent=1)
         summary = trainer.run(cfg_k)
         keras.backend.clear_session()
         if summary is not None:
@@ -338,13 +338,10 @@ def cross_validate(cfg, input_csv: str, fold_column: str = "fold",
               "aggregate": agg, "headline": headline,
               "table": group_table(per_fold, plans, metric_key),
               "complete": run_folds == all_folds}
-    write_json_atomic(os.path.join(cfg.exp_dir, CV_SUMMARY), result)
+    atomic.write_json(os.path.join(cfg.exp_dir, CV_SUMMARY), result, indent=1)
     for name, text in (("cv_table.md", table_markdown(result)),
                        ("cv_table.csv", table_csv(result["table"]))):
-        tmp = os.path.join(cfg.exp_dir, name + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, os.path.join(cfg.exp_dir, name))
+        atomic.write_text(os.path.join(cfg.exp_dir, name), text)
     plot(result, os.path.join(cfg.exp_dir, "cv_plot.png"))
     return result
 

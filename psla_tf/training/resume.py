@@ -32,9 +32,9 @@ from typing import Any
 import keras
 import numpy as np
 
+from psla_tf import atomic
 from psla_tf import run_folder
 from psla_tf.data.records import DataError
-from psla_tf.training.callbacks import _atomic_savez, write_json_atomic
 
 STATE_FILE = run_folder.STATE_FILE
 checkpoint_path = run_folder.checkpoint_path
@@ -124,13 +124,13 @@ class ResumeCheckpoint(keras.callbacks.Callback):
             for i, s in enumerate(self.wa.sums):
                 arrays[f"wa{i}"] = s
             arrays["wa_num"] = np.asarray(len(self.wa.sums))
-        _atomic_savez(run_folder.state_path(self.exp_dir, e), **arrays)
+        atomic.save_npz(run_folder.state_path(self.exp_dir, e), **arrays)
         state = {"epoch": e, "state": os.path.basename(run_folder.state_path(self.exp_dir, e)),
                  "checkpoint": os.path.basename(ckpt),
                  "num_optimizer_variables": len(opt.variables),
                  "histories": [ev.history for ev in self.evaluations]}
         state.update(self.extra_state())
-        write_json_atomic(os.path.join(self.exp_dir, STATE_FILE), state)
+        atomic.write_json(os.path.join(self.exp_dir, STATE_FILE), state, indent=1)
         for old in glob.glob(os.path.join(self.exp_dir, run_folder.CHECKPOINTS_DIR, "state_*.npz")):
             if old != run_folder.state_path(self.exp_dir, e):  # only the committed state is kept
                 os.remove(old)

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from psla_tf import params, run_folder
+from psla_tf import atomic, params, run_folder
 from psla_tf.data.records import DataError
 from psla_tf.errors import ConfigError
 from psla_tf.config import TrainConfig, fit_verbosity, flagfile_text, parse_flag_lines
@@ -600,6 +600,6 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
         final_path = run_folder.path(exp, run_folder.FINAL_MODEL)  # the last epoch, whole (.keras)
         model.save(final_path + ".tmp.keras")
         os.replace(final_path + ".tmp.keras", final_path)
-        cbs.write_json_atomic(run_folder.path(exp, run_folder.SUMMARY_FILE), summary)
+        atomic.write_json(run_folder.path(exp, run_folder.SUMMARY_FILE), summary, indent=1)
         print(summary_table(summary), flush=True)
     return summary, model
