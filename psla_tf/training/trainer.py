@@ -362,20 +362,28 @@ def train(cfg: TrainConfig):
         distribute.set_precision("none")
 
 
-def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
-           multi_worker: bool):
+@dataclasses.dataclass
+class _Loop:
+    """The per-epoch machinery of a run: evaluations, accumulators and the callback list."""
+    evaluation: Any
+    val_eval: Any
+    retain_eval: Any
+    ensemble: Any
+    val_ensemble: Any
+    wa: Any
+    evaluations: list
+    callbacks: list
+
+
+def _build(cfg: TrainConfig, r: Resolved, strategy, replicas: int):
+    """The model (in the strategy's scope), its ``--init_from`` / ``--append_classes``
+    initialisation report and the ``--append_classes`` source model."""
     import keras
     import tensorflow as tf
 
-    from psla_tf.data import pipeline
-    from psla_tf.training import callbacks as cbs
-    from psla_tf.training import distribute
-    from psla_tf.training import resume as resume_lib
-    from psla_tf.training import selection
-    from psla_tf.training.optim import TorchAdam
-
-    keras.utils.set_random_seed(cfg.seed)  # deterministic initialisation
     from psla_tf.models.backbones import PretrainedWeightsError
+    from psla_tf.training import distribute
+    keras.utils.set_random_seed(cfg.seed)  # deterministic initialisation
     # a dry run only counts parameters: the same architecture without fetching any weights
     build_cfg = dataclasses.replace(cfg, pretrained="none") if cfg.dry_run else cfg
     try:
@@ -397,10 +405,13 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
     # the input pipeline seeds every op explicitly (stateless from --seed); a global TF seed
     # would only change tf.data's seed handling (and breaks tensor-valued shuffle seeds)
     tf.random.set_seed(None)
-    if cfg.dry_run:
-        print(describe(r, model.count_params()))
-        return None
-    print(describe(r, model.count_params()), flush=True)
+    return model, init_report, source_model
+
+
+def _announce(cfg: TrainConfig, strategy, replicas: int, chief: bool, init_report) -> None:
+    import keras
+
+    from psla_tf.training import distribute
     print(f"strategy: {type(strategy).__name__}, {replicas} replica(s), global batch "
           f"{cfg.batch_size}, precision {keras.mixed_precision.global_policy().name}"
           + (", XLA" if cfg.jit_compile else "")
@@ -408,42 +419,36 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
           flush=True)
     if init_report is not None:
         print(init_report.describe(), flush=True)
-    exp = cfg.exp_dir
-    ckpt_dir = os.path.join(exp, run_folder.CHECKPOINTS_DIR)
-    pred_dir = (os.path.join(exp, run_folder.PREDICTIONS_DIR) if cfg.save_predictions and chief
-                else None)
-    resuming = cfg.resume and resume_lib.committed_epoch(exp) > 0
-    if resuming:
-        check_resume_flags(cfg, exp)
-    if chief:
-        os.makedirs(ckpt_dir, exist_ok=True)
-        resume_lib.clean_partial_files(exp)
-        if not cfg.resume and os.path.exists(os.path.join(exp, resume_lib.STATE_FILE)):
-            os.remove(os.path.join(exp, resume_lib.STATE_FILE))  # --noresume: start over
-        if not resuming and os.path.exists(os.path.join(exp, "source_teacher.npz")):
-            os.remove(os.path.join(exp, "source_teacher.npz"))  # another run's teacher
-        # flags.txt (reproduces the run), library versions, manifest hashes, git commit
-        from psla_tf import provenance
-        provenance.write_provenance(exp, flagfile_text(cfg), [
-            ("train", cfg.train_data), ("eval", cfg.eval_data), ("val", cfg.val_data)],
-            extra={"normalisation": {"mean": cfg.dataset_mean, "std": cfg.dataset_std,
-                                     "source": r.norm_source},
-                   "init_from": init_report.as_dict() if init_report is not None else None,
-                   "distillation": r.kd.summary(cfg)})
-        # the vocabulary travels with the models (predict / infer / export read it from here)
-        from psla_tf.data.records import write_label_csv
-        write_label_csv(run_folder.path(exp, run_folder.LABELS_FILE), r.kd.model_mids,
-                        r.kd.model_names)
-    from psla_tf.training import distill
-    if r.kd.teacher_mode == "source":  # --append_classes: the source model is the teacher
-        table = distill.source_teacher(source_model, r.train, r.clip_samples,
-                                       cfg.eval_batch_size,
-                                       os.path.join(exp, "source_teacher.npz"),
-                                       r.kd.source_mids, write=chief)
-        r.kd.set_teacher(table, table.ids)
-        r.kd.set_lambdas(cfg.kd_lambda, r.train.mids)
-        print(distill.coverage_line(r.kd.coverage).strip(), flush=True)
 
+
+def _prepare_run_folder(cfg: TrainConfig, r: Resolved, resuming: bool, init_report) -> None:
+    """The chief's run folder: checkpoints folder, partial files of a killed run removed,
+    flags.txt + provenance.json, labels.csv."""
+    from psla_tf import provenance
+    from psla_tf.data.records import write_label_csv
+    from psla_tf.training import resume as resume_lib
+    exp = cfg.exp_dir
+    os.makedirs(os.path.join(exp, run_folder.CHECKPOINTS_DIR), exist_ok=True)
+    resume_lib.clean_partial_files(exp)
+    if not cfg.resume and os.path.exists(os.path.join(exp, resume_lib.STATE_FILE)):
+        os.remove(os.path.join(exp, resume_lib.STATE_FILE))  # --noresume: start over
+    if not resuming and os.path.exists(os.path.join(exp, "source_teacher.npz")):
+        os.remove(os.path.join(exp, "source_teacher.npz"))  # another run's teacher
+    # flags.txt (reproduces the run), library versions, manifest hashes, git commit
+    provenance.write_provenance(exp, flagfile_text(cfg), [
+        ("train", cfg.train_data), ("eval", cfg.eval_data), ("val", cfg.val_data)],
+        extra={"normalisation": {"mean": cfg.dataset_mean, "std": cfg.dataset_std,
+                                 "source": r.norm_source},
+               "init_from": init_report.as_dict() if init_report is not None else None,
+               "distillation": r.kd.summary(cfg)})
+    # the vocabulary travels with the models (predict / infer / export read it from here)
+    write_label_csv(run_folder.path(exp, run_folder.LABELS_FILE), r.kd.model_mids,
+                    r.kd.model_names)
+
+
+def _compile(model, cfg: TrainConfig, r: Resolved, strategy) -> None:
+    from psla_tf.training import distill
+    from psla_tf.training.optim import TorchAdam
     with strategy.scope():
         model.compile(optimizer=TorchAdam(make_schedule(cfg, r.steps_per_epoch)),
                       loss=distill.make_loss(cfg, r.kd), jit_compile=bool(cfg.jit_compile))
@@ -452,29 +457,34 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
         # the default strategy), which cost ~15 s per run for EfficientNet-B0 on CPU
         model.optimizer.build(model.trainable_variables)
 
-    skip = cfg.skip_corrupt_records
-    eval_ds = pipeline.make_eval_dataset(r.eval, cfg.eval_batch_size, r.clip_samples,
-                                         skip_corrupt_records=skip,
-                                         transform=r.kd.eval_transform("eval"))
-    evaluation = cbs.EpochEvaluation(eval_ds, "eval", pred_dir, verbose=1)
-    evaluations = [evaluation]
-    val_eval = None
-    if r.val is not None:
-        val_ds = pipeline.make_eval_dataset(r.val, cfg.eval_batch_size, r.clip_samples,
-                                            skip_corrupt_records=skip,
-                                            transform=r.kd.eval_transform("val"))
-        val_eval = cbs.EpochEvaluation(val_ds, "val", pred_dir, verbose=1)
-        evaluations.append(val_eval)
+
+def _make_loop(cfg: TrainConfig, r: Resolved, model, strategy, replicas: int,
+               chief: bool) -> _Loop:
+    """Per-epoch evaluation of eval / val / retain sets, checkpoint ensemble(s), weight
+    averaging, backbone freezing and the failure callbacks, in the order they run."""
+    import tensorflow as tf
+
+    from psla_tf.data import pipeline
+    from psla_tf.training import callbacks as cbs
+    from psla_tf.training import resume as resume_lib
+    exp, skip = cfg.exp_dir, cfg.skip_corrupt_records
+    pred_dir = (os.path.join(exp, run_folder.PREDICTIONS_DIR) if cfg.save_predictions and chief
+                else None)
+
+    def scored(which: str, spec):
+        ds = pipeline.make_eval_dataset(spec, cfg.eval_batch_size, r.clip_samples,
+                                        skip_corrupt_records=skip,
+                                        transform=r.kd.eval_transform(which))
+        return cbs.EpochEvaluation(ds, which, pred_dir, verbose=1)
+
+    evaluation = scored("eval", r.eval)
+    val_eval = scored("val", r.val) if r.val is not None else None
+    # --append_classes: the original classes on their own set
+    retain_eval = scored("retain", r.kd.retain) if r.kd.retain is not None else None
+    evaluations = [e for e in (evaluation, val_eval, retain_eval) if e is not None]
     # the ensemble's validation score (lets validation choose among the result rows)
     val_ensemble = (cbs.CheckpointEnsemble(val_eval, None, prefix="val_ens", verbose=0)
                     if val_eval is not None else None)
-    retain_eval = None
-    if r.kd.retain is not None:  # --append_classes: the original classes on their own set
-        retain_ds = pipeline.make_eval_dataset(r.kd.retain, cfg.eval_batch_size,
-                                               r.clip_samples, skip_corrupt_records=skip,
-                                               transform=r.kd.eval_transform("retain"))
-        retain_eval = cbs.EpochEvaluation(retain_ds, "retain", pred_dir, verbose=1)
-        evaluations.append(retain_eval)
     # several replicas (not TPU): each process scores the whole set itself, in file order,
     # with no collective ops — the same numbers as one device, also for the partial last
     # batch (Keras' distributed predict splits it into empty per-replica batches)
@@ -483,7 +493,8 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
         ev.local_predict = local
     # accumulators are saved with the epoch's commit (resume.ResumeCheckpoint), not alone
     ensemble = cbs.CheckpointEnsemble(evaluation, None)
-    callbacks: list = [cbs.StopOnNonFiniteLoss(ckpt_dir), resume_lib.FaultInjection()]
+    callbacks: list = [cbs.StopOnNonFiniteLoss(os.path.join(exp, run_folder.CHECKPOINTS_DIR)),
+                       resume_lib.FaultInjection()]
     callbacks += list(evaluations) + [resume_lib.EvalFault(), ensemble]
     if val_ensemble is not None:
         callbacks.append(val_ensemble)
@@ -497,11 +508,24 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
         from psla_tf.training.finetune import FreezeBackbone, source_columns
         callbacks.insert(0, FreezeBackbone(cfg.freeze_backbone_epochs, pin=source_columns(
             model, len(r.kd.source_mids)) if cfg.append_classes else None))
+    return _Loop(evaluation, val_eval, retain_eval, ensemble, val_ensemble, wa, evaluations,
+                 callbacks)
+
+
+def _restore_and_log(cfg: TrainConfig, model, strategy, loop: _Loop, resuming: bool,
+                     chief: bool) -> int:
+    """Restore a committed run (the epoch to start from) and add the log and per-epoch
+    commit callbacks."""
+    import keras
+
+    from psla_tf.data import pipeline
+    from psla_tf.training import resume as resume_lib
+    exp = cfg.exp_dir
     initial_epoch = 0
     if resuming:
         with strategy.scope():
-            state = resume_lib.restore(model, exp, evaluations, ensemble, wa,
-                                       val_ensemble=val_ensemble)
+            state = resume_lib.restore(model, exp, loop.evaluations, loop.ensemble, loop.wa,
+                                       val_ensemble=loop.val_ensemble)
         initial_epoch = int(state["epoch"])
         for name, v in state.get("corrupt_records", {}).get("shards", {}).items():
             pipeline.CORRUPT_SHARDS.setdefault(name, tuple(v))
@@ -509,61 +533,84 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
     log_path = os.path.join(exp, "log.csv")
     if chief:
         resume_lib.truncate_log(log_path, initial_epoch)
-        callbacks += [
+        loop.callbacks += [
             keras.callbacks.CSVLogger(log_path, append=initial_epoch > 0),
             keras.callbacks.TensorBoard(os.path.join(exp, "tensorboard"), profile_batch=0)]
-    callbacks.append(resume_lib.ResumeCheckpoint(
-        exp, evaluations, ensemble, wa, write=chief, val_ensemble=val_ensemble,
+    skip = cfg.skip_corrupt_records
+    loop.callbacks.append(resume_lib.ResumeCheckpoint(
+        exp, loop.evaluations, loop.ensemble, loop.wa, write=chief,
+        val_ensemble=loop.val_ensemble,
         extra_state=lambda: {"corrupt_records": pipeline.corrupt_summary()} if skip else {}))
-    t0 = time.time()
-    if initial_epoch < cfg.n_epochs:
-        kwargs = dict(batch_size=cfg.batch_size, clip_samples=r.clip_samples,
-                      balanced_sampling=cfg.balanced_sampling, mixup=cfg.mixup,
-                      mixup_alpha=cfg.mixup_alpha, shuffle_buffer=cfg.shuffle_buffer,
-                      sampling_order=cfg.sampling_order,
-                      random_gain_db=cfg.random_gain_db, random_speed=cfg.random_speed,
-                      seed=cfg.seed, initial_epoch=initial_epoch,
-                      num_epochs=cfg.n_epochs - initial_epoch, skip_corrupt_records=skip)
-        # labels into the model's vocabulary, teacher targets (built with each pipeline)
-        targets = functools.partial(r.kd.train_transform, cfg.kd_temperature)
-        if strategy is tf.distribute.get_strategy() and replicas == 1:
-            train_ds = pipeline.make_train_dataset(r.train, transform=targets(), **kwargs)
-        else:  # one pipeline per worker, its own share and seeds; per-replica batches
-            train_ds = strategy.distribute_datasets_from_function(
-                lambda ctx: pipeline.make_train_dataset(r.train, input_context=ctx,
-                                                        transform=targets(), **kwargs))
-        if multi_worker:
-            # Keras 3.15's fit reduces a first batch across replicas to build the model
-            # symbolically; MultiWorkerMirroredStrategy.reduce cannot take a dict of
-            # PerReplica values. The model is built already: let fit take the strategy from
-            # the scope instead (Keras falls back to tf.distribute.get_strategy()).
-            model._distribute_strategy = None  # noqa: SLF001
-            distribute.patch_keras_multi_worker_reduce()  # another Keras 3.15 gap, see there
-        try:
-            with strategy.scope():
-                model.fit(train_ds, epochs=cfg.n_epochs, initial_epoch=initial_epoch,
-                          steps_per_epoch=r.steps_per_epoch, callbacks=callbacks,
-                          verbose=fit_verbosity(cfg.verbose), shuffle=False)
-        except tf.errors.OpError as e:
-            err = pipeline.data_error_from(e)
-            if err is not None:
-                raise err from None
-            raise
-    seconds = time.time() - t0
-    # resumed after the last epoch's commit: finish what the killed run did not
+    return initial_epoch
+
+
+def _fit(cfg: TrainConfig, r: Resolved, model, strategy, replicas: int, multi_worker: bool,
+         loop: _Loop, initial_epoch: int) -> None:
+    """``model.fit`` over the training pipeline (one per worker under a strategy)."""
+    import tensorflow as tf
+
+    from psla_tf.data import pipeline
+    from psla_tf.training import distribute
+    kwargs = dict(batch_size=cfg.batch_size, clip_samples=r.clip_samples,
+                  balanced_sampling=cfg.balanced_sampling, mixup=cfg.mixup,
+                  mixup_alpha=cfg.mixup_alpha, shuffle_buffer=cfg.shuffle_buffer,
+                  sampling_order=cfg.sampling_order,
+                  random_gain_db=cfg.random_gain_db, random_speed=cfg.random_speed,
+                  seed=cfg.seed, initial_epoch=initial_epoch,
+                  num_epochs=cfg.n_epochs - initial_epoch,
+                  skip_corrupt_records=cfg.skip_corrupt_records)
+    # labels into the model's vocabulary, teacher targets (built with each pipeline)
+    targets = functools.partial(r.kd.train_transform, cfg.kd_temperature)
+    if strategy is tf.distribute.get_strategy() and replicas == 1:
+        train_ds = pipeline.make_train_dataset(r.train, transform=targets(), **kwargs)
+    else:  # one pipeline per worker, its own share and seeds; per-replica batches
+        train_ds = strategy.distribute_datasets_from_function(
+            lambda ctx: pipeline.make_train_dataset(r.train, input_context=ctx,
+                                                    transform=targets(), **kwargs))
+    if multi_worker:
+        # Keras 3.15's fit reduces a first batch across replicas to build the model
+        # symbolically; MultiWorkerMirroredStrategy.reduce cannot take a dict of
+        # PerReplica values. The model is built already: let fit take the strategy from
+        # the scope instead (Keras falls back to tf.distribute.get_strategy()).
+        model._distribute_strategy = None  # noqa: SLF001
+        distribute.patch_keras_multi_worker_reduce()  # another Keras 3.15 gap, see there
+    try:
+        with strategy.scope():
+            model.fit(train_ds, epochs=cfg.n_epochs, initial_epoch=initial_epoch,
+                      steps_per_epoch=r.steps_per_epoch, callbacks=loop.callbacks,
+                      verbose=fit_verbosity(cfg.verbose), shuffle=False)
+    except tf.errors.OpError as e:
+        err = pipeline.data_error_from(e)
+        if err is not None:
+            raise err from None
+        raise
+
+
+def _finish(loop: _Loop, model) -> None:
+    """Resumed after the last epoch's commit: finish what the killed run did not."""
+    wa, ensemble, val_ensemble = loop.wa, loop.ensemble, loop.val_ensemble
     if wa is not None and wa.epochs and wa.result is None:
         wa.set_model(model)
         wa.finalize()
     if ensemble.sum is not None and ensemble.result is None:
-        ensemble.result = evaluation.score(ensemble.scores)
+        ensemble.result = loop.evaluation.score(ensemble.scores)
     if val_ensemble is not None and val_ensemble.sum is not None and val_ensemble.result is None:
-        val_ensemble.result = val_eval.score(val_ensemble.scores)
+        val_ensemble.result = loop.val_eval.score(val_ensemble.scores)
+
+
+def _summary(cfg: TrainConfig, r: Resolved, loop: _Loop, model, source_model,
+             replicas: int, seconds: float) -> dict[str, Any]:
+    """summary.json of the run (module doc)."""
+    from psla_tf.data import pipeline
+    from psla_tf.training import distill, selection
+    wa, ensemble, val_ensemble = loop.wa, loop.ensemble, loop.val_ensemble
+    evaluation, val_eval = loop.evaluation, loop.val_eval
     summary: dict[str, Any] = {
         "metric": cfg.metric,
         "single": single_result(evaluation.history, val_eval.history if val_eval else None,
                                 cfg.metric),
-        "weight_averaging": ({k: wa.result[k] for k in SUMMARY_KEYS if k in wa.result} | {"epochs": wa.epochs}
-                             | selection.val_fields(wa.val_result)
+        "weight_averaging": ({k: wa.result[k] for k in SUMMARY_KEYS if k in wa.result}
+                             | {"epochs": wa.epochs} | selection.val_fields(wa.val_result)
                              if wa is not None and wa.result else None),
         "ensemble": ({k: ensemble.result[k] for k in SUMMARY_KEYS if k in ensemble.result}
                      | {"epochs": ensemble.epochs}
@@ -583,23 +630,59 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
         "eval_classes_without_positives": [r.kd.model_mids[i]
                                            for i in r.eval_without_positives],
         "distillation": r.kd.summary(cfg),
-        "append_classes": (distill.append_summary(r.kd, retain_eval, wa, model, source_model)
+        "append_classes": (distill.append_summary(r.kd, loop.retain_eval, wa, model,
+                                                  source_model)
                            if cfg.append_classes else None),
         "replicas": replicas,
         "mixed_precision": cfg.mixed_precision,
         "xla": bool(model.jit_compile),   # what Keras compiled, not only what was asked
     }
     selection.add_selection(cfg, summary)   # which set chose what; the val-chosen row
-    if skip:
+    if cfg.skip_corrupt_records:
         summary["corrupt_records"] = pipeline.corrupt_summary()
         if summary["corrupt_records"]["shards"]:
             print(f"skipped {len(summary['corrupt_records']['shards'])} corrupt shard(s), "
                   f"{summary['corrupt_records']['records_lost']} record(s) lost: "
                   + ", ".join(summary["corrupt_records"]["shards"]), flush=True)
+    return summary
+
+
+def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
+           multi_worker: bool):
+    """One training run on this process (the chief writes the run folder)."""
+    from psla_tf.training import distill
+    from psla_tf.training import resume as resume_lib
+    model, init_report, source_model = _build(cfg, r, strategy, replicas)
+    print(describe(r, model.count_params()), flush=True)
+    if cfg.dry_run:
+        return None
+    _announce(cfg, strategy, replicas, chief, init_report)
+    exp = cfg.exp_dir
+    resuming = cfg.resume and resume_lib.committed_epoch(exp) > 0
+    if resuming:
+        check_resume_flags(cfg, exp)
     if chief:
-        final_path = run_folder.path(exp, run_folder.FINAL_MODEL)  # the last epoch, whole (.keras)
-        model.save(final_path + ".tmp.keras")
-        os.replace(final_path + ".tmp.keras", final_path)
+        _prepare_run_folder(cfg, r, resuming, init_report)
+    if r.kd.teacher_mode == "source":  # --append_classes: the source model is the teacher
+        table = distill.source_teacher(source_model, r.train, r.clip_samples,
+                                       cfg.eval_batch_size,
+                                       os.path.join(exp, "source_teacher.npz"),
+                                       r.kd.source_mids, write=chief)
+        r.kd.set_teacher(table, table.ids)
+        r.kd.set_lambdas(cfg.kd_lambda, r.train.mids)
+        print(distill.coverage_line(r.kd.coverage).strip(), flush=True)
+    _compile(model, cfg, r, strategy)
+    loop = _make_loop(cfg, r, model, strategy, replicas, chief)
+    initial_epoch = _restore_and_log(cfg, model, strategy, loop, resuming, chief)
+    t0 = time.time()
+    if initial_epoch < cfg.n_epochs:
+        _fit(cfg, r, model, strategy, replicas, multi_worker, loop, initial_epoch)
+    seconds = time.time() - t0
+    _finish(loop, model)
+    summary = _summary(cfg, r, loop, model, source_model, replicas, seconds)
+    if chief:
+        with atomic.atomic_path(run_folder.path(exp, run_folder.FINAL_MODEL), ".keras") as tmp:
+            model.save(tmp)                  # the last epoch, whole (.keras)
         atomic.write_json(run_folder.path(exp, run_folder.SUMMARY_FILE), summary, indent=1)
         print(summary_table(summary), flush=True)
     return summary, model
