@@ -28,6 +28,7 @@ PATHS = {"output": PathFlag(OUT_FILE)}
 
 def _paths():
     import glob
+    from psla_tf import run_folder
     from psla_tf.data.records import DataError
     items = [p.strip() for p in FLAGS.checkpoints.split(",") if p.strip()]
     if FLAGS.epochs:
@@ -39,8 +40,7 @@ def _paths():
             raise DataError(f"--epochs must be A-B, got {FLAGS.epochs!r}") from None
         if not 1 <= a <= b:
             raise DataError(f"--epochs needs 1 <= A <= B, got {FLAGS.epochs}")
-        paths = [os.path.join(items[0], "checkpoints", f"epoch_{e:03d}.weights.h5")
-                 for e in range(a, b + 1)]
+        paths = [run_folder.checkpoint_path(items[0], e) for e in range(a, b + 1)]
         missing = [p for p in paths if not os.path.exists(p)]
         if missing:
             raise DataError(f"{len(missing)} checkpoints missing: {', '.join(missing[:3])}")
@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None):
     if argv is None:
         cli.run(main)
     del argv
+    from psla_tf import atomic, run_folder
     from psla_tf.data.records import DataError, write_label_csv
     from psla_tf.ensemble import average_checkpoints
     from psla_tf.models.loading import find_label_csv, load_vocabulary
@@ -72,20 +73,15 @@ def main(argv: list[str] | None = None):
     out = os.path.abspath(FLAGS.output)
     os.makedirs(os.path.dirname(out), exist_ok=True)
     suffix = ".keras" if out.endswith(".keras") else ".weights.h5"
-    tmp = out + ".tmp" + suffix  # Keras wants the suffix; a failed write leaves nothing
-    try:
+    with atomic.atomic_path(out, suffix) as tmp:  # Keras wants the suffix
         if suffix == ".keras":
             model.save(tmp)
         else:
             model.save_weights(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
     print(f"averaged {len(paths)} checkpoints ({os.path.basename(paths[0])} … "
           f"{os.path.basename(paths[-1])}) → {out}")
     if suffix == ".keras" and vocab is not None:
-        labels = os.path.join(os.path.dirname(out), "labels.csv")
+        labels = run_folder.path(os.path.dirname(out), run_folder.LABELS_FILE)
         if not os.path.exists(labels):
             write_label_csv(labels, *vocab)
             print(f"wrote {labels}")

@@ -47,7 +47,7 @@ def _members(paths):
 
 
 def _export(paths, out_dir):
-    from psla_tf import ensemble
+    from psla_tf import atomic, ensemble, run_folder
     from psla_tf.data.records import DataError, write_label_csv
     from psla_tf.models.loading import is_saved_model, load_tagger, load_vocabulary
     models, vocab = [], None
@@ -62,14 +62,9 @@ def _export(paths, out_dir):
     model = ensemble.build_ensemble(models)
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "ensemble.keras")
-    tmp = os.path.join(out_dir, "ensemble.tmp.keras")
-    try:
+    with atomic.atomic_path(path, ".keras") as tmp:
         model.save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    write_label_csv(os.path.join(out_dir, "labels.csv"), *vocab)
+    write_label_csv(run_folder.path(out_dir, run_folder.LABELS_FILE), *vocab)
     return path
 
 
