@@ -23,6 +23,12 @@ so the edge counts sum to the number of added labels.
 
 Everything is vectorised over (clip, label, edge) triples, so the full AudioSet (2 M clips)
 is processed in seconds.
+
+:func:`run_enhancement` (``tools/enhance_labels.py``) drives it over files; the I/O lives in
+the data layer and the scores file's home: listings in :mod:`psla_tf.data.sources`
+(``read_listing`` / ``write_listing``), shards in :mod:`psla_tf.data.shard_copy`
+(``record_labels`` / ``relabel_shards``), teacher scores in :mod:`psla_tf.prediction`
+(``load_scores``).
 """
 from __future__ import annotations
 
@@ -278,143 +284,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------- files
-@dataclasses.dataclass
-class Listing:
-    """A training listing read for enhancement: ``ids`` (clip ids, as TFRecords carry them),
-    label ``mids`` per clip, and what is needed to write it back in the same format."""
-    kind: str                   # "datafile" | "csv" | "audioset"
-    path: str
-    ids: list[str]
-    mids: list[list[str]]
-    payload: Any = None         # JSON dict / (header, records, sep) / (lines, data line numbers)
-
-
-def _split_labels(text: str) -> list[str]:
-    import re
-    return [p.strip() for p in re.split(r"[,;]", text or "") if p.strip()]
-
-
-def _is_audioset_csv(lines: Sequence[str]) -> bool:
-    for line in lines:
-        s = line.strip()
-        if not s:
-            continue
-        if s.startswith("#"):
-            if s.lstrip("# ").startswith("YTID"):
-                return True
-            continue
-        return s.split(",")[0].strip() == "YTID"
-    return False
-
-
-def read_listing(path: str) -> Listing:
-    """Read a PSLA datafile JSON, an AudioSet segment CSV or a plain CSV (path, labels)."""
-    import csv
-    import io
-    import json
-    import os
-    if not os.path.exists(path):
-        raise DataError(f"training data file not found: {path}")
-    if path.endswith(".json"):
-        with open(path, encoding="utf-8") as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(d, dict) or not isinstance(d.get("data"), list):
-            raise DataError(f'{path}: expected {{"data": [{{"wav": ..., "labels": ...}}]}}')
-        ids, mids = [], []
-        for n, e in enumerate(d["data"], start=1):
-            if not isinstance(e, dict) or "wav" not in e:
-                raise DataError(f"{path}: entry {n} has no 'wav' field")
-            lab = e.get("labels", "")
-            ids.append(str(e["wav"]))
-            mids.append([str(x) for x in lab] if isinstance(lab, list) else _split_labels(lab))
-        return Listing("datafile", path, ids, mids, d)
-    with open(path, encoding="utf-8", newline="") as f:
-        text = f.read()
-    lines = text.splitlines()
-    if _is_audioset_csv(lines):
-        ids, mids, data_lines = [], [], []
-        for n, line in enumerate(lines):
-            s = line.strip()
-            if not s or s.startswith("#") or s.split(",")[0].strip() == "YTID":
-                continue
-            fields = [c.strip() for c in next(csv.reader(io.StringIO(line),
-                                                         skipinitialspace=True))]
-            if len(fields) < 4:
-                raise DataError(f"{path}:{n + 1}: expected YTID, start_seconds, end_seconds, "
-                                f"positive_labels; got {line!r}")
-            ids.append(f"{fields[0]}_{fields[1]}")
-            mids.append(_split_labels(fields[3]))
-            data_lines.append((n, fields))
-        return Listing("audioset", path, ids, mids, (lines, data_lines))
-    reader = csv.DictReader(io.StringIO(text), skipinitialspace=True)
-    header = list(reader.fieldnames or [])
-    lower = {h.strip().lower(): h for h in header}
-    pcol = next((lower[c] for c in ("path", "filename", "file", "wav") if c in lower), None)
-    lcol = next((lower[c] for c in ("labels", "label", "positive_labels") if c in lower), None)
-    if pcol is None or lcol is None:
-        raise DataError(f"{path}: a CSV needs a header with a path column (path/filename/file/"
-                        f"wav) and a labels column (labels/label); got {header}")
-    records = [dict(r) for r in reader]
-    ids = [(r.get(pcol) or "").strip() for r in records]
-    for n, i in enumerate(ids, start=2):
-        if not i:
-            raise DataError(f"{path}:{n}: empty path")
-    mids = [_split_labels(r.get(lcol) or "") for r in records]
-    sep = ";" if any(";" in (r.get(lcol) or "") for r in records) else ","
-    return Listing("csv", path, ids, mids, (header, lcol, records, sep))
-
-
-def write_listing(listing: Listing, new_mids: Sequence[Sequence[str]], path: str) -> None:
-    """Write ``listing`` with its labels replaced by ``new_mids``, in its own format
-    (every other field unchanged); atomic (temp file + rename)."""
-    import copy
-    import csv
-    import io
-    import json
-    import os
-    if len(new_mids) != len(listing.ids):
-        raise ValueError("one label list per clip is needed")
-    buf = io.StringIO()
-    if listing.kind == "datafile":
-        d = copy.deepcopy(listing.payload)
-        for e, m in zip(d["data"], new_mids):
-            e["labels"] = list(m) if isinstance(e.get("labels"), list) else ",".join(m)
-        json.dump(d, buf, indent=1)
-    elif listing.kind == "audioset":
-        lines, data_lines = listing.payload
-        out = list(lines)
-        for (n, fields), m in zip(data_lines, new_mids):
-            out[n] = ", ".join(fields[:3]) + ', "' + ",".join(m) + '"'
-            if len(fields) > 4:
-                out[n] += ", " + ", ".join(fields[4:])
-        buf.write("\n".join(out) + "\n")
-    else:
-        header, lcol, records, sep = listing.payload
-        w = csv.DictWriter(buf, fieldnames=header, lineterminator="\n")
-        w.writeheader()
-        for r, m in zip(records, new_mids):
-            r = dict(r)
-            r[lcol] = sep.join(m)
-            w.writerow(r)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8", newline="") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)
-
-
-def load_scores(path: str) -> tuple[list[str], np.ndarray, np.ndarray | None]:
-    """Teacher scores (the ``.npz`` of tools/predict.py, :mod:`psla_tf.prediction`):
-    ``ids``, ``scores`` [N, C] as float64, ``targets`` or None."""
-    from psla_tf.prediction import load_scores as load_predictions
-    p = load_predictions(path)
-    return p.ids, np.asarray(p.scores, np.float64), p.targets
-
-
+# ----------------------------------------------------------------------------- driver
 def _few(items: Sequence[str], k: int = 5) -> str:
     shown = ", ".join(repr(x) for x in list(items)[:k])
     return shown + (f", ... ({len(items)} in all)" if len(items) > k else "")
@@ -481,98 +351,44 @@ def check_targets(labels: Sequence[Sequence[int]], targets: np.ndarray, ids: Seq
                         "(wrong vocabulary or a different label set?)")
 
 
-def _read_record_labels(files: Sequence[str], compression: str
-                        ) -> tuple[list[str], list[list[int]]]:
-    import tensorflow as tf
-    ids, labels = [], []
-    for f in files:
-        for raw in tf.data.TFRecordDataset([f], compression_type=compression or None):
-            feat = tf.train.Example.FromString(raw.numpy()).features.feature
-            ids.append(feat["id"].bytes_list.value[0].decode("utf-8"))
-            labels.append([int(x) for x in feat["labels"].int64_list.value])
-    return ids, labels
-
-
-def rewrite_tfrecords(files: Sequence[str], compression: str, new_labels: Sequence[Sequence[int]],
-                      mids: Sequence[str], prefix: str) -> list[dict[str, Any]]:
-    """Copy shards to ``{prefix}-i-of-n`` with only ``labels``/``mids`` replaced (examples in
-    the same order; every other feature, the audio included, byte-identical). Atomic per
-    shard. Returns the manifest's ``shards`` entries."""
-    import os
-    import tensorflow as tf
-    from tqdm import tqdm
-    from psla_tf.data import records
-    options = tf.io.TFRecordOptions(compression_type=compression or "")
-    n = len(files)
-    out_dir = os.path.dirname(os.path.abspath(prefix))
-    os.makedirs(out_dir, exist_ok=True)
-    shards, k = [], 0
-    for i, f in enumerate(tqdm(files, desc="rewriting shards", unit="shard")):
-        out = records.shard_name(prefix, i, n, compression)
-        if os.path.abspath(out) == os.path.abspath(f):
-            raise DataError(f"--output would overwrite the input shard {f}; pick another prefix")
-        tmp = out + ".tmp"
-        count = 0
-        with tf.io.TFRecordWriter(tmp, options) as w:
-            for raw in tf.data.TFRecordDataset([f], compression_type=compression or None):
-                ex = tf.train.Example.FromString(raw.numpy())
-                feat = ex.features.feature
-                lab = [int(x) for x in new_labels[k]]
-                del feat["labels"].int64_list.value[:]
-                feat["labels"].int64_list.value.extend(lab)
-                del feat["mids"].bytes_list.value[:]
-                feat["mids"].bytes_list.value.extend(mids[j].encode("utf-8") for j in lab)
-                w.write(ex.SerializeToString())
-                k += 1
-                count += 1
-        tf.io.gfile.rename(tmp, out, overwrite=True)
-        shards.append({"file": os.path.basename(out), "num_examples": count})
-    if k != len(new_labels):
-        raise DataError(f"shards changed while rewriting: read {k} examples, expected "
-                        f"{len(new_labels)}")
-    return shards
-
-
 def run_enhancement(train_data: str, scores_path: str, ontology_path: str, output: str,
                     label_csv: str | None = None, threshold: str = "mean", fix: str = "both",
                     report_path: str | None = None, top: int = 20) -> dict[str, Any]:
     """Enhance a training set's labels with a teacher's scores (Algorithm 2), end to end.
 
-    ``train_data``: a datafile (JSON / AudioSet CSV / plain CSV; needs ``label_csv``) or a
-    TFRecord glob (vocabulary from its manifest). ``output``: the enhanced datafile (same
-    format) or, for TFRecords, the output shard prefix. Writes ``report_path`` (.json and .md;
+    ``train_data``: a listing (datafile JSON / AudioSet segment CSV / plain CSV, as
+    tools/make_tfrecords.py reads them; needs ``label_csv``) or a TFRecord glob (vocabulary
+    from its manifest). ``scores_path``: a scores file of tools/predict.py
+    (:func:`psla_tf.prediction.load_scores`). ``output``: the enhanced listing (same format,
+    :func:`psla_tf.data.sources.write_listing`) or, for TFRecords, the output shard prefix
+    (:func:`psla_tf.data.shard_copy.relabel_shards`). Writes ``report_path`` (.json and .md;
     default ``{output}.report``) and returns the report.
     """
-    import json
-    import os
-    from psla_tf.data import records
+    from psla_tf import atomic
+    from psla_tf.data import records, shard_copy, sources
     from psla_tf.ontology import load_ontology
+    from psla_tf.prediction import is_record_glob, load_scores
     if threshold not in THRESHOLD_MODES:
         raise DataError(f"--threshold must be one of {', '.join(THRESHOLD_MODES)}")
     if fix not in FIX_TYPES:
         raise DataError(f"--fix must be one of {', '.join(FIX_TYPES)}")
-    is_listing = train_data.endswith((".json", ".csv"))
-    spec = None
-    if is_listing:
+    listing = spec = None
+    if not is_record_glob(train_data):
         if not label_csv:
             raise DataError("--label_csv is needed with a datafile/CSV --train_data")
         vocab, names = records.read_label_csv(label_csv)
-        listing = read_listing(train_data)
+        listing = sources.read_listing(train_data)
         ids = listing.ids
         labels = mids_to_indices(listing.mids, vocab, ids, train_data)
     else:
         spec = records.load_data_spec(train_data)
         vocab, names = spec.mids, spec.names
-        if label_csv:
-            lv, _ = records.read_label_csv(label_csv)
-            if list(lv) != list(vocab):
-                raise DataError(f"--label_csv {label_csv} differs from the shards' vocabulary")
-        ids, labels = _read_record_labels(spec.files, spec.compression)
+        if label_csv and list(records.read_label_csv(label_csv)[0]) != list(vocab):
+            raise DataError(f"--label_csv {label_csv} differs from the shards' vocabulary")
+        ids, labels = shard_copy.record_labels(spec)
     if not ids:
         raise DataError(f"{train_data} holds no clips")
-    from psla_tf.prediction import load_scores as load_predictions
-    teacher = load_predictions(scores_path)
-    score_ids, targets = teacher.ids, teacher.targets
+    teacher = load_scores(scores_path)
     scores = np.asarray(teacher.scores, np.float64)
     if scores.shape[1] != len(vocab):
         raise DataError(f"{scores_path}: scores have {scores.shape[1]} classes but the "
@@ -580,38 +396,29 @@ def run_enhancement(train_data: str, scores_path: str, ontology_path: str, outpu
     if teacher.mids and teacher.mids != list(vocab):     # class map stored by predict.py
         raise DataError(f"{scores_path}: the teacher's class map (mids stored by predict.py) "
                         "differs from the training data's vocabulary")
-    scores, targets = align_scores(ids, score_ids, scores, targets)
+    scores, targets = align_scores(ids, teacher.ids, scores, teacher.targets)
     if targets is not None:
         check_targets(labels, targets, ids)
     onto = load_ontology(ontology_path)
-    edges = vocabulary_edges(onto, vocab, fix)
-    result = enhance_labels(labels, scores, edges, threshold=threshold, fix=fix)
+    result = enhance_labels(labels, scores, vocabulary_edges(onto, vocab, fix),
+                            threshold=threshold, fix=fix)
     report = enhancement_report(result, vocab, names, top=top)
     report["vocabulary_classes_not_in_ontology"] = [m for m in vocab if m not in onto]
     report["train_data"], report["scores"], report["output"] = train_data, scores_path, output
-    if is_listing:
-        write_listing(listing, [[vocab[j] for j in row] for row in result.labels], output)
+    if listing is not None:
+        sources.write_listing(listing, [[vocab[j] for j in row] for row in result.labels],
+                              output)
     else:
-        prefix = output[:-len(".manifest.json")] if output.endswith(".manifest.json") else output
-        shards = rewrite_tfrecords(spec.files, spec.compression, result.labels, vocab, prefix)
-        counts = multi_hot(result.labels, len(vocab)).sum(axis=0)
-        fields = records.merged_manifest_fields(spec.manifests)
-        extra = fields.pop("extra")
-        extra["label_enhancement"] = {k: report[k] for k in (
-            "threshold", "fix", "labels_before", "labels_after", "labels_added")}
-        extra["label_enhancement"]["source"] = train_data
-        man = records.Manifest(num_examples=len(ids), shards=shards, mids=list(vocab),
-                               names=list(names), class_counts=[int(x) for x in counts],
-                               extra=extra, **fields)
-        man.write(records.manifest_path(prefix))
-        report["output"] = records.manifest_path(prefix)
-    base = report_path or (output + ".report")
-    base = base[:-5] if base.endswith(".json") else base
-    with open(base + ".json.tmp", "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(base + ".json.tmp", base + ".json")
-    with open(base + ".md.tmp", "w") as f:
-        f.write(report_markdown(report))
-    os.replace(base + ".md.tmp", base + ".md")
+        prefix = output.removesuffix(".manifest.json")
+        shards = shard_copy.relabel_shards(spec, result.labels, prefix)
+        summary = {k: report[k] for k in ("threshold", "fix", "labels_before", "labels_after",
+                                          "labels_added")}
+        man = shard_copy.write_copy_manifest(
+            spec, prefix, shards, multi_hot(result.labels, len(vocab)).sum(axis=0),
+            {"label_enhancement": {**summary, "source": train_data}})
+        report["output"] = man.path
+    base = (report_path or (output + ".report")).removesuffix(".json")
+    atomic.write_json(base + ".json", report, indent=1)
+    atomic.write_text(base + ".md", report_markdown(report))
     report["report_files"] = [base + ".json", base + ".md"]
     return report

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from psla_tf import label_enhancement as le
-from psla_tf.data import records
+from psla_tf.data import records, sources
 from psla_tf.data.records import DataError
 from psla_tf.ontology import load_ontology, ontology_from_entries
 
@@ -82,7 +82,7 @@ def audioset(request):
     from tests.conftest import shared_path
     base = shared_path("data", "audioset")
     vocab, names = records.read_label_csv(str(base / "class_labels_indices.csv"))
-    listing = le.read_listing(str(base / "balanced_train_segments.csv"))
+    listing = sources.read_listing(str(base / "balanced_train_segments.csv"))
     labels = le.mids_to_indices(listing.mids, vocab, listing.ids, "balanced")
     with open(base / "ontology.json") as f:
         entries = json.load(f)
@@ -288,9 +288,9 @@ def test_csv_formats_round_trip(tmp_path):
         for n, (i, lab) in enumerate(zip(w["ids"], w["labels"]))))
     le.run_enhancement(str(plain), w["npz"], w["onto"], str(tmp_path / "o.csv"),
                        label_csv=w["label_csv"])
-    back = le.read_listing(str(tmp_path / "o.csv"))
+    back = sources.read_listing(str(tmp_path / "o.csv"))
     assert back.ids == w["ids"] and back.mids[0] == ["/x/p", "/x/c"]
-    assert back.payload[2][3]["fold"] == "3"
+    assert back.rows[3].record["fold"] == "3"
     # AudioSet segment CSV: ids {YTID}_{start}
     aset = tmp_path / "seg.csv"
     yt = [f"Y{i}" for i in range(6)]
@@ -300,8 +300,8 @@ def test_csv_formats_round_trip(tmp_path):
     np.savez(tmp_path / "s2.npz", ids=np.array([f"{y}_30.000" for y in yt]), scores=w["scores"])
     le.run_enhancement(str(aset), str(tmp_path / "s2.npz"), w["onto"], str(tmp_path / "o2.csv"),
                        label_csv=w["label_csv"])
-    back = le.read_listing(str(tmp_path / "o2.csv"))
-    assert back.kind == "audioset" and back.ids == [f"{y}_30.000" for y in yt]
+    back = sources.read_listing(str(tmp_path / "o2.csv"))
+    assert back.fmt == "audioset" and back.ids == [f"{y}_30.000" for y in yt]
     assert back.mids[0] == ["/x/p", "/x/c"] and back.mids[1:] == [
         [w["vocab"][j] for j in lab] for lab in w["labels"][1:]]
     assert (tmp_path / "o2.csv").read_text().startswith("# comment\n")
@@ -376,6 +376,14 @@ def test_tfrecord_round_trip(tmp_path):
     assert got[0]["labels"] == [0, 1] and got[0]["mids"] == ["/x/p", "/x/c"]
     assert [g["labels"] for g in got[1:]] == w["labels"][1:]
     assert not any(f.endswith(".tmp") for f in os.listdir(tmp_path / "out"))
+    # the copy's record index (i.i.d. order) is written with it: a scan of the new shards
+    from psla_tf.data import record_index
+    index = record_index.read_index(record_index.index_path(out))
+    for path in man.shard_paths():
+        e, scan = index[os.path.basename(path)], record_index.scan_shard(path)
+        assert e.size == scan.size and e.lengths.tolist() == scan.lengths.tolist()
+        assert e.labels.tolist() == scan.labels.tolist()
+    assert index["train_le-00000-of-00002.tfrecord"].labels.tolist()[:2] == [0, 1]
 
 
 def test_predict_scores_file_and_class_map_check(tmp_path):
@@ -400,3 +408,70 @@ def test_predict_scores_file_and_class_map_check(tmp_path):
     with pytest.raises(DataError, match="class map"):
         le.run_enhancement(str(src), str(bad), w["onto"], str(tmp_path / "o2.json"),
                            label_csv=w["label_csv"])
+
+
+def test_esc50_style_csv_end_to_end_with_the_tool(tmp_path):
+    """An ESC-50-style listing (``filename,fold,target,category,…``: the labels column is
+    ``category``, as tools/make_tfrecords.py reads it) goes through tools/enhance_labels.py;
+    the output keeps every column, row and value but ``category``, and make_tfrecords'
+    reader and preparation take it."""
+    import csv
+    import subprocess
+    import sys
+    import soundfile as sf
+    from psla_tf.data import prepare
+    onto = tmp_path / "ontology.json"
+    onto.write_text(json.dumps([
+        {"id": "animal", "name": "Animal", "child_ids": ["dog", "cat"], "restrictions": []},
+        {"id": "dog", "name": "Dog", "child_ids": [], "restrictions": []},
+        {"id": "cat", "name": "Cat", "child_ids": [], "restrictions": []},
+        {"id": "rain", "name": "Rain", "child_ids": [], "restrictions": []}]))
+    vocab = ["animal", "dog", "cat", "rain"]
+    records.write_label_csv(str(tmp_path / "labels.csv"), vocab, vocab)
+    category = ["dog", "dog", "cat", "animal", "animal", "rain"]
+    header = ["filename", "fold", "target", "category", "esc10", "src_file", "take"]
+    rng = np.random.default_rng(5)
+    rows = []
+    for i, c in enumerate(category):
+        name = f"{i % 5 + 1}-{100 + i}-A-{vocab.index(c)}.wav"
+        sf.write(tmp_path / name, rng.uniform(-0.3, 0.3, 1600 + 160 * i), 16000,
+                 subtype="PCM_16")
+        rows.append([name, str(i % 5 + 1), str(vocab.index(c)), c, str(i % 2 == 0),
+                     f"{100 + i}", "A"])
+    with open(tmp_path / "esc50.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header] + rows)
+    # t_animal = mean(.6, .8) = .7, t_dog = mean(.9, .7) = .8, t_cat = .9 (one clip):
+    # Type II adds animal to clips 0 (.9) and 2 (.75), not 1 (.5); Type I adds dog to clip 3
+    # (.85 > .8), cat to clip 4 (.95 > .9), not cat to 3 (.5) nor dog to 4 (.1); rain: no edges
+    scores = np.array([[.9, .9, 0, 0], [.5, .7, 0, 0], [.75, 0, .9, 0], [.6, .85, .5, 0],
+                       [.8, .1, .95, 0], [.99, .99, .99, .4]], np.float32)
+    np.savez(tmp_path / "scores.npz", ids=np.array([r[0] for r in rows]), scores=scores)
+    out = tmp_path / "enhanced" / "esc50_le.csv"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "enhance_labels.py"),
+                          f"--train_data={tmp_path / 'esc50.csv'}",
+                          f"--scores={tmp_path / 'scores.npz'}", f"--ontology={onto}",
+                          f"--label_csv={tmp_path / 'labels.csv'}", "--threshold=mean",
+                          "--fix=both", f"--output={out}"],
+                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    with open(out, newline="") as f:
+        got = list(csv.reader(f))
+    want = [["dog", "animal"], ["dog"], ["cat", "animal"], ["animal", "dog"],
+            ["animal", "cat"], ["rain"]]
+    assert got[0] == header and len(got) == 7
+    for g, r, w in zip(got[1:], rows, want):
+        assert g[:3] + g[4:] == r[:3] + r[4:] and g[3] == ",".join(w)
+    report = json.loads((tmp_path / "enhanced" / "esc50_le.csv.report.json").read_text())
+    assert (report["labels_before"], report["labels_added"]) == (6, 4)
+    # make_tfrecords' reader and preparation accept the enhanced listing
+    (tmp_path / "enhanced" / "esc50_le.csv").replace(tmp_path / "esc50_le.csv")
+    back = sources.read_rows(str(tmp_path / "esc50_le.csv"))
+    assert [list(r.mids) for r in back] == want
+    man = prepare.prepare(back, (vocab, vocab), str(tmp_path / "shards" / "esc"), stats=False,
+                          progress=False)
+    assert man.num_examples == 6 and man.class_counts == [4, 3, 2, 1]
+    # a folder of class sub-folders has no label column to rewrite: one clear error
+    (tmp_path / "folder" / "dog").mkdir(parents=True)
+    with pytest.raises(DataError, match="no label column"):
+        sources.read_listing(str(tmp_path / "folder"))

@@ -4,9 +4,11 @@
         --scores=teacher_scores.npz --ontology=ontology.json \
         --threshold=mean --fix=both --output=train_le.json
 
-``--train_data``: a PSLA datafile JSON, an AudioSet segment CSV, a plain CSV (path, labels)
-or a TFRecord glob (then ``--output`` is the new shard prefix). ``--scores``: an .npz with
-``ids``, ``scores`` [N, C] and optionally ``targets``, matched to the clips by id.
+``--train_data``: a listing as tools/make_tfrecords.py reads it (a PSLA datafile JSON, an
+AudioSet segment CSV, a plain CSV with a path column and a labels column, e.g. ESC-50's
+``filename,fold,target,category,…``; written back with only the labels changed) or a TFRecord
+glob (then ``--output`` is the new shard prefix). ``--scores``: an .npz with ``ids``,
+``scores`` [N, C] and optionally ``targets``, matched to the clips by id.
 """
 
 from absl import flags

@@ -16,9 +16,14 @@ formats those recipes (and small custom sets) come in:
 The clip id (the TFRecord ``id`` feature) is the audio path exactly as written in the input
 (AudioSet: ``{YTID}_{start_seconds}``; folder: ``classname/file.wav``). Relative paths resolve
 against the listing file's folder.
+
+:func:`read_listing` / :func:`write_listing` read a datafile, AudioSet CSV or plain CSV and
+write it back with only its labels changed (same columns, rows, order, comment lines):
+label enhancement (paper Sec. V, ``tools/enhance_labels.py``) rewrites a listing this way.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import dataclasses
 import io
@@ -27,6 +32,7 @@ import os
 import re
 from typing import Any, Iterable, Sequence
 
+from psla_tf.atomic import write_text
 from psla_tf.data.records import DataError, read_label_csv
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".mp3")
@@ -60,8 +66,7 @@ def _resolve(path: str, base: str) -> str:
 
 
 # ----------------------------------------------------------------------------- formats
-def read_datafile(path: str) -> list[Row]:
-    """PSLA datafile JSON ``{"data": [{"wav": ..., "labels": "m1,m2"}, ...]}``."""
+def _load_datafile(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             d = json.load(f)
@@ -69,6 +74,16 @@ def read_datafile(path: str) -> list[Row]:
         raise DataError(f"{path} is not valid JSON: {e}") from None
     if not isinstance(d, dict) or not isinstance(d.get("data"), list):
         raise DataError(f'{path}: expected {{"data": [{{"wav": ..., "labels": ...}}]}}')
+    return d
+
+
+def read_datafile(path: str) -> list[Row]:
+    """PSLA datafile JSON ``{"data": [{"wav": ..., "labels": "m1,m2"}, ...]}``."""
+    return _datafile_rows(_load_datafile(path), path)
+
+
+def _datafile_rows(d: dict[str, Any], path: str) -> list[Row]:
+    """Rows of a parsed datafile; ``record`` is the entry dict itself (not a copy)."""
     base = os.path.dirname(os.path.abspath(path))
     rows = []
     for n, entry in enumerate(d["data"], start=1):
@@ -239,6 +254,84 @@ def read_rows(input_path: str, fmt: str = "auto", audio_dir: str | None = None,
     if fmt == "audioset":
         return read_audioset_csv(input_path, audio_dir or "", filename_pattern)
     return read_plain_csv(input_path)[0]
+
+
+# ----------------------------------------------------------------------------- rewriting
+@dataclasses.dataclass
+class Listing:
+    """A listing as read by :func:`read_listing`: its format (``datafile`` / ``audioset`` /
+    ``csv``), path, rows, and what writing it back needs (the parsed JSON document, the file's
+    lines, or the CSV header)."""
+    fmt: str
+    path: str
+    rows: list[Row]
+    document: Any = None          # datafile: the JSON dict; audioset: the file's lines
+    header: list[str] | None = None   # csv: the columns
+
+    @property
+    def ids(self) -> list[str]:
+        return [r.id for r in self.rows]
+
+    @property
+    def mids(self) -> list[list[str]]:
+        return [list(r.mids) for r in self.rows]
+
+
+def read_listing(path: str, fmt: str = "auto") -> Listing:
+    """A datafile, AudioSet segment CSV or plain CSV (the parsers of :func:`read_rows`, the
+    same column rules) kept so that :func:`write_listing` can write it back. Audio paths are
+    not needed: AudioSet rows resolve under ``.`` (their ids are ``{YTID}_{start}``)."""
+    if not os.path.exists(path):
+        raise DataError(f"input not found: {path}")
+    if fmt == "auto":
+        fmt = detect_format(path)
+    if fmt == "datafile":
+        d = _load_datafile(path)
+        return Listing(fmt, path, _datafile_rows(d, path), document=d)
+    if fmt == "audioset":
+        lines = [line for _, line in _data_lines(path)]
+        return Listing(fmt, path, read_audioset_csv(path, "."), document=lines)
+    if fmt == "csv":
+        rows, header = read_plain_csv(path)
+        return Listing(fmt, path, rows, header=header)
+    if fmt == "folder":
+        raise DataError(f"{path} is a folder of class sub-folders: it has no label column to "
+                        "rewrite; list it as a CSV (path,labels) first")
+    raise DataError(f"unknown input format {fmt!r}; one of {FORMATS}")
+
+
+def write_listing(listing: Listing, new_mids: Sequence[Sequence[str]], path: str) -> None:
+    """Write ``listing`` with its labels replaced by ``new_mids`` (one list per row), in its own
+    format: every other field, line and column unchanged (datafile: ``labels`` stays a string
+    or a list as it was; AudioSet: comment lines kept; CSV: labels joined with ``;`` if the
+    input used it, else ``,``). Atomic (temp file + rename)."""
+    if len(new_mids) != len(listing.rows):
+        raise ValueError(f"{len(new_mids)} label lists for {len(listing.rows)} rows")
+    buf = io.StringIO()
+    if listing.fmt == "datafile":
+        d = copy.deepcopy(listing.document)
+        for e, m in zip(d["data"], new_mids):
+            e["labels"] = list(m) if isinstance(e.get("labels"), list) else ",".join(m)
+        json.dump(d, buf, indent=1)
+    elif listing.fmt == "audioset":
+        out = list(listing.document)
+        for r, m in zip(listing.rows, new_mids):
+            fields = _csv_fields(out[r.line - 1].strip())
+            out[r.line - 1] = ", ".join(fields[:3]) + ', "' + ",".join(m) + '"' + "".join(
+                ", " + f for f in fields[4:])
+        buf.write("\n".join(out) + "\n")
+    elif listing.fmt == "csv":
+        lcol = _pick(listing.header or [], LABEL_COLUMNS)
+        records = [r.record for r in listing.rows]
+        sep = ";" if any(";" in (rec.get(lcol) or "") for rec in records) else ","
+        w = csv.DictWriter(buf, fieldnames=listing.header, lineterminator="\n")
+        w.writeheader()
+        for rec, m in zip(records, new_mids):
+            w.writerow({**rec, lcol: sep.join(m)})
+    else:
+        raise DataError(f"cannot write a listing of format {listing.fmt!r}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_text(path, buf.getvalue())
 
 
 # ----------------------------------------------------------------------------- vocabulary
