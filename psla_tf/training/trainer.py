@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from psla_tf import atomic, params, run_folder
+from psla_tf import atomic, compat, params, run_folder
 from psla_tf.data.records import DataError
 from psla_tf.errors import ConfigError
 from psla_tf.config import TrainConfig, fit_verbosity, flagfile_text, parse_flag_lines
@@ -537,8 +537,8 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
             # symbolically; MultiWorkerMirroredStrategy.reduce cannot take a dict of
             # PerReplica values. The model is built already: let fit take the strategy from
             # the scope instead (Keras falls back to tf.distribute.get_strategy()).
-            model._distribute_strategy = None  # noqa: SLF001
-            distribute.patch_keras_multi_worker_reduce()  # another Keras 3.15 gap, see there
+            compat.clear_distribute_strategy(model)
+            compat.patch_keras_multi_worker_reduce()  # another Keras 3.15 gap, see there
         try:
             with strategy.scope():
                 model.fit(train_ds, epochs=cfg.n_epochs, initial_epoch=initial_epoch,
