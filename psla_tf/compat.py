@@ -226,7 +226,8 @@ def tflite_schema():
 
 
 def _flatbuffer_utils():
-    return _private("tflite_flatbuffer_utils", "tensorflow", "tensorflow.lite.tools.flatbuffer_utils",
+    return _private("tflite_flatbuffer_utils", "tensorflow",
+                    "tensorflow.lite.tools.flatbuffer_utils",
                     "read_model_from_bytearray", "convert_object_to_bytearray")
 
 
@@ -238,7 +239,9 @@ def read_tflite_model(flat: bytes):
 
 
 def write_tflite_model(model) -> bytearray:
-    """``model`` (a ``ModelT``) serialised to ``.tflite`` bytes (see :func:`read_tflite_model`)."""
+    """``model`` (a ``ModelT``) serialised to ``.tflite`` bytes.
+
+    No public API: ``tensorflow.lite.tools.flatbuffer_utils``; tested with TF 2.21."""
     return _flatbuffer_utils().convert_object_to_bytearray(model)
 
 

@@ -147,7 +147,8 @@ def test_tf_interleave_still_has_no_buffer_arguments():
 
 def test_bounded_interleave_order():
     files = tf.data.Dataset.range(3)
-    ds = compat.bounded_interleave(files, lambda i: tf.data.Dataset.range(3).map(lambda j: j + 10 * i),
+    ds = compat.bounded_interleave(files,
+                                   lambda i: tf.data.Dataset.range(3).map(lambda j: j + 10 * i),
                                    cycle_length=2, block_length=1,
                                    num_parallel_calls=tf.data.AUTOTUNE,
                                    buffer_output_elements=1, prefetch_input_elements=0)
