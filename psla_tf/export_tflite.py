@@ -37,8 +37,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from psla_tf import atomic
-from psla_tf import params, tflite_metadata
+from psla_tf import atomic, compat, params, tflite_metadata
 from psla_tf.export import ExportError, ExportSpec, ScoringModel, default_clip_samples, serve
 
 __all__ = ["QUANTIZATIONS", "FLOAT16_POWER_SCALE", "export_tflite", "calibration_clips",
@@ -139,9 +138,7 @@ def export_tflite(model: keras.Model, out_path: str, mids: Sequence[str], names:
 
         # freeze the weights into constants first: converted with the trackable object, the
         # Keras 3 variables stay resource variables without an initialiser in the flatbuffer
-        from tensorflow.python.framework.convert_to_constants import (
-            convert_variables_to_constants_v2)
-        concrete = convert_variables_to_constants_v2(infer.get_concrete_function())
+        concrete = compat.freeze_function(infer.get_concrete_function())
         float_kernels = 0
         if quantize == "dynamic":
             concrete, float_kernels = _float_kernels(
@@ -263,11 +260,7 @@ def _float_kernels(concrete, keep_float: Callable[[str, np.ndarray], bool]):
             nodes[src + "/float_kernel"] = gd.node[-1]
         node.input[1] = src + "/float_kernel"
     outputs = [t.name for t in concrete.outputs]
-    wrapped = tf.compat.v1.wrap_function(
-        lambda: tf.graph_util.import_graph_def(gd, name=""), [])
-    graph = wrapped.graph
-    return wrapped.prune(graph.get_tensor_by_name(placeholders[0] + ":0"),
-                         [graph.get_tensor_by_name(o) for o in outputs]), kept
+    return compat.prune_graph_def(gd, placeholders[0] + ":0", outputs), kept
 
 
 def _fold_opaque_constants(flat: bytes) -> bytes:
@@ -279,9 +272,8 @@ def _fold_opaque_constants(flat: bytes) -> bytes:
     on every invoke and XNNPACK does not accelerate convolutions / matmuls whose weights are
     not constant (dynamic ran ~2x slower than float32). The chain is evaluated here — bit for
     bit the same values — and its ops, the zero's ops and the int32 copies are dropped."""
-    from tensorflow.lite.python import schema_py_generated as fb
-    from tensorflow.lite.tools import flatbuffer_utils
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(flat))
+    fb = compat.tflite_schema()
+    model = compat.read_tflite_model(flat)
     ops_by_name = fb.BuiltinOperator
     codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
     if ops_by_name.BITCAST not in codes:
@@ -355,7 +347,7 @@ def _fold_opaque_constants(flat: bytes) -> bytes:
         for tensor in sg.tensors:
             if tensor.buffer not in live and tensor.buffer > 0:
                 model.buffers[tensor.buffer].data = None
-    return flatbuffer_utils.convert_object_to_bytearray(model)
+    return compat.write_tflite_model(model)
 
 
 def _opaque_to_quantizer(x: tf.Tensor) -> tf.Tensor:
@@ -372,10 +364,10 @@ def _frontend_tensor_names(float_flat: bytes) -> list[str]:
     from ai_edge_litert.interpreter import Interpreter
     it = Interpreter(model_content=float_flat)
     names = []
-    for op in it._get_ops_details():  # noqa: SLF001 (no public op listing)
-        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+    for op_name, outputs in compat.tflite_ops(it):
+        if op_name in ("CONV_2D", "DEPTHWISE_CONV_2D"):
             break
-        names += [it._get_tensor_details(i, 0)["name"] for i in op["outputs"]]  # noqa: SLF001
+        names += outputs
     return names
 
 

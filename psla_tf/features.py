@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from psla_tf import params
+from psla_tf import compat, params
 
 __all__ = ["kaldi_fbank", "KaldiFbank", "kaldi_mel_banks", "num_frames", "resolve_dft",
            "forced_dft"]
@@ -167,12 +167,7 @@ def resolve_dft(dft: str, device: str = "") -> str:
 def _in_xla_context() -> bool:
     """True while tracing for XLA (``jit_compile=True``): XLA has no complex bitcast and
     compiles one fused program, so the rfft path neither loops nor bitcasts there."""
-    try:
-        from tensorflow.python.ops import control_flow_util
-        return bool(control_flow_util.GraphOrParentsInXlaContext(
-            tf.compat.v1.get_default_graph()))
-    except Exception:  # noqa: BLE001 - private API moved: assume no XLA
-        return False
+    return compat.in_xla_context()
 
 
 def _default_chunk_samples(x: tf.Tensor) -> int:

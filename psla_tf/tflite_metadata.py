@@ -26,6 +26,8 @@ import flatbuffers
 import numpy as np
 from flatbuffers import table as fb_table
 
+from psla_tf import compat
+
 __all__ = ["METADATA_NAME", "FILE_IDENTIFIER", "MIN_PARSER_VERSION", "AssociatedFile",
            "TensorInfo", "AudioClassifierMetadata", "build_metadata", "attach_metadata",
            "read_metadata", "TENSOR_AXIS_LABELS", "MIDS_FILE", "NAMES_FILE",
@@ -201,9 +203,8 @@ def attach_metadata(flat: bytes, metadata: bytes) -> bytes:
     """The ``.tflite`` flatbuffer ``flat`` with ``metadata`` stored in a new buffer listed as
     ``TFLITE_METADATA`` in ``Model.metadata`` (an existing entry of that name is replaced).
     Interpreters ignore it; the graph, its tensors and weights are unchanged."""
-    from tensorflow.lite.python import schema_py_generated as fb
-    from tensorflow.lite.tools import flatbuffer_utils
-    model = flatbuffer_utils.read_model_from_bytearray(bytearray(flat))
+    fb = compat.tflite_schema()
+    model = compat.read_tflite_model(flat)
     buf = fb.BufferT()
     buf.data = np.frombuffer(metadata, np.uint8).copy()
     model.buffers.append(buf)
@@ -212,7 +213,7 @@ def attach_metadata(flat: bytes, metadata: bytes) -> bytes:
     entry.buffer = len(model.buffers) - 1
     old = [m for m in (model.metadata or []) if _text(m.name) != METADATA_NAME]
     model.metadata = old + [entry]
-    return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+    return bytes(compat.write_tflite_model(model))
 
 
 def _text(s) -> str:
@@ -278,8 +279,7 @@ def _read_tensor(r: _Reader) -> dict:
 
 def read_metadata(flat: bytes) -> dict | None:
     """The ``TFLITE_METADATA`` of a ``.tflite`` (its bytes) as a dict, None when absent."""
-    from tensorflow.lite.python import schema_py_generated as fb
-    model = fb.Model.GetRootAs(bytearray(flat), 0)
+    model = compat.tflite_schema().Model.GetRootAs(bytearray(flat), 0)
     for i in range(model.MetadataLength()):
         m = model.Metadata(i)
         if _text(m.Name()) != METADATA_NAME:

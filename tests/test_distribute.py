@@ -277,7 +277,7 @@ def test_multi_worker_identical_weights_chief_writes(data, tmp_path):
     assert os.path.exists(tmp_path / "exp0" / "summary.json")
     assert os.path.exists(tmp_path / "exp0" / "checkpoints" / "epoch_001.weights.h5")
     # saved by the chief alone (these saves used to wait on a collective the other worker
-    # never joined: see distribute.warm_keras_saving_skipsets)
+    # never joined: see psla_tf.compat.warm_keras_saving_skipsets)
     assert os.path.exists(tmp_path / "exp0" / "wa_model.keras")
     assert os.path.exists(tmp_path / "exp0" / "final_model.keras")
     assert not os.path.exists(tmp_path / "exp1"), os.listdir(tmp_path / "exp1")
@@ -291,8 +291,8 @@ def test_model_save_creates_no_variables_after_warm_up(tmp_path, monkeypatch):
     import keras
     from keras.src.optimizers import optimizer as optimizer_module
 
-    from psla_tf.training import distribute
-    distribute.warm_keras_saving_skipsets()
+    from psla_tf import compat
+    compat.warm_keras_saving_skipsets()
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     model.compile(optimizer="adam", loss="mse")
     built = []

@@ -10,7 +10,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "psla_tf"
 # low → high; a module belongs to the longest prefix that names it
 LAYERS = (
     ("psla_tf.params", "psla_tf.errors", "psla_tf.config", "psla_tf.atomic",
-     "psla_tf.run_folder", "psla_tf.ontology", "psla_tf._keras_objects"),
+     "psla_tf.run_folder", "psla_tf.ontology", "psla_tf._keras_objects", "psla_tf.compat"),
     ("psla_tf.features", "psla_tf.augment", "psla_tf.metrics"),
     ("psla_tf.data", "psla_tf.demo"),
     ("psla_tf.models",),

@@ -24,7 +24,6 @@ resuming at ``initial_epoch`` after a kill continues exactly.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import sys
@@ -33,7 +32,7 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 
-from psla_tf import params
+from psla_tf import compat, params
 from psla_tf.data import records
 from psla_tf.data import sampling
 from psla_tf.data.mixup import mixup_example
@@ -56,9 +55,9 @@ _SALT_IID = 15
 _nag = tf.autograph.experimental.do_not_convert
 
 
-@contextlib.contextmanager
-def _independent_of_global_seed():
-    """Build datasets as if no global TF seed were set.
+def _seed_independent(fn):
+    """``fn`` run as if no global TF seed were set
+    (:func:`psla_tf.compat.independent_of_global_seed`).
 
     Every shuffle here takes an explicit seed derived from ``seed`` (and the epoch), so a
     global seed (``tf.random.set_seed`` / ``keras.utils.set_random_seed``) would only change
@@ -67,20 +66,9 @@ def _independent_of_global_seed():
     The dataset functions are traced while the datasets are built, so clearing the seed for
     that time is enough.
     """
-    from tensorflow.python.eager import context
-    ctx = context.context()
-    saved = ctx._seed  # noqa: SLF001  (no public getter/setter that leaves the op counter)
-    ctx._seed = None
-    try:
-        yield
-    finally:
-        ctx._seed = saved
-
-
-def _seed_independent(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with _independent_of_global_seed():
+        with compat.independent_of_global_seed():
             return fn(*args, **kwargs)
     return wrapper
 
@@ -203,8 +191,7 @@ def _traversal(reader: _Reader, file_ids: np.ndarray, seed: tf.Tensor, cycle_len
     # READ_BUFFER_BYTES buffer, grew with the number of shards (pipeline alone: peak RSS
     # +392 vs +113 MB, 80 vs 8 shards of 20-s clips). Bounded: cycle_length shards open, one record
     # buffered each, so memory depends on the flags, not the set (issue 7).
-    from tensorflow.python.data.ops.interleave_op import _ParallelInterleaveDataset
-    return _ParallelInterleaveDataset(
+    return compat.bounded_interleave(
         files, _nag(reader), min(cycle_length, len(file_ids)), 1, AUTOTUNE,
         buffer_output_elements=1, prefetch_input_elements=0, deterministic=True)
 

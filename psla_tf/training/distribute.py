@@ -21,6 +21,7 @@ import json
 import os
 from typing import Any
 
+from psla_tf import compat
 from psla_tf.errors import StrategyError
 
 STRATEGIES = ("auto", "mirrored", "multi_worker", "tpu")
@@ -100,7 +101,7 @@ def make_strategy(name: str = "auto", tpu: str | None = None):
 def is_multi_worker(strategy) -> bool:
     import tensorflow as tf
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and \
-        strategy.extended._in_multi_worker_mode()  # noqa: SLF001
+        compat.in_multi_worker_mode(strategy)
 
 
 def is_chief(strategy) -> bool:
@@ -126,107 +127,21 @@ def set_deterministic(on: bool) -> None:
     undoing: the setting is process-wide, and a second run in the same process (tools,
     tests) must not inherit it (under it Keras also turns XLA off)."""
     import tensorflow as tf
-    from tensorflow.python.framework import config  # no public disable
     if on:
         tf.config.experimental.enable_op_determinism()
-    elif config.is_op_determinism_enabled():
-        config.disable_op_determinism()
+    else:
+        compat.disable_op_determinism()
 
 
 def synchronise_batchnorm(model) -> int:
     """Make every BatchNormalization layer of ``model`` (nested models too) use the batch
     statistics of the global batch under a multi-replica strategy; returns how many."""
     import keras
-    patch_keras_sync_moments()
+    compat.patch_keras_sync_moments()
     n = 0
-    for layer in model._flatten_layers(include_self=False, recursive=True):  # noqa: SLF001
+    for layer in compat.flatten_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.synchronized = True
             n += 1
     return n
 
-
-def patch_keras_multi_worker_reduce() -> None:
-    """Work around Keras 3.15's ``reduce_per_replica`` under MultiWorkerMirroredStrategy.
-
-    Keras reduces the train step's logs (scalars: the loss, metric results) with
-    ``strategy.reduce("MEAN", v, axis=0)`` in multi-worker mode, which fails for a scalar
-    ("Invalid reduction dimension 0 for input with 0 dimensions"). Scalars are reduced with
-    ``axis=None`` instead (the mean over replicas, what ``axis=0`` does for batched values);
-    everything else goes to Keras' own function unchanged. Idempotent.
-    """
-    warm_keras_saving_skipsets()  # the other gap met by every multi-worker run (see there)
-    from keras.src.backend.tensorflow import trainer as keras_tf_trainer
-    original = keras_tf_trainer.reduce_per_replica
-    if getattr(original, "_psla_patched", False):
-        return
-    import tensorflow as tf
-
-    def reduce_per_replica(values, strategy, reduction):
-        if reduction in ("auto", "mean") and is_multi_worker(strategy):
-            def _reduce(v):
-                # one local replica: strategy.run returns plain tensors, not PerReplica
-                parts = (strategy.experimental_local_results(v)
-                         if isinstance(v, tf.distribute.DistributedValues) else [v])
-                if all(getattr(t, "shape", None) is not None and t.shape.rank == 0
-                       for t in parts):
-                    return strategy.reduce("MEAN", v, axis=None)
-                return original(v, strategy, reduction)
-            return tf.nest.map_structure(_reduce, values)
-        return original(values, strategy, reduction)
-
-    reduce_per_replica._psla_patched = True
-    keras_tf_trainer.reduce_per_replica = reduce_per_replica
-
-
-def warm_keras_saving_skipsets() -> None:
-    """Let ``model.save`` run on the chief alone under MultiWorkerMirroredStrategy.
-
-    Keras 3.15's ``saving_lib.get_attr_skipset`` builds reference objects (an
-    ``Optimizer(1.0)``, whose constructor creates variables) on every save: it caches the
-    result under ``saving_attr_skipset_*`` but looks it up under ``saving_attr_skiplist_*``.
-    Inside a MultiWorkerMirroredStrategy scope a new variable's initial value is broadcast
-    from the chief (a collective), so a save made by the chief only — the weight-averaged
-    model, the final model — waits for the other workers forever (or until they exit: the
-    run dies with "CollectiveBcastSend ... tasks have crashed"). The sets are computed here,
-    outside any strategy scope, and stored under the key the lookup uses. Must be called
-    outside ``strategy.scope()``. Idempotent."""
-    import tensorflow as tf
-    from keras.src.backend.common import global_state
-    from keras.src.saving import saving_lib
-    if tf.distribute.has_strategy():
-        raise RuntimeError("warm_keras_saving_skipsets must run outside strategy.scope()")
-    for obj_type in ("Operation", "Layer", "Functional", "Sequential", "Metric", "Optimizer",
-                     "Loss"):
-        key = f"saving_attr_skiplist_{obj_type}"
-        if global_state.get_global_attribute(key, None) is None:
-            global_state.set_global_attribute(key, saving_lib.get_attr_skipset(obj_type))
-
-
-def patch_keras_sync_moments() -> None:
-    """Two-pass synchronised BatchNorm moments (Keras 3.15 computes E[x²] − E[x]², which
-    loses the variance to cancellation when |mean| ≫ std, e.g. on the constant padded frames
-    of short clips). Mean = all-reduced sum / count, then variance = all-reduced
-    Σ(x − mean)² / count: the single-device numbers up to summation order. Idempotent."""
-    from keras.src.backend.tensorflow import nn as keras_tf_nn
-    if getattr(keras_tf_nn._compute_moments_sync, "_psla_patched", False):  # noqa: SLF001
-        return
-    import tensorflow as tf
-
-    def _compute_moments_sync(x, axes, keepdims):
-        ctx = tf.distribute.get_replica_context()
-        if not ctx:
-            return tf.nn.moments(x, axes, keepdims=keepdims)
-        count = tf.reduce_sum(tf.ones_like(x), axis=axes, keepdims=True)
-        total, count = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
-                                      [tf.reduce_sum(x, axis=axes, keepdims=True), count])
-        mean = tf.math.divide_no_nan(total, count)
-        sq = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
-                            tf.reduce_sum(tf.square(x - mean), axis=axes, keepdims=True))
-        variance = tf.math.divide_no_nan(sq, count)
-        if not keepdims:
-            mean, variance = tf.squeeze(mean, axes), tf.squeeze(variance, axes)
-        return mean, variance
-
-    _compute_moments_sync._psla_patched = True
-    keras_tf_nn._compute_moments_sync = _compute_moments_sync  # noqa: SLF001

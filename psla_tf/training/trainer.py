@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from psla_tf import atomic, params, run_folder
+from psla_tf import atomic, compat, params, run_folder
 from psla_tf.data.records import DataError
 from psla_tf.errors import ConfigError
 from psla_tf.config import TrainConfig, fit_verbosity, flagfile_text, parse_flag_lines
@@ -550,7 +550,6 @@ def _fit(cfg: TrainConfig, r: Resolved, model, strategy, replicas: int, multi_wo
     import tensorflow as tf
 
     from psla_tf.data import pipeline
-    from psla_tf.training import distribute
     kwargs = dict(batch_size=cfg.batch_size, clip_samples=r.clip_samples,
                   balanced_sampling=cfg.balanced_sampling, mixup=cfg.mixup,
                   mixup_alpha=cfg.mixup_alpha, shuffle_buffer=cfg.shuffle_buffer,
@@ -572,8 +571,8 @@ def _fit(cfg: TrainConfig, r: Resolved, model, strategy, replicas: int, multi_wo
         # symbolically; MultiWorkerMirroredStrategy.reduce cannot take a dict of
         # PerReplica values. The model is built already: let fit take the strategy from
         # the scope instead (Keras falls back to tf.distribute.get_strategy()).
-        model._distribute_strategy = None  # noqa: SLF001
-        distribute.patch_keras_multi_worker_reduce()  # another Keras 3.15 gap, see there
+        compat.clear_distribute_strategy(model)
+        compat.patch_keras_multi_worker_reduce()  # another Keras 3.15 gap, see there
     try:
         with strategy.scope():
             model.fit(train_ds, epochs=cfg.n_epochs, initial_epoch=initial_epoch,
