@@ -94,6 +94,106 @@ def calibration_clips(pattern: str, num_samples: int, limit: int = 100) -> list[
     return out
 
 
+def _check_args(quantize: str, seconds: float, float_kernel_elements: int,
+                calibration) -> int:
+    """The export's arguments checked → the TFLite input length in samples."""
+    if quantize not in QUANTIZATIONS:
+        raise ExportError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
+    input_samples = int(round(seconds * params.SAMPLE_RATE))
+    if input_samples < params.FRAME_LENGTH:
+        raise ExportError(f"tflite_seconds must give >= {params.FRAME_LENGTH} samples, got "
+                          f"{input_samples}")
+    if float_kernel_elements < 0:
+        raise ExportError(f"float_kernel_elements must be >= 0, got {float_kernel_elements}")
+    if quantize == "int8" and calibration is None:
+        raise ExportError("int8 quantisation needs calibration data (--calibration_data)")
+    return input_samples
+
+
+def _frozen_scorer(scorer: "ScoringModel", spec: "ExportSpec", input_samples: int,
+                   quantize: str):
+    """The serving graph ``waveform [1, input_samples] → {"scores": [1, C]}`` as a concrete
+    function with the weights frozen into constants (converted with the trackable object,
+    the Keras 3 variables stay resource variables without an initialiser in the
+    flatbuffer)."""
+    @tf.function(input_signature=[tf.TensorSpec([1, input_samples], tf.float32,
+                                                name="waveform")], autograph=False)
+    def infer(waveform):
+        n = tf.constant([input_samples], tf.int32)
+        if quantize == "int8":   # the waveform itself must not become 8-bit audio
+            waveform = _opaque_to_quantizer(waveform)
+        scores, _ = serve(scorer, spec, waveform, n)
+        return {"scores": scores}
+    return compat.freeze_function(infer.get_concrete_function())
+
+
+def _convert_int8(concrete, calibration: Iterable[np.ndarray], input_samples: int,
+                  progress: Callable[[int], None] | None) -> bytes:
+    """Selective int8: the CNN runs in int8; the front end stays float32 (8-bit frames or
+    spectra lose the log spectrum's dynamic range: the demo model's mAP fell by 0.23 with an
+    int8 front end), and so do the op types of INT8_FLOAT_OPS."""
+    clips = list(calibration)
+
+    def representative():
+        for i, c in enumerate(clips):
+            x = np.zeros([1, input_samples], np.float32)
+            c = np.asarray(c, np.float32).reshape(-1)[:input_samples]
+            x[0, :c.size] = c
+            if progress:
+                progress(i)
+            yield [x]
+
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
+                                           tf.lite.OpsSet.TFLITE_BUILTINS]
+    converter.inference_input_type = tf.float32
+    converter.inference_output_type = tf.float32
+    float_flat = tf.lite.TFLiteConverter.from_concrete_functions([concrete]).convert()
+    options = tf.lite.experimental.QuantizationDebugOptions(
+        denylisted_ops=list(INT8_FLOAT_OPS),
+        denylisted_nodes=_frontend_tensor_names(float_flat))
+    debugger = tf.lite.experimental.QuantizationDebugger(
+        converter=converter, debug_dataset=representative, debug_options=options)
+    return debugger.get_nondebug_quantized_model()
+
+
+def _convert(concrete, quantize: str, float_kernel_elements: int, calibration,
+             input_samples: int, progress) -> tuple[bytes, int]:
+    """(flatbuffer, number of kernels kept float32 by ``dynamic``) of one variant."""
+    float_kernels = 0
+    if quantize == "dynamic":
+        concrete, float_kernels = _float_kernels(
+            concrete, lambda op, kernel: (op in DYNAMIC_FLOAT_OPS
+                                          or kernel.size < float_kernel_elements))
+    if quantize == "int8":
+        flat = _convert_int8(concrete, calibration, input_samples, progress)
+    else:
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
+        converter.optimizations = [] if quantize == "none" else [tf.lite.Optimize.DEFAULT]
+        if quantize == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        flat = converter.convert()
+    return _fold_opaque_constants(flat), float_kernels
+
+
+def _write_with_sidecars(flat: bytes, out_path: str, meta: dict, info: dict,
+                         mids: Sequence[str], names: Sequence[str]) -> bytes:
+    """Metadata + associated files into the flatbuffer; ``OUT``, ``OUT.labels.txt`` and
+    ``OUT.json`` written atomically. Returns the final flatbuffer."""
+    flat = tflite_metadata.attach_metadata(flat, tflite_metadata.build_metadata(info))
+    flat = _append_associated_files(flat, {
+        tflite_metadata.NAMES_FILE: "\n".join(names) + "\n",
+        tflite_metadata.MIDS_FILE: "\n".join(mids) + "\n",
+        "psla_tf.json": json.dumps(meta, indent=1)})
+    atomic.write_bytes(out_path, flat)
+    base = os.path.splitext(out_path)[0]
+    atomic.write_text(base + ".labels.txt", "\n".join(names) + "\n")
+    atomic.write_json(base + ".json", meta, indent=1)
+    return flat
+
+
 def export_tflite(model: keras.Model, out_path: str, mids: Sequence[str], names: Sequence[str],
                   *, quantize: str = "none", seconds: float = 10.0,
                   clip_samples: int | None = None, windowed: bool = False, window: int = 0,
@@ -107,16 +207,7 @@ def export_tflite(model: keras.Model, out_path: str, mids: Sequence[str], names:
     ``float_kernel_elements`` (dynamic only): kernels with fewer weights stay float32 (0: only
     the depthwise kernels do). ``model_info``: ``name``, ``description``, ``version``,
     ``license``, ``author`` for the TFLite Model Metadata (:mod:`psla_tf.tflite_metadata`)."""
-    if quantize not in QUANTIZATIONS:
-        raise ExportError(f"quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
-    input_samples = int(round(seconds * params.SAMPLE_RATE))
-    if input_samples < params.FRAME_LENGTH:
-        raise ExportError(f"tflite_seconds must give >= {params.FRAME_LENGTH} samples, got "
-                          f"{input_samples}")
-    if float_kernel_elements < 0:
-        raise ExportError(f"float_kernel_elements must be >= 0, got {float_kernel_elements}")
-    if quantize == "int8" and calibration is None:
-        raise ExportError("int8 quantisation needs calibration data (--calibration_data)")
+    input_samples = _check_args(quantize, seconds, float_kernel_elements, calibration)
     spec = ExportSpec(int(clip_samples or default_clip_samples(model)), windowed, window, hop)
     # quantised variants: keep the front end's DFT / mel matrices out of weight quantisation
     # (float16 coefficients leak ~-66 dB, int8 destroys the log spectrum's dynamic range)
@@ -126,59 +217,9 @@ def export_tflite(model: keras.Model, out_path: str, mids: Sequence[str], names:
         if len(mids) != scorer.num_classes or len(names) != len(mids):
             raise ExportError(f"the vocabulary has {len(mids)} classes, the model "
                               f"{scorer.num_classes} outputs")
-
-        @tf.function(input_signature=[tf.TensorSpec([1, input_samples], tf.float32,
-                                                    name="waveform")], autograph=False)
-        def infer(waveform):
-            n = tf.constant([input_samples], tf.int32)
-            if quantize == "int8":   # the waveform itself must not become 8-bit audio
-                waveform = _opaque_to_quantizer(waveform)
-            scores, _ = serve(scorer, spec, waveform, n)
-            return {"scores": scores}
-
-        # freeze the weights into constants first: converted with the trackable object, the
-        # Keras 3 variables stay resource variables without an initialiser in the flatbuffer
-        concrete = compat.freeze_function(infer.get_concrete_function())
-        float_kernels = 0
-        if quantize == "dynamic":
-            concrete, float_kernels = _float_kernels(
-                concrete, lambda op, kernel: (op in DYNAMIC_FLOAT_OPS
-                                              or kernel.size < float_kernel_elements))
-        converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
-        converter.optimizations = [] if quantize == "none" else [tf.lite.Optimize.DEFAULT]
-        if quantize == "float16":
-            converter.target_spec.supported_types = [tf.float16]
-        elif quantize == "int8":
-            clips = list(calibration)
-
-            def representative():
-                for i, c in enumerate(clips):
-                    x = np.zeros([1, input_samples], np.float32)
-                    c = np.asarray(c, np.float32).reshape(-1)[:input_samples]
-                    x[0, :c.size] = c
-                    if progress:
-                        progress(i)
-                    yield [x]
-
-            converter.representative_dataset = representative
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
-                                                   tf.lite.OpsSet.TFLITE_BUILTINS]
-            converter.inference_input_type = tf.float32
-            converter.inference_output_type = tf.float32
-            # selective: the CNN runs in int8; the front end stays float32 (8-bit frames
-            # or spectra lose the log spectrum's dynamic range: the demo model's mAP fell
-            # by 0.23 with an int8 front end), and so do the op types of INT8_FLOAT_OPS
-            float_flat = tf.lite.TFLiteConverter.from_concrete_functions([concrete]).convert()
-            options = tf.lite.experimental.QuantizationDebugOptions(
-                denylisted_ops=list(INT8_FLOAT_OPS),
-                denylisted_nodes=_frontend_tensor_names(float_flat))
-            debugger = tf.lite.experimental.QuantizationDebugger(
-                converter=converter, debug_dataset=representative, debug_options=options)
-        if quantize == "int8":
-            flat = debugger.get_nondebug_quantized_model()
-        else:
-            flat = converter.convert()
-        flat = _fold_opaque_constants(flat)
+        concrete = _frozen_scorer(scorer, spec, input_samples, quantize)
+        flat, float_kernels = _convert(concrete, quantize, float_kernel_elements, calibration,
+                                       input_samples, progress)
     finally:
         for f, (scale, runtime) in zip(fronts, old):
             f.power_scale, f.runtime_matrices = scale, runtime
@@ -194,15 +235,7 @@ def export_tflite(model: keras.Model, out_path: str, mids: Sequence[str], names:
     info = tflite_metadata.tagger_metadata(
         len(mids), input_samples=input_samples, sample_rate=params.SAMPLE_RATE,
         quantize=quantize, bounded=_scores_bounded(model, clip_scores), **(model_info or {}))
-    flat = tflite_metadata.attach_metadata(flat, tflite_metadata.build_metadata(info))
-    flat = _append_associated_files(flat, {
-        tflite_metadata.NAMES_FILE: "\n".join(names) + "\n",
-        tflite_metadata.MIDS_FILE: "\n".join(mids) + "\n",
-        "psla_tf.json": json.dumps(meta, indent=1)})
-    atomic.write_bytes(out_path, flat)
-    base = os.path.splitext(out_path)[0]
-    atomic.write_text(base + ".labels.txt", "\n".join(names) + "\n")
-    atomic.write_json(base + ".json", meta, indent=1)
+    flat = _write_with_sidecars(flat, out_path, meta, info, mids, names)
     meta["size_bytes"] = len(flat)
     return meta
 

@@ -259,6 +259,70 @@ def _or_fail_when_exhausted(ds: tf.data.Dataset, what: str) -> tf.data.Dataset:
 SAMPLING_ORDERS = ("iid", "stream")
 
 
+def _check_train_args(spec: DataSpec, batch_size: int, clip_samples: int | None,
+                      sampling_order: str, mixup: float, mixup_alpha: float,
+                      shuffle_buffer: int, random_gain_db: float, random_speed: float,
+                      features_in_pipeline: bool, frontend: Callable | None
+                      ) -> tuple[int, int]:
+    """:func:`make_train_dataset`'s arguments checked → (clip_samples, steps per epoch)."""
+    if sampling_order not in SAMPLING_ORDERS:
+        raise ValueError(f"sampling_order must be one of {SAMPLING_ORDERS}, got "
+                         f"{sampling_order!r}")
+    if random_gain_db < 0:
+        raise ValueError(f"random_gain_db must be >= 0, got {random_gain_db}")
+    if not 0 <= random_speed < 1:
+        raise ValueError(f"random_speed must be in [0, 1), got {random_speed}")
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if not 0.0 <= mixup <= 1.0:
+        raise ValueError(f"mixup rate must be in [0, 1], got {mixup}")
+    if mixup > 0 and mixup_alpha <= 0:
+        raise ValueError(f"mixup_alpha must be positive, got {mixup_alpha}")
+    if shuffle_buffer < 1:
+        raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
+    if features_in_pipeline and frontend is None:
+        raise ValueError("features_in_pipeline=True needs a frontend "
+                         "(a callable (waveform, num_samples) -> fbank)")
+    clip_samples = DEFAULT_CLIP_SAMPLES if clip_samples is None else int(clip_samples)
+    if clip_samples <= 0:
+        raise ValueError(f"clip_samples must be positive, got {clip_samples}")
+    n_total = int(spec.num_examples)
+    steps = steps_per_epoch(n_total, batch_size)
+    if steps == 0:
+        raise DataError(f"{n_total} training examples give no full batch of {batch_size}; "
+                        "lower --batch_size")
+    return clip_samples, steps
+
+
+def _pipeline_share(batch_size: int, input_context: tf.distribute.InputContext | None
+                    ) -> tuple[int, int, int, int]:
+    """This input pipeline's share of the global batches: (pipeline id, pipelines, per-replica
+    batch, replicas it feeds in turn)."""
+    if input_context is None:
+        return 0, 1, batch_size, 1
+    npipe = input_context.num_input_pipelines
+    return (input_context.input_pipeline_id, npipe,
+            input_context.get_per_replica_batch_size(batch_size),
+            max(1, input_context.num_replicas_in_sync // npipe))
+
+
+def _gain_and_speed(batches: tf.data.Dataset, seed: tf.Tensor, random_gain_db: float,
+                    random_speed: float) -> tf.data.Dataset:
+    """Each batch's waveforms at a random rate in [1 ± random_speed], then scaled by a random
+    gain of ±random_gain_db dB (:mod:`psla_tf.augment`; not in PSLA), seeded per batch."""
+    from psla_tf.augment import random_gain
+    from psla_tf.augment import random_speed as speed_fn
+
+    def gain(index, batch):
+        feats, labels = batch
+        s = sampling.derive_seed(seed, index)
+        w, n = speed_fn(feats["waveform"], feats["num_samples"], random_speed,
+                        sampling.derive_seed(s, 1))
+        w = random_gain(w, random_gain_db, s)
+        return dict(feats, waveform=w, num_samples=n), labels
+    return batches.enumerate().map(_nag(gain))
+
+
 @_seed_independent
 def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
                        clip_samples: int | None = None, balanced_sampling: bool = True,
@@ -283,18 +347,10 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
     (-1 when not mixed), ``partner_id`` ("" when not mixed) and ``mix_lambda`` (1 when not
     mixed) to the features.
 
-    ``sampling_order``:
-
-    * ``"iid"`` (default, the reference's order): each epoch's examples are N i.i.d. draws,
-      P(i) = w_i / W with balanced sampling, else a random permutation of the set; every
-      mixup partner is an independent uniform draw from the whole set. Records are read at
-      random offsets (:mod:`psla_tf.data.record_index`; uncompressed shards only), so the
-      order does not depend on ``shuffle_buffer`` and the reads are the examples plus the
-      partners actually mixed (about (1 + mixup) x one pass per epoch).
-    * ``"stream"``: sequential reading — balanced sampling emits record i k_i ~ Poisson(N p_i)
-      times back to back into a ``shuffle_buffer`` shuffle, and the partners come from one
-      shuffled pass per epoch (each clip is a candidate partner once). A rare clip's copies
-      arrive in bursts unless the buffer holds a large part of the set; works on GZIP shards.
+    ``sampling_order``: ``"iid"`` (default, the reference's order: N i.i.d. draws per epoch
+    and i.i.d. partners, records read at their offsets; uncompressed shards) or ``"stream"``
+    (sequential reading through a ``shuffle_buffer`` shuffle; works on GZIP shards) — see
+    the module doc and docs/decisions.md, "Training order".
 
     ``transform`` (:class:`psla_tf.data.teacher.ExampleTargets`) is applied to every parsed
     example, partners included, before mixup: it may map the labels into another vocabulary
@@ -310,41 +366,11 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
     (:func:`psla_tf.augment.random_speed`; also not in PSLA, off by default).
     """
     spec = resolve_data(data)
-    if sampling_order not in SAMPLING_ORDERS:
-        raise ValueError(f"sampling_order must be one of {SAMPLING_ORDERS}, got "
-                         f"{sampling_order!r}")
-    if random_gain_db < 0:
-        raise ValueError(f"random_gain_db must be >= 0, got {random_gain_db}")
-    if not 0 <= random_speed < 1:
-        raise ValueError(f"random_speed must be in [0, 1), got {random_speed}")
-    n_total = int(spec.num_examples)
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if not 0.0 <= mixup <= 1.0:
-        raise ValueError(f"mixup rate must be in [0, 1], got {mixup}")
-    if mixup > 0 and mixup_alpha <= 0:
-        raise ValueError(f"mixup_alpha must be positive, got {mixup_alpha}")
-    if shuffle_buffer < 1:
-        raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
-    if features_in_pipeline and frontend is None:
-        raise ValueError("features_in_pipeline=True needs a frontend "
-                         "(a callable (waveform, num_samples) -> fbank)")
-    clip_samples = DEFAULT_CLIP_SAMPLES if clip_samples is None else int(clip_samples)
-    if clip_samples <= 0:
-        raise ValueError(f"clip_samples must be positive, got {clip_samples}")
-    steps = steps_per_epoch(n_total, batch_size)
-    if steps == 0:
-        raise DataError(f"{n_total} training examples give no full batch of {batch_size}; "
-                        "lower --batch_size")
+    clip_samples, steps = _check_train_args(
+        spec, batch_size, clip_samples, sampling_order, mixup, mixup_alpha, shuffle_buffer,
+        random_gain_db, random_speed, features_in_pipeline, frontend)
 
-    # ---- this input pipeline's share of the global batches
-    pid, npipe = 0, 1
-    per_batch = batch_size
-    replicas_per_pipeline = 1  # one pipeline feeds its worker's local replicas in turn
-    if input_context is not None:
-        pid, npipe = input_context.input_pipeline_id, input_context.num_input_pipelines
-        per_batch = input_context.get_per_replica_batch_size(batch_size)
-        replicas_per_pipeline = max(1, input_context.num_replicas_in_sync // npipe)
+    pid, npipe, per_batch, replicas_per_pipeline = _pipeline_share(batch_size, input_context)
     base_seed = tf.constant([int(seed), 0x5053_4C41], tf.int64)
     plan = _EpochPlan(steps, per_batch, replicas_per_pipeline, pid, npipe, batch_size)
     if sampling_order == "iid":
@@ -371,17 +397,8 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
                          f"in {MAX_DRAWS_PER_EPOCH} draws (do the examples have labels?)")
         batches = batches.take(n_batches)
         if random_gain_db > 0 or random_speed > 0:
-            from psla_tf.augment import random_gain, random_speed as speed_fn
             gain_seed = sampling.derive_seed(base_seed, _SALT_GAIN, epoch, pid)
-
-            def gain(index, batch):
-                feats, labels = batch
-                s = sampling.derive_seed(gain_seed, index)
-                w, n = speed_fn(feats["waveform"], feats["num_samples"], random_speed,
-                                sampling.derive_seed(s, 1))
-                w = random_gain(w, random_gain_db, s)
-                return dict(feats, waveform=w, num_samples=n), labels
-            batches = batches.enumerate().map(_nag(gain))
+            batches = _gain_and_speed(batches, gain_seed, random_gain_db, random_speed)
         return batches
 
     epochs = tf.data.Dataset.range(int(initial_epoch), int(initial_epoch) + int(num_epochs))
