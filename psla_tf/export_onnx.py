@@ -74,6 +74,50 @@ def _name_dims(model_proto, names: Sequence[str]) -> None:
         out[0].dim_param = names[0]
 
 
+def _to_onnx(concrete, opset: int):
+    """A concrete serving function → an optimised ONNX ModelProto (tf2onnx, on the CPU)."""
+    import tf2onnx
+    from tf2onnx import optimizer, tf_loader, tfonnx
+    inputs = [t.name for t in concrete.inputs if t.dtype != tf.resource]
+    outputs = [t.name for t in concrete.outputs]
+    with tf.device("/cpu:0"):
+        frozen = tf_loader.from_function(concrete, inputs, outputs)
+        with tf.Graph().as_default() as graph:
+            tf.import_graph_def(frozen, name="")
+            try:
+                g = tfonnx.process_tf_graph(graph, continue_on_error=False, opset=opset,
+                                            input_names=inputs, output_names=outputs,
+                                            tensors_to_rename={inputs[0]: "waveform",
+                                                               outputs[0]: "scores"})
+            except Exception as e:   # an op without ONNX mapping, a shape tf2onnx refuses
+                raise ExportError(f"tf2onnx could not convert the model: "
+                                  f"{type(e).__name__}: {e}") from e
+            g = optimizer.optimize_graph(g, catch_errors=True, optimizers=_optimizers())
+            proto = g.make_model(f"psla_tf tagger (tf2onnx {tf2onnx.__version__})")
+    return proto
+
+
+def _set_metadata(proto, meta: dict, info: dict, spec: "ExportSpec", mids: Sequence[str],
+                  names: Sequence[str]) -> None:
+    """Producer, version, doc string and ``metadata_props`` (name, version, license, author,
+    sample rate, clip length, vocabulary, the psla_tf metadata)."""
+    proto.producer_name = "psla_tf"
+    proto.model_version = int(info["version"]) if str(info.get("version", "")).isdigit() else 1
+    proto.doc_string = info.get("description") or (
+        f"PSLA audio tagger: 16-kHz mono waveform [batch, samples] -> {len(mids)} class scores "
+        "(Kaldi log-mel front end inside)")
+    props = {"name": info.get("name") or "psla_tf audio tagger",
+             "version": str(info.get("version") or "1"), "license": info.get("license", ""),
+             "author": info.get("author") or "psla_tf",
+             "sample_rate": str(params.SAMPLE_RATE), "clip_samples": str(spec.clip_samples),
+             "mids": json.dumps(list(mids)), "names": json.dumps(list(names)),
+             "psla_tf": json.dumps(meta)}
+    del proto.metadata_props[:]
+    for k, v in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
 def export_onnx(model: keras.Model, out_path: str, mids: Sequence[str], names: Sequence[str],
                 *, opset: int = DEFAULT_OPSET, clip_samples: int | None = None,
                 windowed: bool = False, window: int = 0, hop: int = 0,
@@ -82,8 +126,7 @@ def export_onnx(model: keras.Model, out_path: str, mids: Sequence[str], names: S
     ``OUT.json``); returns the metadata written to ``OUT.json``. ``model_info``: ``name``,
     ``description``, ``version``, ``license``, ``author`` (stored in ``metadata_props``)."""
     try:
-        import tf2onnx
-        from tf2onnx import optimizer, tf_loader, tfonnx
+        import tf2onnx  # noqa: F401  (converts in _to_onnx)
     except ImportError as e:
         raise ExportError(f"ONNX export needs tf2onnx and onnx (pip install -r "
                           f"requirements-deploy.txt): {e}") from e
@@ -107,23 +150,7 @@ def export_onnx(model: keras.Model, out_path: str, mids: Sequence[str], names: S
         scores, _ = serve(scorer, spec, waveform, n)
         return {"scores": tf.identity(scores, name="scores")}
 
-    concrete = infer.get_concrete_function()
-    inputs = [t.name for t in concrete.inputs if t.dtype != tf.resource]
-    outputs = [t.name for t in concrete.outputs]
-    with tf.device("/cpu:0"):
-        frozen = tf_loader.from_function(concrete, inputs, outputs)
-        with tf.Graph().as_default() as graph:
-            tf.import_graph_def(frozen, name="")
-            try:
-                g = tfonnx.process_tf_graph(graph, continue_on_error=False, opset=int(opset),
-                                            input_names=inputs, output_names=outputs,
-                                            tensors_to_rename={inputs[0]: "waveform",
-                                                               outputs[0]: "scores"})
-            except Exception as e:   # an op without ONNX mapping, a shape tf2onnx refuses
-                raise ExportError(f"tf2onnx could not convert the model: "
-                                  f"{type(e).__name__}: {e}") from e
-            g = optimizer.optimize_graph(g, catch_errors=True, optimizers=_optimizers())
-            proto = g.make_model(f"psla_tf tagger (tf2onnx {tf2onnx.__version__})")
+    proto = _to_onnx(infer.get_concrete_function(), int(opset))
     _name_dims(proto, ["batch", "samples"])
     info = dict(model_info or {})
     meta = {"format": "psla_tf.onnx/1", "sample_rate": params.SAMPLE_RATE,
@@ -134,21 +161,7 @@ def export_onnx(model: keras.Model, out_path: str, mids: Sequence[str], names: S
                      f">= {params.FRAME_LENGTH} samples",
             "output": "scores float32 [batch, num_classes]", "mids": list(mids),
             "names": list(names)}
-    proto.producer_name = "psla_tf"
-    proto.model_version = int(info["version"]) if str(info.get("version", "")).isdigit() else 1
-    proto.doc_string = info.get("description") or (
-        f"PSLA audio tagger: 16-kHz mono waveform [batch, samples] -> {len(mids)} class scores "
-        "(Kaldi log-mel front end inside)")
-    props = {"name": info.get("name") or "psla_tf audio tagger",
-             "version": str(info.get("version") or "1"), "license": info.get("license", ""),
-             "author": info.get("author") or "psla_tf",
-             "sample_rate": str(params.SAMPLE_RATE), "clip_samples": str(spec.clip_samples),
-             "mids": json.dumps(list(mids)), "names": json.dumps(list(names)),
-             "psla_tf": json.dumps(meta)}
-    del proto.metadata_props[:]
-    for k, v in props.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
+    _set_metadata(proto, meta, info, spec, mids, names)
     from psla_tf import atomic
     atomic.write_bytes(out_path, proto.SerializeToString())
     base = os.path.splitext(out_path)[0]

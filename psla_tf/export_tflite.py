@@ -337,21 +337,8 @@ def _fold_opaque_constants(flat: bytes) -> bytes:
                     or codes[zero[0].opcodeIndex] != ops_by_name.CAST:
                 continue
             value = data(sg, bits[0]).view(np.float32).reshape(sg.tensors[bits[0]].shape)
-            chain, t = [add, bitcast], bitcast.outputs[0]
-            while len(consumers.get(t, [])) == 1 and t not in sg.outputs:
-                nxt = consumers[t][0]
-                code = codes[nxt.opcodeIndex]
-                if code == ops_by_name.TRANSPOSE and data(sg, nxt.inputs[1]) is not None:
-                    perm = data(sg, nxt.inputs[1]).view(
-                        np.int64 if sg.tensors[nxt.inputs[1]].type == fb.TensorType.INT64
-                        else np.int32)
-                    value = np.transpose(value, perm)
-                elif code == ops_by_name.RESHAPE:
-                    value = value.reshape(sg.tensors[nxt.outputs[0]].shape)
-                else:
-                    break
-                chain.append(nxt)
-                t = nxt.outputs[0]
+            value, chain, t = _layout_chain(fb, sg, codes, consumers, data, bitcast, value)
+            chain.append(add)
             if list(value.shape) != list(sg.tensors[t].shape) \
                     or sg.tensors[t].type != fb.TensorType.FLOAT32:
                 continue
@@ -364,15 +351,47 @@ def _fold_opaque_constants(flat: bytes) -> bytes:
             continue
         changed = True
         sg.operators = [op for op in ops if id(op) not in drop]
-        # dead ops (the zero's ABS / MINIMUM / SUM / CAST), then unreferenced buffers
-        while True:
-            used = {t for op in sg.operators for t in op.inputs} | set(sg.outputs)
-            dead = [op for op in sg.operators if not any(t in used for t in op.outputs)]
-            if not dead:
-                break
-            sg.operators = [op for op in sg.operators if op not in dead]
+        _drop_dead_ops(sg)      # the zero's ABS / MINIMUM / SUM / CAST
     if not changed:
         return flat
+    _release_unused_buffers(model)
+    return compat.write_tflite_model(model)
+
+
+def _layout_chain(fb, sg, codes, consumers, data, bitcast, value: np.ndarray):
+    """Follow BITCAST → the converter's TRANSPOSE / RESHAPE ops (each the only consumer),
+    applying them to ``value``: (final value, the chain's ops, the chain's output tensor)."""
+    ops_by_name = fb.BuiltinOperator
+    chain, t = [bitcast], bitcast.outputs[0]
+    while len(consumers.get(t, [])) == 1 and t not in sg.outputs:
+        nxt = consumers[t][0]
+        code = codes[nxt.opcodeIndex]
+        if code == ops_by_name.TRANSPOSE and data(sg, nxt.inputs[1]) is not None:
+            perm = data(sg, nxt.inputs[1]).view(
+                np.int64 if sg.tensors[nxt.inputs[1]].type == fb.TensorType.INT64
+                else np.int32)
+            value = np.transpose(value, perm)
+        elif code == ops_by_name.RESHAPE:
+            value = value.reshape(sg.tensors[nxt.outputs[0]].shape)
+        else:
+            break
+        chain.append(nxt)
+        t = nxt.outputs[0]
+    return value, chain, t
+
+
+def _drop_dead_ops(sg) -> None:
+    """Remove ops none of whose outputs is used, until none is left."""
+    while True:
+        used = {t for op in sg.operators for t in op.inputs} | set(sg.outputs)
+        dead = [op for op in sg.operators if not any(t in used for t in op.outputs)]
+        if not dead:
+            return
+        sg.operators = [op for op in sg.operators if op not in dead]
+
+
+def _release_unused_buffers(model) -> None:
+    """Empty the buffers no live tensor reads any more (e.g. the int32 copies)."""
     live = {sg.tensors[t].buffer for sg in model.subgraphs
             for t in ({t for op in sg.operators for t in op.inputs if t >= 0}
                       | set(sg.inputs) | set(sg.outputs))}
@@ -380,7 +399,6 @@ def _fold_opaque_constants(flat: bytes) -> bytes:
         for tensor in sg.tensors:
             if tensor.buffer not in live and tensor.buffer > 0:
                 model.buffers[tensor.buffer].data = None
-    return compat.write_tflite_model(model)
 
 
 def _opaque_to_quantizer(x: tf.Tensor) -> tf.Tensor:

@@ -518,14 +518,9 @@ def _unmixed(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
                 partner_id=tf.constant(b""))
 
 
-def _stream_examples(spec: DataSpec, plan: _EpochPlan, base_seed: tf.Tensor, balanced: bool,
-                     mixup: float, mixup_alpha: float, shuffle_buffer: int, skip_corrupt: bool,
-                     cycle_length: int, num_parallel_calls: int,
-                     transform: Transform | None = None
-                     ) -> Callable[[tf.Tensor], tf.data.Dataset]:
-    """epoch → dataset of parsed, mixed examples from sequential reading (``"stream"``)."""
-    n_total = int(spec.num_examples)
-    num_classes = spec.num_classes
+def _stream_share(spec: DataSpec, plan: "_EpochPlan") -> tuple[np.ndarray, tuple | None]:
+    """This pipeline's files (whole shards when there are at least as many as pipelines, else
+    every shard with ``record_shard`` = (pipelines, id): every n-th record)."""
     pid, npipe = plan.pid, plan.npipe
     all_ids = np.arange(len(spec.files), dtype=np.int64)
     counts = shard_counts(spec)
@@ -537,23 +532,39 @@ def _stream_examples(spec: DataSpec, plan: _EpochPlan, base_seed: tf.Tensor, bal
         share = int(sum((c - pid + npipe - 1) // npipe for c in counts))
     if share == 0:
         raise DataError(f"input pipeline {pid} of {npipe} gets no training example")
-    reader = _Reader(spec, skip_corrupt=skip_corrupt, record_shard=record_shard)
+    return file_ids, record_shard
 
-    # ---- balanced sampling constants (W from the manifests, no pass over the data)
+
+def _poisson_rate_scale(spec: DataSpec) -> float:
+    """N / W of Algorithm 1's balanced sampling, W from the manifests' class counts (scaled by
+    the selected share when a glob picks part of a set)."""
+    n_total = int(spec.num_examples)
+    w_total = sampling.total_weight(spec.class_counts)
+    if w_total == 0:
+        raise DataError("balanced sampling: no class has a positive count in the "
+                        "manifests (class_counts are all zero)")
+    manifest_n = sum(m.num_examples for m in spec.manifests)
+    if manifest_n != n_total:  # the glob picked part of a set: W scales with the share
+        logging.warning("balanced sampling: %d of %d examples of the manifests selected; "
+                        "W approximated as (#classes) * %d / %d", n_total, manifest_n,
+                        n_total, manifest_n)
+        w_total *= n_total / manifest_n
+    return n_total / w_total
+
+
+def _stream_examples(spec: DataSpec, plan: _EpochPlan, base_seed: tf.Tensor, balanced: bool,
+                     mixup: float, mixup_alpha: float, shuffle_buffer: int, skip_corrupt: bool,
+                     cycle_length: int, num_parallel_calls: int,
+                     transform: Transform | None = None
+                     ) -> Callable[[tf.Tensor], tf.data.Dataset]:
+    """epoch → dataset of parsed, mixed examples from sequential reading (``"stream"``)."""
+    num_classes = spec.num_classes
+    pid = plan.pid
+    file_ids, record_shard = _stream_share(spec, plan)
+    reader = _Reader(spec, skip_corrupt=skip_corrupt, record_shard=record_shard)
+    # balanced sampling constants (W from the manifests, no pass over the data)
     inv_counts = tf.constant(sampling.inverse_class_counts(spec.class_counts))
-    rate_scale = 0.0
-    if balanced:
-        w_total = sampling.total_weight(spec.class_counts)
-        if w_total == 0:
-            raise DataError("balanced sampling: no class has a positive count in the "
-                            "manifests (class_counts are all zero)")
-        manifest_n = sum(m.num_examples for m in spec.manifests)
-        if manifest_n != n_total:  # the glob picked part of a set: W scales with the share
-            logging.warning("balanced sampling: %d of %d examples of the manifests selected; "
-                            "W approximated as (#classes) * %d / %d", n_total, manifest_n,
-                            n_total, manifest_n)
-            w_total *= n_total / manifest_n
-        rate_scale = n_total / w_total
+    rate_scale = _poisson_rate_scale(spec) if balanced else 0.0
 
     def sampled_draw(epoch, draw):
         s = sampling.derive_seed(base_seed, _SALT_MAIN, epoch, pid, draw)
