@@ -164,6 +164,7 @@ def resolve_dft(dft: str, device: str = "") -> str:
     return "rfft"
 
 
+@tf.autograph.experimental.do_not_convert   # plain Python; keeps AutoGraph out of compat
 def _in_xla_context() -> bool:
     """True while tracing for XLA (``jit_compile=True``): XLA has no complex bitcast and
     compiles one fused program, so the rfft path neither loops nor bitcasts there."""
