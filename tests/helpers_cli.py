@@ -13,11 +13,14 @@ import contextlib
 import dataclasses
 import importlib
 import io
+import os
 import sys
 import traceback
 from typing import Iterator
 
 from absl import flags
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @dataclasses.dataclass
@@ -78,7 +81,6 @@ class Runner:
 
     def __call__(self, *args: str, env: dict[str, str] | None = None) -> Result:
         """``prog *args`` as a user types it; ``env``: environment variables set meanwhile."""
-        import os
         fv = flags.FLAGS
         fv.unparse_flags()
         out, err = io.StringIO(), io.StringIO()
@@ -101,3 +103,76 @@ class Runner:
             os.environ.clear()
             os.environ.update(saved_env)
         return Result(code, out.getvalue(), err.getvalue())
+
+
+def script_module(script: str) -> str:
+    """The command module behind an entry-point script: ``main.py`` or ``tools/NAME.py``
+    (a thin shim, tests/test_commands.py) → e.g. ``psla_tf.cli.predict``."""
+    import re
+    path = script if os.path.isabs(script) else os.path.join(
+        ROOT, script if script == "main.py" or "/" in script else os.path.join("tools", script))
+    m = re.search(r"^from (psla_tf\.cli\.\w+) import", open(path).read(), re.M)
+    if m is None:
+        raise ValueError(f"{path} is not a thin entry point over a psla_tf.cli module")
+    return m.group(1)
+
+
+def run_script(script: str, *args: str, env: dict[str, str] | None = None):
+    """``python SCRIPT *args`` (``main.py``, ``tools/NAME.py`` or ``NAME.py`` for a tool) run
+    in-process, from the repository root, through its command module's ``main()`` — the code
+    the script runs, without a fresh interpreter (for tests where the process boundary is not
+    what is tested: a fresh Python + TensorFlow costs seconds per run). Returns what
+    ``subprocess.run(..., capture_output=True, text=True)`` would: ``returncode`` (None when an
+    exception escaped ``main()``: the traceback is in ``stderr``), ``stdout`` and ``stderr``
+    (what the file descriptors got, TensorFlow's C++ side, first; then Python's output)."""
+    import subprocess
+    if "PSLA_FAULT" in (env or {}):
+        raise ValueError("PSLA_FAULT kills the process: run the script in a subprocess")
+    fault = os.environ.pop("PSLA_FAULT", None)   # (an in-process run must not kill pytest)
+    cwd = os.getcwd()
+    os.chdir(ROOT)                                # where the subprocess runs started
+    try:
+        with _native_output() as native, command(script_module(script)) as run:
+            r = run(*args, env=env)
+    finally:
+        os.chdir(cwd)
+        if fault is not None:
+            os.environ["PSLA_FAULT"] = fault
+    # native (C++) lines first: the command's own last line (e.g. its one error line) stays last
+    return subprocess.CompletedProcess([script, *args], r.code, native["out"] + r.out,
+                                       native["err"] + r.err)
+
+
+@contextlib.contextmanager
+def _native_output() -> Iterator[dict[str, str]]:
+    """What is written to file descriptors 1 and 2 meanwhile (TensorFlow's C++ side, e.g. a
+    graph-mode ``tf.print``), as a subprocess's pipes would have it: {"out": ..., "err": ...}."""
+    import tempfile
+    got = {"out": "", "err": ""}
+    saved, files = {}, {}
+    for fd in (1, 2):
+        (sys.stdout if fd == 1 else sys.stderr).flush()
+        files[fd] = tempfile.TemporaryFile()
+        saved[fd] = os.dup(fd)
+        os.dup2(files[fd].fileno(), fd)
+    try:
+        yield got
+    finally:
+        for fd, key in ((1, "out"), (2, "err")):
+            os.dup2(saved[fd], fd)
+            os.close(saved[fd])
+            files[fd].seek(0)
+            got[key] = files[fd].read().decode(errors="replace")
+            files[fd].close()
+
+
+def lazy_runs(script: str, args: dict[str, list[str]], env: dict[str, str] | None = None):
+    """name → :func:`run_script` (SCRIPT, *args[name], env=env), each run made once, when a
+    test first asks for it (a module fixture's runs, in-process)."""
+    done: dict = {}
+
+    def get(name: str):
+        if name not in done:
+            done[name] = run_script(script, *args[name], env=env)
+        return done[name]
+    return get

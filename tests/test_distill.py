@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from helpers_cli import run_script
 from helpers_data import random_labels, random_waveforms, write_shards
 from psla_tf.data import pipeline, records
 from psla_tf.data import teacher as tlib
@@ -20,7 +19,6 @@ from psla_tf.data.records import DataError
 from psla_tf.training import distill
 from psla_tf.training.optim import psla_bce, psla_ce
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C = 4
 MIDS = [f"/m/c{k}" for k in range(C)]
 
@@ -217,10 +215,8 @@ def test_add_teacher_scores_tool_equals_in_memory_lookup(shards, tmp_path):
     glob, path, raw, d = shards
     half = _save(tmp_path / "half.npz", list(raw), np.stack(list(raw.values())) * 0.5)
     out = str(tmp_path / "kd" / "train")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "add_teacher_scores.py"),
-                        f"--data={glob}", f"--teacher_scores={path},{half}",
-                        f"--output={out}", "--noprogress"], capture_output=True, text=True,
-                       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT))
+    p = run_script("add_teacher_scores.py", f"--data={glob}", f"--teacher_scores={path},{half}",
+                   f"--output={out}", "--noprogress")
     assert p.returncode == 0, p.stderr
     assert "for 38 of 40 clips; 2 without" in p.stdout
     man = records.read_manifest(records.manifest_path(out))
@@ -262,10 +258,7 @@ def test_add_teacher_scores_errors(shards, tmp_path):
                         f"--output={tmp_path}/o"], "none of the data's classes"),
                       ([f"--data={glob}", f"--output={tmp_path}/o"], "--teacher_scores is "
                                                                       "required")]:
-        p = subprocess.run([sys.executable, os.path.join(ROOT, "tools",
-                                                         "add_teacher_scores.py"), *args],
-                           capture_output=True, text=True, cwd=ROOT,
-                           env=dict(os.environ, PYTHONPATH=ROOT))
+        p = run_script("add_teacher_scores.py", *args)
         last = p.stderr.strip().splitlines()[-1]
         assert p.returncode == 2 and last.startswith("error: ") and msg in last, p.stderr
         assert "Traceback" not in p.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -113,8 +112,6 @@ def _run_with_checkpoints(tmp_path, epochs=3):
 
 def test_average_weights_tool(tmp_path):
     from psla_tf.models.loading import load_tagger, load_vocabulary
-    from conftest import ROOT
-    from helpers_proc import Background
     exp, weights = _run_with_checkpoints(tmp_path)
     out = tmp_path / "avg" / "wa.keras"
     # another architecture (other number of heads) is refused; so is a missing epoch
@@ -123,16 +120,8 @@ def test_average_weights_tool(tmp_path):
     bad = [([f"--checkpoints={exp / 'checkpoints' / 'epoch_001.weights.h5'},{odd}"],
             "another architecture"),
            ([f"--checkpoints={exp}", "--epochs=2-5"], "checkpoints missing")]
-    # the three tool runs start together (they overlap); each is checked as before
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
-    tool = [sys.executable, os.path.join(ROOT, "tools", "average_weights.py")]
-    bg = Background(str(tmp_path / "logs"))
-    bg.start("avg", [*tool, f"--checkpoints={exp}", "--epochs=1-3", f"--output={out}",
-                     "--noprogress"], env=env, cwd=ROOT)
-    for i, (args, _) in enumerate(bad):
-        bg.start(f"bad{i}", [*tool, *args, f"--output={tmp_path / 'x.keras'}", "--noprogress"],
-                 env=env, cwd=ROOT)
-    r = bg.result("avg", 300)
+    r = run_tool("average_weights.py", f"--checkpoints={exp}", "--epochs=1-3",
+                 f"--output={out}", "--noprogress")
     assert r.returncode == 0, r.stderr[-2000:]
     model = load_tagger(str(out))
     want = [np.mean([w[i] for w in weights], axis=0) for i in range(len(weights[0]))]
@@ -142,8 +131,9 @@ def test_average_weights_tool(tmp_path):
     for n_, g, w in zip(names, got, want):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7, err_msg=n_)
     assert load_vocabulary(str(out))[0] == [f"/m/c{k}" for k in range(C)]
-    for i, (args, msg) in enumerate(bad):
-        r = bg.result(f"bad{i}", 300)
+    for args, msg in bad:
+        r = run_tool("average_weights.py", *args, f"--output={tmp_path / 'x.keras'}",
+                     "--noprogress")
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, \
             r.stderr[-1500:]
     assert not os.path.exists(tmp_path / "x.keras")

@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
 
-from test_train_e2e import MIDS, ROOT, TINY, _write_set
+from test_train_e2e import MIDS, TINY, _write_set
 
 from psla_tf.data import records
 from psla_tf.data.records import DataError
@@ -107,14 +106,13 @@ def corrupt(data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def main_runs(data, corrupt, tmp_path_factory):
-    """The three main.py runs of this file, started together (they overlap); each test
-    waits for its own: name → () → (CompletedProcess, exp_dir)."""
-    from helpers_proc import Background
+    """The three main.py runs of this file, in-process through the command's ``main()``
+    (helpers_cli), each made when a test first asks for it:
+    name → () → (CompletedProcess, exp_dir)."""
+    from helpers_cli import lazy_runs
     train, ev, _ = data
     glob, _ = corrupt
     d = tmp_path_factory.mktemp("main_runs")
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("PSLA_FAULT", None)
     runs = {  # normalised fbank overflows
         "nan": [f"--train_data={train}", f"--eval_data={ev}", *TINY, "--dataset_mean=0",
                 "--dataset_std=1e-38"],
@@ -123,12 +121,9 @@ def main_runs(data, corrupt, tmp_path_factory):
         "skip": [f"--train_data={glob}", f"--eval_data={ev}", *TINY, "--n_epochs=1",
                  "--wa_end=1", "--skip_corrupt_records"],
     }
-    bg = Background(str(d / "logs"))
-    for name, args in runs.items():
-        bg.start(name, [sys.executable, os.path.join(ROOT, "main.py"), *args,
-                        f"--exp_dir={d / name / 'x'}"], env=env, cwd=ROOT)
-    yield {name: (lambda name=name: (bg.result(name), str(d / name / "x"))) for name in runs}
-    bg.close()
+    get = lazy_runs("main.py", {name: [*args, f"--exp_dir={d / name / 'x'}"]
+                                for name, args in runs.items()})
+    return {name: (lambda name=name: (get(name), str(d / name / "x"))) for name in runs}
 
 
 def test_corrupt_shard_error_names_it(corrupt, main_runs):

@@ -21,19 +21,17 @@ from __future__ import annotations
 import csv
 import os
 import struct
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from scipy import stats
 
+from helpers_cli import run_script
 from helpers_data import random_labels, random_waveforms, write_shards
 from psla_tf.data import pipeline, record_index, records, report, sampling
 from psla_tf.data.records import DataError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, C, B, EPOCHS, MIXUP, BUFFER = 1500, 12, 30, 6, 0.5, 16
 
 
@@ -59,15 +57,14 @@ def _read_stream(path):
 
 @pytest.fixture(scope="module")
 def stream(skewed, tmp_path_factory):
-    """tools/sampling_report.py --stream_csv (default order), as a user runs it."""
+    """tools/sampling_report.py --stream_csv (default order), as a user runs it (its command,
+    in-process)."""
     glob, _, _ = skewed
     out = tmp_path_factory.mktemp("iid_report")
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "sampling_report.py"),
-                        f"--train_data={glob}", f"--epochs={EPOCHS}", f"--mixup={MIXUP}",
-                        f"--batch_size={B}", f"--shuffle_buffer={BUFFER}", "--seed=3",
-                        f"--out_dir={out}", f"--stream_csv={out / 'stream.csv'}",
-                        "--noprogress"], capture_output=True, text=True, env=env, timeout=600)
+    p = run_script("sampling_report.py", f"--train_data={glob}", f"--epochs={EPOCHS}",
+                   f"--mixup={MIXUP}", f"--batch_size={B}", f"--shuffle_buffer={BUFFER}",
+                   "--seed=3", f"--out_dir={out}", f"--stream_csv={out / 'stream.csv'}",
+                   "--noprogress")
     assert p.returncode == 0, p.stderr[-3000:]
     return _read_stream(out / "stream.csv"), out, p.stdout
 

@@ -9,8 +9,6 @@ Skipped when torch / efficientnet_pytorch (requirements-import.txt) are not inst
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -28,7 +26,6 @@ from psla_tf.models import torch_import  # noqa: E402
 from psla_tf.models.tagger import build_classifier  # noqa: E402
 from psla_tf.models.torch_import import CheckpointImportError  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
 
 
@@ -295,9 +292,9 @@ def test_bad_checkpoint_files(tmp_path, small):
 # ---- the tool
 
 def _tool(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tools",
-                                                        "import_psla_checkpoint.py"), *args],
-                          capture_output=True, text=True, timeout=600)
+    """tools/import_psla_checkpoint.py, in-process (helpers_cli.run_script)."""
+    from helpers_cli import run_script
+    return run_script("import_psla_checkpoint.py", *args)
 
 
 def test_tool_writes_a_loadable_tagger(tmp_path, small):

@@ -67,13 +67,17 @@ def _offline_env(tmp):
 
 @pytest.fixture(scope="module")
 def runs(sets, tmp_path_factory):
-    """main.py runs of this file, started together; name → CompletedProcess."""
+    """main.py runs of this file: name → CompletedProcess. The --dry_run runs go through the
+    command in-process (offline proxies set meanwhile), each when a test first asks for it;
+    the ImageNet run needs a process of its own (KERAS_HOME is read when Keras starts), started
+    now."""
+    from helpers_cli import lazy_runs
     from helpers_proc import Background
     d = tmp_path_factory.mktemp("length_runs")
     env = _offline_env(d)
     fsd = ["--flagfile=" + os.path.join(ROOT, "configs", "fsd50k.flags"), "--eff_b=0",
            "--batch_size=2"]
-    argv = {
+    dry = {
         "fsd_cut10": [*fsd, f"--train_data={sets['cut10']}", f"--eval_data={sets['whole30']}",
                       "--dry_run"],
         "fsd_eval_cut10": [*fsd, f"--train_data={sets['whole30']}",
@@ -83,16 +87,18 @@ def runs(sets, tmp_path_factory):
                         "--dry_run"],
         "fsd_allowed": [*fsd, f"--train_data={sets['cut10']}", f"--eval_data={sets['cut10']}",
                         "--allow_cut_clips", "--dry_run"],
-        "imagenet_offline": [f"--train_data={sets['whole30']}", f"--eval_data={sets['whole30']}",
-                             "--pretrained=imagenet", "--eff_b=0", "--att_head=1",
-                             "--target_length=64", "--batch_size=2", "--n_epochs=1",
-                             "--wa_start=1", "--wa_end=1"],
     }
+    imagenet = [f"--train_data={sets['whole30']}", f"--eval_data={sets['whole30']}",
+                "--pretrained=imagenet", "--eff_b=0", "--att_head=1", "--target_length=64",
+                "--batch_size=2", "--n_epochs=1", "--wa_start=1", "--wa_end=1"]
     bg = Background(str(d / "logs"))
-    for name, args in argv.items():
-        bg.start(name, [sys.executable, os.path.join(ROOT, "main.py"), *args,
-                        f"--exp_dir={d / name}"], env=env, cwd=ROOT)
-    yield lambda name: bg.result(name, timeout=600)
+    bg.start("imagenet_offline", [sys.executable, os.path.join(ROOT, "main.py"), *imagenet,
+                                  f"--exp_dir={d / 'imagenet_offline'}"], env=env, cwd=ROOT)
+    offline = {k: v for k, v in env.items() if "proxy" in k.lower()}
+    get = lazy_runs("main.py", {name: [*args, f"--exp_dir={d / name}"]
+                                for name, args in dry.items()}, env=offline)
+    yield lambda name: (bg.result(name, timeout=600) if name == "imagenet_offline"
+                        else get(name))
     bg.close()
 
 
@@ -152,7 +158,7 @@ def test_every_recipe_checks_in_resolve(sets, tmp_path):
 def test_make_tfrecords_keeps_the_model_input(tmp_path):
     """Default --max_seconds = the input of --target_length (≥ 10 s): 3000 frames keep 12-s
     clips whole; --max_seconds=10 cuts them (and main.py would then refuse them)."""
-    import subprocess
+    from helpers_cli import run_script
     t = np.arange(12 * 16000) / 16000.0
     lines = ["path,labels"]
     for i in range(2):
@@ -160,12 +166,10 @@ def test_make_tfrecords_keeps_the_model_input(tmp_path):
                  subtype="PCM_16")
         lines.append(f"{tmp_path / f'c{i}.wav'},{'ab'[i]}")
     (tmp_path / "l.csv").write_text("\n".join(lines) + "\n")
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
     for name, extra in (("whole", []), ("cut", ["--max_seconds=10"])):
-        p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_tfrecords.py"),
-                            f"--input={tmp_path / 'l.csv'}", f"--output_prefix={tmp_path / name}",
-                            "--target_length=3000", "--no_stats", "--noprogress", *extra],
-                           capture_output=True, text=True, env=env, timeout=300)
+        p = run_script("make_tfrecords.py", f"--input={tmp_path / 'l.csv'}",
+                       f"--output_prefix={tmp_path / name}", "--target_length=3000",
+                       "--no_stats", "--noprogress", *extra)
         assert p.returncode == 0, p.stderr[-2000:]
     whole = records.read_manifest(str(tmp_path / "whole.manifest.json"))
     cut = records.read_manifest(str(tmp_path / "cut.manifest.json"))

@@ -416,9 +416,8 @@ def test_esc50_style_csv_end_to_end_with_the_tool(tmp_path):
     the output keeps every column, row and value but ``category``, and make_tfrecords'
     reader and preparation take it."""
     import csv
-    import subprocess
-    import sys
     import soundfile as sf
+    from helpers_cli import run_script
     from psla_tf.data import prepare
     onto = tmp_path / "ontology.json"
     onto.write_text(json.dumps([
@@ -447,13 +446,10 @@ def test_esc50_style_csv_end_to_end_with_the_tool(tmp_path):
                        [.8, .1, .95, 0], [.99, .99, .99, .4]], np.float32)
     np.savez(tmp_path / "scores.npz", ids=np.array([r[0] for r in rows]), scores=scores)
     out = tmp_path / "enhanced" / "esc50_le.csv"
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "enhance_labels.py"),
-                          f"--train_data={tmp_path / 'esc50.csv'}",
-                          f"--scores={tmp_path / 'scores.npz'}", f"--ontology={onto}",
-                          f"--label_csv={tmp_path / 'labels.csv'}", "--threshold=mean",
-                          "--fix=both", f"--output={out}"],
-                         capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    res = run_script("enhance_labels.py", f"--train_data={tmp_path / 'esc50.csv'}",
+                     f"--scores={tmp_path / 'scores.npz'}", f"--ontology={onto}",
+                     f"--label_csv={tmp_path / 'labels.csv'}", "--threshold=mean",
+                     "--fix=both", f"--output={out}")
     assert res.returncode == 0, res.stderr[-2000:]
     with open(out, newline="") as f:
         got = list(csv.reader(f))

@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import csv
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, shared_path
+from conftest import shared_path
 from helpers_data import random_labels, random_waveforms, write_shards
 from helpers_models import CLIP_SAMPLES, make_tagger, save_tagger
 
 C = 5
 
 
-def run_tool(name, *args, timeout=300):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", name), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+def run_tool(name, *args):
+    """``tools/NAME *args``, in-process (helpers_cli.run_script): returncode, stdout, stderr."""
+    from helpers_cli import run_script
+    return run_script(name, *args)
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +104,6 @@ def test_cli_checkpoint_savedmodel_and_errors(setup, tmp_path):
     from psla_tf.config import TrainConfig, flagfile_text
     from psla_tf.models.tagger import build_model
     from psla_tf import prediction
-    from helpers_proc import Background
-    # the error cases' tool runs start first and overlap the rest of the test
     bad_vocab = tmp_path / "bad"
     bad_vocab.mkdir()
     write_label_csv(str(bad_vocab / "labels.csv"), ["/m/a", "/m/b"], ["a", "b"])
@@ -119,11 +115,6 @@ def test_cli_checkpoint_savedmodel_and_errors(setup, tmp_path):
         ([f"--model={setup['path']}", f"--data={setup['glob']}", "--output=x.npz",
           f"--label_csv={bad_vocab / 'labels.csv'}"], "5 outputs but its vocabulary lists 2"),
     ]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
-    bg = Background(str(tmp_path / "logs"))
-    for i, (args, _) in enumerate(cases):
-        bg.start(f"case{i}", [sys.executable, os.path.join(ROOT, "tools", "predict.py"), *args,
-                              "--noprogress"], env=env, cwd=ROOT)
     cfg = TrainConfig(model="efficientnet", eff_b=0, att_head=2, target_length=64, freqm=0,
                       timem=0, dataset_mean=-4.27, dataset_std=4.57, pretrained="none")
     exp = tmp_path / "exp"
@@ -157,10 +148,9 @@ def test_cli_checkpoint_savedmodel_and_errors(setup, tmp_path):
         p = prediction.predict(scorer, setup["glob"], batch_size=4, progress=False)
         np.testing.assert_allclose(p.scores, ref.scores, atol=1e-5)
 
-    for i, (args, msg) in enumerate(cases):
-        r = bg.result(f"case{i}", 300)
+    for args, msg in cases:
+        r = run_tool("predict.py", *args, "--noprogress")
         assert r.returncode == 2, (args, r.stderr[-1500:])
         last = r.stderr.strip().splitlines()[-1]
         assert last.startswith("error:") and msg in last, last
         assert "Traceback" not in r.stderr
-    bg.close()

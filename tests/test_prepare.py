@@ -58,10 +58,10 @@ def _read_all(manifest: records.Manifest) -> dict[str, dict]:
     return out
 
 
-def _run_tool(*args, **kw):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, TOOL, "--noprogress", *args], capture_output=True,
-                          text=True, cwd=ROOT, env=env, **kw)
+def _run_tool(*args):
+    """tools/make_tfrecords.py, in-process (helpers_cli.run_script)."""
+    from helpers_cli import run_script
+    return run_script(TOOL, "--noprogress", *args)
 
 
 # ----------------------------------------------------------------------------- round trip

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from importlib import metadata
 
 import numpy as np
@@ -82,38 +81,21 @@ def test_git_state_outside_a_repository(tmp_path):
 
 
 def test_flagfile_reproduces_a_tiny_run(tmp_path):
-    from helpers_proc import Background
+    from helpers_cli import run_script
     tr = _write_set(str(tmp_path / "train"), 12, 0)
     ev = _write_set(str(tmp_path / "eval"), 6, 1)
     a, b = tmp_path / "a", tmp_path / "b"
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    main = [sys.executable, os.path.join(ROOT, "main.py")]
-    bg = Background(str(tmp_path / "logs"))
-    bg.start("a", [*main, "--n_epochs=1", "--batch_size=4", "--eval_batch_size=6", "--lr=1e-3",
-                   "--warmup_steps=2", "--warmup_every=1", "--nowa", "--eff_b=0",
+    r = run_script("main.py", "--n_epochs=1", "--batch_size=4", "--eval_batch_size=6",
+                   "--lr=1e-3", "--warmup_steps=2", "--warmup_every=1", "--nowa", "--eff_b=0",
                    "--att_head=2", "--target_length=40", "--freqm=8", "--timem=8",
                    "--shuffle_buffer=12", "--mixup=0.5", "--seed=3", "--verbose=2",
-                   "--pretrained=none",
-                   f"--train_data={tr}", f"--eval_data={ev}", f"--exp_dir={a}"],
-             env=env, cwd=ROOT)
-    try:
-        # the second run starts from the first's flags.txt as soon as it is written (before
-        # training, atomically): the two processes overlap
-        deadline = time.time() + 900
-        while not (a / "flags.txt").exists() and bg.procs["a"].poll() is None:
-            assert time.time() < deadline, "no flags.txt"
-            time.sleep(0.2)
-        if (a / "flags.txt").exists():
-            # nothing but the recorded flagfile (exp_dir overridden after it)
-            bg.start("b", [*main, f"--flagfile={a / 'flags.txt'}", f"--exp_dir={b}"], env=env,
-                     cwd=ROOT)
-        r = bg.result("a")
-        assert r.returncode == 0, r.stderr[-3000:]
-        prov = json.loads((a / "provenance.json").read_text())
-        assert {m["role"] for m in prov["manifests"]} == {"train", "eval"}
-        r2 = bg.result("b")
-    finally:
-        bg.close()
+                   "--pretrained=none", f"--train_data={tr}", f"--eval_data={ev}",
+                   f"--exp_dir={a}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    prov = json.loads((a / "provenance.json").read_text())
+    assert {m["role"] for m in prov["manifests"]} == {"train", "eval"}
+    # nothing but the recorded flagfile (exp_dir overridden after it)
+    r2 = run_script("main.py", f"--flagfile={a / 'flags.txt'}", f"--exp_dir={b}")
     assert r2.returncode == 0, r2.stderr[-3000:]
     sa = json.loads((a / "summary.json").read_text())
     sb = json.loads((b / "summary.json").read_text())

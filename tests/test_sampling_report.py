@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import csv
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from helpers_cli import run_script
 from helpers_data import random_labels, random_waveforms, write_shards
 from psla_tf.data import report, sampling
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C = 8
 N = 1000
 
@@ -68,12 +66,8 @@ def test_unseen_fraction_matches_expectation(data, mixup):
 def test_tool_writes_csvs_and_plots(data, tmp_path):
     glob, labels = data
     out = tmp_path / "rep"
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "sampling_report.py"),
-                        f"--train_data={glob}", "--epochs=3", "--mixup=0.5",
-                        f"--out_dir={out}", "--batch_size=20", "--balanced_sampling",
-                        "--noprogress"],
-                       capture_output=True, text=True, env=env, timeout=300)
+    p = run_script("sampling_report.py", f"--train_data={glob}", "--epochs=3", "--mixup=0.5",
+                   f"--out_dir={out}", "--batch_size=20", "--balanced_sampling", "--noprogress")
     assert p.returncode == 0, p.stderr[-2000:]
     with open(out / "class_frequency.csv") as f:
         rows = list(csv.DictReader(f))
@@ -121,9 +115,6 @@ def test_tool_writes_csvs_and_plots(data, tmp_path):
 
 
 def test_tool_bad_glob_is_a_clear_error(tmp_path):
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "sampling_report.py"),
-                        f"--train_data={tmp_path}/none-*.tfrecord", "--epochs=1",
-                        f"--out_dir={tmp_path}/o"], capture_output=True, text=True, env=env,
-                       timeout=120)
+    p = run_script("sampling_report.py", f"--train_data={tmp_path}/none-*.tfrecord",
+                   "--epochs=1", f"--out_dir={tmp_path}/o")
     assert p.returncode == 2 and "error:" in p.stderr and "Traceback" not in p.stderr

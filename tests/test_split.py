@@ -6,16 +6,13 @@ import collections
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from psla_tf.data import sources, splits
 from psla_tf.data.records import DataError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers_cli import run_script
 
 
 def _rows(n=400, seed=1):
@@ -84,9 +81,8 @@ def test_fold_split_and_cli_roundtrip(tmp_path):
         for i in range(20):
             w.writerow([f"audio/{i}.wav", i % 5 + 1, f"cls{i % 4}"])
     out = tmp_path / "lists" / "esc"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools/split.py"), f"--input={lst}",
-                        "--fold_column=fold", "--test_fold=2", f"--output_prefix={out}"],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = run_script("split.py", f"--input={lst}", "--fold_column=fold", "--test_fold=2",
+                   f"--output_prefix={out}")
     assert r.returncode == 0, r.stderr
     test_rows, header = sources.read_plain_csv(str(out) + "_test.csv")
     train_rows, _ = sources.read_plain_csv(str(out) + "_train.csv")
@@ -106,24 +102,21 @@ def test_split_datafile_cli_same_format(tmp_path):
     lst = tmp_path / "train.json"
     lst.write_text(json.dumps(data))
     out = tmp_path / "s"
-    args = [sys.executable, os.path.join(ROOT, "tools/split.py"), f"--input={lst}",
-            "--val_fraction=0.2", "--test_fraction=0.2", "--seed=7", f"--output_prefix={out}"]
-    assert subprocess.run(args, capture_output=True, cwd=ROOT).returncode == 0
+    args = [f"--input={lst}", "--val_fraction=0.2", "--test_fraction=0.2", "--seed=7",
+            f"--output_prefix={out}"]
+    assert run_script("split.py", *args).returncode == 0
     got = {k: [r.id for r in sources.read_datafile(f"{out}_{k}.json")] for k in splits.SPLIT_NAMES}
     want = splits.split_rows(sources.read_datafile(str(lst)), 0.2, 0.2, seed=7)
     assert got == {k: [r.id for r in v] for k, v in want.items()}
     assert sorted(sum(got.values(), [])) == sorted(r.id for r in rows)
-    bad = subprocess.run(args[:3] + ["--val_fraction=0.6", "--test_fraction=0.6",
-                                     f"--output_prefix={out}"], capture_output=True, text=True, cwd=ROOT)
+    bad = run_script("split.py", args[0], "--val_fraction=0.6", "--test_fraction=0.6",
+                     f"--output_prefix={out}")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "fraction" in bad.stderr
 
 
 # ----------------------------------------------------------------------------- make_tfrecords
 def _make_tfrecords(*args):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "make_tfrecords.py"),
-                           "--noprogress", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
+    return run_script("make_tfrecords.py", "--noprogress", *args)
 
 
 def test_make_tfrecords_folder_with_stratified_split(tmp_path):
@@ -260,21 +253,17 @@ def test_split_cli_val_fold_and_grouped_val_fraction(tmp_path):
         w.writerow(["path", "label", "speaker"])
         for r in _speaker_rows(per=1):
             w.writerow([r.record["path"], r.mids[0], r.record["speaker"]])
-    tool = [sys.executable, os.path.join(ROOT, "tools/split.py"), f"--input={lst}",
-            "--fold_column=speaker", "--test_fold=theo"]
-    r = subprocess.run(tool + ["--val_fold=lucas", f"--output_prefix={tmp_path / 'a'}"],
-                       capture_output=True, text=True, cwd=ROOT)
+    tool = [f"--input={lst}", "--fold_column=speaker", "--test_fold=theo"]
+    r = run_script("split.py", *tool, "--val_fold=lucas", f"--output_prefix={tmp_path / 'a'}")
     assert r.returncode == 0, r.stderr
     got = {k: {x.record["speaker"] for x in sources.read_plain_csv(f"{tmp_path / 'a'}_{k}.csv")[0]}
            for k in splits.SPLIT_NAMES}
     assert got == {"train": set(SPEAKERS) - {"theo", "lucas"}, "val": {"lucas"}, "test": {"theo"}}
     # --val_fraction=0.2 of the 5 other speakers takes one whole speaker
-    r = subprocess.run(tool + ["--val_fraction=0.2", f"--output_prefix={tmp_path / 'b'}"],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = run_script("split.py", *tool, "--val_fraction=0.2", f"--output_prefix={tmp_path / 'b'}")
     assert r.returncode == 0, r.stderr
     val = {x.record["speaker"] for x in sources.read_plain_csv(f"{tmp_path / 'b'}_val.csv")[0]}
     assert len(val) == 1 and "theo" not in val
-    r = subprocess.run(tool + ["--val_fold=theo", f"--output_prefix={tmp_path / 'c'}"],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = run_script("split.py", *tool, "--val_fold=theo", f"--output_prefix={tmp_path / 'c'}")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error:")

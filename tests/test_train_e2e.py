@@ -1,8 +1,7 @@
-"""End-to-end: main.py (subprocess) trains two epochs on tiny shards written here, then
-summary.json is checked against the saved per-epoch predictions (Sec. II-B, VI)."""
+"""End-to-end: main.py (its command, run in-process) trains two epochs on tiny shards written
+here, then summary.json is checked against the saved per-epoch predictions (Sec. II-B, VI)."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -65,34 +64,30 @@ BAD_FLAGS = [
 
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
-    """This file's main.py runs, started together (they overlap); each test waits for its
-    own: name → (CompletedProcess, exp_dir)."""
-    from helpers_proc import Background
+    """This file's main.py runs, in-process through the command's ``main()``
+    (helpers_cli.run_script), each made when a test first asks for it:
+    name → (CompletedProcess, exp_dir)."""
+    from helpers_cli import lazy_runs
     train, ev, d = data
     out = tmp_path_factory.mktemp("runs")
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    base = [sys.executable, os.path.join(ROOT, "main.py"), f"--train_data={train}",
-            f"--eval_data={ev}"]
-    bg = Background(str(out / "logs"))
-    bg.start("two_epoch", [*base, f"--exp_dir={out / 'exp'}", *TINY], env=env, cwd=ROOT)
-    bg.start("dry_run", [*base, f"--exp_dir={out}/x",
+    base = [f"--train_data={train}", f"--eval_data={ev}"]
+    args = {"two_epoch": ([*base, f"--exp_dir={out / 'exp'}", *TINY], str(out / "exp")),
+            "dry_run": ([*base, f"--exp_dir={out}/x",
                          "--flagfile=" + os.path.join(ROOT, "configs", "balanced.flags"),
                          "--eff_b=0", "--att_head=1", "--target_length=48", "--batch_size=4",
-                         "--pretrained=none", "--dry_run"], env=env, cwd=ROOT)
+                         "--pretrained=none", "--dry_run"], f"{out}/x")}
     for extra, message in BAD_FLAGS:
         if extra == ["--eval_data=OTHER"]:
             other = _write_set(str(d / "other"), 4, 2, ["/m/x", "/m/b", "/m/c"])
             extra = [f"--eval_data={other}"]
-        bg.start(message, [*base, f"--exp_dir={out / message.replace(' ', '_')}/x", *TINY,
-                           *extra, "--dry_run"], env=env, cwd=ROOT)
-    yield {"two_epoch": lambda: (bg.result("two_epoch", 240), str(out / "exp")),
-           "dry_run": lambda: (bg.result("dry_run", 240), f"{out}/x"),
-           **{m: (lambda m=m: (bg.result(m, 120), None)) for _, m in BAD_FLAGS}}
-    bg.close()
+        args[message] = ([*base, f"--exp_dir={out / message.replace(' ', '_')}/x", *TINY,
+                          *extra, "--dry_run"], None)
+    get = lazy_runs("main.py", {name: a for name, (a, _) in args.items()})
+    return lambda name: (get(name), args[name][1])
 
 
 def test_two_epoch_run(runs):
-    p, exp = runs["two_epoch"]()
+    p, exp = runs("two_epoch")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     s = json.load(open(os.path.join(exp, "summary.json")))
     assert s["epochs"] == 2 and s["train_examples"] == 16 and s["eval_examples"] == 9
@@ -119,7 +114,7 @@ def test_two_epoch_run(runs):
 
 
 def test_dry_run_prints_plan(runs):
-    p, x = runs["dry_run"]()
+    p, x = runs("dry_run")
     assert p.returncode == 0, p.stderr[-3000:]
     assert "36:0.0005" in p.stdout and "41:0.00025" in p.stdout and "35:0.001" in p.stdout
     assert "weight averaging: epochs 41-60" in p.stdout
@@ -129,6 +124,6 @@ def test_dry_run_prints_plan(runs):
 
 @pytest.mark.parametrize("extra,message", BAD_FLAGS)
 def test_bad_flags_fail_cleanly(runs, extra, message):
-    p, _ = runs[message]()  # main.py *TINY *extra --dry_run (the fixture runs it)
+    p, _ = runs(message)  # main.py *TINY *extra --dry_run
     assert p.returncode != 0
     assert message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
