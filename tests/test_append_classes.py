@@ -3,19 +3,17 @@ tagger fine-tuned on data with 2 new classes (and one of its own) becomes one 5-
 whose run folder, checkpoints and SavedModel export carry old + new labels. With the backbone
 frozen for the whole run the original classes' scores equal the source model's (≤ 1e-6,
 computed here from both models); fine-tuned, the source model's scores on the training clips
-are the teacher targets of its classes. Tiny data, two runs side by side."""
+are the teacher targets of its classes. Tiny data; main.py's command runs in-process."""
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import numpy as np
 import pytest
 
+from helpers_cli import lazy_runs, run_script
 from helpers_models import CLIP_SAMPLES, TARGET_LENGTH, make_tagger, save_tagger
-from helpers_proc import Background
-from test_train_e2e import ROOT, _write_set
+from test_train_e2e import _write_set
 
 OLD = ["/m/c0", "/m/c1", "/m/c2"]          # save_tagger's vocabulary
 NEW_DATA = ["/m/c1", "/m/x", "/m/y"]       # one shared class, two new
@@ -33,35 +31,34 @@ def runs(tmp_path_factory):
     old_eval = _write_set(str(d / "old_eval"), 9, 2, mids=OLD)
     train = _write_set(str(d / "new_train"), 16, 3, mids=NEW_DATA)
     ev = _write_set(str(d / "new_eval"), 9, 4, mids=NEW_DATA)
-    bg = Background(d / "logs")
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    base = [sys.executable, os.path.join(ROOT, "main.py"), f"--train_data={train}",
-            f"--eval_data={ev}", f"--init_from={src}", f"--retain_eval_data={old_eval}",
-            *ARGS]
-    bg.start("frozen", base + ["--freeze_backbone_epochs=2", f"--exp_dir={d / 'frozen'}"],
-             env=env, cwd=ROOT)
-    bg.start("tuned", base + ["--freeze_backbone_epochs=1", "--kd_lambda=0.5",
-                              f"--exp_dir={d / 'tuned'}"], env=env, cwd=ROOT)
-    yield d, src, old_eval, train, bg, env
-    bg.close()
+    base = [f"--train_data={train}", f"--eval_data={ev}", f"--init_from={src}",
+            f"--retain_eval_data={old_eval}", *ARGS]
+    runs = lazy_runs("main.py", {
+        "frozen": base + ["--freeze_backbone_epochs=2", f"--exp_dir={d / 'frozen'}"],
+        "tuned": base + ["--freeze_backbone_epochs=1", "--kd_lambda=0.5",
+                         f"--exp_dir={d / 'tuned'}"]})
+    return d, src, old_eval, train, runs
 
 
-def _ok(bg, name):
-    r = bg.result(name, timeout=1800)
+def _ok(runs, name):
+    r = runs(name)
     assert r.returncode == 0, (name, r.stdout[-3000:], r.stderr[-3000:])
     return r
 
 
 def _scores(model, data):
+    """The model's scores of the clips of ``data`` as evaluation batches them (called eagerly
+    batch by batch: no prediction function to trace for each model)."""
     from psla_tf.data import pipeline
     from psla_tf.training.callbacks import inputs_only
     ds = pipeline.make_eval_dataset(data, 8, CLIP_SAMPLES)
-    return np.asarray(model.predict(inputs_only(ds), verbose=0), np.float64)
+    return np.concatenate([np.asarray(model(x, training=False), np.float64)
+                           for x in inputs_only(ds)])
 
 
 def test_frozen_backbone_keeps_the_original_scores(runs):
-    d, src, old_eval, _, bg, _ = runs
-    r = _ok(bg, "frozen")
+    d, src, old_eval, _, get = runs
+    r = _ok(get, "frozen")
     assert "append classes: 3 classes of" in r.stdout
     from psla_tf.data.records import read_label_csv
     from psla_tf.models.loading import load_tagger
@@ -82,21 +79,18 @@ def test_frozen_backbone_keeps_the_original_scores(runs):
 
 
 def test_export_carries_old_and_new_labels(runs, tmp_path):
-    import subprocess
-    d, *_, bg, env = runs
-    _ok(bg, "frozen")
+    d, *_, get = runs
+    _ok(get, "frozen")
     out = tmp_path / "sm"
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "export.py"),
-                        f"--model={d / 'frozen'}", f"--saved_model_dir={out}"],
-                       capture_output=True, text=True, cwd=ROOT, env=env)
+    p = run_script("export.py", f"--model={d / 'frozen'}", f"--saved_model_dir={out}")
     assert p.returncode == 0, p.stderr[-3000:]
     from psla_tf.scoring import load_scorer
     assert list(load_scorer(str(out)).mids) == OLD + ["/m/x", "/m/y"]
 
 
 def test_fine_tuned_learns_old_classes_from_the_source_model(runs):
-    d, src, _, train, bg, _ = runs
-    _ok(bg, "tuned")
+    d, src, _, train, get = runs
+    _ok(get, "tuned")
     from psla_tf.models.loading import load_tagger
     # the teacher: the source model's scores of the training clips (as evaluation sees them)
     with np.load(d / "tuned" / "source_teacher.npz") as z:
@@ -115,7 +109,7 @@ def test_fine_tuned_learns_old_classes_from_the_source_model(runs):
 def test_append_classes_errors(runs, tmp_path):
     from psla_tf.data.records import DataError
     from psla_tf.training import trainer
-    d, src, old_eval, train, _, _ = runs
+    d, src, old_eval, train, _ = runs
     cfg = dict(train_data=old_eval, eval_data=old_eval, exp_dir=str(tmp_path / "e"),
                n_epochs=2, batch_size=4, wa_start=1, wa_end=2, eff_b=0, att_head=2,
                target_length=TARGET_LENGTH, pretrained="none", append_classes=True,
