@@ -2,7 +2,8 @@
 clips without a teacher score, resumes exactly after a kill, trains under mixed precision, and
 a MirroredStrategy run over 2 logical CPUs equals the single-device run; --kd_lambda=0 is the
 plain recipe and --teacher_scores=stored reads the shards' teacher (both checked without
-training). Tiny data (16 clips, 2 epochs), the runs side by side."""
+training). Tiny data (16 clips, 2 epochs); main.py's command runs in-process, except the run
+that is killed (a subprocess)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 
+from helpers_cli import lazy_runs, run_script
 from helpers_proc import Background
 from test_distribute import BASE, _spawn, _wait, _weights
 from test_resume import _assert_same, _strip
@@ -43,29 +45,31 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def setup(data):
-    """The training runs, started together (the tests below read them)."""
+    """The training runs: the one killed by PSLA_FAULT starts now in a subprocess; the others
+    run in-process when a test first asks for them (the tests below read them)."""
     d, train, ev, teacher = data
     bg = Background(d / "logs")
-    main = [sys.executable, os.path.join(ROOT, "main.py"), f"--train_data={train}",
-            f"--eval_data={ev}", f"--teacher_scores={teacher}"]
-    bg.start("kd", main + ARGS + [f"--exp_dir={d / 'kd'}"], env=_env(), cwd=ROOT)
-    bg.start("killed", main + ARGS + [f"--exp_dir={d / 'killed'}"],
-             env=_env(PSLA_FAULT="batch:2:2"), cwd=ROOT)
-    bg.start("f16", main + TINY + ["--mixed_precision=mixed_float16", "--nowa",
-                                   f"--exp_dir={d / 'f16'}"], env=_env(), cwd=ROOT)
-    yield d, train, ev, teacher, bg, main
+    main = [f"--train_data={train}", f"--eval_data={ev}", f"--teacher_scores={teacher}"]
+    bg.start("killed", [sys.executable, os.path.join(ROOT, "main.py"), *main, *ARGS,
+                        f"--exp_dir={d / 'killed'}"], env=_env(PSLA_FAULT="batch:2:2"), cwd=ROOT)
+    runs = lazy_runs("main.py", {
+        "kd": main + ARGS + [f"--exp_dir={d / 'kd'}"],
+        "f16": main + TINY + ["--mixed_precision=mixed_float16", "--nowa",
+                              f"--exp_dir={d / 'f16'}"],
+        "resumed": main + ARGS + [f"--exp_dir={d / 'killed'}"]})
+    yield d, train, ev, teacher, bg, runs
     bg.close()
 
 
-def _ok(bg, name):
-    r = bg.result(name, timeout=1800)
+def _ok(runs, name):
+    r = runs(name)
     assert r.returncode == 0, (name, r.stdout[-3000:], r.stderr[-3000:])
     return r
 
 
 def test_kd_run_counts_clips_without_teacher(setup):
-    d, *_, bg, _ = setup
-    r = _ok(bg, "kd")
+    d, *_, runs = setup
+    r = _ok(runs, "kd")
     line = "teacher scores for 14 of 16 training clips; 2 without train on labels only"
     assert line in r.stdout
     s = json.load(open(d / "kd" / "summary.json"))
@@ -81,20 +85,19 @@ def test_kd_run_counts_clips_without_teacher(setup):
 
 
 def test_kd_resume_after_kill_equals_uninterrupted(setup):
-    d, *_, bg, main = setup
+    d, *_, bg, runs = setup
     r = bg.result("killed", timeout=1800)
     assert r.returncode != 0                      # SIGKILL after batch 2 of epoch 2
-    bg.start("resumed", main + ARGS + [f"--exp_dir={d / 'killed'}"], env=_env(), cwd=ROOT)
-    res = _ok(bg, "resumed")
+    res = _ok(runs, "resumed")
     assert "resuming after epoch 1" in res.stdout
-    ref = json.load(open(d / "kd" / "summary.json")) if _ok(bg, "kd") else None
+    ref = json.load(open(d / "kd" / "summary.json")) if _ok(runs, "kd") else None
     got = json.load(open(d / "killed" / "summary.json"))
     _assert_same(_strip(ref), _strip(got))
 
 
 def test_kd_mixed_float16_trains(setup):
-    d, *_, bg, _ = setup
-    _ok(bg, "f16")
+    d, *_, runs = setup
+    _ok(runs, "f16")
     s = json.load(open(d / "f16" / "summary.json"))
     assert s["mixed_precision"] == "mixed_float16" and s["distillation"]["used"]
     log = open(d / "f16" / "log.csv").read().splitlines()
@@ -173,13 +176,10 @@ def test_kd_flag_errors(data, tmp_path, kw, msg):
 
 
 def test_kd_main_errors_are_one_line(data, tmp_path):
-    import subprocess
     _, train, ev, _ = data
     bad = str(tmp_path / "missing.npz")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), f"--train_data={train}",
-                        f"--eval_data={ev}", f"--teacher_scores={bad}",
-                        f"--exp_dir={tmp_path / 'e'}", *TINY], capture_output=True, text=True,
-                       cwd=ROOT, env=_env())
+    p = run_script("main.py", f"--train_data={train}", f"--eval_data={ev}",
+                   f"--teacher_scores={bad}", f"--exp_dir={tmp_path / 'e'}", *TINY)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1] == f"error: teacher scores file not found: {bad}"
 
