@@ -18,6 +18,7 @@ import pytest
 import soundfile as sf
 
 from tests.conftest import shared_path
+from tests.helpers_cli import run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = 16000
@@ -81,23 +82,21 @@ def _bad_tool_cases(d: str) -> list[tuple[list[str], str]]:
 
 @pytest.fixture(scope="module")
 def background(tmp_path_factory):
-    """The runs that need no trained model start with the module and overlap its training
-    (fresh Python + TensorFlow processes are mostly single-threaded): the mixed-precision
-    mirrored build and the bad-input tool runs; each test reads its run's result."""
+    """The mixed-precision mirrored build (a process of its own: a global dtype policy and a
+    MirroredStrategy) starts with the module and overlaps its training."""
     from helpers_proc import Background
     d = str(tmp_path_factory.mktemp("background"))
     bg = Background(os.path.join(d, "logs"))
     bg.start("mixed_precision", [sys.executable, "-c", textwrap.dedent(_mixed_precision_code(d))],
              env=ENV, cwd=ROOT)
-    for i, (args, _) in enumerate(_bad_tool_cases(d)):
-        bg.start(f"bad{i}", [sys.executable, "tools/export.py", *args], env=ENV, cwd=ROOT)
     yield types.SimpleNamespace(runs=bg, dir=d)
     bg.close()
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, background):
-    """Demo subset → shards → a few epochs of main.py → (exp_dir, eval glob, train glob).
+    """Demo subset → shards → a few epochs of main.py (its command, in-process) → (exp_dir,
+    eval glob, train glob).
 
     PSLA_EXPORT_TEST_DEMO=DIR reuses a DIR (with exp/ and shards/) this fixture made before
     (for working on these tests; the default trains afresh)."""
@@ -115,15 +114,15 @@ def trained(tmp_path_factory, background):
         prepare.prepare(sources.read_datafile(paths[split]), vocab, str(d / "shards" / split),
                         max_seconds=1.0, target_length=TARGET, progress=False)
     exp = str(d / "exp")
-    p = _run([sys.executable, "main.py", f"--train_data={d}/shards/train-*.tfrecord",
-              f"--eval_data={d}/shards/eval-*.tfrecord", f"--exp_dir={exp}",
-              "--n_epochs=10", "--batch_size=16", "--eval_batch_size=40", "--lr=2e-3",
-              "--warmup_steps=10", "--warmup_every=2", "--lrscheduler_start=7",
-              "--lrscheduler_step=1", "--lrscheduler_decay=0.5", "--nowa",
-              "--balanced_sampling", "--mixup=0", "--freqm=12", "--timem=16",
-              f"--target_length={TARGET}", "--model=efficientnet", "--eff_b=0",
-              "--att_head=4", "--pretrained=none", "--shuffle_buffer=160", "--seed=0",
-              "--bn_momentum=0.9", "--verbose=0"])
+    p = run_script("main.py", f"--train_data={d}/shards/train-*.tfrecord",
+                   f"--eval_data={d}/shards/eval-*.tfrecord", f"--exp_dir={exp}",
+                   "--n_epochs=10", "--batch_size=16", "--eval_batch_size=40", "--lr=2e-3",
+                   "--warmup_steps=10", "--warmup_every=2", "--lrscheduler_start=7",
+                   "--lrscheduler_step=1", "--lrscheduler_decay=0.5", "--nowa",
+                   "--balanced_sampling", "--mixup=0", "--freqm=12", "--timem=16",
+                   f"--target_length={TARGET}", "--model=efficientnet", "--eff_b=0",
+                   "--att_head=4", "--pretrained=none", "--shuffle_buffer=160", "--seed=0",
+                   "--bn_momentum=0.9", "--verbose=0")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return exp, f"{d}/shards/eval-*.tfrecord", f"{d}/shards/train-*.tfrecord"
 
@@ -164,8 +163,8 @@ def _keras_scores(model, waves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarra
 @pytest.fixture(scope="module")
 def saved_model(trained, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("serving") / "psla")
-    p = _run([sys.executable, "tools/export.py", f"--model={trained[0]}",
-              f"--saved_model_dir={out}", "--version=3"])
+    p = run_script("export.py", f"--model={trained[0]}", f"--saved_model_dir={out}",
+                   "--version=3")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert os.path.exists(os.path.join(out, "3", "saved_model.pb"))
     return out
@@ -291,11 +290,11 @@ def test_ensemble_of_checkpoints_exports_and_serves(trained, tmp_path):
     from psla_tf.prediction import load_scores
     exp, eval_glob = trained[0], trained[1]
     members = ",".join(f"{exp}/checkpoints/epoch_{k:03d}.weights.h5" for k in (4, 6))
-    p = _run([sys.executable, "tools/ensemble.py", f"--models={members}", f"--data={eval_glob}",
-              f"--output={tmp_path}/ens.npz", f"--export={tmp_path}/ens", "--noprogress"])
+    p = run_script("ensemble.py", f"--models={members}", f"--data={eval_glob}",
+                   f"--output={tmp_path}/ens.npz", f"--export={tmp_path}/ens", "--noprogress")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    p = _run([sys.executable, "tools/export.py", f"--model={tmp_path}/ens/ensemble.keras",
-              f"--saved_model_dir={tmp_path}/sm", f"--clip_samples={CLIP}"])
+    p = run_script("export.py", f"--model={tmp_path}/ens/ensemble.keras",
+                   f"--saved_model_dir={tmp_path}/sm", f"--clip_samples={CLIP}")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     waves = _eval_clips(eval_glob, limit=12)[0]
     w, n = zip(*[_pad_cut(x) for x in waves])
@@ -336,9 +335,9 @@ def test_mixed_precision_mirrored_export_serves_float32(background):
     np.testing.assert_allclose(np.load(d + "/s.npy"), np.load(d + "/k.npy"), atol=1e-3)
 
 
-def test_tool_bad_inputs_exit_2(background):
-    for i, (args, msg) in enumerate(_bad_tool_cases(background.dir)):
-        p = background.runs.result(f"bad{i}", 300)
+def test_tool_bad_inputs_exit_2(tmp_path):
+    for args, msg in _bad_tool_cases(str(tmp_path)):
+        p = run_script("export.py", *args)
         assert p.returncode == 2, (args, p.stderr[-2000:])
         assert msg in p.stderr and "Traceback" not in p.stderr, (args, p.stderr[-2000:])
 
@@ -383,9 +382,9 @@ def tflite_models(trained, keras_model, tmp_path_factory):
         export_tflite.export_tflite(keras_model, out[q], mids, names, quantize=q,
                                     seconds=TFLITE_SECONDS)
     out["int8"] = str(d / "psla_int8.tflite")
-    p = _run([sys.executable, "tools/export.py", f"--model={trained[0]}",
-              f"--tflite={out['int8']}", "--quantize=int8", f"--tflite_seconds={TFLITE_SECONDS}",
-              f"--calibration_data={trained[2]}", "--calibration_size=64", "--noprogress"])
+    p = run_script("export.py", f"--model={trained[0]}", f"--tflite={out['int8']}",
+                   "--quantize=int8", f"--tflite_seconds={TFLITE_SECONDS}",
+                   f"--calibration_data={trained[2]}", "--calibration_size=64", "--noprogress")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return out
 
