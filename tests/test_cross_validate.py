@@ -9,7 +9,6 @@ import csv
 import dataclasses
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -100,7 +99,6 @@ def test_aggregate_against_numpy():
 
 
 def test_tool_bad_inputs_are_one_line_errors(tmp_path):
-    from helpers_proc import Background
     csv_path = _listing(tmp_path, folds=("1",), per=1)
     (tmp_path / "two").mkdir()
     csv_two = _listing(tmp_path / "two", folds=("1", "2"), per=1)
@@ -109,27 +107,18 @@ def test_tool_bad_inputs_are_one_line_errors(tmp_path):
         ([f"--input={csv_path}", "--fold_column=fold"], "at least 2 folds"),
         ([f"--input={tmp_path / 'none.csv'}"], "not found"),
     ]
-    # the four tool runs start together (they overlap), each checked as it was
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    tool = [sys.executable, os.path.join(ROOT, "tools", "cross_validate.py")]
-    bg = Background(str(tmp_path / "logs"))
-    for i, (args, _) in enumerate(cases):
-        bg.start(f"case{i}", [*tool, *args, f"--exp_dir={tmp_path / f'e{i}'}", "--eff_b=0"],
-                 env=env)
-    bg.start("esc50", [*tool, f"--flagfile={os.path.join(ROOT, 'configs', 'esc50.flags')}",
-                       f"--input={csv_two}", f"--audio_root={tmp_path / 'two' / 'audio'}",
-                       f"--exp_dir={tmp_path / 'e2'}"], env=env)
-    try:
-        for i, (args, msg) in enumerate(cases):
-            r = bg.result(f"case{i}", 300)
-            assert r.returncode == 2, (args, r.stderr[-2000:])
-            err = r.stderr.strip().splitlines()
-            assert err[-1].startswith("error:") and msg in err[-1], (args, err[-3:])
-            assert "Traceback" not in r.stderr
-        # the ESC-50 recipe fine-tunes: without --init_from it stops before preparing anything
-        r = bg.result("esc50", 300)
-    finally:
-        bg.close()
+    from helpers_cli import run_script
+    for i, (args, msg) in enumerate(cases):
+        r = run_script("cross_validate.py", *args, f"--exp_dir={tmp_path / f'e{i}'}", "--eff_b=0")
+        assert r.returncode == 2, (args, r.stderr[-2000:])
+        err = r.stderr.strip().splitlines()
+        assert err[-1].startswith("error:") and msg in err[-1], (args, err[-3:])
+        assert "Traceback" not in r.stderr
+    # the ESC-50 recipe fine-tunes: without --init_from it stops before preparing anything
+    r = run_script("cross_validate.py",
+                   f"--flagfile={os.path.join(ROOT, 'configs', 'esc50.flags')}",
+                   f"--input={csv_two}", f"--audio_root={tmp_path / 'two' / 'audio'}",
+                   f"--exp_dir={tmp_path / 'e2'}")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert "pass --init_from=MODEL" in r.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "e2" / "data").exists()

@@ -84,26 +84,21 @@ def audio():
 
 @pytest.fixture(scope="module")
 def tagger(tmp_path_factory):
-    """(model, its .keras path, the tool runs started on it in the background)."""
+    """(model, its .keras path, name → the tool run on it: tools/export.py in-process, made
+    when a test first asks for it)."""
     from psla_tf.data.records import write_label_csv
-    from tests.helpers_proc import Background
+    from tests.helpers_cli import lazy_runs
     model = make_tagger(num_classes=len(MIDS), att_head=2)
     _calibrate_batchnorm(model, np.stack([_fit(x) for x in _fsdd(32)]))
     d = tmp_path_factory.mktemp("deploy_model")
     path = save_tagger(model, str(d))
     write_label_csv(os.path.join(d, "labels.csv"), MIDS, NAMES)
-    # the tool runs (fresh TensorFlow processes, mostly single-threaded) overlap the
-    # in-process exports of the other fixtures; each test waits for its own run
-    runs = Background(str(d / "runs"))
-    tool = [sys.executable, os.path.join(ROOT, "tools", "export.py"), f"--model={path}"]
-    runs.start("export", tool + [f"--onnx={d / 'psla.onnx'}", f"--tflite={d / 'cli.tflite'}",
-                                 "--tflite_seconds=1", "--model_license=MIT",
-                                 "--model_version=7", "--model_name=cli tagger"],
-               env=ENV, cwd=ROOT)
-    runs.start("bad_opset", tool + [f"--onnx={d / 'x.onnx'}", "--onnx_opset=11"], env=ENV,
-               cwd=ROOT)
-    yield model, path, runs
-    runs.close()
+    runs = lazy_runs("export.py", {
+        "export": [f"--model={path}", f"--onnx={d / 'psla.onnx'}", f"--tflite={d / 'cli.tflite'}",
+                   "--tflite_seconds=1", "--model_license=MIT", "--model_version=7",
+                   "--model_name=cli tagger"],
+        "bad_opset": [f"--model={path}", f"--onnx={d / 'x.onnx'}", "--onnx_opset=11"]})
+    return model, path, runs
 
 
 @pytest.fixture(scope="module")
@@ -283,7 +278,7 @@ def onnx_export(tagger):
     """tools/export.py --onnx (and --tflite in the same run, to check the metadata flags)."""
     pytest.importorskip("tf2onnx", reason="ONNX export needs tf2onnx (requirements-deploy.txt)")
     pytest.importorskip("onnxruntime", reason="needs onnxruntime (requirements-deploy.txt)")
-    p = tagger[2].result("export")
+    p = tagger[2]("export")
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     d = os.path.dirname(tagger[1])
     return os.path.join(d, "psla.onnx"), os.path.join(d, "cli.tflite")
@@ -341,7 +336,7 @@ def test_onnx_runtime_matches_keras_on_real_audio(onnx_export, tagger, audio, tm
 
 
 def test_onnx_bad_opset_is_a_one_line_error(tagger):
-    p = tagger[2].result("bad_opset")
+    p = tagger[2]("bad_opset")
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.strip().splitlines()[-1].startswith("error: --onnx_opset")
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -190,10 +188,10 @@ def _write_set(prefix, n, seed, mids, freqs):
     return prefix + "-*.tfrecord"
 
 
-def _main(*args, timeout=900):
-    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), *args],
-                          capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+def _main(*args):
+    """main.py, in-process (helpers_cli.run_script)."""
+    from helpers_cli import run_script
+    return run_script("main.py", *args)
 
 
 TINY = ["--n_epochs=2", "--batch_size=4", "--eval_batch_size=8", "--lr=1e-3",
