@@ -123,23 +123,82 @@ def check_flags() -> None:
             raise DataError(f"{out} already exists (choose another --version or --overwrite)")
 
 
+def _bar(desc: str, total: int | None):
+    """A tqdm bar with --progress, else None."""
+    if not FLAGS.progress:
+        return None
+    from tqdm import tqdm
+    return tqdm(desc=desc, unit="clip", total=total)
+
+
+def _tflite_seconds(model, clip_samples: int | None) -> float:
+    """The TFLite input length: --tflite_seconds, else the model's own input length (at
+    least AudioSet's 10 s with --windowed)."""
+    from psla_tf import export
+    if FLAGS.tflite_seconds is not None:
+        return FLAGS.tflite_seconds
+    seconds = (clip_samples or export.default_clip_samples(model)) / params.SAMPLE_RATE
+    return max(seconds, 10.0) if FLAGS.windowed else seconds
+
+
+def _write_tflite(model, mids, names, seconds: float, info: dict, kw: dict) -> None:
+    """--tflite (with int8 calibration), then --benchmark and --compare_data."""
+    from psla_tf import export_tflite
+    calibration, bar = None, None
+    if FLAGS.quantize == "int8":
+        calibration = export_tflite.calibration_clips(
+            FLAGS.calibration_data, int(round(seconds * params.SAMPLE_RATE)),
+            FLAGS.calibration_size)
+        bar = _bar("calibration", len(calibration))
+    meta = export_tflite.export_tflite(
+        model, FLAGS.tflite, mids, names, quantize=FLAGS.quantize,
+        seconds=seconds, calibration=calibration,
+        float_kernel_elements=FLAGS.float_kernel_elements,
+        progress=(lambda i: bar.update(1)) if bar else None, model_info=info, **kw)
+    if bar:
+        bar.close()
+    print(f"TFLite ({FLAGS.quantize}): {FLAGS.tflite} ({meta['size_bytes']} bytes, "
+          f"input {meta['input_samples']} samples)")
+    if FLAGS.benchmark > 0:
+        for threads in (1, 2):
+            t = export_tflite.TFLiteTagger(FLAGS.tflite, num_threads=threads).latency(
+                FLAGS.benchmark)
+            print(f"latency ({threads} thread{'s' if threads > 1 else ''}): "
+                  f"{t * 1000:.1f} ms per {seconds:g}-s input")
+    if FLAGS.compare_data:
+        _compare_tflite(model)
+
+
+def _compare_tflite(model) -> None:
+    """--compare_data: the TFLite file's scores against Keras', written beside the file."""
+    from psla_tf import atomic, export_tflite
+    bar = _bar("compare", FLAGS.compare_size)
+    res = export_tflite.compare_with_keras(
+        model, FLAGS.tflite, FLAGS.compare_data, limit=FLAGS.compare_size,
+        progress=(lambda i: bar.update(1)) if bar else None)
+    if bar:
+        bar.close()
+    path = os.path.splitext(FLAGS.tflite)[0] + ".compare.json"
+    atomic.write_json(path, res, indent=1)
+    line = (f"vs Keras on {res['clips']} clips: max |d| {res['max_abs_diff']:.2e}, "
+            f"mean {res['mean_abs_diff']:.2e}, p99 {res['p99_abs_diff']:.2e}")
+    if "mAP_diff" in res:
+        line += (f"; mAP Keras {res['keras_mAP']:.4f}, TFLite "
+                 f"{res['tflite_mAP']:.4f} ({res['mAP_diff']:+.4f})")
+    print(line + f"  [{path}]")
+
+
 def main(argv: list[str] | None = None):
     """psla-export (see the module doc); ``main()`` parses sys.argv."""
     if argv is None:
         cli.run(main)
     del argv
-    from psla_tf import export, export_tflite, params
+    from psla_tf import export
     from psla_tf.models import loading
     check_flags()
     mids, names = loading.load_vocabulary(FLAGS.model, FLAGS.label_csv)
     model = loading.load_tagger(FLAGS.model)
     clip_samples = _clip_samples(FLAGS.model)
-    # the TFLite input: the model's own input length unless --tflite_seconds is given
-    tflite_seconds = FLAGS.tflite_seconds
-    if tflite_seconds is None:
-        tflite_seconds = (clip_samples or export.default_clip_samples(model)) / params.SAMPLE_RATE
-        if FLAGS.windowed:  # windows of the model's length over a 10-s clip (AudioSet's)
-            tflite_seconds = max(tflite_seconds, 10.0)
     kw = dict(clip_samples=clip_samples, windowed=FLAGS.windowed,
               window=int(round((FLAGS.window_seconds or 0) * params.SAMPLE_RATE)),
               hop=int(round((FLAGS.hop_seconds or 0) * params.SAMPLE_RATE)),
@@ -153,48 +212,7 @@ def main(argv: list[str] | None = None):
                                         **kw)
         print(f"SavedModel: {out}")
     if FLAGS.tflite:
-        calibration, bar = None, None
-        if FLAGS.quantize == "int8":
-            calibration = export_tflite.calibration_clips(
-                FLAGS.calibration_data, int(round(tflite_seconds * params.SAMPLE_RATE)),
-                FLAGS.calibration_size)
-            if FLAGS.progress:
-                from tqdm import tqdm
-                bar = tqdm(total=len(calibration), desc="calibration", unit="clip")
-        meta = export_tflite.export_tflite(
-            model, FLAGS.tflite, mids, names, quantize=FLAGS.quantize,
-            seconds=tflite_seconds, calibration=calibration,
-            float_kernel_elements=FLAGS.float_kernel_elements,
-            progress=(lambda i: bar.update(1)) if bar else None, model_info=info, **kw)
-        if bar:
-            bar.close()
-        print(f"TFLite ({FLAGS.quantize}): {FLAGS.tflite} ({meta['size_bytes']} bytes, "
-              f"input {meta['input_samples']} samples)")
-        if FLAGS.benchmark > 0:
-            for threads in (1, 2):
-                t = export_tflite.TFLiteTagger(FLAGS.tflite, num_threads=threads).latency(
-                    FLAGS.benchmark)
-                print(f"latency ({threads} thread{'s' if threads > 1 else ''}): "
-                      f"{t * 1000:.1f} ms per {tflite_seconds:g}-s input")
-        if FLAGS.compare_data:
-            bar = None
-            if FLAGS.progress:
-                from tqdm import tqdm
-                bar = tqdm(desc="compare", unit="clip", total=FLAGS.compare_size)
-            res = export_tflite.compare_with_keras(
-                model, FLAGS.tflite, FLAGS.compare_data, limit=FLAGS.compare_size,
-                progress=(lambda i: bar.update(1)) if bar else None)
-            if bar:
-                bar.close()
-            path = os.path.splitext(FLAGS.tflite)[0] + ".compare.json"
-            from psla_tf import atomic
-            atomic.write_json(path, res, indent=1)
-            line = (f"vs Keras on {res['clips']} clips: max |d| {res['max_abs_diff']:.2e}, "
-                    f"mean {res['mean_abs_diff']:.2e}, p99 {res['p99_abs_diff']:.2e}")
-            if "mAP_diff" in res:
-                line += (f"; mAP Keras {res['keras_mAP']:.4f}, TFLite "
-                         f"{res['tflite_mAP']:.4f} ({res['mAP_diff']:+.4f})")
-            print(line + f"  [{path}]")
+        _write_tflite(model, mids, names, _tflite_seconds(model, clip_samples), info, kw)
     if FLAGS.onnx:
         from psla_tf import export_onnx
         meta = export_onnx.export_onnx(model, FLAGS.onnx, mids, names,

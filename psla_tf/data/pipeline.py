@@ -438,11 +438,9 @@ def _register_corrupt(bad) -> None:
               file=sys.stderr, flush=True)
 
 
-def _iid_examples(spec: DataSpec, plan: _EpochPlan, base_seed: tf.Tensor, balanced: bool,
-                  mixup: float, mixup_alpha: float, skip_corrupt: bool,
-                  num_parallel_calls: int, transform: Transform | None = None
-                  ) -> Callable[[tf.Tensor], tf.data.Dataset]:
-    """epoch → dataset of parsed, mixed examples in i.i.d. order (see make_train_dataset)."""
+def _random_access_index(spec: DataSpec, skip_corrupt: bool):
+    """The training shards' record index (``record_index.RecordIndex``), checked for the
+    random-access reads of the i.i.d. order."""
     from psla_tf.data import record_index
     index = record_index.load_record_index(spec, skip_corrupt=skip_corrupt)
     _register_corrupt(index.corrupt)
@@ -451,26 +449,51 @@ def _iid_examples(spec: DataSpec, plan: _EpochPlan, base_seed: tf.Tensor, balanc
                         "offsets, which the i.i.d. sampling order needs; prepare the shards "
                         "without --compression, or pass --sampling_order=stream (sequential "
                         "reading, bursty order: see docs/decisions.md)")
-    n_rec = index.num_records
-    if n_rec == 0:
+    if index.num_records == 0:
         raise DataError(f"no readable training record in {spec.files[0]}...")
-    num_classes = spec.num_classes
-    draws = plan.draws
-    cdf = total = last = None
-    if balanced:
-        w = index.sampling_weights(spec.class_counts)
-        total = float(w.sum())
-        if total <= 0:
-            raise DataError("balanced sampling: no training example has a label")
-        cdf = tf.constant(np.cumsum(w), tf.float64)
-        last = int(np.flatnonzero(w > 0)[-1])
+    return index
+
+
+def _row_sampler(index, class_counts: np.ndarray, balanced: bool, draws: int
+                 ) -> Callable[[tf.Tensor], tf.Tensor]:
+    """epoch seed → the epoch's ``[draws]`` record rows (int64).
+
+    Balanced: Algorithm 1 line 8, ``draws`` i.i.d. draws with replacement, P(i) = w_i / W.
+    Otherwise every record once per epoch in random order (more than one permutation only
+    when skipped corrupt records made the set smaller than ``draws``).
+    """
+    n_rec = index.num_records
+    if not balanced:
+        perms = -(-draws // n_rec)
+
+        def permuted(s):
+            return tf.concat([tf.random.experimental.stateless_shuffle(
+                tf.range(n_rec, dtype=tf.int64), seed=sampling.derive_seed(s, 0, r))
+                for r in range(perms)], 0)[:draws]
+        return permuted
+    w = index.sampling_weights(class_counts)
+    total = float(w.sum())
+    if total <= 0:
+        raise DataError("balanced sampling: no training example has a label")
+    cdf = tf.constant(np.cumsum(w), tf.float64)
+    last = int(np.flatnonzero(w > 0)[-1])
+
+    def weighted(s):
+        u = tf.random.stateless_uniform([draws], seed=sampling.derive_seed(s, 0),
+                                        dtype=tf.float64) * total
+        return tf.minimum(tf.searchsorted(cdf, u, side="right", out_type=tf.int64), last)
+    return weighted
+
+
+def _record_reader(index, num_classes: int, transform: Transform | None
+                   ) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+    """row (int64 scalar) → the parsed example, its record read at its byte offset."""
+    from psla_tf.data import record_index
     file_index = tf.constant(index.file_index, tf.int64)
     position = tf.constant(index.position, tf.int64)
     offset = tf.constant(index.offset, tf.int64)
     length = tf.constant(index.length, tf.int64)
     files = list(index.files)
-    perms = -(-draws // n_rec)  # permutations per epoch without balanced sampling (1 unless
-    #                             skipped corrupt records made the set smaller than N)
 
     def read_py(fi, off, ln):
         # plain bytes: TF converts them without losing trailing NULs; a 0-d object array
@@ -484,17 +507,22 @@ def _iid_examples(spec: DataSpec, plan: _EpochPlan, base_seed: tf.Tensor, balanc
         rec = tf.ensure_shape(rec, [])
         return _parse(fi * (1 << _KEY_SHIFT) + tf.gather(position, row), rec, num_classes,
                       transform)
+    return load
+
+
+def _iid_examples(spec: DataSpec, plan: _EpochPlan, base_seed: tf.Tensor, balanced: bool,
+                  mixup: float, mixup_alpha: float, skip_corrupt: bool,
+                  num_parallel_calls: int, transform: Transform | None = None
+                  ) -> Callable[[tf.Tensor], tf.data.Dataset]:
+    """epoch → dataset of parsed, mixed examples in i.i.d. order (see make_train_dataset)."""
+    index = _random_access_index(spec, skip_corrupt)
+    n_rec, draws = index.num_records, plan.draws
+    draw_rows = _row_sampler(index, spec.class_counts, balanced, draws)
+    load = _record_reader(index, spec.num_classes, transform)
 
     def examples(epoch):
         s = sampling.derive_seed(base_seed, _SALT_IID, epoch)
-        if balanced:  # Alg. 1 line 8: N draws with replacement, P(i) = w_i / W
-            u = tf.random.stateless_uniform([draws], seed=sampling.derive_seed(s, 0),
-                                            dtype=tf.float64) * total
-            rows = tf.minimum(tf.searchsorted(cdf, u, side="right", out_type=tf.int64), last)
-        else:         # every example once per epoch, in random order
-            rows = tf.concat([tf.random.experimental.stateless_shuffle(
-                tf.range(n_rec, dtype=tf.int64), seed=sampling.derive_seed(s, 0, r))
-                for r in range(perms)], 0)[:draws]
+        rows = draw_rows(s)
         # Alg. 1 line 10: the partner j ~ U{1..N}, drawn for every position (used if mixed)
         partners = tf.random.stateless_uniform([draws], seed=sampling.derive_seed(s, 1),
                                                minval=0, maxval=n_rec, dtype=tf.int64)

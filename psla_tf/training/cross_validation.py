@@ -237,29 +237,11 @@ def _check_plan(exp_k: str, plan: dict[str, list[str]]) -> None:
                             "same --val_groups/--val_fraction/--val_seed as before")
 
 
-def cross_validate(cfg, input_csv: str, fold_column: str = "fold",
-                   folds: Sequence[str] | None = None, data_dir: str | None = None,
-                   audio_root: str | None = None, label_csv: str | None = None,
-                   workers: int = 1, max_seconds: float = 10.0,
-                   target_length: int | None = None, progress: bool = True,
-                   group_regex: str | None = None, val_groups: int = 0,
-                   val_fraction: float = 0.0, val_seed: int = 0) -> dict[str, Any]:
-    """Prepare the groups, train/evaluate each fold (see the module doc); returns the CV
-    summary. ``group_regex`` (on file names) replaces ``fold_column`` when given."""
-    import keras
-
-    from psla_tf.data import prepare, sources, splits
-    from psla_tf.training import trainer
-
-    if not cfg.exp_dir:
-        raise DataError("--exp_dir is required")
-    nested = bool(val_groups or val_fraction)
-    # flag errors (e.g. --freeze_backbone_epochs without --init_from) before any preparation
-    trainer.check_config(dataclasses.replace(cfg, train_data="<folds>", eval_data="<fold>"))
-    if cfg.val_data:
-        raise DataError("--val_data is set by cross-validation itself (--val_groups / "
-                        "--val_fraction choose the validation groups of each fold)")
-    data_dir = data_dir or os.path.join(cfg.exp_dir, "data")
+def _read_groups(input_csv: str, audio_root: str | None, fold_column: str,
+                 group_regex: str | None, folds: Sequence[str] | None
+                 ) -> tuple[list, list[str], list[str], list[str]]:
+    """(rows, each row's group, every group, the groups to run) of the listing."""
+    from psla_tf.data import sources, splits
     if not os.path.isfile(input_csv):
         raise DataError(f"--input {input_csv}: not found (a CSV with a fold column)")
     rows, _ = sources.read_plain_csv(input_csv, audio_root)
@@ -274,75 +256,126 @@ def cross_validate(cfg, input_csv: str, fold_column: str = "fold",
     unknown = [f for f in run_folds if f not in all_folds]
     if unknown:
         raise DataError(f"--folds {unknown} not among the folds {all_folds}")
+    return rows, fold_of, all_folds, run_folds
+
+
+def _prepare_groups(rows: list, fold_of: list[str], groups: list[str], vocab: tuple,
+                    data_dir: str, **prepare_kw) -> dict[str, str]:
+    """One shard set per group (finished shards are kept: preparation resumes);
+    returns ``{group: shard prefix}``."""
+    from psla_tf.data import prepare
+    prefixes = {}
+    for k in groups:
+        part = [r for r, f in zip(rows, fold_of) if f == k]
+        prefixes[k] = os.path.join(data_dir, f"fold_{k}")
+        m = prepare.prepare(part, vocab, prefixes[k], **prepare_kw)
+        print(f"fold {k}: " + prepare.summary_line(m), flush=True)
+    return prefixes
+
+
+def _run_fold(cfg, k: str, plan: dict[str, list[str]], prefixes: dict[str, str]
+              ) -> dict[str, Any] | None:
+    """Train and evaluate fold ``k`` (or read its finished summary); its summary, or None
+    on a dry run."""
+    import keras
+
+    from psla_tf.training import trainer
+
+    def glob(gs):
+        return ",".join(f"{prefixes[j]}-*.tfrecord*" for j in gs)
+    exp_k = os.path.join(cfg.exp_dir, f"fold_{k}")
+    _check_plan(exp_k, plan)
+    summary_path = run_folder.path(exp_k, run_folder.SUMMARY_FILE)
+    if os.path.exists(summary_path) and not cfg.dry_run:
+        print(f"fold {k}: finished earlier ({summary_path})", flush=True)
+        with open(summary_path) as f:
+            return json.load(f)
+    cfg_k = dataclasses.replace(cfg, train_data=glob(plan["train"]),
+                                val_data=glob(plan["val"]) if plan["val"] else None,
+                                eval_data=glob(plan["test"]), exp_dir=exp_k)
+    print(f"=== fold {k}: train on {', '.join(plan['train'])}"
+          + (f"; choose on validation {', '.join(plan['val'])}" if plan["val"] else "")
+          + f"; test on {k} → {exp_k}", flush=True)
+    if not cfg.dry_run:
+        os.makedirs(exp_k, exist_ok=True)
+        atomic.write_json(os.path.join(exp_k, PLAN_FILE), plan, indent=1)
+    summary = trainer.run(cfg_k)
+    keras.backend.clear_session()
+    return summary
+
+
+def _headline(agg: dict[str, Any], metric_key: str) -> dict[str, Any] | None:
+    """The headline row's mean ± std and worst group."""
+    head = headline_row(agg)
+    if not head or metric_key not in agg[head]:
+        return None
+    vals = agg[head][metric_key]["per_fold"]
+    worst = min(vals, key=vals.get)
+    return {"row": head, "mean": agg[head][metric_key]["mean"],
+            "std": agg[head][metric_key]["std"], "worst_group": worst, "worst": vals[worst]}
+
+
+def _write_result(result: dict[str, Any], exp_dir: str) -> None:
+    """cv_summary.json, cv_table.md / .csv and cv_plot.png in ``exp_dir``."""
+    atomic.write_json(os.path.join(exp_dir, CV_SUMMARY), result, indent=1)
+    for name, text in (("cv_table.md", table_markdown(result)),
+                       ("cv_table.csv", table_csv(result["table"]))):
+        atomic.write_text(os.path.join(exp_dir, name), text)
+    plot(result, os.path.join(exp_dir, "cv_plot.png"))
+
+
+def cross_validate(cfg, input_csv: str, fold_column: str = "fold",
+                   folds: Sequence[str] | None = None, data_dir: str | None = None,
+                   audio_root: str | None = None, label_csv: str | None = None,
+                   workers: int = 1, max_seconds: float = 10.0,
+                   target_length: int | None = None, progress: bool = True,
+                   group_regex: str | None = None, val_groups: int = 0,
+                   val_fraction: float = 0.0, val_seed: int = 0) -> dict[str, Any]:
+    """Prepare the groups, train/evaluate each fold (see the module doc); returns the CV
+    summary. ``group_regex`` (on file names) replaces ``fold_column`` when given."""
+    from psla_tf.data import sources
+    from psla_tf.training import trainer
+
+    if not cfg.exp_dir:
+        raise DataError("--exp_dir is required")
+    # flag errors (e.g. --freeze_backbone_epochs without --init_from) before any preparation
+    trainer.check_config(dataclasses.replace(cfg, train_data="<folds>", eval_data="<fold>"))
+    if cfg.val_data:
+        raise DataError("--val_data is set by cross-validation itself (--val_groups / "
+                        "--val_fraction choose the validation groups of each fold)")
+    data_dir = data_dir or os.path.join(cfg.exp_dir, "data")
+    rows, fold_of, all_folds, run_folds = _read_groups(input_csv, audio_root, fold_column,
+                                                       group_regex, folds)
     plans = fold_plans(all_folds, fold_of, rows, val_groups, val_fraction, val_seed)
     mids, names, where = sources.output_vocabulary(rows, label_csv, data_dir)
     sources.check_rows(rows, mids, input_csv)
     print(where, flush=True)
-    prefixes = {}
-    for k in all_folds:  # finished shards are kept (prepare resumes)
-        part = [r for r, f in zip(rows, fold_of) if f == k]
-        prefixes[k] = os.path.join(data_dir, f"fold_{k}")
-        m = prepare.prepare(part, (mids, names), prefixes[k], workers=workers,
-                            max_seconds=max_seconds, target_length=target_length or
-                            cfg.target_length, progress=progress)
-        print(f"fold {k}: " + prepare.summary_line(m), flush=True)
-
-    def glob(gs):
-        return ",".join(f"{prefixes[j]}-*.tfrecord*" for j in gs)
-
+    prefixes = _prepare_groups(rows, fold_of, all_folds, (mids, names), data_dir,
+                               workers=workers, max_seconds=max_seconds,
+                               target_length=target_length or cfg.target_length,
+                               progress=progress)
     per_fold: dict[str, dict[str, Any]] = {}
     for k in run_folds:
-        plan = plans[k]
-        exp_k = os.path.join(cfg.exp_dir, f"fold_{k}")
-        _check_plan(exp_k, plan)
-        summary_path = run_folder.path(exp_k, run_folder.SUMMARY_FILE)
-        if os.path.exists(summary_path) and not cfg.dry_run:
-            with open(summary_path) as f:
-                per_fold[k] = json.load(f)
-            print(f"fold {k}: finished earlier ({summary_path})", flush=True)
-            continue
-        cfg_k = dataclasses.replace(cfg, train_data=glob(plan["train"]),
-                                    val_data=glob(plan["val"]) if plan["val"] else None,
-                                    eval_data=glob(plan["test"]), exp_dir=exp_k)
-        print(f"=== fold {k}: train on {', '.join(plan['train'])}"
-              + (f"; choose on validation {', '.join(plan['val'])}" if plan["val"] else "")
-              + f"; test on {k} → {exp_k}", flush=True)
-        if not cfg.dry_run:
-            os.makedirs(exp_k, exist_ok=True)
-            atomic.write_json(os.path.join(exp_k, PLAN_FILE), plan, indent=1)
-        summary = trainer.run(cfg_k)
-        keras.backend.clear_session()
+        summary = _run_fold(cfg, k, plans[k], prefixes)
         if summary is not None:
             per_fold[k] = summary
     if cfg.dry_run:
         return {}
     metric_key = trainer.METRIC_KEYS[cfg.metric]
     agg = aggregate(per_fold, metric_key)
-    head = headline_row(agg)
-    headline = None
-    if head and metric_key in agg[head]:
-        vals = agg[head][metric_key]["per_fold"]
-        worst = min(vals, key=vals.get)
-        headline = {"row": head, "mean": agg[head][metric_key]["mean"],
-                    "std": agg[head][metric_key]["std"], "worst_group": worst,
-                    "worst": vals[worst]}
     result = {"metric": cfg.metric, "metric_key": metric_key,
               "grouping": ({"group_regex": group_regex} if group_regex
                            else {"fold_column": fold_column}),
               "fold_column": fold_column if not group_regex else None,
-              "folds": run_folds, "nested": nested,
+              "folds": run_folds, "nested": bool(val_groups or val_fraction),
               "validation": {"val_groups": val_groups, "val_fraction": val_fraction,
                              "val_seed": val_seed},
               "plans": {k: plans[k] for k in run_folds},
               "input": os.path.abspath(input_csv), "data_dir": os.path.abspath(data_dir),
-              "aggregate": agg, "headline": headline,
+              "aggregate": agg, "headline": _headline(agg, metric_key),
               "table": group_table(per_fold, plans, metric_key),
               "complete": run_folds == all_folds}
-    atomic.write_json(os.path.join(cfg.exp_dir, CV_SUMMARY), result, indent=1)
-    for name, text in (("cv_table.md", table_markdown(result)),
-                       ("cv_table.csv", table_csv(result["table"]))):
-        atomic.write_text(os.path.join(cfg.exp_dir, name), text)
-    plot(result, os.path.join(cfg.exp_dir, "cv_plot.png"))
+    _write_result(result, cfg.exp_dir)
     return result
 
 

@@ -60,6 +60,14 @@ def normalisation_stats(spec) -> tuple[float, float] | None:
 
 def check_config(cfg: TrainConfig) -> None:
     """Flag errors that need no data (raises ConfigError with what to fix)."""
+    _check_schedule(cfg)
+    _check_input(cfg)
+    _check_strategy(cfg)
+    _check_objective(cfg)
+
+
+def _check_schedule(cfg: TrainConfig) -> None:
+    """Paths, epochs, batch sizes, learning-rate schedule and weight-averaging window."""
     if not cfg.exp_dir:
         raise ConfigError("--exp_dir is required")
     if not cfg.train_data or not cfg.eval_data:
@@ -81,6 +89,10 @@ def check_config(cfg: TrainConfig) -> None:
         if cfg.wa_end > cfg.n_epochs:
             raise ConfigError(f"--wa_end ({cfg.wa_end}) > --n_epochs ({cfg.n_epochs}); "
                               "set --wa_end to at most --n_epochs or --nowa")
+
+
+def _check_input(cfg: TrainConfig) -> None:
+    """Sampling, mixup, augmentation, input length and normalisation."""
     if not 0 <= cfg.mixup <= 1 or cfg.mixup_alpha <= 0:
         raise ConfigError("--mixup must be in [0, 1] and --mixup_alpha > 0")
     if cfg.sampling_order not in ("iid", "stream"):
@@ -97,6 +109,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise ConfigError("give both --dataset_mean and --dataset_std, or neither")
     if cfg.dataset_std is not None and cfg.dataset_std <= 0:
         raise ConfigError("--dataset_std must be > 0")
+
+
+def _check_strategy(cfg: TrainConfig) -> None:
+    """Distribution strategy, XLA, determinism and precision."""
     from psla_tf.training import distribute
     if cfg.strategy not in distribute.STRATEGIES:
         raise ConfigError(f"--strategy must be one of {', '.join(distribute.STRATEGIES)}")
@@ -113,6 +129,10 @@ def check_config(cfg: TrainConfig) -> None:
                                    "tpu" if cfg.tpu or cfg.strategy == "tpu" else "")
     except distribute.StrategyError as e:
         raise ConfigError(str(e)) from None
+
+
+def _check_objective(cfg: TrainConfig) -> None:
+    """Metric, fine-tuning and distillation."""
     if cfg.metric not in METRIC_KEYS:
         raise ConfigError(f"--metric must be one of {sorted(METRIC_KEYS)}, got {cfg.metric!r}")
     if cfg.freeze_backbone_epochs < 0:
