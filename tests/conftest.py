@@ -36,6 +36,14 @@ SLOW_FIRST = ("test_export.py", "test_append_classes.py", "test_distill_train.py
               "test_infer.py", "test_prepare.py", "test_split.py")
 
 
+def pytest_configure(config):
+    """Keep the collection order for xdist's --dist loadfile: by default
+    (--loadscope-reorder) it queues the files by their number of tests, most first, so the
+    slow files with few tests (test_resume.py: 2) would start last and run alone at the end."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable
