@@ -24,16 +24,18 @@ def shared():
     return shared_path
 
 
-# The files that take longest (about 1-5 minutes each on 2 cores), longest first. They run
+# The files that take longest (about 0.3-5 minutes each on 2 cores), longest first. They run
 # first: with `-n 2 --dist loadfile` (README) each worker takes whole files in collection
-# order, so a long file started last would run alone at the end. The other files keep their
-# alphabetical order after these.
-SLOW_FIRST = ("test_export.py", "test_append_classes.py", "test_distill_train.py",
-              "test_import_checkpoint.py", "test_failures.py", "test_cross_validate.py",
-              "test_resume.py", "test_distribute.py", "test_finetune.py", "test_ensemble.py",
-              "test_api.py", "test_train_e2e.py", "test_provenance.py", "test_memory.py",
-              "test_deploy.py", "test_error_matrix.py", "test_clip_norm.py", "test_predict.py",
-              "test_infer.py", "test_prepare.py", "test_split.py")
+# order (see pytest_configure), so a long file started last would run alone at the end. The
+# other files (each well under half a minute) keep their alphabetical order after these.
+SLOW_FIRST = ("test_export.py", "test_distribute.py", "test_distill_train.py",
+              "test_cross_validate.py", "test_resume.py", "test_append_classes.py",
+              "test_import_checkpoint.py", "test_finetune.py", "test_deploy.py", "test_api.py",
+              "test_memory.py", "test_ensemble.py", "test_models.py", "test_infer.py",
+              "test_evaluate.py", "test_prepare.py", "test_provenance.py", "test_failures.py",
+              "test_predict.py", "test_split.py", "test_error_matrix.py",
+              "test_input_length.py", "test_distill.py", "test_train_e2e.py",
+              "test_iid_order.py", "test_clip_norm.py")
 
 
 def pytest_configure(config):
