@@ -42,7 +42,7 @@ def _write_set(prefix, n, seed, mids=MIDS):
 
 
 # (MobileNetV2: the backbone that traces fastest, ~2/3 of EfficientNet-B0's time; what these
-# runs check does not depend on the backbone. test_resume.py keeps B0 and its stochastic depth.)
+# runs check does not depend on the backbone)
 TINY = ["--n_epochs=2", "--batch_size=4", "--eval_batch_size=8", "--lr=1e-3",
         "--warmup_steps=4", "--warmup_every=2", "--lrscheduler_start=1",
         "--lrscheduler_step=1", "--wa_start=1", "--wa_end=2", "--model=mobilenet_v2",
