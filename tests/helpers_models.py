@@ -9,15 +9,14 @@ TARGET_LENGTH = 64                                   # 0.65 s of audio at 16 kHz
 CLIP_SAMPLES = (TARGET_LENGTH - 1) * 160 + 400       # 10480
 
 
-def make_tagger(num_classes: int = 5, seed: int = 0, att_head: int = 2,
-                model: str = "efficientnet"):
-    """EfficientNet-B0 (or ``model``) tagger on 64 frames with seeded random weights (BN
-    statistics randomised too, so averaging them is visible)."""
+def make_tagger(num_classes: int = 5, seed: int = 0, att_head: int = 2):
+    """EfficientNet-B0 tagger on 64 frames with seeded random weights (BN statistics
+    randomised too, so averaging them is visible)."""
     import keras
     from psla_tf.models.tagger import build_tagger
     keras.utils.set_random_seed(seed)
-    model = build_tagger(num_classes, model=model, eff_b=0, att_head=att_head,
-                         target_length=TARGET_LENGTH, freqm=0, timem=0)
+    model = build_tagger(num_classes, eff_b=0, att_head=att_head, target_length=TARGET_LENGTH,
+                         freqm=0, timem=0)
     rng = np.random.default_rng(seed)
     for v in model.weights:
         if "moving_variance" in v.path:

@@ -19,7 +19,7 @@ OLD = ["/m/c0", "/m/c1", "/m/c2"]          # save_tagger's vocabulary
 NEW_DATA = ["/m/c1", "/m/x", "/m/y"]       # one shared class, two new
 ARGS = ["--n_epochs=2", "--batch_size=4", "--eval_batch_size=8", "--lr=1e-3",
         "--warmup_steps=2", "--warmup_every=1", "--lrscheduler_start=1", "--lrscheduler_step=1",
-        "--wa_start=1", "--wa_end=2", "--model=mobilenet_v2",
+        "--wa_start=1", "--wa_end=2", "--eff_b=0", "--att_head=2",
         f"--target_length={TARGET_LENGTH}", "--freqm=8", "--timem=8", "--verbose=2",
         "--pretrained=none", "--bn_momentum=0.9", "--append_classes"]
 
@@ -27,8 +27,7 @@ ARGS = ["--n_epochs=2", "--batch_size=4", "--eval_batch_size=8", "--lr=1e-3",
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("append")
-    # MobileNetV2 (traces fastest; what is checked here does not depend on the backbone)
-    src = save_tagger(make_tagger(3, seed=1, model="mobilenet_v2"), str(d / "source"))
+    src = save_tagger(make_tagger(3, seed=1, att_head=2), str(d / "source"))
     old_eval = _write_set(str(d / "old_eval"), 9, 2, mids=OLD)
     train = _write_set(str(d / "new_train"), 16, 3, mids=NEW_DATA)
     ev = _write_set(str(d / "new_eval"), 9, 4, mids=NEW_DATA)
@@ -112,7 +111,7 @@ def test_append_classes_errors(runs, tmp_path):
     from psla_tf.training import trainer
     d, src, old_eval, train, _ = runs
     cfg = dict(train_data=old_eval, eval_data=old_eval, exp_dir=str(tmp_path / "e"),
-               n_epochs=2, batch_size=4, wa_start=1, wa_end=2, model="mobilenet_v2",
+               n_epochs=2, batch_size=4, wa_start=1, wa_end=2, eff_b=0, att_head=2,
                target_length=TARGET_LENGTH, pretrained="none", append_classes=True,
                init_from=src)
     with pytest.raises(DataError, match="already one of"):   # nothing new to append
