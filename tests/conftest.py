@@ -31,11 +31,10 @@ def shared():
 SLOW_FIRST = ("test_export.py", "test_distribute.py", "test_distill_train.py",
               "test_cross_validate.py", "test_resume.py", "test_append_classes.py",
               "test_import_checkpoint.py", "test_finetune.py", "test_deploy.py", "test_api.py",
-              "test_memory.py", "test_ensemble.py", "test_models.py", "test_infer.py",
-              "test_evaluate.py", "test_prepare.py", "test_provenance.py", "test_failures.py",
-              "test_predict.py", "test_split.py", "test_error_matrix.py",
-              "test_input_length.py", "test_distill.py", "test_train_e2e.py",
-              "test_iid_order.py", "test_clip_norm.py")
+              "test_memory.py", "test_ensemble.py", "test_predict.py", "test_models.py",
+              "test_infer.py", "test_prepare.py", "test_provenance.py", "test_failures.py",
+              "test_error_matrix.py", "test_input_length.py", "test_distill.py",
+              "test_train_e2e.py", "test_iid_order.py", "test_clip_norm.py")
 
 
 def pytest_configure(config):
