@@ -563,10 +563,12 @@ def test_compare_with_keras_matches_a_direct_computation(tflite_models, keras_mo
     got = np.stack([tagger(w) for w in waves])
     ref = _tflite_reference(keras_model, waves)
     assert res["clips"] == 24
+    # the tool runs Keras in batches of 5, this test in one batch of 24: float32 kernels round
+    # differently per batch size (measured 3.1e-6 on a max |d| of 1.45e-3), hence atol 1e-5
     np.testing.assert_allclose(res["max_abs_diff"], np.abs(got - ref).max(), rtol=1e-3,
-                               atol=1e-6)
+                               atol=1e-5)
     np.testing.assert_allclose(res["mean_abs_diff"], np.abs(got - ref).mean(), rtol=1e-3,
-                               atol=1e-7)
+                               atol=1e-6)
     np.testing.assert_allclose(res["keras_mAP"], metrics.evaluate(targets, ref)["mAP"],
                                atol=1e-6)
     np.testing.assert_allclose(res["tflite_mAP"], metrics.evaluate(targets, got)["mAP"],
