@@ -1006,7 +1006,34 @@ def bench_torch(results: dict, ctx: dict) -> dict:
         if ours:
             rows.append(row("psla_tf full pipeline / PyTorch measured here",
                             ours / r["clips_per_s"], "ratio", cores=k, note="target >= 2.5"))
+    rows += _torch_train_step(python, script, ctx, max(_core_list(results) or [1]), notes)
     return {"rows": rows, "notes": "; ".join(notes)}
+
+
+def _torch_train_step(python: str, script: str, ctx: dict, cores: int,
+                      notes: list[str]) -> list[dict[str, Any]]:
+    """The reference's training step (torch_reference.py --train_step) with the 'train'
+    section's model, batch and frames, and psla_tf's best step / it when both ran."""
+    q = ctx["model"]
+    cmd = [python, script, "--train_step", "--eff_b", str(q["eff_b"]), "--heads",
+           str(q["heads"]), "--frames", str(q["frames"]), "--batch_size", str(q["batch"]),
+           "--cores", str(cores), "--repeats", str(ctx["repeats"]),
+           "--batches_per_repeat", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")),
+                None)
+    if line is None:
+        notes.append("train step failed: "
+                     + " | ".join((proc.stderr or "").strip().splitlines()[-3:]))
+        return []
+    r = json.loads(line[7:])
+    out = [row("PyTorch reference-style train step, measured here", r["clips_per_s"],
+               cores=cores, first_step_s=r["first_step_s"], note=r["note"])]
+    if ctx.get("train_best"):
+        out.append(row("psla_tf best train step / PyTorch train step measured here",
+                       ctx["train_best"] / r["clips_per_s"], "ratio", cores=cores,
+                       note="same model, batch and frames; psla_tf's step includes fbank"))
+    return out
 
 
 def baseline_section() -> dict:

@@ -10,11 +10,19 @@ a ``WeightedRandomSampler`` over the weights of the reference's ``gen_weight`` (
 ``num_workers`` = cores. Workers are kept between epochs (``persistent_workers``), which
 only helps the baseline.
 
+``--train_step`` times the reference's training step instead: the model of
+``torch_reference_train.py`` (efficientnet_pytorch ``from_name(in_channels=1)`` + the
+reference's attention heads), clamped BCE, Adam(0.95, 0.999, weight_decay 5e-7), on one
+in-memory fbank batch ``[batch_size, frames, 128]`` (the reference computes fbank in its
+DataLoader, so the step starts from fbank), ``--cores`` threads.
+
 No TensorFlow import: runs wherever torch + torchaudio are installed
 (``requirements-bench.txt``). Prints ``RESULT {json}`` last.
 
     python benchmarks/torch_reference.py --datafile=DATA.json --workers=2 --cores=2
     python benchmarks/torch_reference.py --synthetic=300 --workers=2   # self-made clips
+    python benchmarks/torch_reference.py --train_step --eff_b=2 --heads=4 --frames=1056 \
+        --batch_size=8 --cores=2
 """
 from __future__ import annotations
 
@@ -158,6 +166,47 @@ def synthetic(n: int, folder: str) -> str:
     return datafile
 
 
+def train_step(args) -> dict:
+    """Clips/s of the reference's training step on one in-memory batch (median of
+    ``repeats`` runs of ``batches_per_repeat`` steps after ``warmup_batches`` steps)."""
+    import torch
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from torch_reference_train import build_model
+    torch.manual_seed(0)
+    classes = 527
+    model = build_model(classes, args.eff_b, args.heads)
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), 1e-4, weight_decay=5e-7, betas=(0.95, 0.999))
+    loss_fn = torch.nn.BCELoss()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch_size, args.frames, 128, generator=gen)
+    y = (torch.rand(args.batch_size, classes, generator=gen) < 0.01).float()
+
+    def step():
+        out = torch.clamp(model(x), 1e-7, 1.0 - 1e-7)
+        loss = loss_fn(out, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+    t = time.perf_counter()
+    step()
+    first = time.perf_counter() - t
+    for _ in range(args.warmup_batches - 1):
+        step()
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        for _ in range(args.batches_per_repeat):
+            step()
+        times.append(time.perf_counter() - t)
+    cps = args.batches_per_repeat * args.batch_size / statistics.median(times)
+    return {"clips_per_s": cps, "first_step_s": first, "torch": torch.__version__,
+            "note": f"EfficientNet-B{args.eff_b} + {args.heads} heads, batch "
+                    f"{args.batch_size}, {args.frames} frames, {torch.get_num_threads()} "
+                    "threads, from fbank"}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--datafile", help="PSLA datafile JSON {'data': [{'wav', 'labels'}]}")
@@ -168,11 +217,19 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs (median reported)")
     ap.add_argument("--batches_per_repeat", type=int, default=3)
     ap.add_argument("--warmup_batches", type=int, default=2)
+    ap.add_argument("--train_step", action="store_true",
+                    help="time the reference's training step instead of the pipeline")
+    ap.add_argument("--eff_b", type=int, default=2, help="--train_step: EfficientNet-B*")
+    ap.add_argument("--heads", type=int, default=4, help="--train_step: attention heads")
+    ap.add_argument("--frames", type=int, default=TARGET_LENGTH, help="--train_step: frames")
     args = ap.parse_args()
     try:
         import torch
         from torch.utils.data import DataLoader, WeightedRandomSampler
-        import torchaudio  # noqa: F401
+        if args.train_step:
+            import efficientnet_pytorch  # noqa: F401
+        else:
+            import torchaudio  # noqa: F401
     except ImportError as e:
         print(f"error: {e} (pip install -r requirements-bench.txt)", file=sys.stderr)
         return 2
@@ -183,6 +240,13 @@ def main() -> int:
             return 2
         os.sched_setaffinity(0, allowed[:args.cores])
     torch.set_num_threads(max(1, args.cores or os.cpu_count() or 1))
+    if args.train_step:
+        if args.batch_size < 1 or args.frames < 32 or args.repeats < 1:
+            print("error: --train_step needs --batch_size >= 1, --frames >= 32, --repeats >= 1",
+                  file=sys.stderr)
+            return 2
+        print("RESULT " + json.dumps(train_step(args)), flush=True)
+        return 0
     if args.synthetic:
         args.datafile = synthetic(args.synthetic, tempfile.mkdtemp(prefix="torch_ref_"))
     if not args.datafile:

@@ -194,3 +194,42 @@ def test_fbank_rows_give_ratio_peak_share_and_stages(bench):
     for line in bench.to_markdown(res).splitlines():
         if line.startswith("| fbank"):
             assert line.count("|") == 7, line          # no stray '|' inside a cell
+
+
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_pytorch") is None
+                    or importlib.util.find_spec("torch") is None,
+                    reason="torch + efficientnet_pytorch not installed (requirements-import.txt)")
+def test_torch_train_step_times_the_reference_model():
+    """--train_step: the reference's model and step on one batch, a RESULT line with its rate
+    and the configuration it ran."""
+    proc = subprocess.run([sys.executable, TORCH_REF, "--train_step", "--eff_b=0", "--heads=2",
+                           "--frames=64", "--batch_size=2", "--cores=1", "--repeats=2",
+                           "--batches_per_repeat=1", "--warmup_batches=1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-800:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1][len("RESULT "):])
+    assert r["clips_per_s"] > 0 and r["first_step_s"] > 0
+    assert r["note"].startswith("EfficientNet-B0 + 2 heads, batch 2, 64 frames, 1 threads")
+    bad = subprocess.run([sys.executable, TORCH_REF, "--train_step", "--frames=8"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ")
+
+
+def test_torch_section_train_step_ratio(bench, tmp_path):
+    """The torch section's train-step rows: the interpreter's RESULT as measured, and
+    psla_tf's best step (measured in the same run) divided by it."""
+    fake = tmp_path / "fake_torch.py"
+    fake.write_text("import json, sys\nassert '--train_step' in sys.argv\n"
+                    "print('RESULT ' + json.dumps({'clips_per_s': 4.0, 'first_step_s': 1.5, "
+                    "'note': 'n'}))\n")
+    ctx = {"model": {"eff_b": 2, "heads": 4, "frames": 1056, "batch": 8}, "repeats": 3,
+           "train_best": 5.0}
+    notes: list[str] = []
+    rows = bench._torch_train_step(sys.executable, str(fake), ctx, 2, notes)
+    assert notes == [] and [r["value"] for r in rows] == [4.0, 1.25]
+    assert rows[1]["unit"] == "ratio" and rows[0]["cores"] == 2
+    del ctx["train_best"]
+    assert len(bench._torch_train_step(sys.executable, str(fake), ctx, 2, notes)) == 1
+    fake.write_text("import sys\nsys.exit('boom')\n")
+    assert bench._torch_train_step(sys.executable, str(fake), ctx, 2, notes) == []
+    assert notes and "train step failed" in notes[0] and "boom" in notes[0]
