@@ -572,21 +572,23 @@ def child_train(spec: dict) -> dict:
         data = pipeline.make_train_dataset(spec["glob"], batch_size=batch, clip_samples=samples,
                                            seed=0, num_epochs=10_000)
         times: list[float] = []
+        ends: list[float] = []
 
         class Clock(__import__("keras").callbacks.Callback):
             def on_train_batch_begin(self, b, logs=None):
                 self.t = time.perf_counter()
 
             def on_train_batch_end(self, b, logs=None):
-                times.append(time.perf_counter() - self.t)
-        steps = spec["warmup_steps"] + spec["repeats"] * spec["steps_per_repeat"]
-        t0 = time.perf_counter()
+                ends.append(time.perf_counter())
+                times.append(ends[-1] - self.t)
+        warm = spec["warmup_steps"]
+        steps = warm + spec["repeats"] * spec["steps_per_repeat"]
         model.fit(data, epochs=1, steps_per_epoch=steps, callbacks=[Clock()], verbose=0)
-        total = time.perf_counter() - t0
-        kept = times[spec["warmup_steps"]:]
-        # between-batch gaps (waiting for input) are outside on_train_batch_*: the wall-clock
-        # rate over the kept steps includes them
-        kept_wall = total - sum(times[:spec["warmup_steps"]]) - 0.0
+        kept = times[warm:]
+        # from the end of the last warm-up step to the end of the last step: the kept steps
+        # and the gaps between them (waiting for input), not the set-up before the first step
+        # (dataset and record index building, tracing)
+        kept_wall = ends[-1] - ends[warm - 1] if warm else sum(kept)
         return {"clips_per_s": batch / statistics.median(kept),
                 "wall_clips_per_s": batch * len(kept) / max(kept_wall, 1e-9),
                 "peak_rss_mb": peak_rss_mb()}
