@@ -169,9 +169,15 @@ def synthetic(n: int, folder: str) -> str:
 def train_step(args) -> dict:
     """Clips/s of the reference's training step on one in-memory batch (median of
     ``repeats`` runs of ``batches_per_repeat`` steps after ``warmup_batches`` steps)."""
+    import importlib.util
+
     import torch
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from torch_reference_train import build_model
+    spec = importlib.util.spec_from_file_location(
+        "torch_reference_train",
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "torch_reference_train.py"))
+    trainer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(trainer)
+    build_model = trainer.build_model
     torch.manual_seed(0)
     classes = 527
     model = build_model(classes, args.eff_b, args.heads)
