@@ -995,8 +995,7 @@ def bench_torch(results: dict, ctx: dict) -> dict:
                str(k), "--cores", str(k), "--repeats", str(ctx["repeats"]),
                "--batches_per_repeat", str(ctx["batches_per_repeat"])]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-        line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")),
-                    None)
+        line = _result_line(proc)
         if line is None:
             notes.append(f"{k} worker(s) failed: "
                          + " | ".join((proc.stderr or "").strip().splitlines()[-3:]))
@@ -1012,6 +1011,12 @@ def bench_torch(results: dict, ctx: dict) -> dict:
     return {"rows": rows, "notes": "; ".join(notes)}
 
 
+def _result_line(proc: subprocess.CompletedProcess) -> str | None:
+    """The last ``RESULT {json}`` line a torch_reference.py run printed, or None."""
+    return next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")),
+                None)
+
+
 def _torch_train_step(python: str, script: str, ctx: dict, cores: int,
                       notes: list[str]) -> list[dict[str, Any]]:
     """The reference's training step (torch_reference.py --train_step) with the 'train'
@@ -1022,8 +1027,7 @@ def _torch_train_step(python: str, script: str, ctx: dict, cores: int,
            "--cores", str(cores), "--repeats", str(ctx["repeats"]),
            "--batches_per_repeat", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    line = next((x for x in reversed(proc.stdout.splitlines()) if x.startswith("RESULT ")),
-                None)
+    line = _result_line(proc)
     if line is None:
         notes.append("train step failed: "
                      + " | ".join((proc.stderr or "").strip().splitlines()[-3:]))
