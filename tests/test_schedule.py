@@ -117,6 +117,37 @@ def test_torch_adam_matches_numpy(scale, wd):
         assert np.max(np.abs(var2.numpy() - want)) > 100 * np.max(np.abs(var.numpy() - want))
 
 
+def test_torch_adam_fused_kernel_equals_the_op_by_op_update():
+    """The fused ResourceApplyAdam path (ε·sqrt(1 − β2ᵗ), optim.torch_adam_scalars) and the
+    op-by-op update give the same weights and moments, traced (one tf.function, both
+    variables) and eagerly; and the same as torch's update in NumPy."""
+    rng = np.random.default_rng(1)
+    w0 = rng.normal(size=(4, 3)).astype(np.float32)
+    grads = [rng.normal(size=(4, 3)).astype(np.float32) * s for s in (1.0, 1e-7, 0.3, 1e-9)]
+    for traced in (False, True):
+        fused, plain = keras.Variable(w0), keras.Variable(w0)
+        a = optim.TorchAdam(learning_rate=1e-2, l2_weight_decay=0.1)
+        b = optim.TorchAdam(learning_rate=1e-2, l2_weight_decay=0.1)
+        b.update_step = lambda g, v, lr: b._update_step_ops(  # noqa: E731
+            g, v, lr, b._momentums[b._get_variable_index(v)],
+            b._velocities[b._get_variable_index(v)])
+        step_a = lambda g: a.apply_gradients([(g, fused)])  # noqa: E731
+        step_b = lambda g: b.apply_gradients([(g, plain)])  # noqa: E731
+        if traced:
+            step_a, step_b = tf.function(step_a), tf.function(step_b)
+        for g in grads:
+            step_a(tf.constant(g))
+            step_b(tf.constant(g))
+        # float32 rounding of four lr-1e-2 steps on weights of order 1 (ulp 1.2e-7)
+        np.testing.assert_allclose(fused.numpy(), plain.numpy(), rtol=1e-6, atol=5e-7)
+        # the kernel forms 1 − β2 in float32 (0.99998713e-3, torch and the op-by-op form
+        # 1e-3): the second moment differs by 1.3e-5 relative
+        for x, y in zip(a.variables, b.variables):
+            np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=2e-5, atol=1e-12)
+        want = _torch_adam(w0, grads, 1e-2, wd=0.1)
+        np.testing.assert_allclose(fused.numpy(), want, rtol=2e-5, atol=2e-7)
+
+
 def test_torch_adam_default_hyperparameters_and_config():
     opt = optim.TorchAdam()
     assert (opt.beta_1, opt.beta_2, opt.epsilon, opt.l2_weight_decay) == (0.95, 0.999, 1e-8, 5e-7)

@@ -10,6 +10,12 @@ here exactly:
   divides by ``sqrt(v) + eps`` after folding ``sqrt(1 − β2ᵗ)`` into the step size, which is
   ``sqrt(v̂) + eps / sqrt(1 − β2ᵗ)`` — a larger effective eps early in training.
 
+On TensorFlow each variable's update is one fused ``ResourceApplyAdam`` with torch's
+epsilon placement folded into its scalars (:func:`torch_adam_scalars`): about 4 graph ops per
+variable instead of ~30, which cuts the time to trace a training step by a fifth (B0) to a
+third (B2 + 4 heads). The kernel forms ``1 − β2`` in float32 (9.9998713e-4 where torch uses
+1e-3): the second moment differs from torch's by 1.3e-5 relative, below float32 training noise.
+
 Losses: BCE on outputs clamped to [1e-7, 1 − 1e-7], mean over batch and classes; and, for
 single-label data, the reference's ``CrossEntropyLoss`` applied to the scores (softmax over
 the scores as logits, target = argmax of the label vector).
@@ -47,6 +53,43 @@ class TorchAdam(keras.optimizers.Adam):
         self.l2_weight_decay = float(l2_weight_decay)
 
     def update_step(self, gradient, variable, learning_rate):
+        """One fused ``ResourceApplyAdam`` per variable on TensorFlow (torch's update, see
+        :func:`torch_adam_scalars`); the op-by-op form for sparse gradients."""
+        import tensorflow as tf
+        g = gradient
+        if self.l2_weight_decay and not isinstance(g, tf.IndexedSlices):
+            g = g + tf.cast(self.l2_weight_decay, g.dtype) * tf.convert_to_tensor(variable)
+        m = self._momentums[self._get_variable_index(variable)]
+        v = self._velocities[self._get_variable_index(variable)]
+        if isinstance(g, tf.IndexedSlices) or not hasattr(variable, "handle"):
+            return self._update_step_ops(gradient, variable, learning_rate, m, v)
+        lr, b1_power, b2_power, eps = self._step_scalars(learning_rate, variable.dtype)
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle, m=_handle(m), v=_handle(v), beta1_power=b1_power,
+            beta2_power=b2_power, lr=lr, beta1=tf.cast(self.beta_1, variable.dtype),
+            beta2=tf.cast(self.beta_2, variable.dtype), epsilon=eps,
+            grad=tf.cast(g, variable.dtype))
+
+    def _step_scalars(self, learning_rate, dtype):
+        """(lr, β1ᵗ, β2ᵗ, ε·sqrt(1 − β2ᵗ)) for this step, made once per traced graph (every
+        variable's update shares them: a B2 has ~700 variables)."""
+        import tensorflow as tf
+        graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
+        cached = getattr(self, "_scalars_cache", None)
+        if graph is not None and cached is not None and cached[0] is graph \
+                and cached[1] == dtype:
+            return cached[2]
+        t = tf.cast(self.iterations + 1, dtype)
+        b1_power = tf.pow(tf.cast(self.beta_1, dtype), t)
+        b2_power = tf.pow(tf.cast(self.beta_2, dtype), t)
+        scalars = torch_adam_scalars(tf.cast(learning_rate, dtype), b1_power, b2_power,
+                                     tf.cast(self.epsilon, dtype))
+        if graph is not None:
+            self._scalars_cache = (graph, dtype, scalars)
+        return scalars
+
+    def _update_step_ops(self, gradient, variable, learning_rate, m, v):
+        """torch's update op by op (sparse gradients, other variable types)."""
         dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype)
         g = ops.cast(gradient, dtype)
@@ -55,8 +98,6 @@ class TorchAdam(keras.optimizers.Adam):
         t = ops.cast(self.iterations + 1, dtype)
         bc1 = 1 - ops.power(ops.cast(self.beta_1, dtype), t)
         bc2 = 1 - ops.power(ops.cast(self.beta_2, dtype), t)
-        m = self._momentums[self._get_variable_index(variable)]
-        v = self._velocities[self._get_variable_index(variable)]
         self.assign_add(m, ops.multiply(ops.subtract(g, m), 1 - self.beta_1))
         self.assign_add(v, ops.multiply(ops.subtract(ops.square(g), v), 1 - self.beta_2))
         denom = ops.add(ops.divide(ops.sqrt(v), ops.sqrt(bc2)), ops.cast(self.epsilon, dtype))
@@ -68,6 +109,24 @@ class TorchAdam(keras.optimizers.Adam):
         config.pop("weight_decay", None)
         config.pop("amsgrad", None)
         return config
+
+
+def torch_adam_scalars(lr, beta1_power, beta2_power, epsilon):
+    """The scalars that make TensorFlow's fused Adam kernel compute torch's update.
+
+    TF's ``ApplyAdam``: ``w -= lr·sqrt(1−β2ᵗ)/(1−β1ᵗ) · m / (sqrt(v) + ε_tf)``; torch:
+    ``w -= lr/(1−β1ᵗ) · m / (sqrt(v)/sqrt(1−β2ᵗ) + ε)``. Multiplying torch's numerator and
+    denominator by ``sqrt(1−β2ᵗ)`` gives TF's form with ``ε_tf = ε·sqrt(1−β2ᵗ)``.
+    Returns (lr, β1ᵗ, β2ᵗ, ε_tf).
+    """
+    import tensorflow as tf
+    return lr, beta1_power, beta2_power, epsilon * tf.sqrt(1.0 - beta2_power)
+
+
+def _handle(variable):
+    """The resource handle of a Keras or tf variable (per device inside a distribution
+    strategy's update)."""
+    return getattr(variable, "value", variable).handle
 
 
 @keras.saving.register_keras_serializable(package="psla_tf")
