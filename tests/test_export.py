@@ -116,8 +116,8 @@ def trained(tmp_path_factory, background):
     exp = str(d / "exp")
     p = run_script("main.py", f"--train_data={d}/shards/train-*.tfrecord",
                    f"--eval_data={d}/shards/eval-*.tfrecord", f"--exp_dir={exp}",
-                   "--n_epochs=10", "--batch_size=16", "--eval_batch_size=40", "--lr=2e-3",
-                   "--warmup_steps=10", "--warmup_every=2", "--lrscheduler_start=7",
+                   "--n_epochs=6", "--batch_size=16", "--eval_batch_size=40", "--lr=2e-3",
+                   "--warmup_steps=10", "--warmup_every=2", "--lrscheduler_start=4",
                    "--lrscheduler_step=1", "--lrscheduler_decay=0.5", "--nowa",
                    "--balanced_sampling", "--mixup=0", "--freqm=12", "--timem=16",
                    f"--target_length={TARGET}", "--model=efficientnet", "--eff_b=0",
