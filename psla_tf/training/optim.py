@@ -41,38 +41,42 @@ class TorchAdam(keras.optimizers.Adam):
 
     ``l2_weight_decay`` is added to every trainable variable's gradient (torch applies it to
     all parameters it is given; the reference gives it all trainable parameters).
+    ``fused=False`` updates op by op (the fused kernel's baseline in
+    benchmarks/optimizer_update.py; same result to float32 rounding).
     """
 
     def __init__(self, learning_rate: Any = 1e-3, beta_1: float = ADAM_BETA_1,
                  beta_2: float = ADAM_BETA_2, epsilon: float = ADAM_EPSILON,
-                 l2_weight_decay: float = WEIGHT_DECAY, name: str = "torch_adam", **kwargs):
+                 l2_weight_decay: float = WEIGHT_DECAY, fused: bool = True,
+                 name: str = "torch_adam", **kwargs):
         kwargs.pop("weight_decay", None)  # decoupled decay: deliberately not supported
         kwargs.pop("amsgrad", None)
         super().__init__(learning_rate=learning_rate, beta_1=beta_1, beta_2=beta_2,
                          epsilon=epsilon, amsgrad=False, name=name, **kwargs)
         self.l2_weight_decay = float(l2_weight_decay)
+        self.fused = bool(fused)
 
     def update_step(self, gradient, variable, learning_rate):
         """One fused ``ResourceApplyAdam`` per variable on TensorFlow (torch's update, see
         :func:`torch_adam_scalars`); the op-by-op form for sparse gradients."""
         import tensorflow as tf
-        g = gradient
-        if self.l2_weight_decay and not isinstance(g, tf.IndexedSlices):
-            g = g + tf.cast(self.l2_weight_decay, g.dtype) * tf.convert_to_tensor(variable)
         m = self._momentums[self._get_variable_index(variable)]
         v = self._velocities[self._get_variable_index(variable)]
-        if isinstance(g, tf.IndexedSlices) or not hasattr(variable, "handle"):
+        if (not self.fused or isinstance(gradient, tf.IndexedSlices)
+                or not hasattr(variable, "handle")):
             return self._update_step_ops(gradient, variable, learning_rate, m, v)
-        lr, b1_power, b2_power, eps = self._step_scalars(learning_rate, variable.dtype)
-        tf.raw_ops.ResourceApplyAdam(
-            var=variable.handle, m=_handle(m), v=_handle(v), beta1_power=b1_power,
-            beta2_power=b2_power, lr=lr, beta1=tf.cast(self.beta_1, variable.dtype),
-            beta2=tf.cast(self.beta_2, variable.dtype), epsilon=eps,
-            grad=tf.cast(g, variable.dtype))
+        dtype = variable.dtype
+        g = tf.cast(gradient, dtype)
+        if self.l2_weight_decay:
+            g = g + tf.cast(self.l2_weight_decay, dtype) * tf.convert_to_tensor(variable)
+        lr, b1_power, b2_power, beta1, beta2, eps = self._step_scalars(learning_rate, dtype)
+        tf.raw_ops.ResourceApplyAdam(var=variable.handle, m=_handle(m), v=_handle(v),
+                                     beta1_power=b1_power, beta2_power=b2_power, lr=lr,
+                                     beta1=beta1, beta2=beta2, epsilon=eps, grad=g)
 
     def _step_scalars(self, learning_rate, dtype):
-        """(lr, β1ᵗ, β2ᵗ, ε·sqrt(1 − β2ᵗ)) for this step, made once per traced graph (every
-        variable's update shares them: a B2 has ~700 variables)."""
+        """(lr, β1ᵗ, β2ᵗ, β1, β2, ε·sqrt(1 − β2ᵗ)) for this step, made once per traced graph
+        (every variable's update shares them: a B2 has ~700 variables)."""
         import tensorflow as tf
         graph = None if tf.executing_eagerly() else tf.compat.v1.get_default_graph()
         cached = getattr(self, "_scalars_cache", None)
@@ -82,14 +86,16 @@ class TorchAdam(keras.optimizers.Adam):
         t = tf.cast(self.iterations + 1, dtype)
         b1_power = tf.pow(tf.cast(self.beta_1, dtype), t)
         b2_power = tf.pow(tf.cast(self.beta_2, dtype), t)
-        scalars = torch_adam_scalars(tf.cast(learning_rate, dtype), b1_power, b2_power,
-                                     tf.cast(self.epsilon, dtype))
+        lr, b1_power, b2_power, eps = torch_adam_scalars(
+            tf.cast(learning_rate, dtype), b1_power, b2_power, tf.cast(self.epsilon, dtype))
+        scalars = (lr, b1_power, b2_power, tf.cast(self.beta_1, dtype),
+                   tf.cast(self.beta_2, dtype), eps)
         if graph is not None:
             self._scalars_cache = (graph, dtype, scalars)
         return scalars
 
     def _update_step_ops(self, gradient, variable, learning_rate, m, v):
-        """torch's update op by op (sparse gradients, other variable types)."""
+        """torch's update op by op (``fused=False``, sparse gradients, other variables)."""
         dtype = variable.dtype
         lr = ops.cast(learning_rate, dtype)
         g = ops.cast(gradient, dtype)
@@ -106,6 +112,7 @@ class TorchAdam(keras.optimizers.Adam):
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config["l2_weight_decay"] = self.l2_weight_decay
+        config["fused"] = self.fused
         config.pop("weight_decay", None)
         config.pop("amsgrad", None)
         return config
