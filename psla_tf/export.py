@@ -304,12 +304,9 @@ def export_saved_model(model: keras.Model, saved_model_dir: str, mids: Sequence[
         # TF Serving's loader restores these
         module.all_variables = scorer.variables
         target = os.path.join(tmp, "model")
-        # the signatures serve, nobody differentiates them: not tracing a gradient function for
-        # each op with a custom gradient (every swish of an EfficientNet) makes the export 2-3×
-        # faster; a gradient taken through the loaded model still flows through the ops
-        tf.saved_model.save(module, target, signatures=signatures,
-                            options=tf.saved_model.SaveOptions(
-                                experimental_custom_gradients=False))
+        # (custom gradients stay saved, as by default: without them every load warns and a
+        # gradient through the loaded model fails, e.g. at each swish of an EfficientNet)
+        tf.saved_model.save(module, target, signatures=signatures)
         if os.path.exists(out):
             shutil.rmtree(out)
         os.replace(target, out)

@@ -173,7 +173,7 @@ def saved_model(trained, tmp_path_factory):
 def test_saved_model_fresh_process_matches_keras(saved_model, keras_model, trained, tmp_path):
     audio = _audio_inputs()
     np.savez(tmp_path / "in.npz", **audio)
-    _fresh(f"""
+    p = _fresh(f"""
         import numpy as np, tensorflow as tf
         m = tf.saved_model.load({saved_model + "/3"!r})
         data = np.load({str(tmp_path / "in.npz")!r})
@@ -183,6 +183,12 @@ def test_saved_model_fresh_process_matches_keras(saved_model, keras_model, train
             out[k + "_scores"] = r["scores"].numpy()
             out[k + "_emb"] = r["embeddings"].numpy()
             assert r["scores"].dtype == tf.float32
+        x = tf.constant(data["tone"][None])          # differentiable as loaded (the custom
+        with tf.GradientTape() as tape:              # gradients, e.g. swish's, are saved)
+            tape.watch(x)
+            y = tf.reduce_sum(m.signatures["serving_default"](waveform=x)["scores"])
+        g = tape.gradient(y, x).numpy()
+        assert np.all(np.isfinite(g)) and np.any(g != 0)
         cn = m.signatures["class_names"]()
         md = m.signatures["metadata"]()
         out["mids"] = cn["mids"].numpy().astype(str)
@@ -191,6 +197,7 @@ def test_saved_model_fresh_process_matches_keras(saved_model, keras_model, train
         out["map_path"] = np.array(m.signatures["class_map_path"]()["class_map_path"].numpy())
         np.savez({str(tmp_path / "out.npz")!r}, **out)
         """)
+    assert "unsaved custom gradients" not in p.stderr, p.stderr[-2000:]
     got = np.load(tmp_path / "out.npz")
     for k, x in audio.items():
         s, e = _keras_scores(keras_model, [x])
