@@ -118,7 +118,7 @@ def test_torch_adam_matches_numpy(scale, wd):
 
 
 def test_torch_adam_fused_kernel_equals_the_op_by_op_update():
-    """The fused ResourceApplyAdam path (ε·sqrt(1 − β2ᵗ), optim.torch_adam_scalars) and the
+    """The fused ResourceApplyAdam path (ε·sqrt(1 − β2ᵗ), optim.torch_adam_epsilon) and the
     op-by-op update give the same weights and moments, traced (one tf.function, both
     variables) and eagerly; and the same as torch's update in NumPy."""
     rng = np.random.default_rng(1)
