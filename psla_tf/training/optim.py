@@ -10,11 +10,11 @@ here exactly:
   divides by ``sqrt(v) + eps`` after folding ``sqrt(1 − β2ᵗ)`` into the step size, which is
   ``sqrt(v̂) + eps / sqrt(1 − β2ᵗ)`` — a larger effective eps early in training.
 
-On TensorFlow each variable's update is one fused ``ResourceApplyAdam`` with torch's
-epsilon placement folded into the kernel's epsilon (:func:`torch_adam_epsilon`): about 4
-graph ops per variable instead of ~30, which cuts the time to trace a training step by a
-fifth (B0) to a third (B2 + 4 heads). The kernel forms ``1 − β2`` in float32 (9.9998713e-4 where torch uses
-1e-3): the second moment differs from torch's by 1.3e-5 relative, below float32 training noise.
+On TensorFlow each variable's update is one fused ``ResourceApplyAdam`` with torch's epsilon
+placement folded into the kernel's epsilon (:func:`torch_adam_epsilon`): about 4 graph ops per
+variable instead of ~30, which cuts the time to trace a training step by a fifth (B0) to a third
+(B2 + 4 heads). The kernel forms ``1 − β2`` in float32 (9.9998713e-4 where torch uses 1e-3): the
+second moment differs from torch's by 1.3e-5 relative, below float32 training noise.
 
 Losses: BCE on outputs clamped to [1e-7, 1 − 1e-7], mean over batch and classes; and, for
 single-label data, the reference's ``CrossEntropyLoss`` applied to the scores (softmax over
