@@ -60,6 +60,7 @@ class TrainConfig:
     dataset_std: float | None = None
     model: str = "efficientnet"
     eff_b: int = 2
+    cnn_width: float = 1.0
     att_head: int = 4
     pretrained: str = "imagenet"
     stem_init: str = "random"

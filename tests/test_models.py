@@ -225,6 +225,47 @@ def test_table_xiii_baselines(model, dim):
         assert isinstance(clf.get_layer("pooling"), AttentionPooling)
 
 
+def test_cnn_is_panns_cnn10_layout():
+    """width 1: PANNs CNN10's feature extractor (Kong et al. 2020, 5.2 M parameters with its
+    two dense layers): conv kernels Σ 9·in·out over (1→64→64, 64→128→128, 128→256→256,
+    256→512→512) plus BN γ, β; four 2×2 poolings."""
+    convs = [(1, 64), (64, 64), (64, 128), (128, 128), (128, 256), (256, 256), (256, 512),
+             (512, 512)]
+    expected = sum(9 * i * o + 2 * o for i, o in convs)                   # 4,686,144
+    b = build_backbone("cnn", input_shape=(128, 1056, 1))
+    assert sum(int(np.prod(w.shape)) for w in b.trainable_weights) == expected
+    assert b.outputs[0].shape[1:] == (8, 66, 512) and backbones.backbone_channels("cnn") == 512
+    assert backbones.cnn_channels(0.25) == (16, 32, 64, 128)
+    dropouts = [la for la in b.layers if isinstance(la, keras.layers.Dropout)]
+    assert [la.rate for la in dropouts] == [backbones.CNN_DROPOUT] * 4
+    keras.utils.set_random_seed(0)
+    clf = build_classifier(3, model="cnn", cnn_width=0.25, att_head=2, target_length=48)
+    assert clf.get_layer("backbone").outputs[0].shape[1:] == (8, 3, 128)
+    assert isinstance(clf.get_layer("pooling"), MultiHeadAttentionPooling)
+    stem = clf.get_layer("backbone").get_layer(backbones.stem_layer_name("cnn"))
+    assert stem.get_weights()[0].shape == (3, 3, 1, 16)
+
+
+def test_cnn_refuses_imagenet_and_short_inputs():
+    with pytest.raises(PretrainedWeightsError, match="no ImageNet weights.*pretrained=none"):
+        build_backbone("cnn", input_shape=(128, 64, 1), pretrained="imagenet")
+    with pytest.raises(ValueError, match=">= 16"):
+        build_backbone("cnn", input_shape=(128, 12, 1))
+    with pytest.raises(ValueError, match="width"):
+        backbones.cnn_channels(0)
+
+
+def test_cnn_tagger_keras_round_trip(tmp_path):
+    keras.utils.set_random_seed(0)
+    m = build_tagger(3, model="cnn", cnn_width=0.25, att_head=2, target_length=TARGET,
+                     freqm=0, timem=0)
+    m.save(tmp_path / "cnn.keras")
+    back = keras.models.load_model(tmp_path / "cnn.keras")
+    x = {"waveform": np.random.default_rng(0).normal(size=(2, 10480)).astype(np.float32),
+         "num_samples": np.array([10480, 8000], np.int32)}
+    np.testing.assert_array_equal(m.predict_on_batch(x), back.predict_on_batch(x))
+
+
 @pytest.fixture(scope="module")
 def tiny_tagger():
     keras.utils.set_random_seed(0)

@@ -20,12 +20,14 @@ import pytest
 
 from test_train_e2e import ROOT, _write_set
 
-# MobileNetV2: the backbone that traces fastest (each of the five processes traces the
-# training step); the generator states resume restores are the SpecAugment masks' here
+# The small CNN (--model=cnn at quarter width): the backbone that traces fastest (each of the
+# five processes traces the training step); the generator states resume restores are the
+# SpecAugment masks' and the backbone's dropout's
 ARGS = ["--n_epochs=3", "--batch_size=4", "--eval_batch_size=8", "--lr=1e-3",
         "--warmup_steps=4", "--warmup_every=2", "--lrscheduler_start=1",
-        "--lrscheduler_step=1", "--wa_start=2", "--wa_end=3", "--model=mobilenet_v2",
-        "--target_length=48", "--freqm=8", "--timem=8", "--shuffle_buffer=16", "--verbose=2",
+        "--lrscheduler_step=1", "--wa_start=2", "--wa_end=3", "--model=cnn",
+        "--cnn_width=0.25", "--att_head=2", "--target_length=48", "--freqm=8", "--timem=8",
+        "--shuffle_buffer=16", "--verbose=2",
         "--deterministic", "--bn_momentum=0.9", "--pretrained=none"]
 TOL = 1e-6
 

@@ -6,6 +6,10 @@
   B2 on ``[128, 1056, 1]`` gives ``[4, 33, 1408]``.
 * ``mobilenet_v2`` (``keras.applications.MobileNetV2``) and ``resnet50``
   (``keras.applications.ResNet50``): the Table XIII baselines.
+* ``cnn``: a plain VGG-style CNN in PANNs' CNN10 layout (Kong et al., 2020), four blocks of
+  two 3×3 convolutions with BatchNorm and ReLU, then 2×2 average pooling; channels
+  ``64, 128, 256, 512`` × ``width``. No ImageNet weights. ~40 layers against B0's ~240: it
+  traces in a fraction of EfficientNet's time (small-footprint models, quick experiments).
 
 keras.applications' EfficientNet starts with ``Rescaling(1/255)`` and a ``Normalization``
 layer that holds ImageNet's RGB statistics once ImageNet weights are loaded. Neither belongs
@@ -28,16 +32,20 @@ import numpy as np
 
 from psla_tf.errors import PretrainedWeightsError
 
-__all__ = ["build_backbone", "BACKBONES", "BACKBONE_INITS", "PretrainedWeightsError",
+__all__ = ["build_backbone", "build_cnn", "cnn_channels", "BACKBONES", "BACKBONE_INITS",
+           "PretrainedWeightsError",
            "stem_layer_name", "backbone_channels", "stem_kernel_from_rgb", "torch_fan_in",
            "reinit_like_torch"]
 
-BACKBONES = ("efficientnet", "mobilenet_v2", "resnet50")
-_STEM = {"efficientnet": "stem_conv", "mobilenet_v2": "Conv1", "resnet50": "conv1_conv"}
+BACKBONES = ("efficientnet", "mobilenet_v2", "resnet50", "cnn")
+_STEM = {"efficientnet": "stem_conv", "mobilenet_v2": "Conv1", "resnet50": "conv1_conv",
+         "cnn": "block1_conv1"}
 # first layer of the backbone proper (everything before it is image preprocessing)
 _FIRST = {"efficientnet": "stem_conv_pad"}
 _CHANNELS = {"mobilenet_v2": 1280, "resnet50": 2048}
 _EFFNET_CHANNELS = (1280, 1280, 1408, 1536, 1792, 2048, 2304, 2560)
+CNN_CHANNELS = (64, 128, 256, 512)     # PANNs CNN10's blocks at width 1
+CNN_DROPOUT = 0.2                      # PANNs: dropout after every block's pooling
 _RGB_SHAPE = (224, 224, 3)
 # "auto": the reference's initialisation where it is known (efficientnet_pytorch builds its
 # EfficientNet from torch.nn layers and keeps their default initialisation), else Keras'.
@@ -50,13 +58,48 @@ def stem_layer_name(model: str) -> str:
     return _STEM[model]
 
 
-def backbone_channels(model: str, eff_b: int = 2) -> int:
+def backbone_channels(model: str, eff_b: int = 2, width: float = 1.0) -> int:
     """D, the channel count of the backbone's output feature map."""
     _check_model(model)
     if model == "efficientnet":
         _check_b(eff_b)
         return _EFFNET_CHANNELS[eff_b]
+    if model == "cnn":
+        return cnn_channels(width)[-1]
     return _CHANNELS[model]
+
+
+def cnn_channels(width: float = 1.0) -> tuple[int, ...]:
+    """The ``cnn`` backbone's channels per block: PANNs CNN10's ``64, 128, 256, 512`` × width
+    (rounded, at least 1)."""
+    if not 0.0 < float(width) <= 8.0:
+        raise ValueError(f"cnn width must be in (0, 8], got {width}")
+    return tuple(max(1, int(round(c * float(width)))) for c in CNN_CHANNELS)
+
+
+def build_cnn(input_shape: tuple[int, int, int], width: float = 1.0,
+              name: str = "backbone") -> keras.Model:
+    """``[B, mel, T, 1] → [B, mel // 16, T // 16, 512·width]``: PANNs' CNN10 feature extractor
+    (4 × [3×3 conv (no bias) → BN → ReLU] × 2 → 2×2 average pooling → dropout 0.2).
+
+    Kernels draw from Glorot-uniform, as PANNs' ``init_layer`` (Xavier uniform); BatchNorm
+    starts at γ = 1, β = 0. Needs ``mel`` and ``T`` ≥ 16."""
+    mel, frames, _ = input_shape
+    if min(mel, frames) < 16:
+        raise ValueError(f"the cnn backbone pools 4 times by 2: it needs mel bins and frames "
+                         f">= 16, got input_shape {tuple(input_shape)}")
+    inputs = keras.Input(tuple(input_shape), name="spectrogram")
+    x = inputs
+    for b, channels in enumerate(cnn_channels(width), start=1):
+        for c in (1, 2):
+            x = keras.layers.Conv2D(channels, 3, padding="same", use_bias=False,
+                                    kernel_initializer="glorot_uniform",
+                                    name=f"block{b}_conv{c}")(x)
+            x = keras.layers.BatchNormalization(epsilon=1e-5, name=f"block{b}_bn{c}")(x)
+            x = keras.layers.ReLU(name=f"block{b}_relu{c}")(x)
+        x = keras.layers.AveragePooling2D(2, name=f"block{b}_pool")(x)
+        x = keras.layers.Dropout(CNN_DROPOUT, name=f"block{b}_dropout")(x)
+    return keras.Model(inputs, x, name=name)
 
 
 def _check_model(model: str) -> None:
@@ -147,7 +190,7 @@ def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
                    input_shape: tuple[int, int, int] = (128, 1056, 1),
                    pretrained: str | os.PathLike = "none", stem_init: str = "random",
                    bn_momentum: float | None = None, init: str = "auto",
-                   name: str = "backbone") -> keras.Model:
+                   width: float = 1.0, name: str = "backbone") -> keras.Model:
     """``[B, mel, time, 1] → [B, F', T', D]`` backbone (Sec. III), optionally ImageNet-pretrained.
 
     ``pretrained``: ``"none"``, ``"imagenet"`` or a path to weights of the 3-channel no-top
@@ -157,6 +200,7 @@ def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
     ``init``: random initialisation of the weights not taken from ``pretrained``: ``pytorch``
     (torch.nn's defaults, :func:`reinit_like_torch`), ``keras`` (keras.applications') or
     ``auto`` (pytorch for EfficientNet, the reference's efficientnet_pytorch; keras otherwise).
+    ``width``: channel multiplier of the ``cnn`` backbone (ignored by the others).
     """
     _check_model(model)
     if stem_init not in ("random", "rgb_sum"):
@@ -171,11 +215,18 @@ def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
         raise ValueError(f"init must be one of {BACKBONE_INITS}, got {init!r}")
     if len(input_shape) != 3 or input_shape[-1] != 1:
         raise ValueError(f"input_shape must be (mel, time, 1), got {input_shape}")
-    app = _application(model, eff_b)
-    full = app(include_top=False, weights=None, input_shape=tuple(input_shape))
-    first = _FIRST.get(model)
-    start = full.get_layer(first).input if first else full.inputs[0]
-    backbone = keras.Model(start, full.outputs[0], name=name)
+    if model == "cnn":
+        if pretrained != "none":
+            raise PretrainedWeightsError(
+                "--model=cnn has no ImageNet weights: pass --pretrained=none (or start from "
+                "a trained psla_tf model with --init_from)")
+        backbone = build_cnn(tuple(input_shape), width, name=name)
+    else:
+        app = _application(model, eff_b)
+        full = app(include_top=False, weights=None, input_shape=tuple(input_shape))
+        first = _FIRST.get(model)
+        start = full.get_layer(first).input if first else full.inputs[0]
+        backbone = keras.Model(start, full.outputs[0], name=name)
     for layer in backbone.layers:   # no ImageNet preprocessing in front of a spectrogram
         if isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization)):
             raise AssertionError(f"unexpected preprocessing layer {layer.name} in backbone")

@@ -88,13 +88,15 @@ def build_classifier(num_classes: int, *, model: str = "efficientnet", eff_b: in
                      att_head: int = 4, pretrained: str | os.PathLike = "none",
                      stem_init: str = "random", target_length: int = params.TARGET_LENGTH,
                      num_mel_bins: int = params.NUM_MEL_BINS, bn_momentum: float | None = None,
-                     backbone_init: str = "auto", name: str = "classifier") -> keras.Model:
+                     backbone_init: str = "auto", cnn_width: float = 1.0,
+                     name: str = "classifier") -> keras.Model:
     """Normalised fbank ``[B, target_length, num_mel_bins]`` → scores ``[B, num_classes]``.
 
     ``model``: ``efficientnet`` (B``eff_b``, pooling by ``att_head``: 0 mean, 1 single head,
     > 1 multi-head), ``resnet50`` (pooling by ``att_head``; Table XIII uses 1 head) or
     ``mobilenet_v2`` (Table XIII: global average pooling, linear classifier, sigmoid;
-    ``att_head`` is ignored). ``backbone_init``: see :func:`build_backbone`'s ``init``.
+    ``att_head`` is ignored) or ``cnn`` (PANNs' CNN10 layout, channels × ``cnn_width``;
+    pooling by ``att_head``). ``backbone_init``: see :func:`build_backbone`'s ``init``.
     """
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -106,7 +108,8 @@ def build_classifier(num_classes: int, *, model: str = "efficientnet", eff_b: in
     x = keras.layers.Reshape((num_mel_bins, target_length, 1), name="add_channel")(x)
     backbone = build_backbone(model, eff_b=eff_b, input_shape=(num_mel_bins, target_length, 1),
                               pretrained=pretrained, stem_init=stem_init,
-                              bn_momentum=bn_momentum, init=backbone_init, name="backbone")
+                              bn_momentum=bn_momentum, init=backbone_init, width=cnn_width,
+                              name="backbone")
     features = backbone(x)                                   # [B, F', T', D]
     if model == "mobilenet_v2":
         pooled = keras.layers.GlobalAveragePooling2D(name="global_pool", dtype="float32")(
@@ -127,7 +130,8 @@ def build_tagger(num_classes: int, *, model: str = "efficientnet", eff_b: int = 
                  dataset_std: float = params.DATASET_STD, seed: int | None = None,
                  bn_momentum: float | None = None, single_label: bool = False,
                  backbone_init: str = "auto", fbank_dft: str = "auto",
-                 clip_norm: str = "none", name: str = "psla_tagger") -> keras.Model:
+                 clip_norm: str = "none", cnn_width: float = 1.0,
+                 name: str = "psla_tagger") -> keras.Model:
     """The full PSLA model, waveform in, scores out (Fig. 2; masking of Alg. 1 inside).
 
     Inputs ``{"waveform": [B, S] float32, "num_samples": [B] int32}`` (S may vary between
@@ -147,7 +151,7 @@ def build_tagger(num_classes: int, *, model: str = "efficientnet", eff_b: int = 
                                   pretrained=pretrained, stem_init=stem_init,
                                   target_length=target_length, num_mel_bins=num_mel_bins,
                                   bn_momentum=bn_momentum, backbone_init=backbone_init,
-                                  name="classifier")
+                                  cnn_width=cnn_width, name="classifier")
     scores = classifier(fbank)
     if single_label:
         scores = SingleLabelScores(name="single_label")(scores)
@@ -163,7 +167,7 @@ def build_model(cfg: "TrainConfig", num_classes: int) -> keras.Model:
                         target_length=cfg.target_length, freqm=cfg.freqm, timem=cfg.timem,
                         dataset_mean=cfg.dataset_mean, dataset_std=cfg.dataset_std,
                         seed=cfg.seed, single_label=cfg.loss == "ce", fbank_dft=cfg.fbank_dft,
-                        clip_norm=cfg.clip_norm)
+                        clip_norm=cfg.clip_norm, cnn_width=cfg.cnn_width)
 
 
 def classifier_features(classifier: keras.Model, fbank) -> "keras.KerasTensor":

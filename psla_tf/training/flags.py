@@ -79,9 +79,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       f"fbank_mean, else AudioSet's {params.DATASET_MEAN}).", flag_values=fv)
     F("dataset_std", None, "Fbank normalisation std (default: the train manifest's "
       f"fbank_std, else AudioSet's {params.DATASET_STD}).", flag_values=fv)
-    E("model", d.model, ["efficientnet", "mobilenet_v2", "resnet50"], "Backbone (Sec. III).",
-      flag_values=fv)
+    E("model", d.model, ["efficientnet", "mobilenet_v2", "resnet50", "cnn"], "Backbone "
+      "(Sec. III; cnn: PANNs' CNN10 layout, no ImageNet weights).", flag_values=fv)
     I("eff_b", d.eff_b, "EfficientNet size B0..B7 (paper: B2).", flag_values=fv)
+    F("cnn_width", d.cnn_width, "Channel multiplier of --model=cnn (1 = CNN10's "
+      "64-128-256-512).", flag_values=fv)
     I("att_head", d.att_head, "Attention heads: 0 mean pooling, 1 single, >1 multi (paper: 4).",
       flag_values=fv)
     S("pretrained", d.pretrained, "none | imagenet (the paper; keras.applications downloads "
