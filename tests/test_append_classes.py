@@ -12,14 +12,15 @@ import numpy as np
 import pytest
 
 from helpers_cli import lazy_runs, run_script
-from helpers_models import CLIP_SAMPLES, TARGET_LENGTH, make_tagger, save_tagger
+from helpers_models import (CLIP_SAMPLES, SMALL_MODEL, SMALL_MODEL_FLAGS, TARGET_LENGTH,
+                            make_tagger, save_tagger)
 from test_train_e2e import _write_set
 
 OLD = ["/m/c0", "/m/c1", "/m/c2"]          # save_tagger's vocabulary
 NEW_DATA = ["/m/c1", "/m/x", "/m/y"]       # one shared class, two new
 ARGS = ["--n_epochs=2", "--batch_size=4", "--eval_batch_size=8", "--lr=1e-3",
         "--warmup_steps=2", "--warmup_every=1", "--lrscheduler_start=1", "--lrscheduler_step=1",
-        "--wa_start=1", "--wa_end=2", "--eff_b=0", "--att_head=2",
+        "--wa_start=1", "--wa_end=2", *SMALL_MODEL_FLAGS, "--att_head=2",
         f"--target_length={TARGET_LENGTH}", "--freqm=8", "--timem=8", "--verbose=2",
         "--pretrained=none", "--bn_momentum=0.9", "--append_classes"]
 
@@ -111,7 +112,7 @@ def test_append_classes_errors(runs, tmp_path):
     from psla_tf.training import trainer
     d, src, old_eval, train, _ = runs
     cfg = dict(train_data=old_eval, eval_data=old_eval, exp_dir=str(tmp_path / "e"),
-               n_epochs=2, batch_size=4, wa_start=1, wa_end=2, eff_b=0, att_head=2,
+               n_epochs=2, batch_size=4, wa_start=1, wa_end=2, **SMALL_MODEL, att_head=2,
                target_length=TARGET_LENGTH, pretrained="none", append_classes=True,
                init_from=src)
     with pytest.raises(DataError, match="already one of"):   # nothing new to append

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score
 
-from helpers_models import CLIP_SAMPLES, make_tagger, save_tagger
+from psla_tf import params
+from helpers_models import CLIP_SAMPLES, SMALL_MODEL, make_tagger, save_tagger
 from test_predict import run_tool
 
 C = 5
@@ -93,8 +94,9 @@ def _run_with_checkpoints(tmp_path, epochs=3):
     from psla_tf.data.records import write_label_csv
     from psla_tf.config import TrainConfig, flagfile_text
     from psla_tf.models.tagger import build_model
-    cfg = TrainConfig(model="efficientnet", eff_b=0, att_head=2, target_length=64, freqm=0,
-                      timem=0, dataset_mean=-4.27, dataset_std=4.57, pretrained="none")
+    cfg = TrainConfig(**SMALL_MODEL, att_head=2, target_length=64, freqm=0,
+                      timem=0, dataset_mean=params.DATASET_MEAN,
+                      dataset_std=params.DATASET_STD, pretrained="none")
     exp = tmp_path / "exp"
     (exp / "checkpoints").mkdir(parents=True)
     (exp / "flags.txt").write_text(flagfile_text(cfg))

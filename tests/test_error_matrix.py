@@ -40,8 +40,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 C = 5
 MIDS = [f"/m/c{k}" for k in range(C)]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-TINY_TRAIN = ["--n_epochs=1", "--batch_size=2", "--eval_batch_size=2", "--nowa", "--eff_b=0",
-              "--att_head=1", "--target_length=64", "--freqm=0", "--timem=0",
+TINY_TRAIN = ["--n_epochs=1", "--batch_size=2", "--eval_batch_size=2", "--nowa",
+              "--model=cnn", "--cnn_width=0.25", "--att_head=1", "--target_length=64", "--freqm=0", "--timem=0",
               "--shuffle_buffer=4", "--verbose=2", "--pretrained=none", "--mixup=0"]
 
 
@@ -614,8 +614,9 @@ def processes(fx, tmp_path_factory):
         # ImageNet weights without network (was a PretrainedWeightsError traceback)
         "imagenet": [py, os.path.join(ROOT, "main.py"), f"--train_data={fx.shards}",
                      f"--eval_data={fx.shards}", f"--exp_dir={d / 'exp'}",
-                     *[a for a in TINY_TRAIN if not a.startswith("--pretrained")],
-                     "--pretrained=imagenet"],
+                     *[a for a in TINY_TRAIN if not a.startswith(("--pretrained", "--model",
+                                                                  "--cnn_width"))],
+                     "--eff_b=0", "--pretrained=imagenet"],   # cnn has no ImageNet weights
         # the model's own input length is the default window (was: 10 s refused)
         "infer_default_window": [py, os.path.join(ROOT, "tools", "infer.py"),
                                  f"--model={fx.model}", "--json", fx.audio],

@@ -10,7 +10,8 @@ import pytest
 
 from conftest import shared_path
 from helpers_data import random_labels, random_waveforms, write_shards
-from helpers_models import CLIP_SAMPLES, make_tagger, save_tagger
+from psla_tf import params
+from helpers_models import CLIP_SAMPLES, SMALL_MODEL, make_tagger, save_tagger
 
 C = 5
 
@@ -115,8 +116,9 @@ def test_cli_checkpoint_savedmodel_and_errors(setup, tmp_path):
         ([f"--model={setup['path']}", f"--data={setup['glob']}", "--output=x.npz",
           f"--label_csv={bad_vocab / 'labels.csv'}"], "5 outputs but its vocabulary lists 2"),
     ]
-    cfg = TrainConfig(model="efficientnet", eff_b=0, att_head=2, target_length=64, freqm=0,
-                      timem=0, dataset_mean=-4.27, dataset_std=4.57, pretrained="none")
+    cfg = TrainConfig(**SMALL_MODEL, att_head=2, target_length=64, freqm=0,
+                      timem=0, dataset_mean=params.DATASET_MEAN,
+                      dataset_std=params.DATASET_STD, pretrained="none")
     exp = tmp_path / "exp"
     (exp / "checkpoints").mkdir(parents=True)
     (exp / "flags.txt").write_text(flagfile_text(cfg))
