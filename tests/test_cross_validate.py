@@ -39,13 +39,14 @@ def _listing(d, folds=("1", "2"), per=2):
 
 
 def _cfg(exp):
-    """A one-epoch run of the smallest backbone to trace (MobileNetV2: what is checked here
-    is the folds and their aggregation, not the backbone)."""
+    """A one-epoch run of the backbone that traces fastest (the quarter-width cnn: what is
+    checked here is the folds and their aggregation, not the backbone)."""
     from psla_tf.training.trainer import TrainConfig
     return dataclasses.replace(
         TrainConfig(), exp_dir=str(exp), n_epochs=1, batch_size=4, eval_batch_size=6,
         lr=1e-3, warmup_steps=2, warmup_every=1, wa=False, balanced_sampling=False, mixup=0.0,
-        freqm=8, timem=8, target_length=40, model="mobilenet_v2", loss="ce",
+        freqm=8, timem=8, target_length=40, model="cnn", cnn_width=0.25,
+        att_head=1, loss="ce",
         metric="accuracy", shuffle_buffer=12, verbose=0, pretrained="none")
 
 

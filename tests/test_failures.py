@@ -34,8 +34,8 @@ def data(tmp_path_factory):
 def _cfg(data, tmp_path, **kw):
     train, ev, _ = data
     base = dict(train_data=train, eval_data=ev, exp_dir=str(tmp_path / "exp"), n_epochs=2,
-                batch_size=4, eval_batch_size=8, wa_start=1, wa_end=2, eff_b=0, att_head=2,
-                target_length=48, freqm=8, timem=8, shuffle_buffer=16, pretrained="none")
+                batch_size=4, eval_batch_size=8, wa_start=1, wa_end=2, model="cnn", cnn_width=0.25,
+                att_head=2, target_length=48, freqm=8, timem=8, shuffle_buffer=16, pretrained="none")
     base.update(kw)
     return trainer.TrainConfig(**base)
 

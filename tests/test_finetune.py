@@ -22,8 +22,8 @@ def _tagger(num_classes, seed, single_label=False):
     import keras
     from psla_tf.models.tagger import build_tagger
     keras.utils.set_random_seed(seed)
-    m = build_tagger(num_classes, eff_b=0, att_head=2, target_length=TL, freqm=0, timem=0,
-                     single_label=single_label)
+    m = build_tagger(num_classes, model="cnn", cnn_width=0.25, att_head=2, target_length=TL,
+                     freqm=0, timem=0, single_label=single_label, pretrained="none")
     rng = np.random.default_rng(seed)  # distinct BN statistics, so copying them is visible
     for v in m.weights:
         if "moving_variance" in v.path:
@@ -71,7 +71,7 @@ def test_different_vocabulary_copies_backbone_and_renews_heads(source):
     assert report.heads_reinitialised == ["classifier/pooling"]
     assert not report.same_vocabulary and "re-initialised" in report.describe()
     backbone = [p for p in got if p.startswith("classifier/backbone/")]
-    assert len(backbone) > 50
+    assert len(backbone) == 16       # every weighted layer: the cnn's 8 convolutions + 8 BNs
     for p in backbone:  # kernels, biases and BatchNorm moving statistics
         assert _equal(got[p], src[p]), p
         assert not _equal(got[p], fresh[p]) or not any(x.size for x in got[p]), p
@@ -109,8 +109,8 @@ def test_init_from_epoch_checkpoint(tmp_path, source):
     src_model, _ = source
     exp = tmp_path / "exp"
     (exp / "checkpoints").mkdir(parents=True)
-    cfg = dataclasses.replace(TrainConfig(), eff_b=0, att_head=2, target_length=TL, freqm=0,
-                              timem=0, train_data="x", eval_data="y", exp_dir=str(exp),
+    cfg = dataclasses.replace(TrainConfig(), model="cnn", cnn_width=0.25, att_head=2,
+                              target_length=TL, freqm=0, timem=0, pretrained="none", train_data="x", eval_data="y", exp_dir=str(exp),
                               dataset_mean=-5.0, dataset_std=4.0)
     (exp / "flags.txt").write_text(flagfile_text(cfg))
     write_label_csv(str(exp / "labels.csv"), ["/m/a", "/m/b", "/m/c"], ["a", "b", "c"])
@@ -196,7 +196,8 @@ def _main(*args):
 
 TINY = ["--n_epochs=2", "--batch_size=4", "--eval_batch_size=8", "--lr=1e-3",
         "--warmup_steps=2", "--warmup_every=1", "--lrscheduler_start=1",
-        "--lrscheduler_step=1", "--nowa", "--eff_b=0", "--att_head=2", "--target_length=48",
+        "--lrscheduler_step=1", "--nowa", "--model=cnn", "--cnn_width=0.25", "--att_head=2",
+        "--target_length=48",
         "--freqm=0", "--timem=0", "--shuffle_buffer=16", "--verbose=2", "--mixup=0",
         "--nobalanced_sampling", "--pretrained=none"]
 

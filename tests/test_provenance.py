@@ -87,7 +87,8 @@ def test_flagfile_reproduces_a_tiny_run(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     r = run_script("main.py", "--n_epochs=1", "--batch_size=4", "--eval_batch_size=6",
                    "--lr=1e-3", "--warmup_steps=2", "--warmup_every=1", "--nowa",
-                   "--model=mobilenet_v2", "--target_length=40", "--freqm=8", "--timem=8",
+                   "--model=cnn", "--cnn_width=0.25", "--target_length=40", "--freqm=8",
+                   "--timem=8",
                    "--shuffle_buffer=12", "--mixup=0.5", "--seed=3", "--verbose=2",
                    "--pretrained=none", f"--train_data={tr}", f"--eval_data={ev}",
                    f"--exp_dir={a}")
