@@ -14,14 +14,14 @@ SMALL_MODEL_FLAGS = ["--model=cnn", "--cnn_width=0.25"]
 
 
 def make_tagger(num_classes: int = 5, seed: int = 0, att_head: int = 2,
-                model: str = "cnn"):
-    """A tagger on 64 frames with seeded random weights (BN statistics randomised too, so
-    averaging them is visible): ``SMALL_MODEL`` (``model="cnn"``) or EfficientNet-B0."""
+                model: str = "cnn", target_length: int = TARGET_LENGTH):
+    """A tagger on ``target_length`` frames with seeded random weights (BN statistics
+    randomised too, so averaging them is visible): ``SMALL_MODEL`` (``model="cnn"``) or EfficientNet-B0."""
     import keras
     from psla_tf.models.tagger import build_tagger
     keras.utils.set_random_seed(seed)
     arch = SMALL_MODEL if model == "cnn" else {"model": model, "eff_b": 0}
-    model = build_tagger(num_classes, **arch, att_head=att_head, target_length=TARGET_LENGTH,
+    model = build_tagger(num_classes, **arch, att_head=att_head, target_length=target_length,
                          freqm=0, timem=0, pretrained="none")
     rng = np.random.default_rng(seed)
     for v in model.weights:

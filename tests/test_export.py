@@ -19,6 +19,7 @@ import soundfile as sf
 
 from tests.conftest import shared_path
 from tests.helpers_cli import run_script
+from tests.helpers_models import SMALL_MODEL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SR = 16000
@@ -56,8 +57,9 @@ def _mixed_precision_code(d: str) -> str:
         from psla_tf import export
         from psla_tf.models.tagger import build_tagger
         keras.mixed_precision.set_global_policy("mixed_float16")
-        with tf.distribute.MirroredStrategy().scope():   # (MobileNetV2: traces fastest)
-            m = build_tagger(3, model="mobilenet_v2", target_length=32, freqm=0, timem=0)
+        with tf.distribute.MirroredStrategy().scope():   # (the small cnn: traces fastest)
+            m = build_tagger(3, model="cnn", cnn_width=0.25, target_length=32, freqm=0,
+                             timem=0, pretrained="none")
             m.compile(optimizer="adam", loss="binary_crossentropy")
         rng = np.random.default_rng(0)
         x = {{"waveform": (0.1 * rng.standard_normal((2, 5360))).astype(np.float32),
@@ -272,8 +274,8 @@ def test_ensemble_scores_mean_and_embeddings_concat():
     import keras
     from psla_tf import export
     from psla_tf.models.tagger import build_tagger, embedding_model
-    members = [build_tagger(3, eff_b=0, att_head=h, target_length=40, freqm=0, timem=0,
-                            name=f"member_{i}") for i, h in enumerate((1, 2))]
+    members = [build_tagger(3, **SMALL_MODEL, att_head=h, target_length=40, freqm=0, timem=0,
+                            pretrained="none", name=f"member_{i}") for i, h in enumerate((1, 2))]
     w = keras.Input((None,), name="waveform")
     n = keras.Input((), name="num_samples", dtype="int32")
     ens = keras.Model({"waveform": w, "num_samples": n},
@@ -290,12 +292,38 @@ def test_ensemble_scores_mean_and_embeddings_concat():
         export.ScoringModel(keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]))
 
 
+def _small_run_folder(exp: str, vocabulary: tuple[list[str], list[str]]) -> None:
+    """A run folder as main.py writes it (flags.txt, labels.csv, checkpoints of epochs 4 and
+    6) for the small cnn tagger on the demo's 1-s clips, with distinct random weights."""
+    from psla_tf.config import TrainConfig, flagfile_text
+    from psla_tf.data.records import write_label_csv
+    from psla_tf.models.tagger import build_model
+    from tests.helpers_models import make_tagger
+    os.makedirs(f"{exp}/checkpoints")
+    from psla_tf import params
+    cfg = TrainConfig(**SMALL_MODEL, att_head=4, target_length=TARGET, freqm=0, timem=0,
+                      pretrained="none", dataset_mean=params.DATASET_MEAN,
+                      dataset_std=params.DATASET_STD)
+    with open(f"{exp}/flags.txt", "w") as f:
+        f.write(flagfile_text(cfg))
+    write_label_csv(f"{exp}/labels.csv", *vocabulary)
+    model = build_model(cfg, len(vocabulary[0]))
+    for k in (4, 6):
+        model.set_weights(make_tagger(len(vocabulary[0]), seed=k, att_head=4,
+                                      target_length=TARGET).get_weights())
+        model.save_weights(f"{exp}/checkpoints/epoch_{k:03d}.weights.h5")
+
+
 def test_ensemble_of_checkpoints_exports_and_serves(trained, tmp_path):
-    """tools/ensemble.py --export (two epoch checkpoints) → tools/export.py → a SavedModel that
-    a fresh interpreter without psla_tf serves: its scores on the held-out clips equal the
-    ensemble scores tools/ensemble.py computed through the evaluation pipeline."""
+    """tools/ensemble.py --export (two epoch checkpoints of a run folder; the small cnn
+    tagger) → tools/export.py → a SavedModel that a fresh interpreter without psla_tf serves:
+    its scores on the held-out clips equal the ensemble scores tools/ensemble.py computed
+    through the evaluation pipeline."""
+    from psla_tf.models import loading
     from psla_tf.prediction import load_scores
-    exp, eval_glob = trained[0], trained[1]
+    eval_glob = trained[1]
+    exp = str(tmp_path / "run")
+    _small_run_folder(exp, loading.load_vocabulary(trained[0]))
     members = ",".join(f"{exp}/checkpoints/epoch_{k:03d}.weights.h5" for k in (4, 6))
     p = run_script("ensemble.py", f"--models={members}", f"--data={eval_glob}",
                    f"--output={tmp_path}/ens.npz", f"--export={tmp_path}/ens", "--noprogress")
@@ -318,12 +346,11 @@ def test_ensemble_of_checkpoints_exports_and_serves(trained, tmp_path):
         np.save({str(tmp_path / "served.npy")!r}, out["scores"].numpy())
         np.save({str(tmp_path / "emb.npy")!r}, out["embeddings"].numpy())
         """)
-    from psla_tf.models import loading
     assert np.load(tmp_path / "mids.npy").tolist() == loading.load_vocabulary(exp)[0]
     want = load_scores(str(tmp_path / "ens.npz")).scores[:12]
     np.testing.assert_allclose(np.load(tmp_path / "served.npy"), want, atol=1e-4)
     emb = np.load(tmp_path / "emb.npy")
-    assert emb.shape == (12, 2 * 1280)   # the two members' B0 embeddings, concatenated
+    assert emb.shape == (12, 2 * 128)   # the two members' cnn embeddings, concatenated
 
 
 def test_mixed_precision_mirrored_export_serves_float32(background):
