@@ -152,40 +152,41 @@ def data(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def equality_runs(data, tmp_path_factory):
-    """The small tagger (float64 and float32 classifier) on one device and mirrored over 2
-    logical CPUs, the two processes in parallel."""
+    """The small tagger (float64 and float32 classifier) on one device (both in one process)
+    and mirrored over 2 logical CPUs (a process per dtype: a second MirroredStrategy in a
+    process reuses the collective instance keys of the first, which TF rejects when the dtype
+    changes); two processes at a time."""
     tmp = tmp_path_factory.mktemp("eq")
     train, ev = data
     base = dict(BASE, train_data=train, eval_data=ev)
 
     def run(name, bits, **kw):
-        return {"runs": [{"cfg": dict(base, exp_dir=str(tmp / f"{name}{bits}"), **kw),
-                          "out": str(tmp / f"{name}{bits}.npz"), "tiny": f"float{bits}"}]}
-    # one process per run: a second MirroredStrategy in a process reuses the collective
-    # instance keys of the first, which TF rejects when the dtype changes
-    for bits in (64, 32):
-        procs = {f"single{bits}": _spawn(run("single", bits), tmp, f"single{bits}"),
-                 f"mirrored{bits}": _spawn(dict(run("mirrored", bits, strategy="mirrored"),
-                                                logical_cpus=2), tmp, f"mirrored{bits}")}
-        _wait(procs, tmp)
+        return {"cfg": dict(base, exp_dir=str(tmp / f"{name}{bits}"), **kw),
+                "out": str(tmp / f"{name}{bits}.npz"), "tiny": f"float{bits}"}
+
+    def mirrored(bits):
+        return {"runs": [run("mirrored", bits, strategy="mirrored")], "logical_cpus": 2}
+    single = _spawn({"runs": [run("single", 64), run("single", 32)]}, tmp, "single")
+    _wait({"mirrored64": _spawn(mirrored(64), tmp, "mirrored64")}, tmp)
+    _wait({"single": single, "mirrored32": _spawn(mirrored(32), tmp, "mirrored32")}, tmp)
     return tmp
 
 
 @pytest.fixture(scope="module")
 def runs(data, tmp_path_factory):
-    """The small CNN tagger on one device, one epoch: float32, float16, bfloat16, XLA (two processes
-    side by side, two runs each; epoch 1 does not depend on --n_epochs)."""
+    """The small CNN tagger on one device, one epoch: float32, float16, bfloat16, XLA (one
+    process; epoch 1 does not depend on --n_epochs)."""
     tmp = tmp_path_factory.mktemp("runs")
     train, ev = data
     base = dict(BASE, train_data=train, eval_data=ev, n_epochs=1, wa=False)
 
     def run(name, **kw):
         return {"cfg": dict(base, exp_dir=str(tmp / name), **kw), "out": str(tmp / f"{name}.npz")}
-    a = {"runs": [run("f32"), run("f16", mixed_precision="mixed_float16")]}
     # XLA without op determinism (Keras turns XLA off under it, and the trainer refuses both)
-    b = {"runs": [run("bf16", mixed_precision="mixed_bfloat16"),
-                  run("xla", jit_compile=True, deterministic=False)]}
-    _wait({"a": _spawn(a, tmp, "a"), "b": _spawn(b, tmp, "b")}, tmp)
+    spec = {"runs": [run("f32"), run("f16", mixed_precision="mixed_float16"),
+                     run("bf16", mixed_precision="mixed_bfloat16"),
+                     run("xla", jit_compile=True, deterministic=False)]}
+    _wait({"precision": _spawn(spec, tmp, "precision")}, tmp)
     return tmp
 
 
