@@ -8,8 +8,8 @@
   (``keras.applications.ResNet50``): the Table XIII baselines.
 * ``cnn``: a plain VGG-style CNN in PANNs' CNN10 layout (Kong et al., 2020), four blocks of
   two 3×3 convolutions with BatchNorm and ReLU, then 2×2 average pooling; channels
-  ``64, 128, 256, 512`` × ``width``. No ImageNet weights. 33 layers against B0-with-stem's ~240: it
-  traces in a fraction of EfficientNet's time (small-footprint models, quick experiments).
+  ``64, 128, 256, 512`` × ``width``. No ImageNet weights. 33 layers against B0's ~240:
+  it traces in a fraction of EfficientNet's time (small-footprint models, quick experiments).
 
 keras.applications' EfficientNet starts with ``Rescaling(1/255)`` and a ``Normalization``
 layer that holds ImageNet's RGB statistics once ImageNet weights are loaded. Neither belongs
