@@ -1,5 +1,5 @@
 """The real-audio multi-label set (psla_tf/data/fsdd_mixtures.py) from FSDD recordings:
-speaker-disjoint splits, 1-3 distinct digits per clip with labels = the digits placed,
+speaker-disjoint splits, 1-3 (or 1..max_digits) distinct digits per clip with labels = the digits placed,
 Zipf-skewed digit frequencies, 3-s 16-kHz clips, the same clip for the same (seed, split, i)."""
 from __future__ import annotations
 
@@ -51,3 +51,16 @@ def test_digit_frequencies_follow_the_skew(shared):
     # digit 0 (rank 1) is the most frequent and digit 9 among the rarest; Spearman ρ vs rank
     rho = stats.spearmanr(counts, -np.arange(10)).correlation
     assert counts[0] == counts.max() and rho > 0.8
+
+
+def test_max_digits_sets_the_count_and_keeps_the_default_stream(shared):
+    rec = fm.load_recordings(str(shared("data", "fsdd", "recordings")))
+    n = 300
+    counts = [len(fm.make_clip(rec, ("lucas",), 2, "train", i, max_digits=2)[1]) for i in range(n)]
+    # 1 or 2 digits, each about half the clips (binomial test, p > 0.001 at seed 2)
+    assert set(counts) == {1, 2}
+    assert stats.binomtest(counts.count(2), n, 0.5).pvalue > 1e-3
+    # max_digits=3 is the default set, clip for clip
+    a, da, _ = fm.make_clip(rec, ("lucas",), 2, "train", 7)
+    b, db, _ = fm.make_clip(rec, ("lucas",), 2, "train", 7, max_digits=3)
+    assert da == db and np.array_equal(a, b)

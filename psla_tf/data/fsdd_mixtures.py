@@ -79,13 +79,17 @@ def coloured_noise(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def make_clip(recordings: dict, speakers: Sequence[str], seed: int, split: str, index: int,
-              clip_seconds: float = 3.0, zipf_exponent: float = 1.0
+              clip_seconds: float = 3.0, zipf_exponent: float = 1.0, max_digits: int = 3
               ) -> tuple[np.ndarray, list[int], list[dict[str, Any]]]:
-    """One mixture ``[clip_seconds · 16 kHz]`` float32, its digits, and the events placed."""
+    """One mixture ``[clip_seconds · 16 kHz]`` float32, its digits, and the events placed.
+
+    The clip holds 1..``max_digits`` distinct digits (uniform count), so the class prior, the
+    eval mAP of a constant scorer, is about (1 + max_digits) / 20.
+    """
     rng = np.random.default_rng([seed, sum(map(ord, split)), index])
     n = int(round(clip_seconds * SAMPLE_RATE))
     x = coloured_noise(rng, n) * 10 ** (rng.uniform(*NOISE_DB) / 20)
-    k = int(rng.integers(1, 4))
+    k = int(rng.integers(1, max_digits + 1))
     digits = sorted(rng.choice(len(DIGITS), size=k, replace=False,
                                p=digit_probabilities(zipf_exponent)).tolist())
     events = []
@@ -107,12 +111,13 @@ def make_clip(recordings: dict, speakers: Sequence[str], seed: int, split: str, 
 
 def generate(out_dir: str, fsdd_dir: str, counts: dict[str, int] | None = None,
              splits: dict[str, Sequence[str]] | None = None, seed: int = 0,
-             clip_seconds: float = 3.0, zipf_exponent: float = 1.0,
+             clip_seconds: float = 3.0, zipf_exponent: float = 1.0, max_digits: int = 3,
              progress: bool = True) -> dict[str, str]:
     """Write the set (once; a finished folder with the same parameters is reused).
 
     ``counts``: clips per split (default train 2000, eval 600); ``splits``: speakers per split
-    (default train george/jackson/lucas/nicolas, eval theo/yweweler). Returns the paths:
+    (default train george/jackson/lucas/nicolas, eval theo/yweweler); ``max_digits``: 1-3
+    digits per clip by default, 1-2 for an easier set. Returns the paths:
     ``root``, ``label_csv`` and one datafile per split.
     """
     from tqdm import tqdm
@@ -127,6 +132,10 @@ def generate(out_dir: str, fsdd_dir: str, counts: dict[str, int] | None = None,
                                                               splits.items()},
             "seed": int(seed), "clip_seconds": float(clip_seconds),
             "zipf_exponent": float(zipf_exponent)}
+    if not 1 <= max_digits <= len(DIGITS):
+        raise ValueError(f"max_digits must be in 1..{len(DIGITS)}, got {max_digits}")
+    if max_digits != 3:     # folders made before the option keep their marker
+        spec["max_digits"] = int(max_digits)
     paths = {"root": out_dir, "label_csv": os.path.join(out_dir, "labels.csv")}
     paths.update({s: os.path.join(out_dir, f"{s}.json") for s in splits})
     marker = os.path.join(out_dir, ".complete.json")
@@ -141,7 +150,7 @@ def generate(out_dir: str, fsdd_dir: str, counts: dict[str, int] | None = None,
         for i in tqdm(range(counts[split]), desc=f"fsdd mixtures {split}", unit="clip",
                       disable=not progress):
             x, digits, events = make_clip(recordings, speakers, seed, split, i, clip_seconds,
-                                          zipf_exponent)
+                                          zipf_exponent, max_digits)
             rel = f"audio/{split}/{split}_{i:05d}.wav"
             write_wav(os.path.join(out_dir, rel), x)
             entries.append({"wav": rel, "labels": ",".join(mids[d] for d in digits),
