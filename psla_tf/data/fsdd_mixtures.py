@@ -1,8 +1,8 @@
 """A real-audio multi-label set: 3-s mixtures of 1-3 spoken FSDD digits over noise.
 
 The Free Spoken Digit Dataset (``{digit}_{speaker}_{n}.wav``, 8 kHz, 6 speakers) gives real
-speech; each clip mixes 1-3 *distinct* digits at random onsets and levels onto a coloured noise
-floor, with Zipf-skewed digit frequencies (P(digit of rank r) ∝ 1/r, rank = digit + 1), so
+speech; each clip mixes 1-3 (1..``max_digits``) *distinct* digits at random onsets and levels
+onto a coloured noise floor, with Zipf-skewed digit frequencies (P(digit of rank r) ∝ 1/r, rank = digit + 1), so
 balanced sampling (paper Alg. 1) and mixup matter as on AudioSet. Splits are speaker-disjoint:
 a split's clips use only its speakers' recordings. Labels are the digits present (10 classes).
 
