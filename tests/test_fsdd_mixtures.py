@@ -1,6 +1,7 @@
 """The real-audio multi-label set (psla_tf/data/fsdd_mixtures.py) from FSDD recordings:
-speaker-disjoint splits, 1-3 (or 1..max_digits) distinct digits per clip with labels = the digits placed,
-Zipf-skewed digit frequencies, 3-s 16-kHz clips, the same clip for the same (seed, split, i)."""
+speaker-disjoint splits, 1-3 (1..max_digits) distinct digits per clip with labels = the digits
+placed, Zipf-skewed digit frequencies, 3-s 16-kHz clips, the same clip for the same
+(seed, split, i)."""
 from __future__ import annotations
 
 import json

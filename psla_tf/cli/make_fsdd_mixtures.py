@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None):
     spec_path = os.path.join(FLAGS.out, "shards", "splits.json")
     spec = {"counts": counts, "speakers": speakers, "seed": FLAGS.seed,
             "clip_seconds": FLAGS.clip_seconds}
-    if FLAGS.max_digits != 3:
+    if FLAGS.max_digits != fsdd_mixtures.MAX_DIGITS:
         spec["max_digits"] = FLAGS.max_digits
     if os.path.exists(spec_path):
         try:

@@ -2,9 +2,10 @@
 
 The Free Spoken Digit Dataset (``{digit}_{speaker}_{n}.wav``, 8 kHz, 6 speakers) gives real
 speech; each clip mixes 1-3 (1..``max_digits``) *distinct* digits at random onsets and levels
-onto a coloured noise floor, with Zipf-skewed digit frequencies (P(digit of rank r) ∝ 1/r, rank = digit + 1), so
-balanced sampling (paper Alg. 1) and mixup matter as on AudioSet. Splits are speaker-disjoint:
-a split's clips use only its speakers' recordings. Labels are the digits present (10 classes).
+onto a coloured noise floor, with Zipf-skewed digit frequencies (P(digit of rank r) ∝ 1/r,
+rank = digit + 1), so balanced sampling (paper Alg. 1) and mixup matter as on AudioSet.
+Splits are speaker-disjoint: a split's clips use only its speakers' recordings. Labels are the
+digits present (10 classes).
 
 This is the learning-dynamics instrument of psla_tf (PyTorch reference vs psla_tf, distillation,
 own-data recipes). Every clip is drawn from its own generator seeded by (seed, split, index).
@@ -36,6 +37,7 @@ DEFAULT_SPLITS = {"train": ("george", "jackson", "lucas", "nicolas"),
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 GAIN_DB = (-20.0, -3.0)        # peak level of each spoken digit, dBFS
 NOISE_DB = (-50.0, -25.0)      # RMS of the noise floor, dBFS
+MAX_DIGITS = 3                 # digits per clip: 1..MAX_DIGITS, uniform
 _NAME = re.compile(r"^(\d)_([a-z]+)_(\d+)\.wav$")
 
 
@@ -79,7 +81,7 @@ def coloured_noise(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def make_clip(recordings: dict, speakers: Sequence[str], seed: int, split: str, index: int,
-              clip_seconds: float = 3.0, zipf_exponent: float = 1.0, max_digits: int = 3
+              clip_seconds: float = 3.0, zipf_exponent: float = 1.0, max_digits: int = MAX_DIGITS
               ) -> tuple[np.ndarray, list[int], list[dict[str, Any]]]:
     """One mixture ``[clip_seconds · 16 kHz]`` float32, its digits, and the events placed.
 
@@ -111,7 +113,7 @@ def make_clip(recordings: dict, speakers: Sequence[str], seed: int, split: str, 
 
 def generate(out_dir: str, fsdd_dir: str, counts: dict[str, int] | None = None,
              splits: dict[str, Sequence[str]] | None = None, seed: int = 0,
-             clip_seconds: float = 3.0, zipf_exponent: float = 1.0, max_digits: int = 3,
+             clip_seconds: float = 3.0, zipf_exponent: float = 1.0, max_digits: int = MAX_DIGITS,
              progress: bool = True) -> dict[str, str]:
     """Write the set (once; a finished folder with the same parameters is reused).
 
@@ -134,7 +136,7 @@ def generate(out_dir: str, fsdd_dir: str, counts: dict[str, int] | None = None,
             "zipf_exponent": float(zipf_exponent)}
     if not 1 <= max_digits <= len(DIGITS):
         raise ValueError(f"max_digits must be in 1..{len(DIGITS)}, got {max_digits}")
-    if max_digits != 3:     # folders made before the option keep their marker
+    if max_digits != MAX_DIGITS:    # folders made before the option keep their marker
         spec["max_digits"] = int(max_digits)
     paths = {"root": out_dir, "label_csv": os.path.join(out_dir, "labels.csv")}
     paths.update({s: os.path.join(out_dir, f"{s}.json") for s in splits})
