@@ -83,6 +83,7 @@ class TrainConfig:
     jit_compile: bool = False
     fbank_dft: str = "auto"
     clip_norm: str = "none"
+    num_ceps: int = 0
     sync_batchnorm: bool = True
     deterministic: bool = False
     skip_corrupt_records: bool = False

@@ -39,7 +39,7 @@ import keras
 from psla_tf import compat, params
 
 __all__ = ["kaldi_fbank", "KaldiFbank", "kaldi_mel_banks", "num_frames", "resolve_dft",
-           "forced_dft"]
+           "forced_dft", "cepstral_lifter_matrix"]
 
 
 def num_frames(num_samples: int, frame_length: int = params.FRAME_LENGTH,
@@ -87,6 +87,24 @@ def kaldi_mel_banks(num_mel_bins: int = params.NUM_MEL_BINS,
     banks = np.maximum(0.0, np.minimum(up, down))            # [bins, fft_bins]
     banks = np.concatenate([banks, np.zeros((num_mel_bins, 1))], axis=1)  # Nyquist column
     return banks.T.astype(np.float32)                         # [fft_bins + 1, bins]
+
+
+@functools.lru_cache(maxsize=8)
+def cepstral_lifter_matrix(num_mel_bins: int, num_ceps: int) -> np.ndarray:
+    """``[num_mel_bins, num_mel_bins]`` smoothing of the log-mel axis: keep a frame's first
+    ``num_ceps`` cepstral coefficients (orthonormal DCT-II of the log-mel frame, as MFCCs),
+    zero the rest, transform back (not in PSLA).
+
+    ``fbank [..., M] @ L`` is each frame's spectral envelope — vocal-tract shape without the
+    pitch harmonics that 128 narrow low-frequency bins resolve. ``L = Dᵀ diag(1[k <
+    num_ceps]) D`` is a symmetric projection; it keeps c0 (the frame's mean level)."""
+    if not 1 <= num_ceps <= num_mel_bins:
+        raise ValueError(f"num_ceps must be in 1..{num_mel_bins}, got {num_ceps}")
+    m = np.arange(num_mel_bins, dtype=np.float64)
+    k = np.arange(num_ceps, dtype=np.float64)[:, None]
+    dct = np.sqrt(2.0 / num_mel_bins) * np.cos(np.pi * k * (m + 0.5) / num_mel_bins)
+    dct[0] /= np.sqrt(2.0)                                   # orthonormal rows [K, M]
+    return (dct.T @ dct).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=8)

@@ -10,6 +10,9 @@
 3. zero the frames past the clip's end (frame f is valid iff 160 f + 400 ≤ n, so the kept
    frames equal the fbank of the unpadded clip);
 4. zero-pad or cut to ``target_length`` frames;
+   (``num_ceps`` > 0, not in PSLA: each frame smoothed to its first ``num_ceps`` cepstral
+   coefficients, ``features.cepstral_lifter_matrix`` — the spectral envelope without the
+   speaker's pitch harmonics; padding frames stay 0)
 5. training only: FrequencyMasking(freqm) then TimeMasking(timem) (skipped when 0);
 6. normalise: (x − dataset_mean) / dataset_std.
 
@@ -44,7 +47,7 @@ import tensorflow as tf
 
 from psla_tf import params
 from psla_tf.augment import FrequencyMasking, TimeMasking
-from psla_tf.features import DFTS, kaldi_fbank, resolve_dft
+from psla_tf.features import DFTS, cepstral_lifter_matrix, kaldi_fbank, resolve_dft
 
 __all__ = ["AudioFrontend", "CLIP_NORMS", "CMVN_VAR_FLOOR", "clip_normalise"]
 
@@ -81,7 +84,7 @@ class AudioFrontend(keras.layers.Layer):
                  timem: int = params.TIMEM, dataset_mean: float = params.DATASET_MEAN,
                  dataset_std: float = params.DATASET_STD, seed: int | None = None,
                  dft: str = "auto", power_scale: float = 1.0, clip_norm: str = "none",
-                 **kwargs):
+                 num_ceps: int = 0, **kwargs):
         kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         if int(target_length) < 1:
@@ -94,6 +97,8 @@ class AudioFrontend(keras.layers.Layer):
             raise ValueError(f"dft must be one of {DFTS}, got {dft!r}")
         if clip_norm not in CLIP_NORMS:
             raise ValueError(f"clip_norm must be one of {CLIP_NORMS}, got {clip_norm!r}")
+        if not 0 <= int(num_ceps) <= int(num_mel_bins):
+            raise ValueError(f"num_ceps must be 0 (off) or 1..{num_mel_bins}, got {num_ceps}")
         self.target_length = int(target_length)
         self.num_mel_bins = int(num_mel_bins)
         self.freqm = int(freqm)
@@ -104,6 +109,7 @@ class AudioFrontend(keras.layers.Layer):
         self.dft = dft
         self.power_scale = float(power_scale)   # kaldi_fbank's float16-safe scaling (export)
         self.clip_norm = clip_norm
+        self.num_ceps = int(num_ceps)
         self.runtime_matrices = False           # set by the TFLite export (kaldi_fbank doc)
         self.frequency_masking = FrequencyMasking(
             self.freqm, seed=seed, name="frequency_masking") if self.freqm else None
@@ -140,6 +146,8 @@ class AudioFrontend(keras.layers.Layer):
         fb = fb[:, :self.target_length]
         pad = tf.maximum(self.target_length - tf.shape(fb)[1], 0)
         fb = tf.pad(fb, [[0, 0], [0, pad], [0, 0]])
+        if self.num_ceps:
+            fb = tf.linalg.matmul(fb, cepstral_lifter_matrix(self.num_mel_bins, self.num_ceps))
         return tf.ensure_shape(fb, [None, self.target_length, self.num_mel_bins])
 
     def valid_frames(self, waveform, num_samples):
@@ -175,5 +183,6 @@ class AudioFrontend(keras.layers.Layer):
         config.update(target_length=self.target_length, num_mel_bins=self.num_mel_bins,
                       freqm=self.freqm, timem=self.timem, dataset_mean=self.dataset_mean,
                       dataset_std=self.dataset_std, seed=self.seed, dft=self.dft,
-                      power_scale=self.power_scale, clip_norm=self.clip_norm)
+                      power_scale=self.power_scale, clip_norm=self.clip_norm,
+                      num_ceps=self.num_ceps)
         return config

@@ -161,6 +161,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "mean/std (the paper); cmn = each clip's per-mel-bin mean over its frames removed "
       "(level and fixed channel), then / dataset std; cmvn = per-bin mean and variance of the "
       "clip (docs/decisions.md, 'Per-clip normalisation').", flag_values=fv)
+    I("num_ceps", d.num_ceps, "Cepstral smoothing in the model's front end (not in PSLA; "
+      "exported models carry it): each log-mel frame keeps its first N DCT coefficients (its "
+      "spectral envelope, without pitch harmonics); 0 = off (the paper).", lower_bound=0,
+      upper_bound=params.NUM_MEL_BINS,
+      flag_values=fv)
     B("sync_batchnorm", d.sync_batchnorm, "With several replicas, BatchNorm uses the "
       "statistics of the global batch (the result does not depend on the device count; "
       "the reference's DataParallel uses per-GPU statistics).", flag_values=fv)
