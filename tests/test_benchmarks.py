@@ -233,3 +233,27 @@ def test_torch_section_train_step_ratio(bench, tmp_path):
     fake.write_text("import sys\nsys.exit('boom')\n")
     assert bench._torch_train_step(sys.executable, str(fake), ctx, 2, notes) == []
     assert notes and "train step failed" in notes[0] and "boom" in notes[0]
+
+
+def test_fsdd_classical_baseline_features():
+    """benchmarks/fsdd_classical_baseline.py: c1..cN of the trimmed utterance, mean removed,
+    at 8 time points — a copy at half the tempo (every frame twice) or with silence around it
+    (at the log floor) gives nearly the same vector; a level change gives the same one."""
+    import scipy.fft
+    base = _load(os.path.join(ROOT, "benchmarks", "fsdd_classical_baseline.py"), "fsdd_base")
+    rng = np.random.default_rng(0)
+    t = np.linspace(0, 1, 20)[:, None]
+    word = np.sin(6 * t + np.linspace(0, 3, 128)[None]) + 0.05 * rng.normal(size=(20, 128))
+    fb = np.full((64, 128), -15.9)
+    fb[10:30] = word
+    got = base.features(fb, 13)
+    assert got.shape == (8 * 13,)
+    c = scipy.fft.dct(word, type=2, axis=1, norm="ortho")[:, 1:14]
+    c -= c.mean(0)
+    want = np.stack([np.interp(np.linspace(0, 19, 8), np.arange(20), c[:, k])
+                     for k in range(13)], 1).ravel()
+    np.testing.assert_allclose(got, want, atol=1e-9)
+    slow = np.full((64, 128), -15.9)
+    slow[5:45] = np.repeat(word, 2, axis=0)
+    assert np.linalg.norm(base.features(slow, 13) - got) < 0.1 * np.linalg.norm(got)
+    np.testing.assert_allclose(base.features(fb + 3.0, 13), got, atol=1e-9)
