@@ -84,6 +84,7 @@ class TrainConfig:
     fbank_dft: str = "auto"
     clip_norm: str = "none"
     num_ceps: int = 0
+    high_freq: float = 0.0
     sync_batchnorm: bool = True
     deterministic: bool = False
     skip_corrupt_records: bool = False

@@ -134,7 +134,8 @@ def test_flag_config_and_flagfile_carry_clip_norm(tmp_path):
 
 
 def test_exports_carry_clip_norm(tmp_path):
-    """A cmvn tagger with cepstral smoothing (``num_ceps``): the .keras file, the SavedModel
+    """A cmvn tagger with cepstral smoothing (``num_ceps``) and mel banks ending at 4 kHz
+    (``high_freq``): the .keras file, the SavedModel
     and the float32 TFLite model give the Keras scores (1e-4), and a -20 dB copy of each clip
     scores the same in every form."""
     import keras
@@ -144,7 +145,8 @@ def test_exports_carry_clip_norm(tmp_path):
     keras.utils.set_random_seed(0)
     # the quarter-width cnn: the backbone that exports fastest (the front end is checked)
     model = build_tagger(3, model="cnn", cnn_width=0.25, target_length=T, freqm=0, timem=0,
-                         dataset_mean=-5.0, dataset_std=4.0, clip_norm="cmvn", num_ceps=13)
+                         dataset_mean=-5.0, dataset_std=4.0, clip_norm="cmvn", num_ceps=13,
+                         high_freq=4000.0)
     mids, names = ["/m/a", "/m/b", "/m/c"], ["a", "b", "c"]
     waves = np.stack([_speechlike(CLIP, s) for s in range(3)])
     n = np.array([CLIP, 6000, 3000], np.int32)
@@ -157,6 +159,7 @@ def test_exports_carry_clip_norm(tmp_path):
     loaded = keras.models.load_model(tmp_path / "m.keras")
     assert loaded.get_layer("frontend").clip_norm == "cmvn"
     assert loaded.get_layer("frontend").num_ceps == 13
+    assert loaded.get_layer("frontend").high_freq == 4000.0
     np.testing.assert_allclose(loaded({"waveform": waves, "num_samples": n},
                                       training=False).numpy(), ref, atol=1e-5)
     st = export.load_saved_model(export.export_saved_model(

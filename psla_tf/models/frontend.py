@@ -6,7 +6,9 @@
    matmul DFT, exports; the rfft path skips both passes: Kaldi's per-frame DC removal makes
    the features independent of a constant offset, and the frames that reach into the padding
    are zeroed in step 3, so the result is the same within float32 rounding);
-2. Kaldi fbank (``psla_tf.features.kaldi_fbank``);
+2. Kaldi fbank (``psla_tf.features.kaldi_fbank``; ``high_freq``: the mel banks' upper edge,
+   Kaldi's option, 0 = Nyquist as in PSLA — below it for band-limited recordings, e.g. 4000
+   for 8-kHz telephone or FSDD audio, so no bin holds only the empty band);
 3. zero the frames past the clip's end (frame f is valid iff 160 f + 400 ≤ n, so the kept
    frames equal the fbank of the unpadded clip);
 4. zero-pad or cut to ``target_length`` frames;
@@ -84,7 +86,7 @@ class AudioFrontend(keras.layers.Layer):
                  timem: int = params.TIMEM, dataset_mean: float = params.DATASET_MEAN,
                  dataset_std: float = params.DATASET_STD, seed: int | None = None,
                  dft: str = "auto", power_scale: float = 1.0, clip_norm: str = "none",
-                 num_ceps: int = 0, **kwargs):
+                 num_ceps: int = 0, high_freq: float = 0.0, **kwargs):
         kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         if int(target_length) < 1:
@@ -99,6 +101,10 @@ class AudioFrontend(keras.layers.Layer):
             raise ValueError(f"clip_norm must be one of {CLIP_NORMS}, got {clip_norm!r}")
         if not 0 <= int(num_ceps) <= int(num_mel_bins):
             raise ValueError(f"num_ceps must be 0 (off) or 1..{num_mel_bins}, got {num_ceps}")
+        nyquist = params.SAMPLE_RATE / 2
+        if not params.LOW_FREQ < (high_freq if high_freq > 0 else nyquist + high_freq) <= nyquist:
+            raise ValueError(f"high_freq must be in ({params.LOW_FREQ}, {nyquist}] Hz, or <= 0 "
+                             f"for Nyquist minus its magnitude, got {high_freq}")
         self.target_length = int(target_length)
         self.num_mel_bins = int(num_mel_bins)
         self.freqm = int(freqm)
@@ -110,6 +116,7 @@ class AudioFrontend(keras.layers.Layer):
         self.power_scale = float(power_scale)   # kaldi_fbank's float16-safe scaling (export)
         self.clip_norm = clip_norm
         self.num_ceps = int(num_ceps)
+        self.high_freq = float(high_freq)
         self.runtime_matrices = False           # set by the TFLite export (kaldi_fbank doc)
         self.frequency_masking = FrequencyMasking(
             self.freqm, seed=seed, name="frequency_masking") if self.freqm else None
@@ -136,7 +143,7 @@ class AudioFrontend(keras.layers.Layer):
             mean = tf.reduce_sum(w * valid, axis=1) / tf.cast(tf.maximum(n, 1), tf.float32)
             w = (w - mean[:, tf.newaxis]) * valid
         fb = kaldi_fbank(w, params.SAMPLE_RATE, self.num_mel_bins, dft=dft,
-                         power_scale=self.power_scale,
+                         power_scale=self.power_scale, high_freq=self.high_freq,
                          runtime_matrices=getattr(self, "runtime_matrices", False))  # [B, F, M]
         frames = tf.shape(fb)[1]
         n_frames = tf.where(n >= params.FRAME_LENGTH,
@@ -184,5 +191,5 @@ class AudioFrontend(keras.layers.Layer):
                       freqm=self.freqm, timem=self.timem, dataset_mean=self.dataset_mean,
                       dataset_std=self.dataset_std, seed=self.seed, dft=self.dft,
                       power_scale=self.power_scale, clip_norm=self.clip_norm,
-                      num_ceps=self.num_ceps)
+                      num_ceps=self.num_ceps, high_freq=self.high_freq)
         return config

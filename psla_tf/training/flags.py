@@ -166,6 +166,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "spectral envelope, without pitch harmonics); 0 = off (the paper).", lower_bound=0,
       upper_bound=params.NUM_MEL_BINS,
       flag_values=fv)
+    F("high_freq", d.high_freq, "Upper edge of the front end's mel banks in Hz (Kaldi's "
+      "--high-freq; exported models carry it): 0 = Nyquist, 8 kHz (the paper); <= 0 = Nyquist "
+      "minus its magnitude. Below Nyquist for band-limited audio (8-kHz recordings: 4000), so "
+      "no mel bin holds only the empty band.", flag_values=fv)
     B("sync_batchnorm", d.sync_batchnorm, "With several replicas, BatchNorm uses the "
       "statistics of the global batch (the result does not depend on the device count; "
       "the reference's DataParallel uses per-GPU statistics).", flag_values=fv)
