@@ -113,24 +113,30 @@ def test_masks_come_after_clip_norm():
         assert all(c in full_bins or r in full_frames for r, c in zip(rows, cols))
 
 
-def test_flag_config_and_flagfile_carry_clip_norm(tmp_path):
+@pytest.mark.parametrize("flag,parsed,bad,value", [
+    ("clip_norm", "cmvn", "global", "cmn"),
+    ("num_ceps", 20, "200", 13),
+    ("high_freq", 4000.0, None, -400.0)])
+def test_frontend_options_reach_the_model_and_flagfile(tmp_path, flag, parsed, bad, value):
+    """Each front-end option (--clip_norm, --num_ceps, --high_freq): flag → TrainConfig →
+    the model's AudioFrontend → flags.txt → TrainConfig; out-of-range values are refused."""
     from absl import flags as absl_flags
     from psla_tf import config
     from psla_tf.training import trainer
     from psla_tf.training.flags import define_flags
     fv = absl_flags.FlagValues()
     define_flags(fv)
-    fv(["prog", "--clip_norm=cmvn"])
-    assert fv.clip_norm == "cmvn"
-    with pytest.raises(absl_flags.IllegalFlagValueError):
-        fv["clip_norm"].parse("global")
-    cfg = trainer.TrainConfig(clip_norm="cmn", model="cnn", cnn_width=0.25, att_head=2,
-                              target_length=T,
+    fv(["prog", f"--{flag}={parsed}"])
+    assert fv[flag].value == parsed
+    if bad is not None:
+        with pytest.raises(absl_flags.IllegalFlagValueError):
+            fv[flag].parse(bad)
+    cfg = trainer.TrainConfig(model="cnn", cnn_width=0.25, att_head=2, target_length=T,
                               freqm=0, timem=0, pretrained="none", dataset_mean=-5.0,
-                              dataset_std=4.0)
-    assert trainer.build_model(cfg, 3).get_layer("frontend").clip_norm == "cmn"
+                              dataset_std=4.0, **{flag: value})
+    assert getattr(trainer.build_model(cfg, 3).get_layer("frontend"), flag) == value
     (tmp_path / "flags.txt").write_text(config.flagfile_text(cfg))
-    assert config.config_from_flagfile(str(tmp_path / "flags.txt")).clip_norm == "cmn"
+    assert getattr(config.config_from_flagfile(str(tmp_path / "flags.txt")), flag) == value
 
 
 def test_exports_carry_clip_norm(tmp_path):

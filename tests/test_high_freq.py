@@ -58,23 +58,12 @@ def test_frontend_bands_end_at_high_freq():
             AudioFrontend(64, high_freq=bad)
 
 
-def test_flag_config_and_append_classes_carry_high_freq(tmp_path):
-    from absl import flags as absl_flags
-    from psla_tf import config
+def test_append_classes_needs_the_source_models_high_freq(tmp_path):
+    """--append_classes keeps the source model's front end: another --high_freq is a one-line
+    DataError (the flag round trip: tests/test_clip_norm.py)."""
     from psla_tf.data.records import DataError
     from psla_tf.models.tagger import build_tagger
     from psla_tf.training import distill, trainer
-    from psla_tf.training.flags import define_flags
-    fv = absl_flags.FlagValues()
-    define_flags(fv)
-    fv(["prog", "--high_freq=4000"])
-    assert fv.high_freq == 4000.0
-    cfg = trainer.TrainConfig(high_freq=4000.0, model="cnn", cnn_width=0.25, att_head=1,
-                              target_length=32, freqm=0, timem=0, pretrained="none",
-                              dataset_mean=-5.0, dataset_std=4.0)
-    assert trainer.build_model(cfg, 3).get_layer("frontend").high_freq == 4000.0
-    (tmp_path / "flags.txt").write_text(config.flagfile_text(cfg))
-    assert config.config_from_flagfile(str(tmp_path / "flags.txt")).high_freq == 4000.0
     path = str(tmp_path / "source.keras")
     build_tagger(3, model="cnn", cnn_width=0.25, att_head=1, target_length=32, freqm=0,
                  timem=0, dataset_mean=-5.0, dataset_std=4.0, high_freq=4000.0).save(path)

@@ -58,25 +58,6 @@ def test_frontend_smooths_each_frame_before_normalising():
         AudioFrontend(64, num_ceps=129)
 
 
-def test_flag_and_config_carry_num_ceps(tmp_path):
-    from absl import flags as absl_flags
-    from psla_tf import config
-    from psla_tf.training import trainer
-    from psla_tf.training.flags import define_flags
-    fv = absl_flags.FlagValues()
-    define_flags(fv)
-    fv(["prog", "--num_ceps=20"])
-    assert fv.num_ceps == 20
-    with pytest.raises(absl_flags.IllegalFlagValueError):
-        fv["num_ceps"].parse("200")
-    cfg = trainer.TrainConfig(num_ceps=13, model="cnn", cnn_width=0.25, att_head=1,
-                              target_length=32, freqm=0, timem=0, pretrained="none",
-                              dataset_mean=-5.0, dataset_std=4.0)
-    assert trainer.build_model(cfg, 3).get_layer("frontend").num_ceps == 13
-    (tmp_path / "flags.txt").write_text(config.flagfile_text(cfg))
-    assert config.config_from_flagfile(str(tmp_path / "flags.txt")).num_ceps == 13
-
-
 def test_append_classes_needs_the_source_models_num_ceps(tmp_path):
     """--append_classes keeps the source model's front end: a run with another --num_ceps
     (or --clip_norm) is a one-line DataError; the same settings give the source's mean/std."""
