@@ -39,7 +39,7 @@ import keras
 from psla_tf import compat, params
 
 __all__ = ["kaldi_fbank", "KaldiFbank", "kaldi_mel_banks", "num_frames", "resolve_dft",
-           "forced_dft", "cepstral_lifter_matrix"]
+           "forced_dft", "cepstral_lifter_matrix", "mel_high_edge"]
 
 
 def num_frames(num_samples: int, frame_length: int = params.FRAME_LENGTH,
@@ -54,6 +54,19 @@ def _mel(f: np.ndarray | float) -> np.ndarray:
     return 1127.0 * np.log(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
 
 
+def mel_high_edge(high_freq: float, low_freq: float = params.LOW_FREQ,
+                  sample_rate: int = params.SAMPLE_RATE) -> float:
+    """Kaldi's ``high_freq`` in Hz (``<= 0``: Nyquist + ``high_freq``); ``ValueError`` unless
+    ``0 <= low_freq < edge <= Nyquist``."""
+    nyquist = 0.5 * sample_rate
+    edge = high_freq + nyquist if high_freq <= 0.0 else high_freq
+    if not (0.0 <= low_freq < nyquist and low_freq < edge <= nyquist):
+        raise ValueError(f"high_freq must be in ({low_freq:g}, {nyquist:g}] Hz, or <= 0 for "
+                         f"Nyquist minus its magnitude (above {low_freq:g} Hz); got "
+                         f"high_freq={high_freq:g} with low_freq={low_freq:g}")
+    return float(edge)
+
+
 @functools.lru_cache(maxsize=16)
 def kaldi_mel_banks(num_mel_bins: int = params.NUM_MEL_BINS,
                     sample_rate: int = params.SAMPLE_RATE,
@@ -66,12 +79,7 @@ def kaldi_mel_banks(num_mel_bins: int = params.NUM_MEL_BINS,
     mel(i * sr / fft_length). The Nyquist bin gets no weight, as in Kaldi/torchaudio.
     ``high_freq <= 0`` means Nyquist + high_freq.
     """
-    nyquist = 0.5 * sample_rate
-    if high_freq <= 0.0:
-        high_freq += nyquist
-    if not (0.0 <= low_freq < nyquist and low_freq < high_freq <= nyquist):
-        raise ValueError(f"bad mel range: low_freq={low_freq}, high_freq={high_freq}, "
-                         f"sample_rate={sample_rate}")
+    high_freq = mel_high_edge(high_freq, low_freq, sample_rate)
     num_fft_bins = fft_length // 2
     # torchaudio computes the bank in float32 from float64 python scalars; float64 here is
     # at least as exact and identical within rounding.

@@ -49,7 +49,8 @@ import tensorflow as tf
 
 from psla_tf import params
 from psla_tf.augment import FrequencyMasking, TimeMasking
-from psla_tf.features import DFTS, cepstral_lifter_matrix, kaldi_fbank, resolve_dft
+from psla_tf.features import (DFTS, cepstral_lifter_matrix, kaldi_fbank, mel_high_edge,
+                               resolve_dft)
 
 __all__ = ["AudioFrontend", "CLIP_NORMS", "CMVN_VAR_FLOOR", "clip_normalise"]
 
@@ -101,10 +102,7 @@ class AudioFrontend(keras.layers.Layer):
             raise ValueError(f"clip_norm must be one of {CLIP_NORMS}, got {clip_norm!r}")
         if not 0 <= int(num_ceps) <= int(num_mel_bins):
             raise ValueError(f"num_ceps must be 0 (off) or 1..{num_mel_bins}, got {num_ceps}")
-        nyquist = params.SAMPLE_RATE / 2
-        if not params.LOW_FREQ < (high_freq if high_freq > 0 else nyquist + high_freq) <= nyquist:
-            raise ValueError(f"high_freq must be in ({params.LOW_FREQ}, {nyquist}] Hz, or <= 0 "
-                             f"for Nyquist minus its magnitude, got {high_freq}")
+        mel_high_edge(float(high_freq))        # ValueError outside the recorded band
         self.target_length = int(target_length)
         self.num_mel_bins = int(num_mel_bins)
         self.freqm = int(freqm)

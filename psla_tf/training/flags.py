@@ -170,7 +170,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "--high-freq; exported models carry it): 0 = Nyquist, 8 kHz (the paper); <= 0 = Nyquist "
       "minus its magnitude. Below Nyquist for band-limited audio (8-kHz recordings: 4000), so "
       "no mel bin holds only the empty band.", flag_values=fv)
-    nyquist = params.SAMPLE_RATE / 2
+    nyquist = params.SAMPLE_RATE / 2   # features.mel_high_edge's rule; flags stay TensorFlow-free
     flags.register_validator(
         "high_freq", lambda v: params.LOW_FREQ < (v if v > 0 else nyquist + v) <= nyquist,
         f"--high_freq must be in ({params.LOW_FREQ:g}, {nyquist:g}] Hz, or <= 0 for Nyquist "
