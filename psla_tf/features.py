@@ -39,7 +39,7 @@ import keras
 from psla_tf import compat, params
 
 __all__ = ["kaldi_fbank", "KaldiFbank", "kaldi_mel_banks", "num_frames", "resolve_dft",
-           "forced_dft", "cepstral_lifter_matrix", "mel_high_edge"]
+           "forced_dft", "cepstral_lifter_matrix", "mel_high_edge", "runtime_constant"]
 
 
 def num_frames(num_samples: int, frame_length: int = params.FRAME_LENGTH,
@@ -134,7 +134,7 @@ def _folded_dft_matrix(frame_length: int, fft_length: int, preemphasis: float) -
     return folded.astype(np.float32)
 
 
-def _runtime_constant(value: np.ndarray, x: tf.Tensor) -> tf.Tensor:
+def runtime_constant(value: np.ndarray, x: tf.Tensor) -> tf.Tensor:
     """``value`` (float32) stored as its int32 bit pattern and turned back into float32 by a
     bitcast that depends on ``x``: TFLite's weight quantisers (float16, dynamic) only touch
     float constants, so the matrix keeps its exact float32 values."""
@@ -321,7 +321,7 @@ def _rfft_block(x: tf.Tensor, *, num_mel_bins: int, sample_rate: int, frame_leng
         parts = []
         for lo, hi, block in _mel_groups(num_mel_bins, sample_rate, fft_length, low_freq,
                                          high_freq, MEL_GROUPS, interleaved):
-            block = _runtime_constant(block, x) if runtime_matrices else tf.constant(block)
+            block = runtime_constant(block, x) if runtime_matrices else tf.constant(block)
             parts.append(tf.linalg.matmul(power[:, width * lo:width * hi], block))
         mel = tf.concat(parts, axis=-1) if len(parts) > 1 else parts[0]    # [T, bins]
     with tf.name_scope("log"):
@@ -413,12 +413,12 @@ def kaldi_fbank(waveform: tf.Tensor | np.ndarray,
         matrix = _folded_dft_matrix(frame_length, fft_length, preemphasis)
         if power_scale != 1.0:
             matrix = (matrix / np.float32(power_scale)).astype(np.float32)
-        matrix = _runtime_constant(matrix, x) if runtime_matrices else tf.constant(matrix)
+        matrix = runtime_constant(matrix, x) if runtime_matrices else tf.constant(matrix)
         spec = tf.linalg.matmul(frames, matrix)  # rank-agnostic: [..., F, 2K]
         re, im = tf.split(spec, 2, axis=-1)
         power = re * re + im * im
         banks = kaldi_mel_banks(num_mel_bins, sample_rate, fft_length, low_freq, high_freq)
-        banks = _runtime_constant(banks, x) if runtime_matrices else tf.constant(banks)
+        banks = runtime_constant(banks, x) if runtime_matrices else tf.constant(banks)
         mel = tf.linalg.matmul(power, banks)  # [..., F, bins]
     else:
         lead = tf.shape(x)[:-1]
@@ -455,7 +455,7 @@ def _floored_log(mel: tf.Tensor, power_scale: float, runtime_matrices: bool,
     log_floor = np.float32(math.log(params.LOG_FLOOR) - 2.0 * math.log(power_scale))
     shift = np.float32(2.0 * math.log(power_scale))
     if runtime_matrices:   # float16 would round 2 ln s by ~2e-3
-        log_floor, shift = _runtime_constant(log_floor, x), _runtime_constant(shift, x)
+        log_floor, shift = runtime_constant(log_floor, x), runtime_constant(shift, x)
     out = tf.maximum(tf.math.log(mel), log_floor)
     return out + shift
 

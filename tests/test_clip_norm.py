@@ -186,3 +186,30 @@ def test_exports_carry_clip_norm(tmp_path):
             it.set_tensor(i["index"], (gain * waves[b])[None].astype(np.float32))
             it.invoke()
             np.testing.assert_allclose(it.get_tensor(o["index"])[0], full[b], atol=1e-4)
+
+
+def test_float16_tflite_keeps_the_lifter_float32(tmp_path):
+    """The float16 TFLite export stores the cepstral smoothing matrix (``num_ceps``) as float32
+    bit patterns like the mel matrices (``features.runtime_constant``): no ``[128, 128]``
+    float16 constant, and the matrix the model multiplies by is the float32 one exactly."""
+    from ai_edge_litert.interpreter import Interpreter
+    from psla_tf import export_tflite
+    from psla_tf.features import cepstral_lifter_matrix
+    from psla_tf.models.tagger import build_tagger
+    model = build_tagger(2, model="cnn", cnn_width=0.25, target_length=T, freqm=0, timem=0,
+                         num_ceps=13)
+    path = str(tmp_path / "f16.tflite")
+    export_tflite.export_tflite(model, path, ["/m/a", "/m/b"], ["a", "b"], quantize="float16",
+                                seconds=CLIP / 16000.0)
+    it = Interpreter(model_path=path, experimental_preserve_all_tensors=True)
+    it.allocate_tensors()
+    tensors = it.get_tensor_details()
+    assert any(t["dtype"] == np.float16 for t in tensors)          # it is a float16 model
+    square = [t for t in tensors if tuple(t["shape"]) == (128, 128)]
+    assert square and all(t["dtype"] != np.float16 for t in square), square
+    i = it.get_input_details()[0]
+    it.set_tensor(i["index"], np.zeros(i["shape"], np.float32))
+    it.invoke()
+    lifter = cepstral_lifter_matrix(128, 13)
+    assert any(np.array_equal(it.get_tensor(t["index"]), lifter)
+               for t in square if t["dtype"] == np.float32)

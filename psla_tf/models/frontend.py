@@ -50,7 +50,7 @@ import tensorflow as tf
 from psla_tf import params
 from psla_tf.augment import FrequencyMasking, TimeMasking
 from psla_tf.features import (DFTS, cepstral_lifter_matrix, kaldi_fbank, mel_high_edge,
-                               resolve_dft)
+                               resolve_dft, runtime_constant)
 
 __all__ = ["AudioFrontend", "CLIP_NORMS", "CMVN_VAR_FLOOR", "clip_normalise"]
 
@@ -152,7 +152,10 @@ class AudioFrontend(keras.layers.Layer):
         pad = tf.maximum(self.target_length - tf.shape(fb)[1], 0)
         fb = tf.pad(fb, [[0, 0], [0, pad], [0, 0]])
         if self.num_ceps:
-            fb = tf.linalg.matmul(fb, cepstral_lifter_matrix(self.num_mel_bins, self.num_ceps))
+            lifter = cepstral_lifter_matrix(self.num_mel_bins, self.num_ceps)
+            if getattr(self, "runtime_matrices", False):   # not quantised by TFLite (features)
+                lifter = runtime_constant(lifter, fb)
+            fb = tf.linalg.matmul(fb, lifter)
         return tf.ensure_shape(fb, [None, self.target_length, self.num_mel_bins])
 
     def valid_frames(self, waveform, num_samples):
