@@ -125,11 +125,6 @@ def export_onnx(model: keras.Model, out_path: str, mids: Sequence[str], names: S
     """Convert ``model`` (a tagger or an ensemble) to ``out_path`` (+ ``OUT.labels.txt``,
     ``OUT.json``); returns the metadata written to ``OUT.json``. ``model_info``: ``name``,
     ``description``, ``version``, ``license``, ``author`` (stored in ``metadata_props``)."""
-    try:
-        import tf2onnx  # noqa: F401  (converts in _to_onnx)
-    except ImportError as e:
-        raise ExportError(f"ONNX export needs tf2onnx and onnx (pip install -r "
-                          f"requirements-deploy.txt): {e}") from e
     if windowed:
         raise ExportError("--windowed is not available with --onnx: tf2onnx turns the window "
                           "pooling's masked max (tf.where with -inf) into arithmetic that gives "
@@ -137,6 +132,11 @@ def export_onnx(model: keras.Model, out_path: str, mids: Sequence[str], names: S
                           "SavedModel)")
     if int(opset) not in OPSETS:
         raise ExportError(f"onnx opset must be in {OPSETS.start}..{OPSETS.stop - 1}, got {opset}")
+    try:   # after the checks of the request: a refused option is reported either way
+        import tf2onnx  # noqa: F401  (converts in _to_onnx)
+    except ImportError as e:
+        raise ExportError(f"ONNX export needs tf2onnx and onnx (pip install -r "
+                          f"requirements-deploy.txt): {e}") from e
     scorer = ScoringModel(model, clip_scores)
     if len(mids) != scorer.num_classes or len(names) != len(mids):
         raise ExportError(f"the vocabulary has {len(mids)} classes, the model "
