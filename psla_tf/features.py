@@ -54,17 +54,7 @@ def _mel(f: np.ndarray | float) -> np.ndarray:
     return 1127.0 * np.log(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
 
 
-def mel_high_edge(high_freq: float, low_freq: float = params.LOW_FREQ,
-                  sample_rate: int = params.SAMPLE_RATE) -> float:
-    """Kaldi's ``high_freq`` in Hz (``<= 0``: Nyquist + ``high_freq``); ``ValueError`` unless
-    ``0 <= low_freq < edge <= Nyquist``."""
-    nyquist = 0.5 * sample_rate
-    edge = high_freq + nyquist if high_freq <= 0.0 else high_freq
-    if not (0.0 <= low_freq < nyquist and low_freq < edge <= nyquist):
-        raise ValueError(f"high_freq must be in ({low_freq:g}, {nyquist:g}] Hz, or <= 0 for "
-                         f"Nyquist minus its magnitude (above {low_freq:g} Hz); got "
-                         f"high_freq={high_freq:g} with low_freq={low_freq:g}")
-    return float(edge)
+mel_high_edge = params.mel_high_edge
 
 
 @functools.lru_cache(maxsize=16)

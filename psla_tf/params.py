@@ -24,6 +24,20 @@ MIXUP_ALPHA: float = 10.0         # Beta(alpha, alpha)
 
 CLAMP_EPS: float = 1e-7           # outputs clamped to [eps, 1 - eps] for BCE / attention
 
+
+def mel_high_edge(high_freq: float, low_freq: float = LOW_FREQ,
+                  sample_rate: int = SAMPLE_RATE) -> float:
+    """Kaldi's ``high_freq`` in Hz (``<= 0``: Nyquist + ``high_freq``); ``ValueError`` unless
+    ``0 <= low_freq < edge <= Nyquist``. Here (no NumPy, no TensorFlow) so that the flags
+    validate ``--high_freq`` with the features' own rule."""
+    nyquist = 0.5 * sample_rate
+    edge = high_freq + nyquist if high_freq <= 0.0 else high_freq
+    if not (0.0 <= low_freq < nyquist and low_freq < edge <= nyquist):
+        raise ValueError(f"high_freq must be in ({low_freq:g}, {nyquist:g}] Hz, or <= 0 for "
+                         f"Nyquist minus its magnitude (above {low_freq:g} Hz); got "
+                         f"high_freq={high_freq:g} with low_freq={low_freq:g}")
+    return float(edge)
+
 # deployment (not in the paper): TFLite dynamic-range export keeps kernels with fewer weights
 # than this in float32 (the early, small layers; psla_tf.export_tflite, docs/deployment.md)
 DYNAMIC_FLOAT_MAX_ELEMENTS: int = 50000

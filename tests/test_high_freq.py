@@ -71,3 +71,25 @@ def test_append_classes_needs_the_source_models_high_freq(tmp_path):
         distill.source_normalisation(trainer.TrainConfig(init_from=path, target_length=32))
     assert distill.source_normalisation(trainer.TrainConfig(
         init_from=path, target_length=32, high_freq=4000.0)) == (-5.0, 4.0)
+
+
+def test_flag_accepts_exactly_what_the_front_end_accepts():
+    """--high_freq's validator is the front end's rule (params.mel_high_edge), at its edges."""
+    from absl import flags as absl_flags
+    from psla_tf import params
+    from psla_tf.training.flags import define_flags
+    fv = absl_flags.FlagValues()
+    define_flags(fv)
+    for v in (-8000.0, -7980.0, -7979.5, -400.0, 0.0, 20.0, 20.5, 4000.0, 8000.0, 8000.5):
+        try:
+            params.mel_high_edge(v)
+            ok = True
+        except ValueError:
+            ok = False
+        if ok:
+            fv(["prog", f"--high_freq={v}"])
+            assert fv.high_freq == v
+        else:
+            with pytest.raises(absl_flags.IllegalFlagValueError):
+                fv(["prog", f"--high_freq={v}"])
+    assert params.mel_high_edge(-400.0) == 7600.0 and params.mel_high_edge(0.0) == 8000.0

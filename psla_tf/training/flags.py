@@ -15,6 +15,15 @@ _BOOL_FIELDS = ("wa", "balanced_sampling", "dry_run", "save_predictions", "demo"
                 "allow_cut_clips", "append_classes")
 
 
+def _valid_high_freq(value: float) -> bool:
+    """``--high_freq`` passes the features' own rule (:func:`psla_tf.params.mel_high_edge`)."""
+    try:
+        params.mel_high_edge(value)
+    except ValueError:
+        return False
+    return True
+
+
 def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     d = TrainConfig()
     S, I, F, B, E = (flags.DEFINE_string, flags.DEFINE_integer, flags.DEFINE_float,
@@ -170,11 +179,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "--high-freq; exported models carry it): 0 = Nyquist, 8 kHz (the paper); <= 0 = Nyquist "
       "minus its magnitude. Below Nyquist for band-limited audio (8-kHz recordings: 4000), so "
       "no mel bin holds only the empty band.", flag_values=fv)
-    nyquist = params.SAMPLE_RATE / 2   # features.mel_high_edge's rule; flags stay TensorFlow-free
-    flags.register_validator(
-        "high_freq", lambda v: params.LOW_FREQ < (v if v > 0 else nyquist + v) <= nyquist,
-        f"--high_freq must be in ({params.LOW_FREQ:g}, {nyquist:g}] Hz, or <= 0 for Nyquist "
-        f"minus its magnitude (above {params.LOW_FREQ:g} Hz)", flag_values=fv)
+    flags.register_validator("high_freq", _valid_high_freq, "--high_freq must be in "
+                             f"({params.LOW_FREQ:g}, {params.SAMPLE_RATE / 2:g}] Hz, or <= 0 "
+                             f"for Nyquist minus its magnitude (above {params.LOW_FREQ:g} Hz)",
+                             flag_values=fv)
     B("sync_batchnorm", d.sync_batchnorm, "With several replicas, BatchNorm uses the "
       "statistics of the global batch (the result does not depend on the device count; "
       "the reference's DataParallel uses per-GPU statistics).", flag_values=fv)
