@@ -70,6 +70,9 @@ flags.DEFINE_list("pipeline_variants", [], "Only these variants of the pipeline 
                   "with).")
 flags.DEFINE_string("out", "bench_out", "Folder for results.json, results.md and the data.")
 flags.DEFINE_integer("repeats", 5, "Timed runs per figure (the median is reported).")
+flags.DEFINE_integer("batches_per_repeat", 3, "Batches per timed run of the pipeline, rss and "
+                     "PyTorch figures (batch 100; more: steadier figures on a noisy machine).",
+                     lower_bound=1)
 flags.DEFINE_integer("num_clips", 1000, "10-s clips in the benchmark set (written once, kept "
                      "in --out/data).")
 flags.DEFINE_boolean("write_build_md", False,
@@ -1179,7 +1182,7 @@ def main(argv):
                 results[name].setdefault("measured", _measured(old["machine"], old["argv"]))
     num_clips = 200 if FLAGS.quick else FLAGS.num_clips
     ctx: dict[str, Any] = {"repeats": results["repeats"], "model": _quick_settings(),
-                           "batches_per_repeat": 1 if FLAGS.quick else 3}
+                           "batches_per_repeat": 1 if FLAGS.quick else FLAGS.batches_per_repeat}
     if {"pipeline", "rss", "torch"} & set(FLAGS.sections):
         ctx["data"] = ensure_data(FLAGS.out, num_clips)
     for name in ALL_SECTIONS:  # fixed order: torch compares with the pipeline figures

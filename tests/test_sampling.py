@@ -194,27 +194,36 @@ def test_unseen_fraction_matches_numpy(data):
 
 
 def test_features_in_pipeline_equal_the_frontend_on_the_waveform_batches(data):
-    """features_in_pipeline computes the fbank per clip before batching; the batches equal the
-    front end applied to the waveform batches the same pipeline yields (train and eval)."""
-    from psla_tf.features import kaldi_fbank
+    """features_in_pipeline computes the fbank per clip before batching, on the clip itself
+    (not padded to clip_samples); the batches equal the front end applied to the padded
+    waveform batches the same pipeline yields (train and eval)."""
+    from psla_tf.models.frontend import AudioFrontend
     glob, _ = data
-    frames = 3   # 500-sample clips: (3 - 1) * 160 + 400 = 720 samples
+    frames = 3   # 300-500-sample clips (0 or 1 frame) padded to (3 - 1) * 160 + 400 = 720
+    layer = AudioFrontend(frames, freqm=0, timem=0, dataset_mean=0.0, dataset_std=1.0)
+    calls = []
 
     def frontend(w, n):
-        return kaldi_fbank(w, dft="rfft")
+        calls.append(w.shape[1])
+        return layer(w, n, training=True)
     kw = dict(batch_size=10, clip_samples=720, mixup=0.5, seed=3)
     waves = list(pipeline.make_train_dataset(glob, **kw).as_numpy_iterator())
     feats = list(pipeline.make_train_dataset(glob, features_in_pipeline=True, frontend=frontend,
                                              **kw).as_numpy_iterator())
     assert len(waves) == len(feats) > 0
+    assert calls == [None]   # traced once, for clips of any length
     for (w, y), (f, y2) in zip(waves, feats):
         np.testing.assert_array_equal(y, y2)
-        np.testing.assert_allclose(f["fbank"], frontend(w["waveform"], None).numpy(),
-                                   rtol=1e-5, atol=1e-4)
+        assert (w["num_samples"] <= 500).all() and f["fbank"].shape == (10, frames, 128)
+        np.testing.assert_allclose(f["fbank"], layer(w["waveform"], w["num_samples"]),
+                                   rtol=1e-6, atol=1e-5)
+        one_frame = w["num_samples"] >= 400
+        assert (f["fbank"][:, 1:] == 0).all() and (f["fbank"][~one_frame] == 0).all()
+        assert (f["fbank"][one_frame, 0] != 0).all()
     ev_w = list(pipeline.make_eval_dataset(glob, 16, 720).as_numpy_iterator())
     ev_f = list(pipeline.make_eval_dataset(glob, 16, 720, features_in_pipeline=True,
                                            frontend=frontend).as_numpy_iterator())
     assert [len(y) for _, y in ev_w] == [len(y) for _, y in ev_f]
     for (w, _), (f, _) in zip(ev_w, ev_f):
-        np.testing.assert_allclose(f["fbank"], frontend(w["waveform"], None).numpy(),
-                                   rtol=1e-5, atol=1e-4)
+        np.testing.assert_allclose(f["fbank"], layer(w["waveform"], w["num_samples"]),
+                                   rtol=1e-6, atol=1e-5)
