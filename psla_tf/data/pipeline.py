@@ -355,8 +355,9 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
 
     Yields exactly ``steps_per_epoch(N, batch_size)`` batches per epoch, each
     ``({"waveform": [B, clip_samples] float32, "num_samples": [B] int32}, labels [B, C])``
-    (``{"fbank": [B, T, 128]}`` instead when ``features_in_pipeline``; B is the per-replica
-    batch under ``input_context``). ``with_ids`` adds ``id`` (string), ``key`` (int64:
+    (``{"fbank": [B, T, 128]}`` instead when ``features_in_pipeline``: ``frontend(waveform
+    [1, n], num_samples [1]) → [1, T, 128]`` per clip, on the clip cut to ``clip_samples``
+    but not padded, as ``AudioFrontend``; B is the per-replica batch under ``input_context``). ``with_ids`` adds ``id`` (string), ``key`` (int64:
     file index * 2**32 + record position, see :func:`example_key_parts`), ``partner_key``
     (-1 when not mixed), ``partner_id`` ("" when not mixed) and ``mix_lambda`` (1 when not
     mixed) to the features.
