@@ -240,8 +240,9 @@ def _clip_element(clip_samples: int, with_ids: bool, keep: tuple[str, ...],
     of the waveform is made and no fbank of the padding is computed (6-15 % less CPU per 10-s
     clip than the padded 1056-frame input, the same values within float32 rounding:
     benchmarks/per_clip_frontend.py).
-    Per clip, before batching, as the reference: 1.16x the clips/s of one vectorised call
-    per batch of 100 on 2 CPU cores, at half the peak RSS (benchmarks/run.py, per_clip).
+    Per clip, before batching, as the reference: 1.48x the clips/s of one vectorised call
+    per batch of 100 on 2 quiet CPU cores (1.16x loaded), at half the peak RSS
+    (docs/performance.md, "Per clip vs vectorised after batch").
     """
     def element(ex):
         if frontend is None:
