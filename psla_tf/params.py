@@ -38,6 +38,7 @@ def mel_high_edge(high_freq: float, low_freq: float = LOW_FREQ,
                          f"high_freq={high_freq:g} with low_freq={low_freq:g}")
     return float(edge)
 
+
 # deployment (not in the paper): TFLite dynamic-range export keeps kernels with fewer weights
 # than this in float32 (the early, small layers; psla_tf.export_tflite, docs/deployment.md)
 DYNAMIC_FLOAT_MAX_ELEMENTS: int = 50000
