@@ -248,9 +248,9 @@ def _clip_element(clip_samples: int, with_ids: bool, keep: tuple[str, ...],
         if frontend is None:
             return _format(_pad_or_cut(ex, clip_samples), with_ids, keep)
         x = ex["waveform"][:clip_samples]
-        feats, labels = _format(dict(ex, waveform=x, num_samples=tf.shape(x)[0]), with_ids,
-                                keep)
-        fb = frontend(x[tf.newaxis], feats["num_samples"][tf.newaxis])
+        n = tf.shape(x)[0]
+        feats, labels = _format(dict(ex, num_samples=n), with_ids, keep)
+        fb = frontend(x[tf.newaxis], n[tf.newaxis])
         out = {"fbank": fb[0]}
         out.update((k, feats[k]) for k in keep if k in feats)
         return out, labels
@@ -358,7 +358,8 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
     ``({"waveform": [B, clip_samples] float32, "num_samples": [B] int32}, labels [B, C])``
     (``{"fbank": [B, T, 128]}`` instead when ``features_in_pipeline``: ``frontend(waveform
     [1, n], num_samples [1]) → [1, T, 128]`` per clip, on the clip cut to ``clip_samples``
-    but not padded, as ``AudioFrontend``; B is the per-replica batch under ``input_context``). ``with_ids`` adds ``id`` (string), ``key`` (int64:
+    but not padded, as ``AudioFrontend``; B is the per-replica batch under
+    ``input_context``). ``with_ids`` adds ``id`` (string), ``key`` (int64:
     file index * 2**32 + record position, see :func:`example_key_parts`), ``partner_key``
     (-1 when not mixed), ``partner_id`` ("" when not mixed) and ``mix_lambda`` (1 when not
     mixed) to the features.
