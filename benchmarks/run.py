@@ -163,13 +163,22 @@ def run_child(spec: dict[str, Any], cores: int | None, timeout: float = 1800,
     spec = dict(spec, cores=cores)
     cmd = [sys.executable, os.path.abspath(__file__), "--child=" + json.dumps(spec)]
     full_env = dict(os.environ, **(env or {}))
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env)
-    for line in reversed(proc.stdout.splitlines()):
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env=full_env)
+        out, err, how = proc.stdout, proc.stderr, f"exit {proc.returncode}"
+    except subprocess.TimeoutExpired as e:   # a result printed before the stall still counts
+        out, err, how = _text(e.stdout), _text(e.stderr), f"no exit within {timeout:g} s"
+    for line in reversed(out.splitlines()):
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-15:]
+    tail = (err or out).strip().splitlines()[-15:]
     raise ChildFailed(f"{spec.get('kind')} {spec.get('variant', spec.get('mode', ''))} "
-                      f"(cores={cores}) failed, exit {proc.returncode}:\n  " + "\n  ".join(tail))
+                      f"(cores={cores}) failed, {how}:\n  " + "\n  ".join(tail))
+
+
+def _text(b: bytes | str | None) -> str:
+    return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
 
 
 def _pin(cores: int | None) -> None:
@@ -715,6 +724,10 @@ def child_main(spec: dict) -> None:
           "infer": child_infer}[kind]
     result = fn(spec)
     print("RESULT " + json.dumps(result), flush=True)
+    sys.stderr.flush()
+    # no interpreter teardown: destroying a tf.data iterator over an endless dataset
+    # sometimes never returns on a 2-core VM (2 of 8 pipeline children, 2026-12-03)
+    os._exit(0)
 
 
 # ============================================================================ sections

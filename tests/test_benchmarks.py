@@ -98,6 +98,22 @@ def test_pipeline_child_measures_on_one_pinned_core(tmp_path):
     assert r["peak_rss_mb"] > 100  # TensorFlow is loaded
 
 
+def test_run_child_keeps_a_result_printed_before_the_child_stalls(bench, monkeypatch):
+    """A child that prints its RESULT line and then never exits (a tf.data teardown stall)
+    still yields its result; one that stalls before printing fails with the reason."""
+    def stalled(cmd, **kw):
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"], output=b'x\nRESULT {"a": 1}\n',
+                                        stderr=b"")
+    monkeypatch.setattr(bench.subprocess, "run", stalled)
+    assert bench.run_child({"kind": "pipeline"}, 1, timeout=5) == {"a": 1}
+
+    def silent(cmd, **kw):
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"], output=None, stderr=b"traced")
+    monkeypatch.setattr(bench.subprocess, "run", silent)
+    with pytest.raises(bench.ChildFailed, match="no exit within 5 s"):
+        bench.run_child({"kind": "pipeline"}, 1, timeout=5)
+
+
 def test_bad_flags_exit_2():
     for args in (["--sections=fbank,nope"], ["--cores=0"], ["--num_clips=10"]):
         proc = subprocess.run([sys.executable, RUN, *args, "--out=/nonexistent/never"],
