@@ -526,10 +526,11 @@ def child_pipeline(spec: dict) -> dict:
         ds = ds.prefetch(tf.data.AUTOTUNE)
     else:
         raise SystemExit(f"error: unknown pipeline variant {variant!r}")
+    opts = tf.data.Options()
+    opts.autotune.enabled = spec.get("autotune", True)
     if cores:
-        opts = tf.data.Options()
         opts.threading.private_threadpool_size = cores
-        ds = ds.with_options(opts)
+    ds = ds.with_options(opts)
     it = iter(ds)
 
     def step():
