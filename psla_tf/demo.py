@@ -175,6 +175,15 @@ def _synth(mid: str, rng: np.random.Generator, n: int) -> tuple[np.ndarray, dict
     return x / (np.max(np.abs(x)) + 1e-12), info
 
 
+def complete_labels(events: list[dict[str, Any]]) -> list[str]:
+    """A clip's exact labels from its ``events`` (datafile entries): the vocabulary parents of
+    the events' classes, then the classes — an evaluation clip's labels; a training clip's
+    before its missing labels are drawn."""
+    present = [e["label"] for e in events]
+    parents = [c.parent for c in EVENT_CLASSES if c.mid in present and c.parent]
+    return list(dict.fromkeys(parents + present))
+
+
 def make_clip(seed: int, split: str, index: int, clip_seconds: float,
               missing_label_rate: float = 0.3) -> tuple[np.ndarray, list[str], list[dict]]:
     """Clip ``index`` of ``split``: (waveform float in [-1, 1], label mids, events)."""
@@ -198,9 +207,7 @@ def make_clip(seed: int, split: str, index: int, clip_seconds: float,
     peak = np.max(np.abs(x))
     if peak > 0.99:
         x *= 0.99 / peak
-    present = [e["label"] for e in events]
-    parents = [c.parent for c in EVENT_CLASSES if c.mid in present and c.parent]
-    labels = list(dict.fromkeys(parents + present))
+    labels = complete_labels(events)
     if split == "train":
         drop2, drop1 = rng.random() < missing_label_rate, rng.random() < missing_label_rate
         if drop2 and TYPE2_PARENT in labels:
