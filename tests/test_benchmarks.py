@@ -273,3 +273,34 @@ def test_fsdd_classical_baseline_features():
     slow[5:45] = np.repeat(word, 2, axis=0)
     assert np.linalg.norm(base.features(slow, 13) - got) < 0.1 * np.linalg.norm(got)
     np.testing.assert_allclose(base.features(fb + 3.0, 13), got, atol=1e-9)
+
+
+def test_learning_report_time_to_accuracy_from_either_trainer(tmp_path):
+    """Per-epoch elapsed time: recorded by the PyTorch trainer, read from a psla_tf run's
+    TensorBoard log (metrics' wall times); the time to a reference's final ensemble mAP."""
+    import tensorflow as tf
+    rep = _load(os.path.join(ROOT, "benchmarks", "learning_report.py"), "learning_report")
+    curve = [0.10, 0.20, 0.35, 0.50]
+    torch_run = {"per_epoch": [{"epoch": e, "mAP": m, "seconds": 100.0 * e}
+                               for e, m in enumerate(curve, 1)],
+                 "ensemble": {"mAP": 0.30}, "seconds": 410.0}
+    tf_run = {"per_epoch": [{"epoch": e, "mAP": m} for e, m in enumerate(curve, 1)]}
+    assert rep.epoch_seconds(str(tmp_path / "none"), torch_run) == [100.0, 200.0, 300.0, 400.0]
+    run = tmp_path / "tf"
+    assert rep.epoch_seconds(str(run), tf_run) is None            # no TensorBoard log
+    writer = tf.summary.create_file_writer(str(run / "tensorboard" / "train"))
+    with writer.as_default():
+        for e, m in enumerate(curve):
+            tf.summary.scalar("epoch_eval_mAP", m, step=e)
+            writer.flush()
+    writer.close()
+    secs = rep.epoch_seconds(str(run), tf_run)
+    assert len(secs) == 4 and secs == sorted(secs) and secs[0] >= 0
+    assert rep.time_to_accuracy(curve, [10.0, 20.0, 30.0, 40.0], 0.30) == (3, 30.0)
+    assert rep.time_to_accuracy(curve, [10.0, 20.0, 30.0, 40.0], 0.60) is None
+    table = rep.tta_table([("pt", torch_run, [100.0, 200.0, 300.0, 400.0]),
+                           ("tf", tf_run, [10.0, 20.0, 30.0, 40.0]), ("x", tf_run, None)], "pt")
+    assert "| pt | 3 | 300 s | 0.73× |" in table and "| tf | 3 | 30 s | 0.07× |" in table
+    assert "| x | — | no per-epoch times | — |" in table
+    with pytest.raises(SystemExit):
+        rep.tta_table([("tf", tf_run, None)], "pt")
