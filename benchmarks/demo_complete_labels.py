@@ -23,7 +23,7 @@ from absl import app, flags
 from psla_tf import demo, metrics, run_folder
 from psla_tf.data import records
 
-flags.DEFINE_string("data", None, "Evaluation shards of the runs (a split of the demo's train set).")
+flags.DEFINE_string("data", None, "The runs' evaluation shards (a split of the demo's train set).")
 flags.DEFINE_string("datafile", "demo_data/audio/train.json", "The demo's train.json (events).")
 flags.DEFINE_list("runs", None, "Run folders whose eval data is --data.")
 flags.DEFINE_string("epochs", "6-10", "First-last epoch whose scores are averaged.")
@@ -40,7 +40,8 @@ def complete_targets(data: str, datafile: str, mids: list[str]) -> tuple[np.ndar
     for ex in records.iter_examples(records.expand_glob(data)):
         if ex["id"] not in events:
             raise SystemExit(f"error: clip {ex['id']} is not in {datafile}")
-        for rows, labels in ((given, ex["mids"]), (complete, demo.complete_labels(events[ex["id"]]))):
+        exact = demo.complete_labels(events[ex["id"]])
+        for rows, labels in ((given, ex["mids"]), (complete, exact)):
             rows.append(np.zeros(len(mids), np.float32))
             rows[-1][[col[m] for m in labels]] = 1.0
     return np.stack(given), np.stack(complete)
