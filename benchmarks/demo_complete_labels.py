@@ -48,7 +48,10 @@ def complete_targets(data: str, datafile: str, mids: list[str]) -> tuple[np.ndar
 
 
 def main(_) -> None:
-    first, last = (int(e) for e in FLAGS.epochs.split("-"))
+    try:
+        first, last = (int(e) for e in FLAGS.epochs.split("-"))
+    except ValueError:
+        raise SystemExit(f"error: --epochs={FLAGS.epochs}: want FIRST-LAST, e.g. 6-10") from None
     given = complete = None
     print("| run | split labels: mean of epochs | complete labels: mean of epochs | "
           "complete labels: ensemble |")
