@@ -118,7 +118,8 @@ def main() -> None:
         else:
             init = variant.split("=", 1)[1] if variant.startswith("init=") else "pytorch"
             clf = build_classifier(num_classes, eff_b=a.eff_b, att_head=a.att_head,
-                                   target_length=a.target_length, backbone_init=init)
+                                   target_length=a.target_length, backbone_init=init,
+                                   zero_init_residual=False)
             if variant == "psla_tf/ref-pad":
                 clf = torch_import.with_reference_padding(clf, a.eff_b)
             if not variant.startswith("init="):

@@ -65,6 +65,7 @@ class TrainConfig:
     pretrained: str = "imagenet"
     stem_init: str = "random"
     backbone_init: str = "auto"
+    zero_init_residual: bool = True
     bn_momentum: float = 0.99
     loss: str = "bce"
     metric: str = "map"

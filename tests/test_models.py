@@ -225,6 +225,40 @@ def test_table_xiii_baselines(model, dim):
         assert isinstance(clf.get_layer("pooling"), AttentionPooling)
 
 
+@pytest.mark.parametrize("model,blocks", [("efficientnet", 9), ("mobilenet_v2", 10),
+                                          ("resnet50", 16), ("cnn", 0)])
+def test_residual_blocks_start_as_identity(model, blocks):
+    """zero γ (Goyal et al. 2017): each residual branch's closing BatchNorm starts at γ = 0, so
+    in inference mode the branch outputs 0 and every Add returns its shortcut input exactly;
+    every other BatchNorm keeps γ = 1, and ``zero_residual=False`` leaves all at 1."""
+    keras.utils.set_random_seed(0)
+    shape = (64, 32, 1)
+    kw = {"eff_b": 0} if model == "efficientnet" else {}
+    b = build_backbone(model, input_shape=shape, **kw)
+    plain = build_backbone(model, input_shape=shape, zero_residual=False, **kw)
+    bns = [layer for layer in b.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    zero = [layer.name for layer in bns if not np.any(layer.gamma.numpy())]
+    assert len(zero) == blocks
+    assert all(np.all(layer.gamma.numpy() == 1) for layer in bns if layer.name not in zero)
+    assert all(np.all(layer.gamma.numpy() == 1) for layer in plain.layers
+               if isinstance(layer, keras.layers.BatchNormalization))
+    adds = [layer for layer in b.layers if isinstance(layer, keras.layers.Add)]
+    assert len(adds) == blocks
+
+    def producer(tensor):            # the layer whose output feeds the Add (through dropout)
+        op = tensor._keras_history.operation
+        while isinstance(op, keras.layers.Dropout):
+            op = op.input._keras_history.operation
+        return op.name
+    for add in adds:                 # one input of every Add is a zeroed BatchNorm ...
+        assert len({producer(t) for t in add.input} & set(zero)) == 1, add.name
+    rng = np.random.default_rng(0)
+    for name in zero:                # ... which outputs exactly 0 in inference mode
+        bn = b.get_layer(name)
+        x = rng.normal(1.0, 3.0, size=(2, 8, 4, bn.gamma.shape[0])).astype(np.float32)
+        assert not np.any(bn(x, training=False))
+
+
 def test_cnn_is_panns_cnn10_layout():
     """width 1: PANNs CNN10's feature extractor (Kong et al. 2020, 5.2 M parameters with its
     two dense layers): conv kernels Σ 9·in·out over (1→64→64, 64→128→128, 128→256→256,

@@ -35,7 +35,7 @@ from psla_tf.errors import PretrainedWeightsError
 __all__ = ["build_backbone", "build_cnn", "cnn_channels", "BACKBONES", "BACKBONE_INITS",
            "PretrainedWeightsError",
            "stem_layer_name", "backbone_channels", "stem_kernel_from_rgb", "torch_fan_in",
-           "reinit_like_torch"]
+           "reinit_like_torch", "zero_init_residual"]
 
 BACKBONES = ("efficientnet", "mobilenet_v2", "resnet50", "cnn")
 _STEM = {"efficientnet": "stem_conv", "mobilenet_v2": "Conv1", "resnet50": "conv1_conv",
@@ -50,6 +50,9 @@ _RGB_SHAPE = (224, 224, 3)
 # "auto": the reference's initialisation where it is known (efficientnet_pytorch builds its
 # EfficientNet from torch.nn layers and keeps their default initialisation), else Keras'.
 BACKBONE_INITS = ("auto", "pytorch", "keras")
+# the BatchNorm that closes a residual block's branch, by the name of the block's Add layer
+_RESIDUAL_BN = {"efficientnet": "_project_bn", "mobilenet_v2": "_project_BN",
+                "resnet50": "_3_bn"}
 
 
 def stem_layer_name(model: str) -> str:
@@ -190,7 +193,8 @@ def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
                    input_shape: tuple[int, int, int] = (128, 1056, 1),
                    pretrained: str | os.PathLike = "none", stem_init: str = "random",
                    bn_momentum: float | None = None, init: str = "auto",
-                   width: float = 1.0, name: str = "backbone") -> keras.Model:
+                   zero_residual: bool = True, width: float = 1.0,
+                   name: str = "backbone") -> keras.Model:
     """``[B, mel, time, 1] → [B, F', T', D]`` backbone (Sec. III), optionally ImageNet-pretrained.
 
     ``pretrained``: ``"none"``, ``"imagenet"`` or a path to weights of the 3-channel no-top
@@ -200,6 +204,8 @@ def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
     ``init``: random initialisation of the weights not taken from ``pretrained``: ``pytorch``
     (torch.nn's defaults, :func:`reinit_like_torch`), ``keras`` (keras.applications') or
     ``auto`` (pytorch for EfficientNet, the reference's efficientnet_pytorch; keras otherwise).
+    ``zero_residual``: every residual block starts as the identity (:func:`zero_init_residual`;
+    pretrained weights replace it).
     ``width``: channel multiplier of the ``cnn`` backbone (ignored by the others).
     """
     _check_model(model)
@@ -238,6 +244,8 @@ def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
                 layer.momentum = float(bn_momentum)
     if init == "pytorch" or (init == "auto" and model == "efficientnet"):
         reinit_like_torch(backbone)
+    if zero_residual:
+        zero_init_residual(backbone, model)
     if pretrained != "none":
         rgb = _rgb_model(model, eff_b, pretrained)
         source = ("ImageNet weights" if pretrained == "imagenet"
@@ -279,6 +287,26 @@ def reinit_like_torch(model: keras.Model) -> int:
         if getattr(layer, "bias", None) is not None:
             layer.bias.assign(draw(tuple(layer.bias.shape), dtype=layer.bias.dtype))
         count += 1
+    return count
+
+
+def zero_init_residual(backbone: keras.Model, model: str) -> int:
+    """Start every residual block as the identity: γ = 0 in the BatchNorm that closes the
+    block's residual branch ("zero γ", Goyal et al., 2017, Sec. 5.1), so at the start the
+    block adds nothing to its input (in inference mode exactly; in training mode up to β,
+    which starts at 0). Not in the reference, whose blocks start with γ = 1; from scratch it
+    lets EfficientNet leave the class-prior plateau epochs sooner (docs/learning.md, "Residual
+    blocks start as the identity"). Returns the number of blocks (B0: 9 of 16; ``cnn``: 0)."""
+    suffix = _RESIDUAL_BN.get(model)
+    if suffix is None:
+        return 0
+    names = {layer.name for layer in backbone.layers}
+    count = 0
+    for layer in backbone.layers:
+        if layer.name.endswith("_add") and layer.name[:-len("_add")] + suffix in names:
+            gamma = backbone.get_layer(layer.name[:-len("_add")] + suffix).gamma
+            gamma.assign(np.zeros(tuple(gamma.shape), dtype=gamma.dtype))
+            count += 1
     return count
 
 

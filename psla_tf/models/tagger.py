@@ -88,15 +88,16 @@ def build_classifier(num_classes: int, *, model: str = "efficientnet", eff_b: in
                      att_head: int = 4, pretrained: str | os.PathLike = "none",
                      stem_init: str = "random", target_length: int = params.TARGET_LENGTH,
                      num_mel_bins: int = params.NUM_MEL_BINS, bn_momentum: float | None = None,
-                     backbone_init: str = "auto", cnn_width: float = 1.0,
-                     name: str = "classifier") -> keras.Model:
+                     backbone_init: str = "auto", zero_init_residual: bool = True,
+                     cnn_width: float = 1.0, name: str = "classifier") -> keras.Model:
     """Normalised fbank ``[B, target_length, num_mel_bins]`` → scores ``[B, num_classes]``.
 
     ``model``: ``efficientnet`` (B``eff_b``, pooling by ``att_head``: 0 mean, 1 single head,
     > 1 multi-head), ``resnet50`` (pooling by ``att_head``; Table XIII uses 1 head) or
     ``mobilenet_v2`` (Table XIII: global average pooling, linear classifier, sigmoid;
     ``att_head`` is ignored) or ``cnn`` (PANNs' CNN10 layout, channels × ``cnn_width``;
-    pooling by ``att_head``). ``backbone_init``: see :func:`build_backbone`'s ``init``.
+    pooling by ``att_head``). ``backbone_init``: see :func:`build_backbone`'s ``init``;
+    ``zero_init_residual``: its ``zero_residual``.
     """
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -108,7 +109,8 @@ def build_classifier(num_classes: int, *, model: str = "efficientnet", eff_b: in
     x = keras.layers.Reshape((num_mel_bins, target_length, 1), name="add_channel")(x)
     backbone = build_backbone(model, eff_b=eff_b, input_shape=(num_mel_bins, target_length, 1),
                               pretrained=pretrained, stem_init=stem_init,
-                              bn_momentum=bn_momentum, init=backbone_init, width=cnn_width,
+                              bn_momentum=bn_momentum, init=backbone_init,
+                              zero_residual=zero_init_residual, width=cnn_width,
                               name="backbone")
     features = backbone(x)                                   # [B, F', T', D]
     if model == "mobilenet_v2":
@@ -129,7 +131,8 @@ def build_tagger(num_classes: int, *, model: str = "efficientnet", eff_b: int = 
                  timem: int = params.TIMEM, dataset_mean: float = params.DATASET_MEAN,
                  dataset_std: float = params.DATASET_STD, seed: int | None = None,
                  bn_momentum: float | None = None, single_label: bool = False,
-                 backbone_init: str = "auto", fbank_dft: str = "auto",
+                 backbone_init: str = "auto", zero_init_residual: bool = True,
+                 fbank_dft: str = "auto",
                  clip_norm: str = "none", num_ceps: int = 0, high_freq: float = 0.0,
                  cnn_width: float = 1.0,
                  name: str = "psla_tagger") -> keras.Model:
@@ -154,6 +157,7 @@ def build_tagger(num_classes: int, *, model: str = "efficientnet", eff_b: int = 
                                   pretrained=pretrained, stem_init=stem_init,
                                   target_length=target_length, num_mel_bins=num_mel_bins,
                                   bn_momentum=bn_momentum, backbone_init=backbone_init,
+                                  zero_init_residual=zero_init_residual,
                                   cnn_width=cnn_width, name="classifier")
     scores = classifier(fbank)
     if single_label:
@@ -167,6 +171,7 @@ def build_model(cfg: "TrainConfig", num_classes: int) -> keras.Model:
     return build_tagger(num_classes, model=cfg.model, eff_b=cfg.eff_b, att_head=cfg.att_head,
                         pretrained=cfg.pretrained, stem_init=cfg.stem_init,
                         bn_momentum=cfg.bn_momentum, backbone_init=cfg.backbone_init,
+                        zero_init_residual=cfg.zero_init_residual,
                         target_length=cfg.target_length, freqm=cfg.freqm, timem=cfg.timem,
                         dataset_mean=cfg.dataset_mean, dataset_std=cfg.dataset_std,
                         seed=cfg.seed, single_label=cfg.loss == "ce", fbank_dft=cfg.fbank_dft,

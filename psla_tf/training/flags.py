@@ -106,6 +106,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "defaults, U(±1/sqrt(fan_in)), as the reference's efficientnet_pytorch), keras "
       "(keras.applications' VarianceScaling(2, fan_out)), auto (pytorch for efficientnet, "
       "keras for the other backbones).", flag_values=fv)
+    B("zero_init_residual", d.zero_init_residual, "Start every residual block of the backbone "
+      "as the identity (gamma = 0 in the BatchNorm closing its branch; Goyal et al. 2017; not "
+      "in the reference): from scratch, EfficientNet leaves the class-prior plateau epochs "
+      "sooner (docs/learning.md). --pretrained weights replace it.", flag_values=fv)
     F("bn_momentum", d.bn_momentum, "BatchNorm moving-average momentum, Keras convention "
       "(new = m * old + (1 - m) * batch). 0.99 = the reference (efficientnet_pytorch's "
       "PyTorch momentum 0.01); short runs on small data do better with 0.9.", flag_values=fv)
