@@ -7,7 +7,8 @@ so nothing random is left). If the implementations train alike, their loss curve
 Variants (rows): ``pytorch`` (the reference), ``psla_tf/ref-pad`` (imported weights, the
 reference's static padding: the same function as the reference), ``psla_tf`` (imported
 weights, Keras' "same" padding: the model psla_tf trains), and psla_tf from its own random
-draws with ``--backbone_init=pytorch`` / ``keras``.
+draws with ``--backbone_init=pytorch`` / ``keras`` (residual blocks as the reference starts
+them, ``--nozero_init_residual``: the rows compare initialisations of the same function).
 
     python benchmarks/learning_dynamics.py --data='data/fsddmix/shards/train-*.tfrecord' \\
         --steps=40 --batch_size=32 --target_length=300
