@@ -22,6 +22,8 @@ in the benchmark venv (requirements-bench.txt: torch, torchaudio, efficientnet_p
 
 ``--save_init=PATH`` writes the initial state dict (before any update), for starting psla_tf
 from the same weights (tools/import_psla_checkpoint.py, then ``main.py --init_from``).
+``--zero_init_residual`` (off: the reference's start) gives the reference's model psla_tf's
+default start, every residual block as the identity, to separate the start from the rest.
 """
 from __future__ import annotations
 
@@ -45,7 +47,9 @@ DEFAULTS = {"n_epochs": 30, "batch_size": 100, "eval_batch_size": 100, "lr": 1e-
             "wa_end": 30, "balanced_sampling": True, "mixup": 0.5, "mixup_alpha": 10.0,
             "freqm": 48, "timem": 192, "target_length": 1056, "eff_b": 2, "att_head": 4,
             "dataset_mean": None, "dataset_std": None, "seed": 0, "train_data": None,
-            "eval_data": None, "exp_dir": None}
+            "eval_data": None, "exp_dir": None,
+            # not the reference's: off unless asked for (psla_tf's --zero_init_residual)
+            "zero_init_residual": False}
 
 
 # ----------------------------------------------------------------------------- flags
@@ -244,6 +248,20 @@ class ReferenceDataset:
 
 
 # ----------------------------------------------------------------------------- model
+def zero_init_residual(model) -> int:
+    """psla_tf's ``--zero_init_residual`` on the reference's model: γ = 0 in ``_bn2`` (the
+    projection BatchNorm) of every block whose output efficientnet_pytorch adds to its input
+    (its own condition in ``MBConvBlock.forward``). Returns the number of blocks."""
+    import torch
+    count = 0
+    for block in model.effnet._blocks:
+        a = block._block_args
+        if block.id_skip and a.stride == 1 and a.input_filters == a.output_filters:
+            torch.nn.init.zeros_(block._bn2.weight)
+            count += 1
+    return count
+
+
 def build_model(num_classes: int, eff_b: int, att_head: int):
     """The reference's EffNetAttention (from scratch): efficientnet_pytorch features →
     AvgPool2d((4, 1)) → mean / single-head / multi-head attention."""
@@ -347,6 +365,9 @@ def main(argv: list[str]) -> None:
         "fbank_std", 4.5699)
     os.makedirs(os.path.join(cfg["exp_dir"], "models"), exist_ok=True)
     model = build_model(num_classes, cfg["eff_b"], cfg["att_head"])
+    if cfg["zero_init_residual"]:
+        print(f"zero_init_residual: {zero_init_residual(model)} residual blocks start as the "
+              "identity", flush=True)
     if own.save_init:
         torch.save(model.state_dict(), own.save_init)
 

@@ -54,9 +54,39 @@ def test_flag_parser_agrees_with_main():
     fv(["main", f"--flagfile={flagfile}", "--seed=3", "--nowa"])
     cfg = train_flags.config_from_flags(fv)
     for key in mod.DEFAULTS:
-        if key in ("train_data", "eval_data", "exp_dir"):
+        if key in ("train_data", "eval_data", "exp_dir", "zero_init_residual"):
             continue
         assert ours[key] == getattr(cfg, key), key
+    # the one deliberate difference: psla_tf's default, off in the reference unless asked for
+    assert cfg.zero_init_residual and not ours["zero_init_residual"]
+    assert mod.parse_flags([f"--flagfile={flagfile}", "--zero_init_residual"])[
+        "zero_init_residual"]
+
+
+def test_zero_init_residual_zeroes_the_same_blocks_as_psla_tf():
+    """The reference-style trainer's zero γ (efficientnet_pytorch's own skip condition) and
+    psla_tf's (its Keras graph's Add layers) zero the same BatchNorms, paired through the
+    checkpoint importer's tensor mapping."""
+    torch = pytest.importorskip("torch", reason="torch not installed "
+                                "(pip install -r requirements-import.txt)")
+    pytest.importorskip("efficientnet_pytorch", reason="efficientnet_pytorch not installed "
+                        "(pip install -r requirements-import.txt)")
+    from psla_tf.models import torch_import
+    from psla_tf.models.tagger import build_classifier
+    mod = _module()
+    torch.manual_seed(0)
+    ref = mod.build_model(5, 0, 4)
+    assert mod.zero_init_residual(ref) == 9
+    state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    clf = build_classifier(5, eff_b=0, att_head=4, target_length=64)
+    ours = {v.path: v.numpy() for v in clf.weights}
+    zero = {False: 0, True: 0}
+    for m in torch_import.tensor_mapping(clf):
+        if m.torch_key.endswith("_bn2.weight") or m.torch_key.endswith("_bn1.weight"):
+            z = not np.any(state[m.torch_key])
+            assert z == (not np.any(ours[m.keras_path])), m.torch_key
+            zero[z] += 1
+    assert zero[True] == 9 and zero[False] > 9
 
 
 def test_reference_sampling_weights():
