@@ -16,7 +16,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-__all__ = ["atomic_path", "write_text", "write_bytes", "write_json", "save_npz", "save_npy"]
+__all__ = ["atomic_path", "exclusive", "write_text", "write_bytes", "write_json", "save_npz",
+           "save_npy"]
 
 
 @contextlib.contextmanager
@@ -33,6 +34,25 @@ def atomic_path(path: str, suffix: str = "") -> Iterator[str]:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``lock_path`` (created if missing) for the block: processes
+    that share a folder (e.g. cross-validation halves started side by side) take turns. POSIX
+    ``flock``; where it does not exist the block runs unlocked."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def write_bytes(path: str, data: bytes, fsync: bool = False) -> None:

@@ -265,3 +265,36 @@ def test_nested_leave_one_group_out(tmp_path, capsys):
     with pytest.raises(DataError, match="another split"):
         cv.cross_validate(cfg, str(csv_path), "fold", audio_root=str(tmp_path / "audio"),
                           target_length=40, progress=False, folds=run)
+
+
+def _prepare_side_by_side(csv_path: str, audio: str, data_dir: str, barrier) -> None:
+    """One of two commands preparing the same folder at once (the --folds halves)."""
+    from psla_tf.data import sources
+    from psla_tf.training import cross_validation as cv
+    rows, fold_of, groups, _ = cv._read_groups(csv_path, audio, "fold", None, None)
+    mids, names, _ = sources.output_vocabulary(rows, None, data_dir)
+    barrier.wait()
+    cv._prepare_groups(rows, fold_of, groups, (mids, names), data_dir, workers=1,
+                       max_seconds=10.0, target_length=40, progress=False)
+
+
+def test_commands_side_by_side_prepare_one_at_a_time(tmp_path):
+    """Two processes preparing one data folder at the same moment (started together behind a
+    barrier) both succeed, and every group's shards hold its clips exactly once."""
+    import multiprocessing as mp
+    csv_path = _listing(tmp_path, folds=("1", "2"), per=8)
+    data_dir = str(tmp_path / "exp" / "data")
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_prepare_side_by_side,
+                         args=(str(csv_path), str(tmp_path / "audio"), data_dir, barrier))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    for k in ("1", "2"):
+        ids = [ex["id"] for ex in records.iter_examples(
+            records.expand_glob(os.path.join(data_dir, f"fold_{k}-*.tfrecord")))]
+        assert sorted(ids) == sorted(f"{k}-{c}-{i}.wav" for c in FREQS for i in range(8))

@@ -262,14 +262,16 @@ def _read_groups(input_csv: str, audio_root: str | None, fold_column: str,
 def _prepare_groups(rows: list, fold_of: list[str], groups: list[str], vocab: tuple,
                     data_dir: str, **prepare_kw) -> dict[str, str]:
     """One shard set per group (finished shards are kept: preparation resumes);
-    returns ``{group: shard prefix}``."""
+    returns ``{group: shard prefix}``. Commands sharing ``data_dir`` (``--folds`` halves run
+    side by side) prepare one at a time; the later one finds the shards finished."""
     from psla_tf.data import prepare
     prefixes = {}
-    for k in groups:
-        part = [r for r, f in zip(rows, fold_of) if f == k]
-        prefixes[k] = os.path.join(data_dir, f"fold_{k}")
-        m = prepare.prepare(part, vocab, prefixes[k], **prepare_kw)
-        print(f"fold {k}: " + prepare.summary_line(m), flush=True)
+    with atomic.exclusive(os.path.join(data_dir, ".prepare.lock")):
+        for k in groups:
+            part = [r for r, f in zip(rows, fold_of) if f == k]
+            prefixes[k] = os.path.join(data_dir, f"fold_{k}")
+            m = prepare.prepare(part, vocab, prefixes[k], **prepare_kw)
+            print(f"fold {k}: " + prepare.summary_line(m), flush=True)
     return prefixes
 
 
