@@ -358,3 +358,36 @@ def test_mixed_precision_keeps_float32_ends():
         assert np.all(np.isfinite(out.numpy()))
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+def test_single_label_scores_keep_their_gradient_above_one(tmp_path):
+    """--loss=ce output: ``form="scores"`` is p / Σp (NumPy) for multi-head scores above 1,
+    and the CE loss pushes a wrong class scored 1.07 down (the ``logit`` form's clamp gives
+    it no gradient); the tagger builds the ``scores`` form, and a layer saved without a
+    form (models from before) loads as ``logit``, outputs unchanged."""
+    from psla_tf.models.tagger import SingleLabelScores
+    p = np.array([[0.2, 1.07, 0.5], [1e-9, 0.3, 0.9]], np.float32)
+    want = np.maximum(p, params.CLAMP_EPS) / np.maximum(p, params.CLAMP_EPS).sum(1,
+                                                                                  keepdims=True)
+    np.testing.assert_allclose(SingleLabelScores(form="scores")(p), want, rtol=1e-6)
+    grads = {}
+    for form in SingleLabelScores.FORMS:
+        x = tf.Variable(p[:1])
+        with tf.GradientTape() as tape:
+            loss = -tf.math.log(SingleLabelScores(form=form)(x)[0, 2])   # true class 2
+        grads[form] = tape.gradient(loss, x).numpy()[0]
+    assert grads["scores"][1] > 0.1          # descent lowers the wrong class's score
+    assert grads["logit"][1] == 0.0          # clamped: nothing lowers it
+    old = SingleLabelScores.from_config({"name": "single_label", "trainable": True})
+    assert old.form == "logit"
+    lg = np.log(np.clip(p, 1e-7, 1 - 1e-7)) - np.log1p(-np.clip(p, 1e-7, 1 - 1e-7))
+    np.testing.assert_allclose(old(p), np.exp(lg) / np.exp(lg).sum(1, keepdims=True),
+                               rtol=1e-5)
+    with pytest.raises(ValueError, match="form"):
+        SingleLabelScores(form="softmax")
+    model = build_tagger(3, model="cnn", cnn_width=0.25, att_head=2, target_length=40,
+                         freqm=0, timem=0, single_label=True, pretrained="none")
+    assert model.get_layer("single_label").form == "scores"
+    model.save(tmp_path / "m.keras")
+    back = keras.saving.load_model(tmp_path / "m.keras")
+    assert back.get_layer("single_label").form == "scores"

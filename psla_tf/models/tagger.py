@@ -59,20 +59,35 @@ class FrequencyMean(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package="psla_tf")
 class SingleLabelScores(keras.layers.Layer):
-    """Single-label output (``--loss=ce``): the pooled sigmoid scores ``p`` → softmax over
-    their logits ``log p - log(1 - p)`` (p clamped to [1e-7, 1 - 1e-7]). For mean and
-    single-head pooling the logit of ``p`` is the head's pre-sigmoid activation, so this is
-    the usual softmax classifier; class probabilities sum to 1. (The reference applies
-    PyTorch's CrossEntropyLoss to the sigmoid scores themselves, which caps the top class's
-    softmax probability at e / (e + C - 1); see docs/decisions.md.)"""
+    """Single-label output (``--loss=ce``): pooled scores ``p`` ``[B, C]`` → class
+    probabilities ``[B, C]`` that sum to 1.
 
-    def __init__(self, **kwargs):
+    ``form="scores"`` (what :func:`build_tagger` builds): ``softmax(log p)`` = ``p / Σ_c p_c``
+    (p floored at 1e-7), defined for every p > 0 — multi-head pooling's scores exceed 1 (its
+    head weights need not sum to 1) — so every score keeps its gradient.
+    ``form="logit"`` (the default only so that models saved before keep their outputs):
+    softmax over ``log p - log(1 - p)``, p clamped to [1e-7, 1 - 1e-7]; the clamp stops the
+    gradient of every score at or above 1 - 1e-7, and a run whose wrong classes' scores pass
+    it cannot push them down again (docs/decisions.md). The reference applies PyTorch's
+    CrossEntropyLoss to the sigmoid scores themselves, which caps the top class's softmax
+    probability at e / (e + C - 1).
+    """
+
+    FORMS = ("scores", "logit")
+
+    def __init__(self, form: str = "logit", **kwargs):
         kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
+        if form not in self.FORMS:
+            raise ValueError(f"form must be one of {self.FORMS}, got {form!r}")
+        self.form = form
 
     def call(self, scores):
-        p = keras.ops.clip(keras.ops.cast(scores, "float32"), params.CLAMP_EPS,
-                           1.0 - params.CLAMP_EPS)
+        p = keras.ops.cast(scores, "float32")
+        if self.form == "scores":
+            return keras.ops.softmax(keras.ops.log(keras.ops.maximum(p, params.CLAMP_EPS)),
+                                     axis=-1)
+        p = keras.ops.clip(p, params.CLAMP_EPS, 1.0 - params.CLAMP_EPS)
         return keras.ops.softmax(keras.ops.log(p) - keras.ops.log1p(-p), axis=-1)
 
     def compute_output_shape(self, input_shape):
@@ -81,6 +96,7 @@ class SingleLabelScores(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.pop("dtype", None)
+        config["form"] = self.form
         return config
 
 
@@ -161,7 +177,7 @@ def build_tagger(num_classes: int, *, model: str = "efficientnet", eff_b: int = 
                                   cnn_width=cnn_width, name="classifier")
     scores = classifier(fbank)
     if single_label:
-        scores = SingleLabelScores(name="single_label")(scores)
+        scores = SingleLabelScores(form="scores", name="single_label")(scores)
     scores = keras.layers.Activation("linear", name="scores", dtype="float32")(scores)
     return keras.Model({"waveform": waveform, "num_samples": num_samples}, scores, name=name)
 
