@@ -21,7 +21,8 @@ import tensorflow as tf
 
 from psla_tf import params
 
-__all__ = ["FrequencyMasking", "TimeMasking", "mask_along_axis", "random_gain", "random_speed"]
+__all__ = ["FrequencyMasking", "TimeMasking", "TimeShift", "mask_along_axis", "random_gain",
+           "random_speed", "shift_along_time"]
 
 
 def random_speed(waveform: tf.Tensor, num_samples: tf.Tensor, max_change: float,
@@ -107,6 +108,54 @@ def mask_along_axis(x: tf.Tensor, max_width: int, axis: int, uniform: tf.Tensor,
     mask = (pos >= start[:, tf.newaxis]) & (pos < end[:, tf.newaxis])  # [B, dim]
     mask = mask[:, :, tf.newaxis] if axis == 1 else mask[:, tf.newaxis, :]
     return tf.where(mask, tf.cast(mask_value, x.dtype), x)
+
+
+def shift_along_time(x: tf.Tensor, shift: tf.Tensor, fill_value: float = 0.0) -> tf.Tensor:
+    """Delay each example of ``x`` ``[B, T, F]`` by ``shift`` ``[B]`` frames (≥ 0):
+    out[b, t] = x[b, t − shift_b] for t ≥ shift_b, ``fill_value`` before; frames pushed past
+    T are dropped. Shape ``[B, T, F]`` kept."""
+    frames = tf.shape(x)[1]
+    shift = tf.clip_by_value(tf.cast(tf.reshape(shift, [-1]), tf.int32), 0, frames)
+    src = tf.range(frames)[tf.newaxis, :] - shift[:, tf.newaxis]              # [B, T]
+    out = tf.gather(x, tf.maximum(src, 0), axis=1, batch_dims=1)
+    return tf.where((src >= 0)[:, :, tf.newaxis], out, tf.cast(fill_value, x.dtype))
+
+
+@keras.saving.register_keras_serializable(package="psla_tf")
+class TimeShift(keras.layers.Layer):
+    """Delay each ``[B, T, F]`` example by d ~ U{0, …, ``max_shift``} frames, training only.
+
+    Not in PSLA (``--time_shift``): with a short input (e.g. FSDD's 64 frames) the backbone's
+    last feature map has 2 time steps, so a model trained on clips whose sound starts at the
+    first frame learns where it starts; recordings with a lead-in of silence (another speaker,
+    another recorder) then look new. The delay fills with 0, the value of padding frames
+    (``AudioFrontend``: raw fbank 0, or the clip's mean under ``clip_norm``).
+    """
+
+    def __init__(self, max_shift: int = 0, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if int(max_shift) < 0:
+            raise ValueError(f"max_shift must be >= 0, got {max_shift}")
+        self.max_shift = int(max_shift)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.supports_masking = True
+
+    def call(self, inputs, training=None):
+        if not training or self.max_shift < 1:
+            return inputs
+        u = keras.random.uniform(tf.shape(inputs)[:1], seed=self.seed_generator,
+                                 dtype="float32")
+        shift = tf.minimum(tf.cast(u * float(self.max_shift + 1), tf.int32), self.max_shift)
+        return shift_along_time(inputs, shift)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(max_shift=self.max_shift, seed=self.seed)
+        return config
 
 
 class _AxisMasking(keras.layers.Layer):

@@ -53,6 +53,7 @@ class TrainConfig:
     random_speed: float = 0.0
     freqm: int = params.FREQM
     timem: int = params.TIMEM
+    time_shift: int = 0
     target_length: int = params.TARGET_LENGTH
     clip_samples: int | None = None
     allow_cut_clips: bool = False

@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 from scipy import stats
 
-from psla_tf.augment import FrequencyMasking, TimeMasking
+from psla_tf.augment import FrequencyMasking, TimeMasking, TimeShift, shift_along_time
 
 
 def _runs(masked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -225,3 +225,62 @@ def test_random_speed():
     np.testing.assert_array_equal(np.asarray(y0), x)
     with pytest.raises(ValueError, match="max_change"):
         random_speed(x, lengths, 1.0, seed)
+
+
+def test_shift_along_time_matches_numpy():
+    """--time_shift: each example delayed by its own number of frames, zeros before, the
+    end cut (NumPy reference)."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 12, 3)).astype("float32") + 10.0
+    shift = np.array([0, 1, 4, 12, 20], np.int32)
+    want = np.zeros_like(x)
+    for b, d in enumerate(shift):
+        d = min(d, 12)
+        want[b, d:] = x[b, :12 - d]
+    np.testing.assert_array_equal(shift_along_time(tf.constant(x), tf.constant(shift)).numpy(),
+                                  want)
+
+
+def test_time_shift_layer_uniform_delay_and_inference_identity():
+    """TimeShift draws d ~ U{0..max_shift} per example (chi-square, p > 0.001 at seed 0),
+    is seeded, identity at inference and at 0, and round-trips its config."""
+    x = tf.constant(np.arange(1, 41, dtype="float32")[None, :, None] * np.ones((4000, 1, 2),
+                                                                                "float32"))
+    layer = TimeShift(7, seed=0)
+    y = layer(x, training=True).numpy()
+    delay = (y[:, :, 0] == 0).sum(axis=1)                  # leading zeros = the delay
+    for b in range(0, 4000, 97):
+        np.testing.assert_array_equal(y[b, delay[b]:, 0], x.numpy()[b, :40 - delay[b], 0])
+    counts = np.bincount(delay, minlength=8)
+    assert counts.size == 8
+    assert stats.chisquare(counts).pvalue > 1e-3
+    np.testing.assert_array_equal(TimeShift(7, seed=0)(x, training=True).numpy(), y)
+    np.testing.assert_array_equal(layer(x).numpy(), x.numpy())
+    np.testing.assert_array_equal(TimeShift(0)(x, training=True).numpy(), x.numpy())
+    clone = TimeShift.from_config(TimeShift(5, seed=3, name="ts").get_config())
+    assert (clone.max_shift, clone.seed, clone.name) == (5, 3, "ts")
+    with pytest.raises(ValueError, match="max_shift"):
+        TimeShift(-1)
+
+
+def test_frontend_time_shift_delays_normalised_frames_in_training_only():
+    """AudioFrontend(time_shift=…): in training each clip's normalised fbank is delayed
+    (zeros = the clip's mean under cmvn in front); at inference it is unchanged; the .keras
+    config carries it."""
+    from psla_tf.models.frontend import AudioFrontend
+    rng = np.random.default_rng(1)
+    wave = tf.constant(rng.normal(size=(64, 16000)).astype("float32"))
+    n = tf.fill([64], 16000)
+    fe = AudioFrontend(target_length=120, freqm=0, timem=0, clip_norm="cmvn", time_shift=10,
+                       seed=0)
+    plain = fe(wave, n).numpy()                            # 98 valid frames, then padding
+    shifted = fe(wave, n, training=True).numpy()
+    delays = set()
+    for b in range(64):
+        d = int(np.argmax(np.abs(shifted[b]).sum(axis=1) > 0))
+        assert 0 <= d <= 10
+        np.testing.assert_array_equal(shifted[b, :d], 0.0)
+        np.testing.assert_allclose(shifted[b, d:], plain[b, :120 - d], atol=1e-6)
+        delays.add(d)
+    assert len(delays) > 5
+    assert AudioFrontend.from_config(fe.get_config()).time_shift == 10

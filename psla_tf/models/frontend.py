@@ -15,7 +15,8 @@
    (``num_ceps`` > 0, not in PSLA: each frame smoothed to its first ``num_ceps`` cepstral
    coefficients, ``features.cepstral_lifter_matrix`` — the spectral envelope without the
    speaker's pitch harmonics; padding frames stay 0)
-5. training only: FrequencyMasking(freqm) then TimeMasking(timem) (skipped when 0);
+5. training only: TimeShift(time_shift) (a random delay, not in PSLA), then
+   FrequencyMasking(freqm) and TimeMasking(timem) (each skipped when 0);
 6. normalise: (x − dataset_mean) / dataset_std.
 
 ``clip_norm`` (default ``"none"``: the paper's steps above) normalises each clip by its own
@@ -48,7 +49,7 @@ import keras
 import tensorflow as tf
 
 from psla_tf import params
-from psla_tf.augment import FrequencyMasking, TimeMasking
+from psla_tf.augment import FrequencyMasking, TimeMasking, TimeShift
 from psla_tf.features import (DFTS, cepstral_lifter_matrix, kaldi_fbank, mel_high_edge,
                                resolve_dft, runtime_constant)
 
@@ -87,15 +88,16 @@ class AudioFrontend(keras.layers.Layer):
                  timem: int = params.TIMEM, dataset_mean: float = params.DATASET_MEAN,
                  dataset_std: float = params.DATASET_STD, seed: int | None = None,
                  dft: str = "auto", power_scale: float = 1.0, clip_norm: str = "none",
-                 num_ceps: int = 0, high_freq: float = 0.0, **kwargs):
+                 num_ceps: int = 0, high_freq: float = 0.0, time_shift: int = 0, **kwargs):
         kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         if int(target_length) < 1:
             raise ValueError(f"target_length must be >= 1 frame, got {target_length}")
         if float(dataset_std) <= 0:
             raise ValueError(f"dataset_std must be > 0, got {dataset_std}")
-        if int(freqm) < 0 or int(timem) < 0:
-            raise ValueError(f"freqm and timem must be >= 0, got {freqm}, {timem}")
+        if int(freqm) < 0 or int(timem) < 0 or int(time_shift) < 0:
+            raise ValueError(f"freqm, timem and time_shift must be >= 0, got {freqm}, {timem}, "
+                             f"{time_shift}")
         if dft not in DFTS:
             raise ValueError(f"dft must be one of {DFTS}, got {dft!r}")
         if clip_norm not in CLIP_NORMS:
@@ -115,16 +117,20 @@ class AudioFrontend(keras.layers.Layer):
         self.clip_norm = clip_norm
         self.num_ceps = int(num_ceps)
         self.high_freq = float(high_freq)
+        self.time_shift = int(time_shift)
         self.runtime_matrices = False           # set by the TFLite export (kaldi_fbank doc)
         self.frequency_masking = FrequencyMasking(
             self.freqm, seed=seed, name="frequency_masking") if self.freqm else None
         self.time_masking = TimeMasking(
             self.timem, seed=None if seed is None else seed + 1,
             name="time_masking") if self.timem else None
+        self.time_shifting = TimeShift(
+            self.time_shift, seed=None if seed is None else seed + 2,
+            name="time_shift") if self.time_shift else None
 
     def build(self, waveform_shape=None, num_samples_shape=None):
         shape = (None, self.target_length, self.num_mel_bins)
-        for layer in (self.frequency_masking, self.time_masking):
+        for layer in (self.time_shifting, self.frequency_masking, self.time_masking):
             if layer is not None and not layer.built:
                 layer.build(shape)
         self.built = True
@@ -166,6 +172,8 @@ class AudioFrontend(keras.layers.Layer):
         return tf.minimum(frames, self.target_length)
 
     def _mask(self, fb):
+        if getattr(self, "time_shifting", None) is not None:
+            fb = self.time_shifting(fb, training=True)
         if self.frequency_masking is not None:
             fb = self.frequency_masking(fb, training=True)
         if self.time_masking is not None:
@@ -192,5 +200,6 @@ class AudioFrontend(keras.layers.Layer):
                       freqm=self.freqm, timem=self.timem, dataset_mean=self.dataset_mean,
                       dataset_std=self.dataset_std, seed=self.seed, dft=self.dft,
                       power_scale=self.power_scale, clip_norm=self.clip_norm,
-                      num_ceps=self.num_ceps, high_freq=self.high_freq)
+                      num_ceps=self.num_ceps, high_freq=self.high_freq,
+                      time_shift=self.time_shift)
         return config

@@ -76,6 +76,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "in training.", flag_values=fv)
     I("freqm", d.freqm, "Max frequency-mask width in bins (paper: 48; 0 off).", flag_values=fv)
     I("timem", d.timem, "Max time-mask width in frames (paper: 192; 0 off).", flag_values=fv)
+    I("time_shift", d.time_shift, "Random delay of each training clip's fbank by 0..x frames "
+      "(not in PSLA; 0 off). For short inputs whose sound starts at different times in "
+      "different recordings.", flag_values=fv)
     I("target_length", d.target_length, "Frames per clip (1056 AudioSet, 3000 FSD50K).",
       flag_values=fv)
     I("clip_samples", None, "Waveform samples per training clip (default: enough for "

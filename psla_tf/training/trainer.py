@@ -103,8 +103,8 @@ def _check_input(cfg: TrainConfig) -> None:
         raise ConfigError(f"--random_speed must be in [0, 1), got {cfg.random_speed}")
     if not 0 <= cfg.bn_momentum < 1:
         raise ConfigError(f"--bn_momentum must be in [0, 1), got {cfg.bn_momentum}")
-    if cfg.target_length < 1 or cfg.freqm < 0 or cfg.timem < 0:
-        raise ConfigError("--target_length must be ≥ 1, --freqm and --timem ≥ 0")
+    if cfg.target_length < 1 or cfg.freqm < 0 or cfg.timem < 0 or cfg.time_shift < 0:
+        raise ConfigError("--target_length must be ≥ 1, --freqm, --timem and --time_shift ≥ 0")
     if (cfg.dataset_mean is None) != (cfg.dataset_std is None):
         raise ConfigError("give both --dataset_mean and --dataset_std, or neither")
     if cfg.dataset_std is not None and cfg.dataset_std <= 0:
