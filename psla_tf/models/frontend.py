@@ -11,6 +11,8 @@
    for 8-kHz telephone or FSDD audio, so no bin holds only the empty band);
 3. zero the frames past the clip's end (frame f is valid iff 160 f + 400 ≤ n, so the kept
    frames equal the fbank of the unpadded clip);
+   (``trim_onset_db`` > 0, not in PSLA: drop the clip's leading frames more than that many
+   dB below its loudest frame, :func:`leading_silence`, so every clip starts at its sound)
 4. zero-pad or cut to ``target_length`` frames;
    (``num_ceps`` > 0, not in PSLA: each frame smoothed to its first ``num_ceps`` cepstral
    coefficients, ``features.cepstral_lifter_matrix`` — the spectral envelope without the
@@ -53,7 +55,8 @@ from psla_tf.augment import FrequencyMasking, TimeMasking, TimeShift
 from psla_tf.features import (DFTS, cepstral_lifter_matrix, kaldi_fbank, mel_high_edge,
                                resolve_dft, runtime_constant)
 
-__all__ = ["AudioFrontend", "CLIP_NORMS", "CMVN_VAR_FLOOR", "clip_normalise"]
+__all__ = ["AudioFrontend", "CLIP_NORMS", "CMVN_VAR_FLOOR", "clip_normalise",
+           "drop_leading_frames", "leading_silence"]
 
 CLIP_NORMS = ("none", "cmn", "cmvn")
 #: variance floor of "cmvn" (log-mel units²): a bin whose level hardly moves within the clip
@@ -79,6 +82,33 @@ def clip_normalise(fb: tf.Tensor, n_frames: tf.Tensor, mode: str, dataset_std: f
     raise ValueError(f"clip_norm must be one of {CLIP_NORMS}, got {mode!r}")
 
 
+def leading_silence(fb: tf.Tensor, n_frames: tf.Tensor, threshold_db: float) -> tf.Tensor:
+    """Leading frames ``[B]`` of each clip of the raw log-mel ``fb`` ``[B, T, M]`` (natural
+    log of mel power, Kaldi's) whose energy is more than ``threshold_db`` below the clip's
+    loudest of its first ``n_frames`` ``[B]`` frames: the index of the first frame f with
+    10 log10 Σ_m exp(fb[f, m]) ≥ max_f (…) − threshold_db (0 for a clip without frames)."""
+    frames = tf.shape(fb)[1]
+    valid = tf.range(frames)[tf.newaxis, :] < n_frames[:, tf.newaxis]         # [B, T]
+    energy = tf.where(valid, tf.reduce_logsumexp(fb, axis=2), -float("inf"))  # ln power
+    loudest = tf.reduce_max(energy, axis=1, keepdims=True)
+    loud = valid & (energy >= loudest - float(threshold_db) * 0.1 * 2.302585092994046)
+    return tf.where(tf.reduce_any(loud, axis=1),
+                    tf.argmax(tf.cast(loud, tf.int32), axis=1, output_type=tf.int32), 0)
+
+
+def drop_leading_frames(fb: tf.Tensor, n_frames: tf.Tensor, drop: tf.Tensor
+                        ) -> tuple[tf.Tensor, tf.Tensor]:
+    """``fb`` ``[B, T, M]`` with each clip's first ``drop`` ``[B]`` frames removed (its later
+    frames moved to the front, zeros after its ``n_frames − drop`` remaining ones) and the
+    remaining counts ``[B]``."""
+    frames = tf.shape(fb)[1]
+    src = tf.range(frames)[tf.newaxis, :] + drop[:, tf.newaxis]               # [B, T]
+    kept = n_frames - drop
+    out = tf.gather(fb, tf.minimum(src, frames - 1), axis=1, batch_dims=1)
+    keep = tf.range(frames)[tf.newaxis, :] < kept[:, tf.newaxis]
+    return tf.where(keep[:, :, tf.newaxis], out, tf.zeros_like(out)), kept
+
+
 @keras.saving.register_keras_serializable(package="psla_tf")
 class AudioFrontend(keras.layers.Layer):
     """``(waveform [B, S], num_samples [B]) → normalised fbank [B, target_length, mel]``."""
@@ -88,7 +118,8 @@ class AudioFrontend(keras.layers.Layer):
                  timem: int = params.TIMEM, dataset_mean: float = params.DATASET_MEAN,
                  dataset_std: float = params.DATASET_STD, seed: int | None = None,
                  dft: str = "auto", power_scale: float = 1.0, clip_norm: str = "none",
-                 num_ceps: int = 0, high_freq: float = 0.0, time_shift: int = 0, **kwargs):
+                 num_ceps: int = 0, high_freq: float = 0.0, time_shift: int = 0,
+                 trim_onset_db: float = 0.0, **kwargs):
         kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         if int(target_length) < 1:
@@ -105,6 +136,8 @@ class AudioFrontend(keras.layers.Layer):
         if not 0 <= int(num_ceps) <= int(num_mel_bins):
             raise ValueError(f"num_ceps must be 0 (off) or 1..{num_mel_bins}, got {num_ceps}")
         mel_high_edge(float(high_freq))        # ValueError outside the recorded band
+        if float(trim_onset_db) < 0:
+            raise ValueError(f"trim_onset_db must be >= 0 (0 off), got {trim_onset_db}")
         self.target_length = int(target_length)
         self.num_mel_bins = int(num_mel_bins)
         self.freqm = int(freqm)
@@ -118,6 +151,7 @@ class AudioFrontend(keras.layers.Layer):
         self.num_ceps = int(num_ceps)
         self.high_freq = float(high_freq)
         self.time_shift = int(time_shift)
+        self.trim_onset_db = float(trim_onset_db)
         self.runtime_matrices = False           # set by the TFLite export (kaldi_fbank doc)
         self.frequency_masking = FrequencyMasking(
             self.freqm, seed=seed, name="frequency_masking") if self.freqm else None
@@ -137,6 +171,10 @@ class AudioFrontend(keras.layers.Layer):
 
     def fbank(self, waveform, num_samples):
         """Steps 1-4: padded, un-normalised fbank ``[B, target_length, mel]``."""
+        return self._fbank_and_frames(waveform, num_samples)[0]
+
+    def _fbank_and_frames(self, waveform, num_samples):
+        """Steps 1-4 → (fbank ``[B, target_length, mel]``, its valid frames ``[B]``)."""
         w = tf.cast(waveform, tf.float32)
         total = tf.shape(w)[1]
         n = tf.minimum(tf.cast(tf.reshape(num_samples, [-1]), tf.int32), total)
@@ -154,6 +192,9 @@ class AudioFrontend(keras.layers.Layer):
                             1 + (n - params.FRAME_LENGTH) // params.FRAME_SHIFT, 0)
         keep = tf.range(frames)[tf.newaxis, :] < n_frames[:, tf.newaxis]
         fb = tf.where(keep[:, :, tf.newaxis], fb, 0.0)
+        if getattr(self, "trim_onset_db", 0.0) > 0:
+            fb, n_frames = drop_leading_frames(
+                fb, n_frames, leading_silence(fb, n_frames, self.trim_onset_db))
         fb = fb[:, :self.target_length]
         pad = tf.maximum(self.target_length - tf.shape(fb)[1], 0)
         fb = tf.pad(fb, [[0, 0], [0, pad], [0, 0]])
@@ -162,14 +203,12 @@ class AudioFrontend(keras.layers.Layer):
             if getattr(self, "runtime_matrices", False):   # not quantised by TFLite (features)
                 lifter = runtime_constant(lifter, fb)
             fb = tf.linalg.matmul(fb, lifter)
-        return tf.ensure_shape(fb, [None, self.target_length, self.num_mel_bins])
+        fb = tf.ensure_shape(fb, [None, self.target_length, self.num_mel_bins])
+        return fb, tf.minimum(n_frames, self.target_length)
 
     def valid_frames(self, waveform, num_samples):
         """Frames of each clip that ``fbank`` keeps ``[B]`` (at most ``target_length``)."""
-        n = tf.minimum(tf.cast(tf.reshape(num_samples, [-1]), tf.int32), tf.shape(waveform)[1])
-        frames = tf.where(n >= params.FRAME_LENGTH,
-                          1 + (n - params.FRAME_LENGTH) // params.FRAME_SHIFT, 0)
-        return tf.minimum(frames, self.target_length)
+        return self._fbank_and_frames(waveform, num_samples)[1]
 
     def _mask(self, fb):
         if getattr(self, "time_shifting", None) is not None:
@@ -181,10 +220,9 @@ class AudioFrontend(keras.layers.Layer):
         return fb
 
     def call(self, waveform, num_samples, training=None):
-        fb = self.fbank(waveform, num_samples)
+        fb, n_frames = self._fbank_and_frames(waveform, num_samples)
         if self.clip_norm != "none":   # the clip's own statistics; masks to its mean (0)
-            fb = clip_normalise(fb, self.valid_frames(waveform, num_samples), self.clip_norm,
-                                self.dataset_std)
+            fb = clip_normalise(fb, n_frames, self.clip_norm, self.dataset_std)
             return self._mask(fb) if training else fb
         if training:
             fb = self._mask(fb)
@@ -201,5 +239,5 @@ class AudioFrontend(keras.layers.Layer):
                       dataset_std=self.dataset_std, seed=self.seed, dft=self.dft,
                       power_scale=self.power_scale, clip_norm=self.clip_norm,
                       num_ceps=self.num_ceps, high_freq=self.high_freq,
-                      time_shift=self.time_shift)
+                      time_shift=self.time_shift, trim_onset_db=self.trim_onset_db)
         return config

@@ -354,8 +354,8 @@ def append_summary(p: Plan, retain_eval, wa, model, source_model) -> dict[str, A
 
 def source_normalisation(cfg) -> tuple[float, float]:
     """``--append_classes``: the source model's fbank mean / std (its front end is kept, so
-    its classes' scores stay its own). Its ``--clip_norm``, ``--num_ceps`` and
-    ``--high_freq`` must be the run's; a different ``--target_length`` is allowed (the source's scores then change with
+    its classes' scores stay its own). Its ``--clip_norm``, ``--num_ceps``, ``--high_freq``
+    and ``--trim_onset_db`` must be the run's; a different ``--target_length`` is allowed (the source's scores then change with
     the input length)."""
     from psla_tf.models import loading
     try:
@@ -371,6 +371,9 @@ def source_normalisation(cfg) -> tuple[float, float]:
     if float(fe.get("high_freq", 0.0)) != float(getattr(cfg, "high_freq", 0.0)):
         raise DataError(f"--append_classes: the source model was trained with "
                         f"--high_freq={fe.get('high_freq', 0.0):g}; pass the same")
+    if float(fe.get("trim_onset_db", 0.0)) != float(getattr(cfg, "trim_onset_db", 0.0)):
+        raise DataError(f"--append_classes: the source model was trained with "
+                        f"--trim_onset_db={fe.get('trim_onset_db', 0.0):g}; pass the same")
     if int(fe["target_length"]) != cfg.target_length:
         print(f"note: --append_classes: the source model's input is {fe['target_length']} "
               f"frames, this run's {cfg.target_length}: its classes' scores change with the "

@@ -79,6 +79,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     I("time_shift", d.time_shift, "Random delay of each training clip's fbank by 0..x frames "
       "(not in PSLA; 0 off). For short inputs whose sound starts at different times in "
       "different recordings.", flag_values=fv)
+    F("trim_onset_db", d.trim_onset_db, "Drop each clip's leading frames more than x dB "
+      "below its loudest frame, in training and in every export (not in PSLA; 0 off): every "
+      "clip starts at its sound. For short single-event clips (spoken words) whose lead-in "
+      "silence differs between recordings.", flag_values=fv)
     I("target_length", d.target_length, "Frames per clip (1056 AudioSet, 3000 FSD50K).",
       flag_values=fv)
     I("clip_samples", None, "Waveform samples per training clip (default: enough for "

@@ -105,6 +105,8 @@ def _check_input(cfg: TrainConfig) -> None:
         raise ConfigError(f"--bn_momentum must be in [0, 1), got {cfg.bn_momentum}")
     if cfg.target_length < 1 or cfg.freqm < 0 or cfg.timem < 0 or cfg.time_shift < 0:
         raise ConfigError("--target_length must be ≥ 1, --freqm, --timem and --time_shift ≥ 0")
+    if cfg.trim_onset_db < 0:
+        raise ConfigError(f"--trim_onset_db must be ≥ 0 (0 off), got {cfg.trim_onset_db:g}")
     if (cfg.dataset_mean is None) != (cfg.dataset_std is None):
         raise ConfigError("give both --dataset_mean and --dataset_std, or neither")
     if cfg.dataset_std is not None and cfg.dataset_std <= 0:
