@@ -61,6 +61,7 @@ BAD_FLAGS = [
     (["--train_data=/nonexistent/x-*.tfrecord"], "no TFRecord shards"),
     (["--batch_size=64"], "larger than the training set"),
     (["--eval_data=OTHER"], "different vocabularies"),
+    (["--trim_onset_db=-3"], "--trim_onset_db must be"),
 ]
 
 
