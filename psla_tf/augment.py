@@ -121,8 +121,40 @@ def shift_along_time(x: tf.Tensor, shift: tf.Tensor, fill_value: float = 0.0) ->
     return tf.where((src >= 0)[:, :, tf.newaxis], out, tf.cast(fill_value, x.dtype))
 
 
+class _FbankAugment(keras.layers.Layer):
+    """Shared body of the training-only ``[B, T, F]`` augmentations: one size argument
+    (``_size``: its name), a seed, identity at inference or at size 0."""
+
+    _size: str = "max_width"
+
+    def __init__(self, size: int, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if int(size) < 0:
+            raise ValueError(f"{self._size} must be >= 0, got {size}")
+        setattr(self, self._size, int(size))
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.supports_masking = True
+
+    def call(self, inputs, training=None):
+        if not training or getattr(self, self._size) < 1:
+            return inputs
+        return self._augment(inputs)
+
+    def _augment(self, inputs):
+        raise NotImplementedError
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({self._size: getattr(self, self._size), "seed": self.seed})
+        return config
+
+
 @keras.saving.register_keras_serializable(package="psla_tf")
-class TimeShift(keras.layers.Layer):
+class TimeShift(_FbankAugment):
     """Delay each ``[B, T, F]`` example by d ~ U{0, …, ``max_shift``} frames, training only.
 
     Not in PSLA (``--time_shift``): with a short input (e.g. FSDD's 64 frames) the backbone's
@@ -132,61 +164,29 @@ class TimeShift(keras.layers.Layer):
     (``AudioFrontend``: raw fbank 0, or the clip's mean under ``clip_norm``).
     """
 
-    def __init__(self, max_shift: int = 0, seed: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        if int(max_shift) < 0:
-            raise ValueError(f"max_shift must be >= 0, got {max_shift}")
-        self.max_shift = int(max_shift)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-        self.supports_masking = True
+    _size = "max_shift"
 
-    def call(self, inputs, training=None):
-        if not training or self.max_shift < 1:
-            return inputs
+    def __init__(self, max_shift: int = 0, seed: int | None = None, **kwargs):
+        super().__init__(max_shift, seed, **kwargs)
+
+    def _augment(self, inputs):
         u = keras.random.uniform(tf.shape(inputs)[:1], seed=self.seed_generator,
                                  dtype="float32")
         shift = tf.minimum(tf.cast(u * float(self.max_shift + 1), tf.int32), self.max_shift)
         return shift_along_time(inputs, shift)
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
 
-    def get_config(self):
-        config = super().get_config()
-        config.update(max_shift=self.max_shift, seed=self.seed)
-        return config
-
-
-class _AxisMasking(keras.layers.Layer):
+class _AxisMasking(_FbankAugment):
     """Shared body of FrequencyMasking / TimeMasking (one mask per example)."""
 
     _axis: int = 1
+    _size = "max_width"
 
-    def __init__(self, max_width: int, seed: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        if int(max_width) < 0:
-            raise ValueError(f"max_width must be >= 0, got {max_width}")
-        self.max_width = int(max_width)
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-        self.supports_masking = True
-
-    def call(self, inputs, training=None):
-        if not training or self.max_width < 1:
-            return inputs
+    def _augment(self, inputs):
         batch = tf.shape(inputs)[0]
         uniform = keras.random.uniform(tf.stack([batch, 2]), seed=self.seed_generator,
                                        dtype="float32")
         return mask_along_axis(inputs, self.max_width, self._axis, uniform)
-
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
-    def get_config(self):
-        config = super().get_config()
-        config.update(max_width=self.max_width, seed=self.seed)
-        return config
 
 
 @keras.saving.register_keras_serializable(package="psla_tf")

@@ -2,8 +2,8 @@
 ``--trim_onset_db``).
 
 Truth: NumPy in float64 — frame energies as log Σ exp of the raw log-mel, the first frame
-within x dB of the loudest, the shift, then per-clip CMVN; exported SavedModel / TFLite scores
-against the Keras model that carries the option.
+within x dB of the loudest, the shift, then per-clip CMVN. The exports carrying it:
+``tests/test_clip_norm.py::test_exports_carry_clip_norm``.
 """
 from __future__ import annotations
 
@@ -86,37 +86,3 @@ def test_frontend_trims_each_clip_to_its_onset():
     assert AudioFrontend.from_config(fe.get_config()).trim_onset_db == 30.0
     with pytest.raises(ValueError, match="trim_onset_db"):
         AudioFrontend(T, trim_onset_db=-1.0)
-
-
-def test_exports_carry_trim_onset(tmp_path):
-    """A cmvn tagger with --trim_onset_db: the .keras file, the SavedModel and the float32
-    TFLite model give the Keras scores (1e-4) on clips with different lead-in silences."""
-    import keras
-    from ai_edge_litert.interpreter import Interpreter
-    from psla_tf import export, export_tflite
-    from psla_tf.models.tagger import build_tagger
-    keras.utils.set_random_seed(0)
-    model = build_tagger(3, model="cnn", cnn_width=0.25, target_length=T, freqm=0, timem=0,
-                         clip_norm="cmvn", high_freq=4000.0, trim_onset_db=30.0)
-    mids, names = ["/m/a", "/m/b", "/m/c"], ["a", "b", "c"]
-    waves = np.stack([_clip(k, s) for s, k in enumerate([0, 1200, 2500])])
-    n = np.full([3], CLIP, np.int32)
-    ref = model({"waveform": waves, "num_samples": n}, training=False).numpy()
-    model.save(tmp_path / "m.keras")
-    loaded = keras.models.load_model(tmp_path / "m.keras")
-    assert loaded.get_layer("frontend").trim_onset_db == 30.0
-    np.testing.assert_allclose(loaded({"waveform": waves, "num_samples": n},
-                                      training=False).numpy(), ref, atol=1e-5)
-    st = export.load_saved_model(export.export_saved_model(
-        model, str(tmp_path / "sm"), mids, names, clip_samples=CLIP))
-    np.testing.assert_allclose(st(waves, n)["scores"], ref, atol=1e-4)
-    path = str(tmp_path / "m.tflite")
-    export_tflite.export_tflite(model, path, mids, names, quantize="none",
-                                seconds=CLIP / 16000.0)
-    it = Interpreter(model_path=path)
-    it.allocate_tensors()
-    i, o = it.get_input_details()[0], it.get_output_details()[0]
-    for b in range(3):
-        it.set_tensor(i["index"], waves[b][None])
-        it.invoke()
-        np.testing.assert_allclose(it.get_tensor(o["index"])[0], ref[b], atol=1e-4)
