@@ -119,3 +119,21 @@ def test_append_classes_errors(runs, tmp_path):
         trainer.resolve(trainer.TrainConfig(**cfg))
     with pytest.raises(trainer.ConfigError, match="--loss=bce"):
         trainer.check_config(trainer.TrainConfig(**dict(cfg, loss="ce")))
+
+
+@pytest.mark.parametrize("option,value,shown", [
+    ("clip_norm", "cmvn", "--clip_norm=cmvn"), ("num_ceps", 13, "--num_ceps=13"),
+    ("high_freq", 4000.0, "--high_freq=4000"), ("trim_onset_db", 30.0, "--trim_onset_db=30")])
+def test_append_classes_needs_the_source_models_front_end(tmp_path, option, value, shown):
+    """--append_classes keeps the source model's front end: a run with another value of one
+    of its options is a one-line DataError; the same value gives the source's mean/std."""
+    from psla_tf.data.records import DataError
+    from psla_tf.models.tagger import build_tagger
+    from psla_tf.training import distill, trainer
+    path = str(tmp_path / "source.keras")
+    build_tagger(3, model="cnn", cnn_width=0.25, att_head=1, target_length=32, freqm=0,
+                 timem=0, dataset_mean=-5.0, dataset_std=4.0, **{option: value}).save(path)
+    with pytest.raises(DataError, match=shown):
+        distill.source_normalisation(trainer.TrainConfig(init_from=path, target_length=32))
+    assert distill.source_normalisation(trainer.TrainConfig(
+        init_from=path, target_length=32, **{option: value})) == (-5.0, 4.0)

@@ -58,21 +58,6 @@ def test_frontend_bands_end_at_high_freq():
             AudioFrontend(64, high_freq=bad)
 
 
-def test_append_classes_needs_the_source_models_high_freq(tmp_path):
-    """--append_classes keeps the source model's front end: another --high_freq is a one-line
-    DataError (the flag round trip: tests/test_clip_norm.py)."""
-    from psla_tf.data.records import DataError
-    from psla_tf.models.tagger import build_tagger
-    from psla_tf.training import distill, trainer
-    path = str(tmp_path / "source.keras")
-    build_tagger(3, model="cnn", cnn_width=0.25, att_head=1, target_length=32, freqm=0,
-                 timem=0, dataset_mean=-5.0, dataset_std=4.0, high_freq=4000.0).save(path)
-    with pytest.raises(DataError, match="--high_freq=4000"):
-        distill.source_normalisation(trainer.TrainConfig(init_from=path, target_length=32))
-    assert distill.source_normalisation(trainer.TrainConfig(
-        init_from=path, target_length=32, high_freq=4000.0)) == (-5.0, 4.0)
-
-
 def test_flag_accepts_exactly_what_the_front_end_accepts():
     """--high_freq's validator is the front end's rule (params.mel_high_edge), at its edges."""
     from absl import flags as absl_flags

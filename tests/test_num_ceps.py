@@ -56,23 +56,3 @@ def test_frontend_smooths_each_frame_before_normalising():
     assert (clone.num_ceps, clone.clip_norm) == (13, "cmvn")
     with pytest.raises(ValueError, match="num_ceps"):
         AudioFrontend(64, num_ceps=129)
-
-
-def test_append_classes_needs_the_source_models_num_ceps(tmp_path):
-    """--append_classes keeps the source model's front end: a run with another --num_ceps
-    (or --clip_norm) is a one-line DataError; the same settings give the source's mean/std."""
-    from psla_tf.data.records import DataError
-    from psla_tf.models.tagger import build_tagger
-    from psla_tf.training import distill, trainer
-    path = str(tmp_path / "source.keras")
-    build_tagger(3, model="cnn", cnn_width=0.25, att_head=1, target_length=32, freqm=0,
-                 timem=0, dataset_mean=-5.0, dataset_std=4.0, clip_norm="cmvn",
-                 num_ceps=13).save(path)
-
-    def cfg(**kw):
-        return trainer.TrainConfig(init_from=path, target_length=32, **kw)
-    with pytest.raises(DataError, match="--num_ceps=13"):
-        distill.source_normalisation(cfg(clip_norm="cmvn"))
-    with pytest.raises(DataError, match="--clip_norm=cmvn"):
-        distill.source_normalisation(cfg(num_ceps=13))
-    assert distill.source_normalisation(cfg(clip_norm="cmvn", num_ceps=13)) == (-5.0, 4.0)
