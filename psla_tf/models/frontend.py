@@ -192,7 +192,7 @@ class AudioFrontend(keras.layers.Layer):
                             1 + (n - params.FRAME_LENGTH) // params.FRAME_SHIFT, 0)
         keep = tf.range(frames)[tf.newaxis, :] < n_frames[:, tf.newaxis]
         fb = tf.where(keep[:, :, tf.newaxis], fb, 0.0)
-        if getattr(self, "trim_onset_db", 0.0) > 0:
+        if self.trim_onset_db > 0:
             fb, n_frames = drop_leading_frames(
                 fb, n_frames, leading_silence(fb, n_frames, self.trim_onset_db))
         fb = fb[:, :self.target_length]
@@ -207,11 +207,17 @@ class AudioFrontend(keras.layers.Layer):
         return fb, tf.minimum(n_frames, self.target_length)
 
     def valid_frames(self, waveform, num_samples):
-        """Frames of each clip that ``fbank`` keeps ``[B]`` (at most ``target_length``)."""
-        return self._fbank_and_frames(waveform, num_samples)[1]
+        """Frames of each clip that ``fbank`` keeps ``[B]`` (at most ``target_length``;
+        with ``trim_onset_db`` this computes the fbank)."""
+        if self.trim_onset_db > 0:
+            return self._fbank_and_frames(waveform, num_samples)[1]
+        n = tf.minimum(tf.cast(tf.reshape(num_samples, [-1]), tf.int32), tf.shape(waveform)[1])
+        frames = tf.where(n >= params.FRAME_LENGTH,
+                          1 + (n - params.FRAME_LENGTH) // params.FRAME_SHIFT, 0)
+        return tf.minimum(frames, self.target_length)
 
     def _mask(self, fb):
-        if getattr(self, "time_shifting", None) is not None:
+        if self.time_shifting is not None:
             fb = self.time_shifting(fb, training=True)
         if self.frequency_masking is not None:
             fb = self.frequency_masking(fb, training=True)
