@@ -352,28 +352,27 @@ def append_summary(p: Plan, retain_eval, wa, model, source_model) -> dict[str, A
     return out
 
 
+#: front-end options the source model's front end fixes for --append_classes, with their
+#: "off" values (what a config saved before the option existed means)
+_KEPT_FRONT_END = {"clip_norm": "none", "num_ceps": 0, "high_freq": 0.0, "trim_onset_db": 0.0}
+
+
 def source_normalisation(cfg) -> tuple[float, float]:
     """``--append_classes``: the source model's fbank mean / std (its front end is kept, so
     its classes' scores stay its own). Its ``--clip_norm``, ``--num_ceps``, ``--high_freq``
-    and ``--trim_onset_db`` must be the run's; a different ``--target_length`` is allowed (the source's scores then change with
-    the input length)."""
+    and ``--trim_onset_db`` must be the run's; a different ``--target_length`` is allowed
+    (the source's scores then change with the input length)."""
     from psla_tf.models import loading
     try:
         fe = loading.load_tagger(cfg.init_from).get_layer("frontend").get_config()
     except (loading.ModelLoadError, ValueError) as e:
         raise DataError(f"--append_classes: {cfg.init_from}: {e}") from None
-    if fe.get("clip_norm", "none") != getattr(cfg, "clip_norm", "none"):
-        raise DataError(f"--append_classes: the source model was trained with "
-                        f"--clip_norm={fe.get('clip_norm')}; pass the same")
-    if int(fe.get("num_ceps", 0)) != int(getattr(cfg, "num_ceps", 0)):
-        raise DataError(f"--append_classes: the source model was trained with "
-                        f"--num_ceps={fe.get('num_ceps', 0)}; pass the same")
-    if float(fe.get("high_freq", 0.0)) != float(getattr(cfg, "high_freq", 0.0)):
-        raise DataError(f"--append_classes: the source model was trained with "
-                        f"--high_freq={fe.get('high_freq', 0.0):g}; pass the same")
-    if float(fe.get("trim_onset_db", 0.0)) != float(getattr(cfg, "trim_onset_db", 0.0)):
-        raise DataError(f"--append_classes: the source model was trained with "
-                        f"--trim_onset_db={fe.get('trim_onset_db', 0.0):g}; pass the same")
+    for option, default in _KEPT_FRONT_END.items():   # the layer's defaults = the flags'
+        theirs, ours = fe.get(option, default), getattr(cfg, option, default)
+        if type(default)(theirs) != type(default)(ours):
+            shown = f"{theirs:g}" if isinstance(default, float) else theirs
+            raise DataError(f"--append_classes: the source model was trained with "
+                            f"--{option}={shown}; pass the same")
     if int(fe["target_length"]) != cfg.target_length:
         print(f"note: --append_classes: the source model's input is {fe['target_length']} "
               f"frames, this run's {cfg.target_length}: its classes' scores change with the "
