@@ -45,6 +45,7 @@ class TrainConfig:
     wa: bool = True
     wa_start: int = 16
     wa_end: int = 30
+    wa_bn_batches: int = 100
     balanced_sampling: bool = True
     sampling_order: str = "iid"
     mixup: float = params.MIXUP

@@ -105,6 +105,7 @@ def test_two_epoch_run(runs):
         assert s["single"][k] == pytest.approx(np.mean([r[k] for r in single]), abs=1e-6)
         assert np.isfinite(s["weight_averaging"][k])
     assert s["weight_averaging"]["epochs"] == [1, 2]
+    assert s["weight_averaging"]["bn_batches"] == 4   # --wa_bn_batches capped at one epoch
     assert s["normalisation"] == {"mean": -6.0, "std": 4.0, "source": "train manifest"}
     for f in ("wa_model.keras", "final_model.keras", "labels.csv", "log.csv", "flags.txt", "checkpoints/epoch_001.weights.h5",
               "checkpoints/epoch_002.weights.h5"):
@@ -130,3 +131,33 @@ def test_bad_flags_fail_cleanly(runs, extra, message):
     p, _ = runs(message)  # main.py *TINY *extra --dry_run
     assert p.returncode != 0
     assert message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_average_weights_rebuilds_the_runs_weight_average(runs, tmp_path):
+    """tools/average_weights.py on the run folder gives wa_model.keras: the averaged weights
+    with BatchNorm statistics re-estimated on the run's training batches (the same draws);
+    with --bn_batches=0 the moving statistics are the checkpoints' plain average."""
+    from helpers_cli import run_script
+    from psla_tf.models.loading import load_tagger
+    p, exp = runs("two_epoch")
+    assert p.returncode == 0, p.stderr[-3000:]
+    wa = load_tagger(exp)                                        # wa_model.keras
+    for bn, out in ((None, tmp_path / "wa.keras"), (0, tmp_path / "plain.keras")):
+        args = [f"--checkpoints={exp}", "--epochs=1-2", f"--output={out}", "--noprogress"]
+        r = run_script("average_weights.py", *args, *([f"--bn_batches={bn}"] if bn == 0 else []))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert ("BatchNorm statistics from 4 training batches" in r.stdout) == (bn is None)
+    rebuilt = load_tagger(str(tmp_path / "wa.keras"))
+    plain = load_tagger(str(tmp_path / "plain.keras"))
+    ckpts = [load_tagger(os.path.join(exp, "checkpoints", f"epoch_{e:03d}.weights.h5"))
+             for e in (1, 2)]
+    moving = 0
+    for v, w, q, a, b in zip(wa.weights, rebuilt.weights, plain.weights,
+                             *[c.weights for c in ckpts]):
+        np.testing.assert_allclose(w.numpy(), v.numpy(), rtol=1e-5, atol=1e-6, err_msg=v.path)
+        mean = (a.numpy().astype(np.float64) + b.numpy()) / 2
+        np.testing.assert_allclose(q.numpy(), mean, rtol=1e-6, atol=1e-7, err_msg=v.path)
+        if "moving" in v.path:
+            moving += 1
+            assert not np.allclose(v.numpy(), mean, rtol=1e-4, atol=1e-5), v.path
+    assert moving > 0

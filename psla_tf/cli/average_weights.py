@@ -1,5 +1,8 @@
 """Offline weight averaging (paper Sec. VI-A): the equal average of all weights — BatchNorm
 moving statistics included — of saved epoch checkpoints of one run, saved as one model.
+From a run folder the BatchNorm statistics are then re-estimated on the run's training
+batches as the trainer does for ``wa_model.keras`` (``--bn_batches``; default the run's
+``--wa_bn_batches``), so ``--epochs=WA_START-WA_END`` rebuilds ``wa_model.keras``.
 
 Examples:
   python tools/average_weights.py --checkpoints='exp/full/checkpoints/epoch_02?.weights.h5' \\
@@ -21,6 +24,9 @@ flags.DEFINE_string("epochs", None, "With a run folder: inclusive 1-based epoch 
                     "(checkpoints/epoch_NNN.weights.h5).")
 flags.DEFINE_string("output", None, "Averaged model: .keras (whole model; labels.csv written "
                     "beside it) or .weights.h5 (weights only).")
+flags.DEFINE_integer("bn_batches", None, "With a run folder: training batches of the run "
+                     "(its flags.txt) that re-estimate the BatchNorm statistics; default the "
+                     "run's --wa_bn_batches; 0 keeps the averaged statistics.", lower_bound=0)
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
 # --checkpoints mixes globs, files and a run folder: checked by _paths()
 PATHS = {"output": PathFlag(OUT_FILE)}
@@ -68,7 +74,15 @@ def main(argv: list[str] | None = None):
     if not FLAGS.output.endswith((".keras", ".weights.h5")):
         raise DataError("--output must end in .keras or .weights.h5")
     paths = _paths()
+    if FLAGS.bn_batches and not FLAGS.epochs:
+        raise DataError("--bn_batches needs --checkpoints=RUN_FOLDER with --epochs (the run's "
+                        "flags.txt names its training data)")
     model = average_checkpoints(paths, progress=FLAGS.progress)
+    bn = 0
+    if FLAGS.epochs and FLAGS.bn_batches != 0:
+        from psla_tf.training.trainer import refresh_run_batchnorm
+        bn = refresh_run_batchnorm(model, FLAGS.checkpoints.strip().rstrip(","),
+                                   FLAGS.bn_batches)
     vocab = load_vocabulary(paths[0]) if find_label_csv(paths[0]) else None
     out = os.path.abspath(FLAGS.output)
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -79,7 +93,8 @@ def main(argv: list[str] | None = None):
         else:
             model.save_weights(tmp)
     print(f"averaged {len(paths)} checkpoints ({os.path.basename(paths[0])} … "
-          f"{os.path.basename(paths[-1])}) → {out}")
+          f"{os.path.basename(paths[-1])})"
+          + (f", BatchNorm statistics from {bn} training batches" if bn else "") + f" → {out}")
     if suffix == ".keras" and vocab is not None:
         labels = run_folder.path(os.path.dirname(out), run_folder.LABELS_FILE)
         if not os.path.exists(labels):

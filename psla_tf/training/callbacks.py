@@ -17,6 +17,7 @@ epoch and restore it with :meth:`restore`, so a killed run can resume without do
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import keras
 import numpy as np
@@ -164,6 +165,66 @@ def _is_float(v: keras.Variable) -> bool:
     return "float" in str(v.dtype)
 
 
+def batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
+    """Every ``BatchNormalization`` layer of ``model``, nested models included."""
+    return [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def refresh_batchnorm(model: keras.Model, batches, num_batches: int,
+                      strategy: tf.distribute.Strategy | None = None, seed: int = 0) -> int:
+    """Set each BatchNorm layer's moving mean and variance to the equal average of its
+    training-mode batch statistics over ``num_batches`` batches.
+
+    SWA's BatchNorm update (Izmailov et al., 2018, Sec. 3.2): an average of weights is none
+    of the averaged models, so the average of their moving statistics need not match it.
+    ``batches`` yields what the training pipeline yields (``(inputs, targets)`` tuples or
+    inputs; per-replica values under ``strategy``); the model runs as in a training step
+    (augmentation and drop-connect included), its random draws from ``seed`` (the model's
+    random-seed states are put back afterwards), nothing else changes. Returns the number of
+    batches used (fewer when ``batches`` ends first; 0 leaves the statistics unchanged).
+    """
+    layers = batchnorm_layers(model)
+    if not layers or num_batches <= 0:
+        return 0
+    # random seeds (masking, drop-connect) are variables but not weights: keep them as they are
+    weights = {id(v) for v in model.weights}
+    seeds = [(v, v.numpy()) for v in model.variables if id(v) not in weights]
+    for k, (v, value) in enumerate(seeds):  # the same draws whatever ran before
+        if v.path.endswith("seed_generator_state"):
+            v.assign(np.asarray([seed + k, 0], value.dtype))
+    momentum = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0  # a training-mode call leaves this batch's statistics
+    step = tf.function(lambda x: model(x, training=True))
+    sums = [np.zeros(layer.moving_mean.shape, np.float64) for layer in layers for _ in (0, 1)]
+    n = 0
+    try:
+        for batch in batches:
+            if n == num_batches:
+                break
+            x = batch[0] if isinstance(batch, (tuple, list)) else batch
+            if strategy is not None:
+                strategy.run(step, args=(x,))
+            else:
+                step(x)
+            for i, layer in enumerate(layers):
+                sums[2 * i] += np.asarray(layer.moving_mean.numpy(), np.float64)
+                sums[2 * i + 1] += np.asarray(layer.moving_variance.numpy(), np.float64)
+            n += 1
+    finally:
+        for layer, m in zip(layers, momentum):
+            layer.momentum = m
+        for v, value in seeds:
+            v.assign(value)
+    if n:
+        for i, layer in enumerate(layers):
+            layer.moving_mean.assign((sums[2 * i] / n).astype(layer.moving_mean.dtype))
+            layer.moving_variance.assign(
+                (sums[2 * i + 1] / n).astype(layer.moving_variance.dtype))
+    return n
+
+
 class WeightAveraging(keras.callbacks.Callback):
     """Equal average of the epoch-end weights from ``wa_start`` to ``wa_end`` (Sec. VI-A).
 
@@ -173,12 +234,18 @@ class WeightAveraging(keras.callbacks.Callback):
     ``save_path`` and, given ``evaluation``, evaluated (``result``) — and given
     ``val_evaluation`` also on the validation set (``val_result``); the live model then gets
     its own weights back, so training and the "single" results are unaffected.
+    ``bn_refresh(model) -> batches`` (e.g. :func:`refresh_batchnorm` over training batches)
+    re-estimates the averaged model's BatchNorm statistics before it is saved
+    (``bn_batches`` records how many batches it used).
     """
 
     def __init__(self, wa_start: int, wa_end: int, save_path: str | None = None,
                  state_path: str | None = None, evaluation: EpochEvaluation | None = None,
-                 verbose: int = 1, val_evaluation: EpochEvaluation | None = None):
+                 verbose: int = 1, val_evaluation: EpochEvaluation | None = None,
+                 bn_refresh: Callable[[keras.Model], int] | None = None):
         super().__init__()
+        self.bn_refresh = bn_refresh
+        self.bn_batches = 0
         if not 1 <= wa_start <= wa_end:
             raise ValueError(f"need 1 ≤ wa_start ≤ wa_end, got {wa_start}, {wa_end}")
         self.wa_start, self.wa_end = int(wa_start), int(wa_end)
@@ -246,6 +313,9 @@ class WeightAveraging(keras.callbacks.Callback):
         try:
             for v, a in zip(self.model.weights, self.averaged):
                 v.assign(a)
+            if self.bn_refresh is not None:
+                self.bn_batches = self.bn_refresh(self.model)
+                self.averaged = [np.asarray(v.numpy()) for v in self.model.weights]
             if self.save_path:
                 os.makedirs(os.path.dirname(os.path.abspath(self.save_path)), exist_ok=True)
                 with atomic.atomic_path(self.save_path, ".keras") as tmp:
@@ -254,8 +324,10 @@ class WeightAveraging(keras.callbacks.Callback):
                 self.result = self.evaluation.score(self.evaluation.predict(self.model))
                 self.result["epochs"] = list(self.epochs)
                 if self.verbose:
+                    bn = (f", BatchNorm statistics from {self.bn_batches} training batches"
+                          if self.bn_batches else "")
                     print(f"weight averaging of epochs {self.epochs[0]}-{self.epochs[-1]} "
-                          f"({len(self.epochs)} models): mAP {self.result['mAP']:.4f}",
+                          f"({len(self.epochs)} models{bn}): mAP {self.result['mAP']:.4f}",
                           flush=True)
             if self.val_evaluation is not None:
                 v = self.val_evaluation

@@ -57,6 +57,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     I("wa_start", d.wa_start, "First epoch averaged (paper: 16 full, 41 balanced, 21 FSD50K).",
       flag_values=fv)
     I("wa_end", d.wa_end, "Last epoch averaged (paper: the last epoch).", flag_values=fv)
+    I("wa_bn_batches", d.wa_bn_batches, "Training batches (at most one epoch) that "
+      "re-estimate the averaged model's BatchNorm statistics (SWA's update; not in the "
+      "reference). 0: the average of the epochs' moving statistics, as the reference.",
+      lower_bound=0, flag_values=fv)
     B("balanced_sampling", d.balanced_sampling, "Class-balanced sampling (Alg. 1; paper: on "
       "for full AudioSet and FSD50K, off for balanced AudioSet).", flag_values=fv)
     E("sampling_order", d.sampling_order, ["iid", "stream"], "Training order. iid (the "

@@ -86,6 +86,8 @@ def _check_schedule(cfg: TrainConfig) -> None:
         if not 1 <= cfg.wa_start <= cfg.wa_end:
             raise ConfigError(f"need 1 ≤ --wa_start ≤ --wa_end, got {cfg.wa_start}, "
                               f"{cfg.wa_end}")
+        if cfg.wa_bn_batches < 0:
+            raise ConfigError(f"--wa_bn_batches must be ≥ 0, got {cfg.wa_bn_batches}")
         if cfg.wa_end > cfg.n_epochs:
             raise ConfigError(f"--wa_end ({cfg.wa_end}) > --n_epochs ({cfg.n_epochs}); "
                               "set --wa_end to at most --n_epochs or --nowa")
@@ -277,7 +279,9 @@ def describe(r: Resolved, num_params: int | None) -> str:
                f"steps (= {cfg.warmup_steps / r.steps_per_epoch:.2f} epochs)")
     out.append("  per-epoch lr: " + ", ".join(f"{e}:{lr:.4g}" for e, lr in
                                                enumerate(lrs, start=1)))
-    out.append(f"  weight averaging: epochs {cfg.wa_start}-{cfg.wa_end}" if cfg.wa
+    bn = (f", BatchNorm statistics from {min(cfg.wa_bn_batches, r.steps_per_epoch)} "
+          "training batches" if cfg.wa_bn_batches else "")
+    out.append(f"  weight averaging: epochs {cfg.wa_start}-{cfg.wa_end}{bn}" if cfg.wa
                else "  weight averaging: off")
     out += r.kd.describe(cfg)
     return "\n".join(out)
@@ -480,6 +484,37 @@ def _compile(model, cfg: TrainConfig, r: Resolved, strategy) -> None:
         model.optimizer.build(model.trainable_variables)
 
 
+def refresh_run_batchnorm(model, exp_dir: str, num_batches: int | None = None) -> int:
+    """Re-estimate ``model``'s BatchNorm statistics as run ``exp_dir`` does for its weight
+    average (its flags.txt: training data, augmentation, ``--wa_bn_batches`` unless
+    ``num_batches`` is given). Returns the batches used (0: unchanged)."""
+    import tensorflow as tf
+
+    from psla_tf.config import config_from_flagfile
+    cfg = config_from_flagfile(run_folder.path(exp_dir, run_folder.FLAGS_FILE))
+    if num_batches is not None:
+        cfg = dataclasses.replace(cfg, wa_bn_batches=int(num_batches))
+    r = resolve(cfg)
+    refresh = _bn_refresh(r.cfg, r, tf.distribute.get_strategy(), 1)
+    return refresh(model) if refresh is not None else 0
+
+
+def _bn_refresh(cfg: TrainConfig, r: Resolved, strategy, replicas: int):
+    """``model -> batches``: the averaged model's BatchNorm statistics from
+    ``--wa_bn_batches`` (at most one epoch of) fresh training batches; None when 0."""
+    if not cfg.wa_bn_batches:
+        return None
+    from psla_tf.training.callbacks import refresh_batchnorm
+    num = min(cfg.wa_bn_batches, r.steps_per_epoch)
+
+    def refresh(model) -> int:
+        with strategy.scope():  # the epoch after the last one: batches training never saw
+            batches = train_pipeline(cfg, r, strategy, replicas, cfg.n_epochs, num_epochs=1)
+            return refresh_batchnorm(model, batches, num, strategy if replicas > 1 else None,
+                                     seed=cfg.seed)
+    return refresh
+
+
 def _make_loop(cfg: TrainConfig, r: Resolved, model, strategy, replicas: int,
                chief: bool) -> _Loop:
     """Per-epoch evaluation of eval / val / retain sets, checkpoint ensemble(s), weight
@@ -524,7 +559,8 @@ def _make_loop(cfg: TrainConfig, r: Resolved, model, strategy, replicas: int,
     if cfg.wa:
         wa = cbs.WeightAveraging(cfg.wa_start, cfg.wa_end,
                                  run_folder.path(exp, run_folder.WA_MODEL) if chief else None,
-                                 None, evaluation, val_evaluation=val_eval)
+                                 None, evaluation, val_evaluation=val_eval,
+                                 bn_refresh=_bn_refresh(cfg, r, strategy, replicas))
         callbacks.append(wa)
     if cfg.freeze_backbone_epochs:
         from psla_tf.training.finetune import FreezeBackbone, source_columns
@@ -566,9 +602,10 @@ def _restore_and_log(cfg: TrainConfig, model, strategy, loop: _Loop, resuming: b
     return initial_epoch
 
 
-def _fit(cfg: TrainConfig, r: Resolved, model, strategy, replicas: int, multi_worker: bool,
-         loop: _Loop, initial_epoch: int) -> None:
-    """``model.fit`` over the training pipeline (one per worker under a strategy)."""
+def train_pipeline(cfg: TrainConfig, r: Resolved, strategy, replicas: int,
+                   initial_epoch: int = 0, num_epochs: int | None = None):
+    """The training batches of epochs ``initial_epoch + 1`` .. (to ``--n_epochs``): one
+    pipeline, or one per worker with per-replica batches under a strategy."""
     import tensorflow as tf
 
     from psla_tf.data import pipeline
@@ -578,16 +615,26 @@ def _fit(cfg: TrainConfig, r: Resolved, model, strategy, replicas: int, multi_wo
                   sampling_order=cfg.sampling_order,
                   random_gain_db=cfg.random_gain_db, random_speed=cfg.random_speed,
                   seed=cfg.seed, initial_epoch=initial_epoch,
-                  num_epochs=cfg.n_epochs - initial_epoch,
+                  num_epochs=(cfg.n_epochs - initial_epoch if num_epochs is None
+                              else num_epochs),
                   skip_corrupt_records=cfg.skip_corrupt_records)
     # labels into the model's vocabulary, teacher targets (built with each pipeline)
     targets = functools.partial(r.kd.train_transform, cfg.kd_temperature)
     if strategy is tf.distribute.get_strategy() and replicas == 1:
-        train_ds = pipeline.make_train_dataset(r.train, transform=targets(), **kwargs)
-    else:  # one pipeline per worker, its own share and seeds; per-replica batches
-        train_ds = strategy.distribute_datasets_from_function(
-            lambda ctx: pipeline.make_train_dataset(r.train, input_context=ctx,
-                                                    transform=targets(), **kwargs))
+        return pipeline.make_train_dataset(r.train, transform=targets(), **kwargs)
+    # one pipeline per worker, its own share and seeds; per-replica batches
+    return strategy.distribute_datasets_from_function(
+        lambda ctx: pipeline.make_train_dataset(r.train, input_context=ctx,
+                                                transform=targets(), **kwargs))
+
+
+def _fit(cfg: TrainConfig, r: Resolved, model, strategy, replicas: int, multi_worker: bool,
+         loop: _Loop, initial_epoch: int) -> None:
+    """``model.fit`` over the training pipeline (one per worker under a strategy)."""
+    import tensorflow as tf
+
+    from psla_tf.data import pipeline
+    train_ds = train_pipeline(cfg, r, strategy, replicas, initial_epoch)
     if multi_worker:
         # Keras 3.15's fit reduces a first batch across replicas to build the model
         # symbolically; MultiWorkerMirroredStrategy.reduce cannot take a dict of
@@ -631,7 +678,8 @@ def _summary(cfg: TrainConfig, r: Resolved, loop: _Loop, model, source_model,
         "single": single_result(evaluation.history, val_eval.history if val_eval else None,
                                 cfg.metric),
         "weight_averaging": ({k: wa.result[k] for k in SUMMARY_KEYS if k in wa.result}
-                             | {"epochs": wa.epochs} | selection.val_fields(wa.val_result)
+                             | {"epochs": wa.epochs, "bn_batches": wa.bn_batches}
+                             | selection.val_fields(wa.val_result)
                              if wa is not None and wa.result else None),
         "ensemble": ({k: ensemble.result[k] for k in SUMMARY_KEYS if k in ensemble.result}
                      | {"epochs": ensemble.epochs}
