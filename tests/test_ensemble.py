@@ -121,7 +121,9 @@ def test_average_weights_tool(tmp_path):
     odd = save_tagger(other, str(tmp_path / "odd"))
     bad = [([f"--checkpoints={exp / 'checkpoints' / 'epoch_001.weights.h5'},{odd}"],
             "another architecture"),
-           ([f"--checkpoints={exp}", "--epochs=2-5"], "checkpoints missing")]
+           ([f"--checkpoints={exp}", "--epochs=2-5"], "checkpoints missing"),
+           # this run folder names no training data: no BatchNorm statistics from it
+           ([f"--checkpoints={exp}", "--epochs=1-3"], "--bn_batches=0 keeps the averaged")]
     r = run_tool("average_weights.py", f"--checkpoints={exp}", "--epochs=1-3",
                  f"--output={out}", "--noprogress", "--bn_batches=0")
     assert r.returncode == 0, r.stderr[-2000:]

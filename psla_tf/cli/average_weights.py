@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None):
     del argv
     from psla_tf import atomic, run_folder
     from psla_tf.data.records import DataError, write_label_csv
+    from psla_tf.errors import PslaError
     from psla_tf.ensemble import average_checkpoints
     from psla_tf.models.loading import find_label_csv, load_vocabulary
     if not FLAGS.checkpoints or not FLAGS.output:
@@ -81,8 +82,12 @@ def main(argv: list[str] | None = None):
     bn = 0
     if FLAGS.epochs and FLAGS.bn_batches != 0:
         from psla_tf.training.trainer import refresh_run_batchnorm
-        bn = refresh_run_batchnorm(model, FLAGS.checkpoints.strip().rstrip(","),
-                                   FLAGS.bn_batches)
+        try:
+            bn = refresh_run_batchnorm(model, FLAGS.checkpoints.strip().rstrip(","),
+                                       FLAGS.bn_batches)
+        except PslaError as e:
+            raise DataError(f"{e} (the BatchNorm statistics are re-estimated on the run's "
+                            "training data; --bn_batches=0 keeps the averaged ones)") from None
     vocab = load_vocabulary(paths[0]) if find_label_csv(paths[0]) else None
     out = os.path.abspath(FLAGS.output)
     os.makedirs(os.path.dirname(out), exist_ok=True)
