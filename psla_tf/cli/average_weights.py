@@ -26,7 +26,8 @@ flags.DEFINE_string("output", None, "Averaged model: .keras (whole model; labels
                     "beside it) or .weights.h5 (weights only).")
 flags.DEFINE_integer("bn_batches", None, "With a run folder: training batches of the run "
                      "(its flags.txt) that re-estimate the BatchNorm statistics; default the "
-                     "run's --wa_bn_batches; 0 keeps the averaged statistics.", lower_bound=0)
+                     "run's --wa_bn_batches (100 where its flags.txt has none); 0 keeps the "
+                     "averaged statistics.", lower_bound=0)
 flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
 # --checkpoints mixes globs, files and a run folder: checked by _paths()
 PATHS = {"output": PathFlag(OUT_FILE)}
