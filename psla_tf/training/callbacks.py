@@ -10,6 +10,8 @@
   models from ``wa_start`` to ``wa_end`` inclusive (1-based epochs), accumulated in float64.
   The reference loads the start epoch and then adds start..end again, counting the start
   epoch twice; we implement the equal average the paper describes.
+  :func:`refresh_batchnorm` then re-estimates the averaged model's BatchNorm statistics on
+  training batches (SWA's BN update; the trainer's ``--wa_bn_batches``, not in the reference).
 
 Accumulators save their state to an ``.npz`` (atomically: temp file + rename) after every
 epoch and restore it with :meth:`restore`, so a killed run can resume without double counting.
