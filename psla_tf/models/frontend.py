@@ -109,6 +109,18 @@ def drop_leading_frames(fb: tf.Tensor, n_frames: tf.Tensor, drop: tf.Tensor
     return tf.where(keep[:, :, tf.newaxis], out, tf.zeros_like(out)), kept
 
 
+def _valid_samples(waveform: tf.Tensor, num_samples: tf.Tensor) -> tf.Tensor:
+    """Samples of each clip ``[B]`` int32, clamped to [0, the waveform's length]."""
+    n = tf.minimum(tf.cast(tf.reshape(num_samples, [-1]), tf.int32), tf.shape(waveform)[1])
+    return tf.maximum(n, 0)
+
+
+def _frame_count(n: tf.Tensor) -> tf.Tensor:
+    """Kaldi's snip_edges frame count of ``n`` samples ``[B]`` (``features.num_frames``)."""
+    return tf.where(n >= params.FRAME_LENGTH,
+                    1 + (n - params.FRAME_LENGTH) // params.FRAME_SHIFT, 0)
+
+
 @keras.saving.register_keras_serializable(package="psla_tf")
 class AudioFrontend(keras.layers.Layer):
     """``(waveform [B, S], num_samples [B]) → normalised fbank [B, target_length, mel]``."""
@@ -177,8 +189,7 @@ class AudioFrontend(keras.layers.Layer):
         """Steps 1-4 → (fbank ``[B, target_length, mel]``, its valid frames ``[B]``)."""
         w = tf.cast(waveform, tf.float32)
         total = tf.shape(w)[1]
-        n = tf.minimum(tf.cast(tf.reshape(num_samples, [-1]), tf.int32), total)
-        n = tf.maximum(n, 0)
+        n = _valid_samples(waveform, num_samples)
         dft = resolve_dft(self.dft)
         if dft == "matmul":   # the folded DFT cancels a DC offset in (float16) arithmetic
             valid = tf.cast(tf.range(total)[tf.newaxis, :] < n[:, tf.newaxis], tf.float32)
@@ -188,8 +199,7 @@ class AudioFrontend(keras.layers.Layer):
                          power_scale=self.power_scale, high_freq=self.high_freq,
                          runtime_matrices=getattr(self, "runtime_matrices", False))  # [B, F, M]
         frames = tf.shape(fb)[1]
-        n_frames = tf.where(n >= params.FRAME_LENGTH,
-                            1 + (n - params.FRAME_LENGTH) // params.FRAME_SHIFT, 0)
+        n_frames = _frame_count(n)
         keep = tf.range(frames)[tf.newaxis, :] < n_frames[:, tf.newaxis]
         fb = tf.where(keep[:, :, tf.newaxis], fb, 0.0)
         if self.trim_onset_db > 0:
@@ -211,10 +221,8 @@ class AudioFrontend(keras.layers.Layer):
         with ``trim_onset_db`` this computes the fbank)."""
         if self.trim_onset_db > 0:
             return self._fbank_and_frames(waveform, num_samples)[1]
-        n = tf.minimum(tf.cast(tf.reshape(num_samples, [-1]), tf.int32), tf.shape(waveform)[1])
-        frames = tf.where(n >= params.FRAME_LENGTH,
-                          1 + (n - params.FRAME_LENGTH) // params.FRAME_SHIFT, 0)
-        return tf.minimum(frames, self.target_length)
+        return tf.minimum(_frame_count(_valid_samples(waveform, num_samples)),
+                          self.target_length)
 
     def _mask(self, fb):
         if self.time_shifting is not None:

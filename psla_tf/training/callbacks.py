@@ -199,7 +199,8 @@ def refresh_batchnorm(model: keras.Model, batches, num_batches: int,
     for layer in layers:
         layer.momentum = 0.0  # a training-mode call leaves this batch's statistics
     step = tf.function(lambda x: model(x, training=True))
-    sums = [np.zeros(layer.moving_mean.shape, np.float64) for layer in layers for _ in (0, 1)]
+    means = [np.zeros(layer.moving_mean.shape, np.float64) for layer in layers]
+    variances = [np.zeros(layer.moving_variance.shape, np.float64) for layer in layers]
     n = 0
     try:
         for batch in batches:
@@ -210,9 +211,9 @@ def refresh_batchnorm(model: keras.Model, batches, num_batches: int,
                 strategy.run(step, args=(x,))
             else:
                 step(x)
-            for i, layer in enumerate(layers):
-                sums[2 * i] += np.asarray(layer.moving_mean.numpy(), np.float64)
-                sums[2 * i + 1] += np.asarray(layer.moving_variance.numpy(), np.float64)
+            for layer, mean, variance in zip(layers, means, variances):
+                mean += layer.moving_mean.numpy()
+                variance += layer.moving_variance.numpy()
             n += 1
     finally:
         for layer, m in zip(layers, momentum):
@@ -220,10 +221,9 @@ def refresh_batchnorm(model: keras.Model, batches, num_batches: int,
         for v, value in seeds:
             v.assign(value)
     if n:
-        for i, layer in enumerate(layers):
-            layer.moving_mean.assign((sums[2 * i] / n).astype(layer.moving_mean.dtype))
-            layer.moving_variance.assign(
-                (sums[2 * i + 1] / n).astype(layer.moving_variance.dtype))
+        for layer, mean, variance in zip(layers, means, variances):
+            layer.moving_mean.assign((mean / n).astype(layer.moving_mean.dtype))
+            layer.moving_variance.assign((variance / n).astype(layer.moving_variance.dtype))
     return n
 
 
