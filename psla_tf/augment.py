@@ -1,4 +1,6 @@
-"""Frequency and time masking (paper Alg. 1, lines 16-18; DESIGN.md "Features").
+"""Frequency and time masking (paper Alg. 1, lines 16-18; DESIGN.md "Features"), and the
+waveform / fbank augmentations psla_tf adds for unseen recordings (gain, speed, time shift,
+vocal-tract length perturbation; not in PSLA).
 
 SpecAugment-style masking with torchaudio's exact semantics, as PSLA applies it per clip in its
 dataloader (``torchaudio.transforms.FrequencyMasking(48)`` then ``TimeMasking(192)`` on the
@@ -17,12 +19,15 @@ independently per example; identity unless ``training=True``. Pure TensorFlow op
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from psla_tf import params
+from psla_tf.features import hz_to_mel, mel_high_edge, mel_to_hz
 
-__all__ = ["FrequencyMasking", "TimeMasking", "TimeShift", "mask_along_axis", "random_gain",
-           "random_speed", "shift_along_time"]
+__all__ = ["FrequencyMasking", "TimeMasking", "TimeShift", "VocalTractPerturbation",
+           "mask_along_axis", "mel_warp_matrix", "random_gain", "random_speed",
+           "shift_along_time", "vtln_warp_freq"]
 
 
 def random_speed(waveform: tf.Tensor, num_samples: tf.Tensor, max_change: float,
@@ -121,6 +126,59 @@ def shift_along_time(x: tf.Tensor, shift: tf.Tensor, fill_value: float = 0.0) ->
     return tf.where((src >= 0)[:, :, tf.newaxis], out, tf.cast(fill_value, x.dtype))
 
 
+def vtln_warp_freq(freq: tf.Tensor, warp: tf.Tensor, low_freq: float, high_freq: float,
+                   low_cutoff: float = params.VTLN_LOW,
+                   high_cutoff: float = params.VTLN_HIGH) -> tf.Tensor:
+    """Kaldi's vocal-tract length warp of frequencies (``VtlnWarpFreq``, mel-computations.cc).
+
+    ``freq`` (Hz) and the warp factor α ``warp`` broadcast together (e.g. ``[1, M]`` and
+    ``[B, 1]`` → ``[B, M]``). Piecewise linear: f / α between l = ``low_cutoff`` · max(1, α)
+    and h = ``high_cutoff`` · min(1, α), joined by straight lines to the fixed edges
+    ``low_freq`` and ``high_freq`` (the mel banks' edges, Hz); unchanged outside them.
+    ``high_cutoff <= 0`` is taken below ``high_freq`` (Kaldi takes it below Nyquist, the same
+    for the default banks).
+    """
+    hc = high_freq + high_cutoff if high_cutoff <= 0 else high_cutoff
+    if not low_freq < low_cutoff < hc < high_freq:
+        raise ValueError(f"VTLN cutoffs must satisfy low_freq < low < high < high_freq, got "
+                         f"{low_freq:g} < {low_cutoff:g} < {hc:g} < {high_freq:g}")
+    f = tf.convert_to_tensor(freq, tf.float32)
+    a = tf.convert_to_tensor(warp, tf.float32)
+    lo = low_cutoff * tf.maximum(1.0, a)
+    hi = hc * tf.minimum(1.0, a)
+    scale = 1.0 / a
+    scale_left = (scale * lo - low_freq) / (lo - low_freq)
+    scale_right = (high_freq - scale * hi) / (high_freq - hi)
+    out = tf.where(f < lo, low_freq + scale_left * (f - low_freq),
+                   tf.where(f < hi, scale * f, high_freq + scale_right * (f - high_freq)))
+    return tf.where((f < low_freq) | (f > high_freq), f, out)
+
+
+def mel_warp_matrix(warp: tf.Tensor, num_mel_bins: int, low_freq: float = params.LOW_FREQ,
+                    high_freq: float = 0.0,
+                    sample_rate: int = params.SAMPLE_RATE) -> tf.Tensor:
+    """``[B, M, M]`` matrices that warp log-mel frames by the factors ``warp`` ``[B]``.
+
+    ``fbank [B, T, M] @ W`` gives each output bin i the input interpolated linearly (along the
+    mel axis) at the bin centre f_i moved by :func:`vtln_warp_freq` — where Kaldi's VTLN puts
+    bin i's triangle (the triangles' widths are not rescaled). α = 1 is the identity (to
+    float32 rounding of the positions); positions past the first / last bin use that bin.
+    ``high_freq``: the banks' upper edge as for ``kaldi_mel_banks`` (0 = Nyquist).
+    """
+    edge = mel_high_edge(float(high_freq), float(low_freq), sample_rate)
+    mel_low, mel_high = hz_to_mel(float(low_freq)), hz_to_mel(edge)
+    delta = (mel_high - mel_low) / (num_mel_bins + 1)
+    centres = mel_low + (np.arange(num_mel_bins) + 1.0) * delta                 # mel, [M]
+    a = tf.reshape(tf.cast(warp, tf.float32), [-1, 1])
+    source = vtln_warp_freq(tf.constant(mel_to_hz(centres)[None, :], tf.float32), a,
+                            float(low_freq), edge)                              # Hz, [B, M]
+    pos = (np.arange(num_mel_bins, dtype=np.float32)[None, :]
+           + (hz_to_mel(source) - tf.constant(centres[None, :], tf.float32)) / float(delta))
+    pos = tf.clip_by_value(pos, 0.0, float(num_mel_bins - 1))
+    j = tf.range(num_mel_bins, dtype=tf.float32)[tf.newaxis, :, tf.newaxis]    # input bin
+    return tf.nn.relu(1.0 - tf.abs(pos[:, tf.newaxis, :] - j))                  # [B, M, M]
+
+
 class _FbankAugment(keras.layers.Layer):
     """Shared body of the training-only ``[B, T, F]`` augmentations: one size argument
     (``_size``: its name), a seed, identity at inference or at size 0."""
@@ -207,3 +265,51 @@ class TimeMasking(_AxisMasking):
 
     def __init__(self, max_width: int = params.TIMEM, seed: int | None = None, **kwargs):
         super().__init__(max_width, seed, **kwargs)
+
+
+@keras.saving.register_keras_serializable(package="psla_tf")
+class VocalTractPerturbation(keras.layers.Layer):
+    """Vocal-tract length perturbation of ``[B, T, M]`` log-mel fbank, training only.
+
+    Each example's mel axis is warped by α ~ U[1 − x, 1 + x] (x = ``max_warp``;
+    :func:`mel_warp_matrix`): formants move as for a shorter or longer vocal tract while
+    pitch and tempo stay (Jaitly & Hinton 2013, "Vocal tract length perturbation (VTLP)
+    improves speech recognition"; the warp is Kaldi's VTLN). Not in PSLA (``--vtlp``); for
+    voices unseen in training. ``low_freq`` / ``high_freq``: the fbank's mel edges (Hz; high
+    0 = Nyquist). Frames of zeros (padding) stay zero. Identity at inference or x = 0.
+    """
+
+    def __init__(self, max_warp: float = 0.0, low_freq: float = params.LOW_FREQ,
+                 high_freq: float = 0.0, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        if not 0.0 <= float(max_warp) < 0.5:
+            raise ValueError(f"max_warp must be in [0, 0.5), got {max_warp}")
+        self.max_warp = float(max_warp)
+        self.low_freq = float(low_freq)
+        self.high_freq = float(high_freq)
+        if self.max_warp:       # the cutoffs hold for the extreme factors (ValueError if not)
+            edge = mel_high_edge(self.high_freq, self.low_freq)
+            vtln_warp_freq(tf.constant([edge / 2]), tf.constant([1.0 - self.max_warp,
+                                                                 1.0 + self.max_warp]),
+                           self.low_freq, edge)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        self.supports_masking = True
+
+    def call(self, inputs, training=None):
+        if not training or not self.max_warp:
+            return inputs
+        warp = keras.random.uniform(tf.shape(inputs)[:1], minval=1.0 - self.max_warp,
+                                    maxval=1.0 + self.max_warp, seed=self.seed_generator,
+                                    dtype="float32")
+        matrix = mel_warp_matrix(warp, int(inputs.shape[-1]), self.low_freq, self.high_freq)
+        return tf.linalg.matmul(inputs, tf.cast(matrix, inputs.dtype))
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(max_warp=self.max_warp, low_freq=self.low_freq,
+                      high_freq=self.high_freq, seed=self.seed)
+        return config

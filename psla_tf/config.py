@@ -56,6 +56,7 @@ class TrainConfig:
     timem: int = params.TIMEM
     time_shift: int = 0
     trim_onset_db: float = 0.0
+    vtlp: float = 0.0
     target_length: int = params.TARGET_LENGTH
     clip_samples: int | None = None
     allow_cut_clips: bool = False

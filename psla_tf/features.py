@@ -39,7 +39,8 @@ import keras
 from psla_tf import compat, params
 
 __all__ = ["kaldi_fbank", "KaldiFbank", "kaldi_mel_banks", "num_frames", "resolve_dft",
-           "forced_dft", "cepstral_lifter_matrix", "mel_high_edge", "runtime_constant"]
+           "forced_dft", "cepstral_lifter_matrix", "mel_high_edge", "runtime_constant",
+           "hz_to_mel", "mel_to_hz"]
 
 
 def num_frames(num_samples: int, frame_length: int = params.FRAME_LENGTH,
@@ -50,8 +51,21 @@ def num_frames(num_samples: int, frame_length: int = params.FRAME_LENGTH,
     return 1 + (num_samples - frame_length) // frame_shift
 
 
-def _mel(f: np.ndarray | float) -> np.ndarray:
+def hz_to_mel(f):
+    """Kaldi's mel scale, 1127 ln(1 + f / 700), of Hz as NumPy (float64) or a ``tf.Tensor``."""
+    if isinstance(f, tf.Tensor):
+        return 1127.0 * tf.math.log(1.0 + f / 700.0)
     return 1127.0 * np.log(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
+
+
+def mel_to_hz(m):
+    """Inverse of :func:`hz_to_mel`: 700 (exp(m / 1127) − 1), NumPy or ``tf.Tensor``."""
+    if isinstance(m, tf.Tensor):
+        return 700.0 * (tf.exp(m / 1127.0) - 1.0)
+    return 700.0 * (np.exp(np.asarray(m, dtype=np.float64) / 1127.0) - 1.0)
+
+
+_mel = hz_to_mel
 
 
 mel_high_edge = params.mel_high_edge

@@ -17,6 +17,9 @@ TARGET_LENGTH: int = 1056         # frames, AudioSet 10-s clips padded (FSD50K: 
 DATASET_MEAN: float = -4.6476     # AudioSet fbank mean (reference's normalisation)
 DATASET_STD: float = 4.5699       # AudioSet fbank std
 
+VTLN_LOW: float = 100.0           # Hz, Kaldi's --vtln-low (vocal-tract warp's lower cutoff)
+VTLN_HIGH: float = -500.0         # Hz, Kaldi's --vtln-high: upper cutoff, below the mel edge
+
 FREQM: int = 48                   # max frequency-mask width (bins)
 TIMEM: int = 192                  # max time-mask width (frames)
 MIXUP: float = 0.5                # mixup rate

@@ -62,6 +62,7 @@ BAD_FLAGS = [
     (["--batch_size=64"], "larger than the training set"),
     (["--eval_data=OTHER"], "different vocabularies"),
     (["--trim_onset_db=-3"], "--trim_onset_db must be"),
+    (["--vtlp=0.5"], "--vtlp must be"),
 ]
 
 

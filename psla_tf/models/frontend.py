@@ -17,6 +17,8 @@
    (``num_ceps`` > 0, not in PSLA: each frame smoothed to its first ``num_ceps`` cepstral
    coefficients, ``features.cepstral_lifter_matrix`` — the spectral envelope without the
    speaker's pitch harmonics; padding frames stay 0)
+   (training only, ``vtlp`` > 0, not in PSLA: each clip's mel axis warped by a random
+   vocal-tract length factor, ``augment.VocalTractPerturbation``, before any normalisation)
 5. training only: TimeShift(time_shift) (a random delay, not in PSLA), then
    FrequencyMasking(freqm) and TimeMasking(timem) (each skipped when 0);
 6. normalise: (x − dataset_mean) / dataset_std.
@@ -51,7 +53,7 @@ import keras
 import tensorflow as tf
 
 from psla_tf import params
-from psla_tf.augment import FrequencyMasking, TimeMasking, TimeShift
+from psla_tf.augment import FrequencyMasking, TimeMasking, TimeShift, VocalTractPerturbation
 from psla_tf.features import (DFTS, cepstral_lifter_matrix, kaldi_fbank, mel_high_edge,
                                resolve_dft, runtime_constant)
 
@@ -131,7 +133,7 @@ class AudioFrontend(keras.layers.Layer):
                  dataset_std: float = params.DATASET_STD, seed: int | None = None,
                  dft: str = "auto", power_scale: float = 1.0, clip_norm: str = "none",
                  num_ceps: int = 0, high_freq: float = 0.0, time_shift: int = 0,
-                 trim_onset_db: float = 0.0, **kwargs):
+                 trim_onset_db: float = 0.0, vtlp: float = 0.0, **kwargs):
         kwargs["dtype"] = "float32"
         super().__init__(**kwargs)
         if int(target_length) < 1:
@@ -164,6 +166,7 @@ class AudioFrontend(keras.layers.Layer):
         self.high_freq = float(high_freq)
         self.time_shift = int(time_shift)
         self.trim_onset_db = float(trim_onset_db)
+        self.vtlp = float(vtlp)
         self.runtime_matrices = False           # set by the TFLite export (kaldi_fbank doc)
         self.frequency_masking = FrequencyMasking(
             self.freqm, seed=seed, name="frequency_masking") if self.freqm else None
@@ -173,10 +176,14 @@ class AudioFrontend(keras.layers.Layer):
         self.time_shifting = TimeShift(
             self.time_shift, seed=None if seed is None else seed + 2,
             name="time_shift") if self.time_shift else None
+        self.vocal_tract = VocalTractPerturbation(
+            self.vtlp, high_freq=self.high_freq, seed=None if seed is None else seed + 3,
+            name="vocal_tract") if self.vtlp else None
 
     def build(self, waveform_shape=None, num_samples_shape=None):
         shape = (None, self.target_length, self.num_mel_bins)
-        for layer in (self.time_shifting, self.frequency_masking, self.time_masking):
+        for layer in (self.vocal_tract, self.time_shifting, self.frequency_masking,
+                      self.time_masking):
             if layer is not None and not layer.built:
                 layer.build(shape)
         self.built = True
@@ -235,6 +242,8 @@ class AudioFrontend(keras.layers.Layer):
 
     def call(self, waveform, num_samples, training=None):
         fb, n_frames = self._fbank_and_frames(waveform, num_samples)
+        if training and self.vocal_tract is not None:   # before the statistics are taken
+            fb = self.vocal_tract(fb, training=True)
         if self.clip_norm != "none":   # the clip's own statistics; masks to its mean (0)
             fb = clip_normalise(fb, n_frames, self.clip_norm, self.dataset_std)
             return self._mask(fb) if training else fb
@@ -253,5 +262,6 @@ class AudioFrontend(keras.layers.Layer):
                       dataset_std=self.dataset_std, seed=self.seed, dft=self.dft,
                       power_scale=self.power_scale, clip_norm=self.clip_norm,
                       num_ceps=self.num_ceps, high_freq=self.high_freq,
-                      time_shift=self.time_shift, trim_onset_db=self.trim_onset_db)
+                      time_shift=self.time_shift, trim_onset_db=self.trim_onset_db,
+                      vtlp=self.vtlp)
         return config

@@ -151,7 +151,7 @@ def build_tagger(num_classes: int, *, model: str = "efficientnet", eff_b: int = 
                  fbank_dft: str = "auto",
                  clip_norm: str = "none", num_ceps: int = 0, high_freq: float = 0.0,
                  cnn_width: float = 1.0, time_shift: int = 0, trim_onset_db: float = 0.0,
-                 name: str = "psla_tagger") -> keras.Model:
+                 vtlp: float = 0.0, name: str = "psla_tagger") -> keras.Model:
     """The full PSLA model, waveform in, scores out (Fig. 2; masking of Alg. 1 inside).
 
     Inputs ``{"waveform": [B, S] float32, "num_samples": [B] int32}`` (S may vary between
@@ -163,14 +163,16 @@ def build_tagger(num_classes: int, *, model: str = "efficientnet", eff_b: int = 
     ``num_ceps``: its cepstral smoothing of each frame (0 = off); ``high_freq``: the upper
     edge of its mel banks in Hz (0 = Nyquist, the paper); ``time_shift``: its random delay
     of up to that many frames in training (0 = off, the paper); ``trim_onset_db``: its removal
-    of each clip's leading frames that far below its loudest (0 = off, the paper).
+    of each clip's leading frames that far below its loudest (0 = off, the paper); ``vtlp``:
+    its vocal-tract length perturbation in training, factors U[1 − x, 1 + x] (0 = off, the
+    paper).
     """
     waveform = keras.Input((None,), name="waveform", dtype="float32")
     num_samples = keras.Input((), name="num_samples", dtype="int32")
     frontend = AudioFrontend(target_length, num_mel_bins, freqm, timem, dataset_mean,
                              dataset_std, seed=seed, dft=fbank_dft, clip_norm=clip_norm,
                              num_ceps=num_ceps, high_freq=high_freq, time_shift=time_shift,
-                             trim_onset_db=trim_onset_db, name="frontend")
+                             trim_onset_db=trim_onset_db, vtlp=vtlp, name="frontend")
     fbank = frontend(waveform, num_samples)
     classifier = build_classifier(num_classes, model=model, eff_b=eff_b, att_head=att_head,
                                   pretrained=pretrained, stem_init=stem_init,
@@ -196,7 +198,7 @@ def build_model(cfg: "TrainConfig", num_classes: int) -> keras.Model:
                         seed=cfg.seed, single_label=cfg.loss == "ce", fbank_dft=cfg.fbank_dft,
                         clip_norm=cfg.clip_norm, num_ceps=cfg.num_ceps, high_freq=cfg.high_freq,
                         cnn_width=cfg.cnn_width, time_shift=cfg.time_shift,
-                        trim_onset_db=cfg.trim_onset_db)
+                        trim_onset_db=cfg.trim_onset_db, vtlp=cfg.vtlp)
 
 
 def classifier_features(classifier: keras.Model, fbank) -> "keras.KerasTensor":

@@ -83,6 +83,9 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     I("time_shift", d.time_shift, "Random delay of each training clip's fbank by 0..x frames "
       "(not in PSLA; 0 off). For short inputs whose sound starts at different times in "
       "different recordings.", flag_values=fv)
+    F("vtlp", d.vtlp, "Vocal-tract length perturbation: each training clip's mel axis is "
+      "warped by a factor U[1-x, 1+x] (formants move, pitch and tempo stay; Kaldi's VTLN "
+      "warp; not in PSLA; 0 off). For voices unseen in training.", flag_values=fv)
     F("trim_onset_db", d.trim_onset_db, "Drop each clip's leading frames more than x dB "
       "below its loudest frame, in training and in every export (not in PSLA; 0 off): every "
       "clip starts at its sound. For short single-event clips (spoken words) whose lead-in "

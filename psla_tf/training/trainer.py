@@ -107,6 +107,8 @@ def _check_input(cfg: TrainConfig) -> None:
         raise ConfigError(f"--bn_momentum must be in [0, 1), got {cfg.bn_momentum}")
     if cfg.target_length < 1 or cfg.freqm < 0 or cfg.timem < 0 or cfg.time_shift < 0:
         raise ConfigError("--target_length must be ≥ 1, --freqm, --timem and --time_shift ≥ 0")
+    if not 0 <= cfg.vtlp < 0.5:
+        raise ConfigError(f"--vtlp must be in [0, 0.5), got {cfg.vtlp:g}")
     if cfg.trim_onset_db < 0:
         raise ConfigError(f"--trim_onset_db must be ≥ 0 (0 off), got {cfg.trim_onset_db:g}")
     if (cfg.dataset_mean is None) != (cfg.dataset_std is None):
