@@ -27,7 +27,7 @@ from psla_tf.features import hz_to_mel, mel_high_edge, mel_to_hz
 
 __all__ = ["FrequencyMasking", "TimeMasking", "TimeShift", "VocalTractPerturbation",
            "mask_along_axis", "mel_warp_matrix", "random_gain", "random_speed",
-           "shift_along_time", "vtln_warp_freq"]
+           "shift_along_time", "vtln_high_cutoff", "vtln_warp_freq"]
 
 
 def random_speed(waveform: tf.Tensor, num_samples: tf.Tensor, max_change: float,
@@ -126,6 +126,17 @@ def shift_along_time(x: tf.Tensor, shift: tf.Tensor, fill_value: float = 0.0) ->
     return tf.where((src >= 0)[:, :, tf.newaxis], out, tf.cast(fill_value, x.dtype))
 
 
+def vtln_high_cutoff(low_freq: float, high_freq: float, low_cutoff: float = params.VTLN_LOW,
+                     high_cutoff: float = params.VTLN_HIGH) -> float:
+    """The VTLN warp's upper cutoff in Hz (``high_cutoff <= 0``: below ``high_freq``);
+    ``ValueError`` unless low_freq < low_cutoff < it < high_freq (Kaldi's checks)."""
+    hc = high_freq + high_cutoff if high_cutoff <= 0 else high_cutoff
+    if not low_freq < low_cutoff < hc < high_freq:
+        raise ValueError(f"VTLN cutoffs must satisfy low_freq < low < high < high_freq, got "
+                         f"{low_freq:g} < {low_cutoff:g} < {hc:g} < {high_freq:g}")
+    return hc
+
+
 def vtln_warp_freq(freq: tf.Tensor, warp: tf.Tensor, low_freq: float, high_freq: float,
                    low_cutoff: float = params.VTLN_LOW,
                    high_cutoff: float = params.VTLN_HIGH) -> tf.Tensor:
@@ -138,10 +149,7 @@ def vtln_warp_freq(freq: tf.Tensor, warp: tf.Tensor, low_freq: float, high_freq:
     ``high_cutoff <= 0`` is taken below ``high_freq`` (Kaldi takes it below Nyquist, the same
     for the default banks).
     """
-    hc = high_freq + high_cutoff if high_cutoff <= 0 else high_cutoff
-    if not low_freq < low_cutoff < hc < high_freq:
-        raise ValueError(f"VTLN cutoffs must satisfy low_freq < low < high < high_freq, got "
-                         f"{low_freq:g} < {low_cutoff:g} < {hc:g} < {high_freq:g}")
+    hc = vtln_high_cutoff(low_freq, high_freq, low_cutoff, high_cutoff)
     f = tf.convert_to_tensor(freq, tf.float32)
     a = tf.convert_to_tensor(warp, tf.float32)
     lo = low_cutoff * tf.maximum(1.0, a)
@@ -287,11 +295,8 @@ class VocalTractPerturbation(keras.layers.Layer):
         self.max_warp = float(max_warp)
         self.low_freq = float(low_freq)
         self.high_freq = float(high_freq)
-        if self.max_warp:       # the cutoffs hold for the extreme factors (ValueError if not)
-            edge = mel_high_edge(self.high_freq, self.low_freq)
-            vtln_warp_freq(tf.constant([edge / 2]), tf.constant([1.0 - self.max_warp,
-                                                                 1.0 + self.max_warp]),
-                           self.low_freq, edge)
+        if self.max_warp:       # ValueError now, not at the first training step
+            vtln_high_cutoff(self.low_freq, mel_high_edge(self.high_freq, self.low_freq))
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.supports_masking = True
