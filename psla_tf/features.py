@@ -51,21 +51,18 @@ def num_frames(num_samples: int, frame_length: int = params.FRAME_LENGTH,
     return 1 + (num_samples - frame_length) // frame_shift
 
 
-def hz_to_mel(f):
+def hz_to_mel(f: "np.ndarray | float | tf.Tensor") -> "np.ndarray | tf.Tensor":
     """Kaldi's mel scale, 1127 ln(1 + f / 700), of Hz as NumPy (float64) or a ``tf.Tensor``."""
     if isinstance(f, tf.Tensor):
         return 1127.0 * tf.math.log(1.0 + f / 700.0)
     return 1127.0 * np.log(1.0 + np.asarray(f, dtype=np.float64) / 700.0)
 
 
-def mel_to_hz(m):
+def mel_to_hz(m: "np.ndarray | float | tf.Tensor") -> "np.ndarray | tf.Tensor":
     """Inverse of :func:`hz_to_mel`: 700 (exp(m / 1127) − 1), NumPy or ``tf.Tensor``."""
     if isinstance(m, tf.Tensor):
         return 700.0 * (tf.exp(m / 1127.0) - 1.0)
     return 700.0 * (np.exp(np.asarray(m, dtype=np.float64) / 1127.0) - 1.0)
-
-
-_mel = hz_to_mel
 
 
 mel_high_edge = params.mel_high_edge
@@ -87,13 +84,14 @@ def kaldi_mel_banks(num_mel_bins: int = params.NUM_MEL_BINS,
     num_fft_bins = fft_length // 2
     # torchaudio computes the bank in float32 from float64 python scalars; float64 here is
     # at least as exact and identical within rounding.
-    mel_low, mel_high = _mel(low_freq), _mel(high_freq)
+    mel_low, mel_high = hz_to_mel(low_freq), hz_to_mel(high_freq)
     delta = (mel_high - mel_low) / (num_mel_bins + 1)
     b = np.arange(num_mel_bins, dtype=np.float64)[:, None]
     left = mel_low + b * delta
     center = mel_low + (b + 1.0) * delta
     right = mel_low + (b + 2.0) * delta
-    mel = _mel(sample_rate / fft_length * np.arange(num_fft_bins, dtype=np.float64))[None, :]
+    fft_hz = sample_rate / fft_length * np.arange(num_fft_bins, dtype=np.float64)
+    mel = hz_to_mel(fft_hz)[None, :]
     up = (mel - left) / (center - left)
     down = (right - mel) / (right - center)
     banks = np.maximum(0.0, np.minimum(up, down))            # [bins, fft_bins]
