@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from psla_tf import params
-from psla_tf.features import hz_to_mel, mel_high_edge, mel_to_hz
+from psla_tf.features import hz_to_mel, mel_bin_edges, mel_high_edge, mel_to_hz
 
 __all__ = ["FrequencyMasking", "TimeMasking", "TimeShift", "VocalTractPerturbation",
            "mask_along_axis", "mel_warp_matrix", "random_gain", "random_speed",
@@ -174,9 +174,8 @@ def mel_warp_matrix(warp: tf.Tensor, num_mel_bins: int, low_freq: float = params
     ``high_freq``: the banks' upper edge as for ``kaldi_mel_banks`` (0 = Nyquist).
     """
     edge = mel_high_edge(float(high_freq), float(low_freq), sample_rate)
-    mel_low, mel_high = hz_to_mel(float(low_freq)), hz_to_mel(edge)
-    delta = (mel_high - mel_low) / (num_mel_bins + 1)
-    centres = mel_low + (np.arange(num_mel_bins) + 1.0) * delta                 # mel, [M]
+    edges = mel_bin_edges(num_mel_bins, float(low_freq), edge, sample_rate)
+    centres, delta = edges[1:-1], edges[1] - edges[0]                           # mel, [M]
     a = tf.reshape(tf.cast(warp, tf.float32), [-1, 1])
     source = vtln_warp_freq(tf.constant(mel_to_hz(centres)[None, :], tf.float32), a,
                             float(low_freq), edge)                              # Hz, [B, M]
@@ -189,21 +188,23 @@ def mel_warp_matrix(warp: tf.Tensor, num_mel_bins: int, low_freq: float = params
 
 class _FbankAugment(keras.layers.Layer):
     """Shared body of the training-only ``[B, T, F]`` augmentations: one size argument
-    (``_size``: its name), a seed, identity at inference or at size 0."""
+    (``_size``: its name, ``_type``: int or float), a seed, identity at inference or at
+    size 0."""
 
     _size: str = "max_width"
+    _type: type = int
 
-    def __init__(self, size: int, seed: int | None = None, **kwargs):
+    def __init__(self, size: int | float, seed: int | None = None, **kwargs):
         super().__init__(**kwargs)
-        if int(size) < 0:
+        if self._type(size) < 0:
             raise ValueError(f"{self._size} must be >= 0, got {size}")
-        setattr(self, self._size, int(size))
+        setattr(self, self._size, self._type(size))
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.supports_masking = True
 
     def call(self, inputs, training=None):
-        if not training or getattr(self, self._size) < 1:
+        if not training or not getattr(self, self._size):
             return inputs
         return self._augment(inputs)
 
@@ -276,7 +277,7 @@ class TimeMasking(_AxisMasking):
 
 
 @keras.saving.register_keras_serializable(package="psla_tf")
-class VocalTractPerturbation(keras.layers.Layer):
+class VocalTractPerturbation(_FbankAugment):
     """Vocal-tract length perturbation of ``[B, T, M]`` log-mel fbank, training only.
 
     Each example's mel axis is warped by α ~ U[1 − x, 1 + x] (x = ``max_warp``;
@@ -287,34 +288,27 @@ class VocalTractPerturbation(keras.layers.Layer):
     0 = Nyquist). Frames of zeros (padding) stay zero. Identity at inference or x = 0.
     """
 
+    _size = "max_warp"
+    _type = float
+
     def __init__(self, max_warp: float = 0.0, low_freq: float = params.LOW_FREQ,
                  high_freq: float = 0.0, seed: int | None = None, **kwargs):
-        super().__init__(**kwargs)
-        if not 0.0 <= float(max_warp) < 0.5:
+        if float(max_warp) >= 0.5:
             raise ValueError(f"max_warp must be in [0, 0.5), got {max_warp}")
-        self.max_warp = float(max_warp)
+        super().__init__(max_warp, seed, **kwargs)
         self.low_freq = float(low_freq)
         self.high_freq = float(high_freq)
         if self.max_warp:       # ValueError now, not at the first training step
             vtln_high_cutoff(self.low_freq, mel_high_edge(self.high_freq, self.low_freq))
-        self.seed = seed
-        self.seed_generator = keras.random.SeedGenerator(seed)
-        self.supports_masking = True
 
-    def call(self, inputs, training=None):
-        if not training or not self.max_warp:
-            return inputs
+    def _augment(self, inputs):
         warp = keras.random.uniform(tf.shape(inputs)[:1], minval=1.0 - self.max_warp,
                                     maxval=1.0 + self.max_warp, seed=self.seed_generator,
                                     dtype="float32")
         matrix = mel_warp_matrix(warp, int(inputs.shape[-1]), self.low_freq, self.high_freq)
         return tf.linalg.matmul(inputs, tf.cast(matrix, inputs.dtype))
 
-    def compute_output_shape(self, input_shape):
-        return input_shape
-
     def get_config(self):
         config = super().get_config()
-        config.update(max_warp=self.max_warp, low_freq=self.low_freq,
-                      high_freq=self.high_freq, seed=self.seed)
+        config.update(low_freq=self.low_freq, high_freq=self.high_freq)
         return config

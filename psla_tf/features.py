@@ -40,7 +40,7 @@ from psla_tf import compat, params
 
 __all__ = ["kaldi_fbank", "KaldiFbank", "kaldi_mel_banks", "num_frames", "resolve_dft",
            "forced_dft", "cepstral_lifter_matrix", "mel_high_edge", "runtime_constant",
-           "hz_to_mel", "mel_to_hz"]
+           "hz_to_mel", "mel_to_hz", "mel_bin_edges"]
 
 
 def num_frames(num_samples: int, frame_length: int = params.FRAME_LENGTH,
@@ -68,6 +68,17 @@ def mel_to_hz(m: "np.ndarray | float | tf.Tensor") -> "np.ndarray | tf.Tensor":
 mel_high_edge = params.mel_high_edge
 
 
+def mel_bin_edges(num_mel_bins: int, low_freq: float = params.LOW_FREQ, high_freq: float = 0.0,
+                  sample_rate: int = params.SAMPLE_RATE) -> np.ndarray:
+    """Kaldi's mel-bin edges (mel units, float64) ``[num_mel_bins + 2]``: bin b spans
+    edges[b] .. edges[b + 2] and peaks at edges[b + 1], its centre; equal steps in mel from
+    ``low_freq`` to ``high_freq`` (Hz; ``<= 0``: Nyquist + high_freq)."""
+    high_freq = mel_high_edge(high_freq, low_freq, sample_rate)
+    mel_low, mel_high = hz_to_mel(low_freq), hz_to_mel(high_freq)
+    delta = (mel_high - mel_low) / (num_mel_bins + 1)
+    return mel_low + np.arange(num_mel_bins + 2, dtype=np.float64) * delta
+
+
 @functools.lru_cache(maxsize=16)
 def kaldi_mel_banks(num_mel_bins: int = params.NUM_MEL_BINS,
                     sample_rate: int = params.SAMPLE_RATE,
@@ -80,16 +91,11 @@ def kaldi_mel_banks(num_mel_bins: int = params.NUM_MEL_BINS,
     mel(i * sr / fft_length). The Nyquist bin gets no weight, as in Kaldi/torchaudio.
     ``high_freq <= 0`` means Nyquist + high_freq.
     """
-    high_freq = mel_high_edge(high_freq, low_freq, sample_rate)
     num_fft_bins = fft_length // 2
     # torchaudio computes the bank in float32 from float64 python scalars; float64 here is
     # at least as exact and identical within rounding.
-    mel_low, mel_high = hz_to_mel(low_freq), hz_to_mel(high_freq)
-    delta = (mel_high - mel_low) / (num_mel_bins + 1)
-    b = np.arange(num_mel_bins, dtype=np.float64)[:, None]
-    left = mel_low + b * delta
-    center = mel_low + (b + 1.0) * delta
-    right = mel_low + (b + 2.0) * delta
+    edges = mel_bin_edges(num_mel_bins, low_freq, high_freq, sample_rate)[:, None]
+    left, center, right = edges[:-2], edges[1:-1], edges[2:]
     fft_hz = sample_rate / fft_length * np.arange(num_fft_bins, dtype=np.float64)
     mel = hz_to_mel(fft_hz)[None, :]
     up = (mel - left) / (center - left)
