@@ -154,9 +154,11 @@ def runtime_constant(value: np.ndarray, x: tf.Tensor) -> tf.Tensor:
 
 DFTS = ("auto", "rfft", "matmul")
 # CPU: the rfft path computes a batch in loop steps of whole clips holding about this many
-# samples (one 10-s clip), so a step's intermediates (~2 MB of frames and spectra per 10 s)
-# stay in the core's cache instead of streaming [B, frames, 512] arrays through memory
-CHUNK_SAMPLES = 160_000
+# samples (two 10-s clips), so a step's intermediates (~4 MB of frames and spectra) stay in
+# cache instead of streaming [B, frames, 512] arrays through memory; two clips rather than
+# one per step: on 2 cores one-clip steps fell to 1.3x the plain fbank in some processes
+# (docs/performance.md, "Two clips per loop step")
+CHUNK_SAMPLES = 320_000
 MEL_GROUPS = 6            # banded mel sum: bands in this many groups, each a small matmul
 LOOP_PARALLEL = 2         # loop steps in flight (each op uses the intra-op threads as well)
 
