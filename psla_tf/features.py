@@ -157,7 +157,7 @@ DFTS = ("auto", "rfft", "matmul")
 # samples (two 10-s clips), so a step's intermediates (~4 MB of frames and spectra) stay in
 # cache instead of streaming [B, frames, 512] arrays through memory; two clips rather than
 # one per step: on 2 cores one-clip steps fell to 1.3x the plain fbank in some processes
-# (docs/performance.md, "Two clips per loop step")
+# (docs/performance.md, "On a 2-core Zen 5 EPYC")
 CHUNK_SAMPLES = 320_000
 MEL_GROUPS = 6            # banded mel sum: bands in this many groups, each a small matmul
 LOOP_PARALLEL = 2         # loop steps in flight (each op uses the intra-op threads as well)
