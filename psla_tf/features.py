@@ -154,8 +154,8 @@ def runtime_constant(value: np.ndarray, x: tf.Tensor) -> tf.Tensor:
 
 DFTS = ("auto", "rfft", "matmul")
 # CPU: the rfft path computes a batch in loop steps of whole clips holding about this many
-# samples (two 10-s clips), so a step's intermediates (~4 MB of frames and spectra) stay in
-# cache instead of streaming [B, frames, 512] arrays through memory; two clips rather than
+# samples (two 10-s clips), so a step's intermediates (~4 MB of frames and spectra) stay in the
+# shared cache instead of streaming [B, frames, 512] arrays through memory; two clips, not
 # one per step: on 2 cores one-clip steps fell to 1.3x the plain fbank in some processes
 # (docs/performance.md, "On a 2-core Zen 5 EPYC")
 CHUNK_SAMPLES = 320_000
