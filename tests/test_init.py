@@ -4,6 +4,7 @@ it in efficientnet_pytorch's ``EfficientNet.from_name`` — compared tensor by t
 through the checkpoint importer's mapping) with a freshly built PyTorch model: same bound
 U(±1/sqrt(fan_in)), standard deviations within 10 % (tensors of >= 256 values), and a
 Kolmogorov-Smirnov test against the uniform law. ``init='keras'`` keeps keras.applications'.
+BatchNorm epsilon / momentum and the drop-connect rates, layer by layer, are the reference's.
 
 Skipped when torch / efficientnet_pytorch (requirements-import.txt) are not installed.
 """
@@ -67,3 +68,24 @@ def test_init_choice_is_checked():
     with pytest.raises(ValueError, match="init must be one of"):
         backbones.build_backbone("efficientnet", eff_b=0, input_shape=(128, 64, 1),
                                  init="xavier")
+
+
+@pytest.mark.parametrize("b", [0, 2])
+def test_batchnorm_and_drop_connect_match_efficientnet_pytorch(b):
+    # every BN's epsilon and momentum (Keras m ≡ PyTorch 1 − m), and the drop-connect rate
+    # of every residual block, block by block, as efficientnet_pytorch's from_name sets them
+    bb = backbones.build_backbone("efficientnet", eff_b=b, input_shape=(128, 64, 1))
+    ref = efficientnet_pytorch.EfficientNet.from_name(f"efficientnet-b{b}", in_channels=1)
+    ours_bn = [l for l in bb.layers if isinstance(l, keras.layers.BatchNormalization)]
+    ref_bn = [m for m in ref.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(ours_bn) == len(ref_bn) > 40
+    for k, r in zip(ours_bn, ref_bn):
+        assert k.epsilon == pytest.approx(r.eps), k.name
+        assert k.momentum == pytest.approx(1.0 - r.momentum), k.name
+    rate = ref._global_params.drop_connect_rate
+    ref_drop = [rate * i / len(ref._blocks) for i, blk in enumerate(ref._blocks)
+                if blk.id_skip and blk._block_args.stride == 1
+                and blk._block_args.input_filters == blk._block_args.output_filters]
+    ours_drop = [l.rate for l in bb.layers if isinstance(l, keras.layers.Dropout)]
+    assert rate == 0.2 and len(ref_drop) >= 9
+    np.testing.assert_allclose(ours_drop, ref_drop, rtol=1e-6)
