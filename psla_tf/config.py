@@ -90,6 +90,7 @@ class TrainConfig:
     clip_norm: str = "none"
     num_ceps: int = 0
     high_freq: float = 0.0
+    num_mel_bins: int = params.NUM_MEL_BINS
     sync_batchnorm: bool = True
     deterministic: bool = False
     skip_corrupt_records: bool = False

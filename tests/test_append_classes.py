@@ -123,7 +123,8 @@ def test_append_classes_errors(runs, tmp_path):
 
 @pytest.mark.parametrize("option,value,shown", [
     ("clip_norm", "cmvn", "--clip_norm=cmvn"), ("num_ceps", 13, "--num_ceps=13"),
-    ("high_freq", 4000.0, "--high_freq=4000"), ("trim_onset_db", 30.0, "--trim_onset_db=30")])
+    ("high_freq", 4000.0, "--high_freq=4000"), ("trim_onset_db", 30.0, "--trim_onset_db=30"),
+    ("num_mel_bins", 64, "--num_mel_bins=64")])
 def test_append_classes_needs_the_source_models_front_end(tmp_path, option, value, shown):
     """--append_classes keeps the source model's front end: a run with another value of one
     of its options is a one-line DataError; the same value gives the source's mean/std."""

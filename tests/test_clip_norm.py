@@ -116,9 +116,10 @@ def test_masks_come_after_clip_norm():
 @pytest.mark.parametrize("flag,parsed,bad,value", [
     ("clip_norm", "cmvn", "global", "cmn"),
     ("num_ceps", 20, "200", 13),
-    ("high_freq", 4000.0, "9000", -400.0)])
+    ("high_freq", 4000.0, "9000", -400.0),
+    ("num_mel_bins", 64, "2", 40)])
 def test_frontend_options_reach_the_model_and_flagfile(tmp_path, flag, parsed, bad, value):
-    """Each front-end option (--clip_norm, --num_ceps, --high_freq): flag → TrainConfig →
+    """Each front-end option (--clip_norm, --num_ceps, --high_freq, --num_mel_bins): flag → TrainConfig →
     the model's AudioFrontend → flags.txt → TrainConfig; out-of-range values are refused."""
     from absl import flags as absl_flags
     from psla_tf import config
@@ -139,8 +140,8 @@ def test_frontend_options_reach_the_model_and_flagfile(tmp_path, flag, parsed, b
 
 
 def test_exports_carry_clip_norm(tmp_path):
-    """A cmvn tagger with cepstral smoothing (``num_ceps``), mel banks ending at 4 kHz
-    (``high_freq``) and leading-silence removal (``trim_onset_db``; one clip opens with 0.1 s
+    """A cmvn tagger with cepstral smoothing (``num_ceps``), 64 mel banks (``num_mel_bins``)
+    ending at 4 kHz (``high_freq``) and leading-silence removal (``trim_onset_db``; one clip opens with 0.1 s
     at -60 dB): the .keras file, the SavedModel
     and the float32 TFLite model give the Keras scores (1e-4), and a -20 dB copy of each clip
     scores the same in every form."""
@@ -152,7 +153,7 @@ def test_exports_carry_clip_norm(tmp_path):
     # the quarter-width cnn: the backbone that exports fastest (the front end is checked)
     model = build_tagger(3, model="cnn", cnn_width=0.25, target_length=T, freqm=0, timem=0,
                          dataset_mean=-5.0, dataset_std=4.0, clip_norm="cmvn", num_ceps=13,
-                         high_freq=4000.0, trim_onset_db=30.0)
+                         high_freq=4000.0, trim_onset_db=30.0, num_mel_bins=64)
     mids, names = ["/m/a", "/m/b", "/m/c"], ["a", "b", "c"]
     waves = np.stack([_speechlike(CLIP, s) for s in range(3)])
     waves[0, :1600] *= 1e-3
@@ -168,6 +169,7 @@ def test_exports_carry_clip_norm(tmp_path):
     assert loaded.get_layer("frontend").num_ceps == 13
     assert loaded.get_layer("frontend").high_freq == 4000.0
     assert loaded.get_layer("frontend").trim_onset_db == 30.0
+    assert loaded.get_layer("frontend").num_mel_bins == 64
     np.testing.assert_allclose(loaded({"waveform": waves, "num_samples": n},
                                       training=False).numpy(), ref, atol=1e-5)
     st = export.load_saved_model(export.export_saved_model(

@@ -18,12 +18,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TL = 48  # frames
 
 
-def _tagger(num_classes, seed, single_label=False):
+def _tagger(num_classes, seed, single_label=False, num_mel_bins=128):
     import keras
     from psla_tf.models.tagger import build_tagger
     keras.utils.set_random_seed(seed)
     m = build_tagger(num_classes, model="cnn", cnn_width=0.25, att_head=2, target_length=TL,
-                     freqm=0, timem=0, single_label=single_label, pretrained="none")
+                     freqm=0, timem=0, single_label=single_label, pretrained="none",
+                     num_mel_bins=num_mel_bins)
     rng = np.random.default_rng(seed)  # distinct BN statistics, so copying them is visible
     for v in m.weights:
         if "moving_variance" in v.path:
@@ -98,6 +99,24 @@ def test_same_vocabulary_copies_everything(source):
          "num_samples": np.array([8000, 6000], "int32")}
     np.testing.assert_allclose(keras.ops.convert_to_numpy(target(x)),
                                keras.ops.convert_to_numpy(src_model(x)), atol=1e-6)
+
+
+def test_fewer_mel_bins_keep_every_weight(source):
+    """--num_mel_bins=64 fine-tuned from a 128-bin model: every weight has the same shape
+    (convolutions, BatchNorm, the pooling head), so everything is copied; the 64-bin model
+    still scores its own input."""
+    import keras
+    from psla_tf.training.finetune import init_from
+    src_model, path = source
+    target = _tagger(3, seed=5, num_mel_bins=64)
+    assert target.get_layer("frontend").num_mel_bins == 64
+    report = init_from(target, path, target_mids=["/m/a", "/m/b", "/m/c"])
+    assert report.copied_params == report.total_params and not report.mismatched
+    src, got = _by_path(src_model), _by_path(target)
+    assert all(_equal(got[p], src[p]) for p in got)
+    x = {"waveform": np.random.default_rng(0).normal(0, 0.1, (2, 8000)).astype("float32"),
+         "num_samples": np.array([8000, 6000], "int32")}
+    assert keras.ops.convert_to_numpy(target(x)).shape == (2, 3)
 
 
 def test_init_from_epoch_checkpoint(tmp_path, source):

@@ -197,6 +197,7 @@ def build_model(cfg: "TrainConfig", num_classes: int) -> keras.Model:
                         dataset_mean=cfg.dataset_mean, dataset_std=cfg.dataset_std,
                         seed=cfg.seed, single_label=cfg.loss == "ce", fbank_dft=cfg.fbank_dft,
                         clip_norm=cfg.clip_norm, num_ceps=cfg.num_ceps, high_freq=cfg.high_freq,
+                        num_mel_bins=cfg.num_mel_bins,
                         cnn_width=cfg.cnn_width, time_shift=cfg.time_shift,
                         trim_onset_db=cfg.trim_onset_db, vtlp=cfg.vtlp)
 

@@ -354,13 +354,14 @@ def append_summary(p: Plan, retain_eval, wa, model, source_model) -> dict[str, A
 
 #: front-end options the source model's front end fixes for --append_classes, with their
 #: "off" values (what a config saved before the option existed means)
-_KEPT_FRONT_END = {"clip_norm": "none", "num_ceps": 0, "high_freq": 0.0, "trim_onset_db": 0.0}
+_KEPT_FRONT_END = {"clip_norm": "none", "num_ceps": 0, "high_freq": 0.0, "trim_onset_db": 0.0,
+                   "num_mel_bins": params.NUM_MEL_BINS}
 
 
 def source_normalisation(cfg) -> tuple[float, float]:
     """``--append_classes``: the source model's fbank mean / std (its front end is kept, so
-    its classes' scores stay its own). Its ``--clip_norm``, ``--num_ceps``, ``--high_freq``
-    and ``--trim_onset_db`` must be the run's; a different ``--target_length`` is allowed
+    its classes' scores stay its own). Its ``--clip_norm``, ``--num_ceps``, ``--high_freq``,
+    ``--trim_onset_db`` and ``--num_mel_bins`` must be the run's; a different ``--target_length`` is allowed
     (the source's scores then change with the input length)."""
     from psla_tf.models import loading
     try:

@@ -107,6 +107,12 @@ def _check_input(cfg: TrainConfig) -> None:
         raise ConfigError(f"--bn_momentum must be in [0, 1), got {cfg.bn_momentum}")
     if cfg.target_length < 1 or cfg.freqm < 0 or cfg.timem < 0 or cfg.time_shift < 0:
         raise ConfigError("--target_length must be ≥ 1, --freqm, --timem and --time_shift ≥ 0")
+    if not 3 <= cfg.num_mel_bins <= params.FFT_LENGTH // 2:
+        raise ConfigError(f"--num_mel_bins must be in [3, {params.FFT_LENGTH // 2}], got "
+                          f"{cfg.num_mel_bins}")
+    if cfg.num_ceps > cfg.num_mel_bins:
+        raise ConfigError(f"--num_ceps ({cfg.num_ceps}) must not exceed --num_mel_bins "
+                          f"({cfg.num_mel_bins})")
     if not 0 <= cfg.vtlp < 0.5:
         raise ConfigError(f"--vtlp must be in [0, 0.5), got {cfg.vtlp:g}")
     if cfg.trim_onset_db < 0:
