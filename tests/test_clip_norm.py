@@ -119,8 +119,9 @@ def test_masks_come_after_clip_norm():
     ("high_freq", 4000.0, "9000", -400.0),
     ("num_mel_bins", 64, "2", 40)])
 def test_frontend_options_reach_the_model_and_flagfile(tmp_path, flag, parsed, bad, value):
-    """Each front-end option (--clip_norm, --num_ceps, --high_freq, --num_mel_bins): flag → TrainConfig →
-    the model's AudioFrontend → flags.txt → TrainConfig; out-of-range values are refused."""
+    """Each front-end option (--clip_norm, --num_ceps, --high_freq, --num_mel_bins): flag →
+    TrainConfig → the model's AudioFrontend → flags.txt → TrainConfig; out-of-range values
+    are refused."""
     from absl import flags as absl_flags
     from psla_tf import config
     from psla_tf.training import trainer
@@ -141,8 +142,8 @@ def test_frontend_options_reach_the_model_and_flagfile(tmp_path, flag, parsed, b
 
 def test_exports_carry_clip_norm(tmp_path):
     """A cmvn tagger with cepstral smoothing (``num_ceps``), 64 mel banks (``num_mel_bins``)
-    ending at 4 kHz (``high_freq``) and leading-silence removal (``trim_onset_db``; one clip opens with 0.1 s
-    at -60 dB): the .keras file, the SavedModel
+    ending at 4 kHz (``high_freq``) and leading-silence removal (``trim_onset_db``; one clip
+    opens with 0.1 s at -60 dB): the .keras file, the SavedModel
     and the float32 TFLite model give the Keras scores (1e-4), and a -20 dB copy of each clip
     scores the same in every form."""
     import keras

@@ -361,8 +361,8 @@ _KEPT_FRONT_END = {"clip_norm": "none", "num_ceps": 0, "high_freq": 0.0, "trim_o
 def source_normalisation(cfg) -> tuple[float, float]:
     """``--append_classes``: the source model's fbank mean / std (its front end is kept, so
     its classes' scores stay its own). Its ``--clip_norm``, ``--num_ceps``, ``--high_freq``,
-    ``--trim_onset_db`` and ``--num_mel_bins`` must be the run's; a different ``--target_length`` is allowed
-    (the source's scores then change with the input length)."""
+    ``--trim_onset_db`` and ``--num_mel_bins`` must be the run's; a different
+    ``--target_length`` is allowed (the source's scores then change with the input length)."""
     from psla_tf.models import loading
     try:
         fe = loading.load_tagger(cfg.init_from).get_layer("frontend").get_config()
