@@ -28,7 +28,8 @@ Sections:
                model, fbank per clip before batching, fbank under XLA, rfft DFT.
 * ``train``    one training step, EfficientNet-B2 + 4 heads, batch 8, 1056 frames: eager,
                tf.function, jit_compile, mixed_bfloat16 (GPU: batch 100, float32 and
-               mixed_float16), and model.fit fed by the real pipeline.
+               mixed_float16), tf.function with Keras' BatchNorm ops instead of the fused
+               kernel (and the ratio), and model.fit fed by the real pipeline.
 * ``infer``    a 10-s clip through the tagger: Keras, SavedModel, each TFLite variant of
                ``psla_tf.export`` (when importable); single-clip latency, batched throughput.
 * ``rss``      peak RSS of a training run (model.fit on the pipeline) and of the pipeline.
@@ -564,7 +565,8 @@ def _train_model(spec: dict):
     from psla_tf.training.optim import TorchAdam, make_loss
     keras.utils.set_random_seed(0)
     model = build_tagger(NUM_CLASSES, eff_b=spec["eff_b"], att_head=spec["heads"],
-                         target_length=spec["frames"], seed=0)
+                         target_length=spec["frames"], seed=0,
+                         fused_batchnorm=spec.get("fused_batchnorm", True))
     model.compile(optimizer=TorchAdam(1e-4), loss=make_loss("bce"),
                   jit_compile=spec["mode"] == "jit_compile",
                   run_eagerly=spec["mode"] == "eager")
@@ -631,7 +633,8 @@ def child_infer(spec: dict) -> dict:
     import tensorflow as tf
     from psla_tf.models.tagger import build_tagger
     model = build_tagger(NUM_CLASSES, eff_b=spec["eff_b"], att_head=spec["heads"],
-                         target_length=spec["frames"], seed=0)
+                         target_length=spec["frames"], seed=0,
+                         fused_batchnorm=spec.get("fused_batchnorm", True))
     samples = CLIP if spec["frames"] >= 998 else (spec["frames"] - 1) * 160 + 400
     rng = np.random.default_rng(0)
 
@@ -882,34 +885,43 @@ def bench_train(results: dict, ctx: dict) -> dict:
     rows, notes = [], []
     q = ctx["model"]
     gpu = FLAGS.device == "gpu"
+    # (mode, precision, fused BatchNorm); the unfused row is Keras' own BatchNorm ops
     if gpu:
-        modes = [("tf.function", "float32"), ("jit_compile", "float32"),
-                 ("tf.function", "mixed_float16"), ("jit_compile", "mixed_float16")]
+        modes = [("tf.function", "float32", True), ("tf.function", "float32", False),
+                 ("jit_compile", "float32", True), ("tf.function", "mixed_float16", True),
+                 ("jit_compile", "mixed_float16", True)]
         batch, cores = q["gpu_batch"], None
     else:
-        modes = [("eager", "float32"), ("tf.function", "float32"), ("jit_compile", "float32"),
-                 ("tf.function", "mixed_bfloat16")]
+        modes = [("eager", "float32", True), ("tf.function", "float32", True),
+                 ("tf.function", "float32", False), ("jit_compile", "float32", True),
+                 ("tf.function", "mixed_bfloat16", True)]
         batch = q["batch"]
         cores = max(_core_list(results) or [1])
     desc = f"EfficientNet-B{q['eff_b']} + {q['heads']} heads, batch {batch}, {q['frames']} frames"
-    best = 0.0
-    for mode, prec in modes:
+    best, by_fused = 0.0, {}
+    for mode, prec, fused in modes:
+        name = f"train step, {mode}, {prec}" + ("" if fused else ", Keras BatchNorm ops")
         spec = {"kind": "train", "mode": mode, "precision": prec, "batch": batch,
                 "eff_b": q["eff_b"], "heads": q["heads"], "frames": q["frames"],
                 "repeats": ctx["repeats"], "steps_per_repeat": 1 if not gpu else 5,
-                "device": FLAGS.device}
+                "device": FLAGS.device, "fused_batchnorm": fused}
         try:
             r = run_child(spec, cores)
         except ChildFailed as e:
             notes.append(str(e).splitlines()[0])
             print(e)
-            rows.append(row(f"train step, {mode}, {prec}", None, cores=cores or "all",
-                            note="failed"))
+            rows.append(row(name, None, cores=cores or "all", note="failed"))
             continue
         best = max(best, r["clips_per_s"])
-        rows.append(row(f"train step, {mode}, {prec}", r["clips_per_s"], cores=cores or "all",
+        if (mode, prec) == ("tf.function", "float32"):
+            by_fused[fused] = r["clips_per_s"]
+        rows.append(row(name, r["clips_per_s"], cores=cores or "all",
                         first_step_s=r["first_step_s"], peak_rss_mb=r["peak_rss_mb"]))
-        print(f"  {mode} {prec}: {r['clips_per_s']:.2f} clips/s", flush=True)
+        print(f"  {name}: {r['clips_per_s']:.2f} clips/s", flush=True)
+    if len(by_fused) == 2 and by_fused[False]:
+        rows.append(row("train step, fused BatchNorm / Keras BatchNorm ops (tf.function, "
+                        "float32)", by_fused[True] / by_fused[False], "ratio",
+                        cores=cores or "all"))
     ctx["train_best"] = best
     if not gpu and best and not FLAGS.quick:
         rows.append(row("best train step / PyTorch stated (2.2 clips/s)",

@@ -71,6 +71,7 @@ class TrainConfig:
     backbone_init: str = "auto"
     zero_init_residual: bool = True
     bn_momentum: float = 0.99
+    fused_batchnorm: bool = True
     loss: str = "bce"
     metric: str = "map"
     init_from: str | None = None

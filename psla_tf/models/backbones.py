@@ -31,6 +31,7 @@ import keras
 import numpy as np
 
 from psla_tf.errors import PretrainedWeightsError
+from psla_tf.models.batchnorm import fuse_batchnorm
 
 __all__ = ["build_backbone", "build_cnn", "cnn_channels", "BACKBONES", "BACKBONE_INITS",
            "PretrainedWeightsError",
@@ -194,7 +195,7 @@ def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
                    pretrained: str | os.PathLike = "none", stem_init: str = "random",
                    bn_momentum: float | None = None, init: str = "auto",
                    zero_residual: bool = True, width: float = 1.0,
-                   name: str = "backbone") -> keras.Model:
+                   fused_batchnorm: bool = True, name: str = "backbone") -> keras.Model:
     """``[B, mel, time, 1] → [B, F', T', D]`` backbone (Sec. III), optionally ImageNet-pretrained.
 
     ``pretrained``: ``"none"``, ``"imagenet"`` or a path to weights of the 3-channel no-top
@@ -207,6 +208,8 @@ def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
     ``zero_residual``: every residual block starts as the identity (:func:`zero_init_residual`;
     pretrained weights replace it).
     ``width``: channel multiplier of the ``cnn`` backbone (ignored by the others).
+    ``fused_batchnorm``: BatchNorm layers train with one fused kernel
+    (:class:`~psla_tf.models.batchnorm.FusedBatchNormalization`; same arithmetic, faster).
     """
     _check_model(model)
     if stem_init not in ("random", "rgb_sum"):
@@ -233,6 +236,7 @@ def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
         first = _FIRST.get(model)
         start = full.get_layer(first).input if first else full.inputs[0]
         backbone = keras.Model(start, full.outputs[0], name=name)
+    backbone = fuse_batchnorm(backbone, fused=fused_batchnorm)
     for layer in backbone.layers:   # no ImageNet preprocessing in front of a spectrogram
         if isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization)):
             raise AssertionError(f"unexpected preprocessing layer {layer.name} in backbone")

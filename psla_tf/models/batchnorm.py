@@ -1,0 +1,89 @@
+"""BatchNormalization whose training step is one fused kernel (``FusedBatchNormV3``).
+
+Keras 3 computes a BatchNorm layer in training as separate graph ops (batch moments, then
+``(x - mean) · γ / sqrt(var + ε) + β``), and its gradient as a dozen more; Keras 2 and
+PyTorch use one fused kernel forward and one backward. On CPU the separate ops cost a third
+of an EfficientNet-B0 training step (``docs/performance.md``, "Where training time goes").
+
+:class:`FusedBatchNormalization` is ``keras.layers.BatchNormalization`` with the same
+weights, config and arithmetic — batch mean and biased batch variance normalise, the moving
+statistics follow Keras' update ``m ← m·momentum + batch·(1 − momentum)`` with the biased
+variance — computed in training by TensorFlow's fused kernel. It falls back to Keras' own
+computation wherever that kernel does not apply (inference, frozen layers, masks, renorm,
+synchronised statistics across replicas, inputs that are not 4-D channels-last, ε below
+cuDNN's minimum).
+
+:func:`fuse_batchnorm` swaps every BatchNormalization layer of a functional model for one.
+"""
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+__all__ = ["FusedBatchNormalization", "fuse_batchnorm", "MIN_FUSED_EPSILON"]
+
+MIN_FUSED_EPSILON = 1.001e-5   # cuDNN's minimum ε, as tf.compat.v1.nn.fused_batch_norm
+
+
+@keras.saving.register_keras_serializable(package="psla_tf")
+class FusedBatchNormalization(keras.layers.BatchNormalization):
+    """``keras.layers.BatchNormalization`` trained with one fused kernel.
+
+    Input ``[B, H, W, C]`` (channels last) → output of the same shape; any other input, and
+    every case the fused kernel does not cover, takes the parent's computation. Arguments and
+    weights are the parent's; ``fused=False`` always takes the parent's computation.
+    """
+
+    def __init__(self, fused: bool = True, **kwargs):
+        super().__init__(**kwargs)
+        self.fused = bool(fused)
+
+    def _fusable(self, inputs, training, mask) -> bool:
+        return (self.fused and bool(training) and self.trainable and mask is None
+                and not self.renorm and not self.synchronized and len(inputs.shape) == 4
+                and self.axis in (-1, 3) and self.epsilon >= MIN_FUSED_EPSILON)
+
+    def call(self, inputs, training=None, mask=None):
+        if not self._fusable(inputs, training, mask):
+            return super().call(inputs, training=training, mask=mask)
+        x = tf.cast(inputs, "float32")
+        channels = x.shape[-1]
+        gamma = tf.cast(self.gamma, "float32") if self.scale else tf.ones([channels])
+        beta = tf.cast(self.beta, "float32") if self.center else tf.zeros([channels])
+        y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+            x=x, scale=gamma, offset=beta, mean=tf.zeros([0]), variance=tf.zeros([0]),
+            epsilon=self.epsilon, exponential_avg_factor=1.0, data_format="NHWC",
+            is_training=True)
+        # the kernel returns the unbiased variance; Keras' moving variance takes the biased one
+        n = tf.cast(tf.size(x) // channels, "float32")
+        variance = tf.where(n > 1.0, variance * (n - 1.0) / tf.maximum(n, 1.0), 0.0)
+        mean, variance = tf.stop_gradient(mean), tf.stop_gradient(variance)
+        self.moving_mean.assign(self.moving_mean * self.momentum
+                                + tf.cast(mean, self.moving_mean.dtype) * (1.0 - self.momentum))
+        self.moving_variance.assign(
+            self.moving_variance * self.momentum
+            + tf.cast(variance, self.moving_variance.dtype) * (1.0 - self.momentum))
+        return tf.cast(y, self.compute_dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config["fused"] = self.fused
+        return config
+
+
+def fuse_batchnorm(model: keras.Model, fused: bool = True) -> keras.Model:
+    """``model`` (functional) with every ``keras.layers.BatchNormalization`` replaced by a
+    :class:`FusedBatchNormalization` of the same config and weights; every other layer is
+    shared with ``model``, not copied (its weights and names stay as they are)."""
+
+    def swap(layer: keras.layers.Layer) -> keras.layers.Layer:
+        if type(layer) is not keras.layers.BatchNormalization:
+            return layer
+        twin = FusedBatchNormalization(fused=fused, **layer.get_config())
+        twin.build(layer.input.shape)
+        twin.set_weights(layer.get_weights())
+        return twin
+
+    if not any(type(layer) is keras.layers.BatchNormalization for layer in model.layers):
+        return model
+    return keras.models.clone_model(model, clone_function=swap)
