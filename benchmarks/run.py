@@ -29,7 +29,9 @@ Sections:
 * ``train``    one training step, EfficientNet-B2 + 4 heads, batch 8, 1056 frames: eager,
                tf.function, jit_compile, mixed_bfloat16 (GPU: batch 100, float32 and
                mixed_float16), tf.function with Keras' BatchNorm ops instead of the fused
-               kernel (and the ratio), and model.fit fed by the real pipeline.
+               kernel (and the ratio), the op time per stage of the tf.function steps
+               (front end, forward, backward by kind, optimizer), and model.fit fed by the
+               real pipeline.
 * ``infer``    a 10-s clip through the tagger: Keras, SavedModel, each TFLite variant of
                ``psla_tf.export`` (when importable); single-clip latency, batched throughput.
 * ``rss``      peak RSS of a training run (model.fit on the pipeline) and of the pipeline.
@@ -325,10 +327,12 @@ def machine_peaks(cores: int) -> dict[str, float]:
     return {"gflops": gflops, "gbytes_per_s": 2 * 4 * n * cores / t / 1e9}
 
 
-def op_time_by_stage(fn: Callable[[], Any], calls: int, stages: tuple[str, ...]) -> dict:
+def op_time_by_stage(fn: Callable[[], Any], calls: int, stages: tuple[str, ...],
+                     stage_of: Callable[[list[str], str], str] | None = None) -> dict:
     """Run ``fn`` ``calls`` times under the TensorFlow profiler; the op time (ms per call) of
     each stage, an op's stage being the first of ``stages`` among its name scopes (ops of
-    none: "other": loop control, output assembly). Op time is summed over threads, so it can
+    none: "other": loop control, output assembly), or ``stage_of(scopes, op_type)`` where
+    given (its stages must be among ``stages``). Op time is summed over threads, so it can
     exceed the wall time when ops overlap."""
     import glob
     import shutil
@@ -361,7 +365,8 @@ def op_time_by_stage(fn: Callable[[], Any], calls: int, stages: tuple[str, ...])
                         or not kind.lstrip("_")[:1].isupper()):
                     continue
                 scopes = op.split("/")
-                stage = next((s for s in scopes if s in stages), "other")
+                stage = (stage_of(scopes, kind.lstrip("_")) if stage_of
+                         else next((s for s in scopes if s in stages), "other"))
                 ps[stage] += ev.duration_ps
     return {s: v / 1e9 / calls for s, v in ps.items()}
 
@@ -622,8 +627,43 @@ def child_train(spec: dict) -> dict:
     model.train_on_batch(x, y)
     first = time.perf_counter() - t0
     ts = timed(steps, spec["repeats"], warmup=1)
-    return {"clips_per_s": batch * spec["steps_per_repeat"] / statistics.median(ts),
-            "first_step_s": first, "peak_rss_mb": peak_rss_mb()}
+    out = {"clips_per_s": batch * spec["steps_per_repeat"] / statistics.median(ts),
+           "first_step_s": first, "peak_rss_mb": peak_rss_mb()}
+    if spec.get("profile"):
+        out["stages_ms"] = op_time_by_stage(lambda: model.train_on_batch(x, y),
+                                            spec["profile"], TRAIN_STAGES, train_stage)
+    return out
+
+
+TRAIN_STAGES = ("front end", "backbone forward", "head forward", "backward: convolutions",
+                "backward: depthwise convolutions", "backward: BatchNorm",
+                "backward: activations", "backward: other", "optimizer", "other")
+
+
+def train_stage(scopes: list[str], op_type: str) -> str:
+    """The stage of one op of a Keras train step, from its name scopes and type: the forward
+    pass by layer (the model's scopes), the backward pass (``gradient_tape/…``, and the
+    unscoped ops of the activations' custom gradients) by kind, the optimizer's update."""
+    if scopes[0] == "gradient_tape" or (len(scopes) == 1 and op_type in (
+            "Sigmoid", "Mul", "Sub", "AddV2", "AddN")):
+        if "Depthwise" in op_type:
+            return "backward: depthwise convolutions"
+        if "Conv2D" in op_type:
+            return "backward: convolutions"
+        if "BatchNorm" in op_type:
+            return "backward: BatchNorm"
+        if op_type in ("Sigmoid", "Mul", "Sub", "AddV2") and len(scopes) == 1:
+            return "backward: activations"
+        return "backward: other"
+    if "adam" in scopes[0].lower() or "optimizer" in scopes[0].lower():
+        return "optimizer"
+    if "frontend" in "/".join(scopes):
+        return "front end"
+    if any(s.startswith("backbone") for s in scopes):
+        return "backbone forward"
+    if any(s.startswith(("pooling", "frequency_mean", "global_pool")) for s in scopes):
+        return "head forward"
+    return "other"
 
 
 def child_infer(spec: dict) -> dict:
@@ -904,7 +944,8 @@ def bench_train(results: dict, ctx: dict) -> dict:
         spec = {"kind": "train", "mode": mode, "precision": prec, "batch": batch,
                 "eff_b": q["eff_b"], "heads": q["heads"], "frames": q["frames"],
                 "repeats": ctx["repeats"], "steps_per_repeat": 1 if not gpu else 5,
-                "device": FLAGS.device, "fused_batchnorm": fused}
+                "device": FLAGS.device, "fused_batchnorm": fused,
+                "profile": 3 if (mode, prec) == ("tf.function", "float32") else 0}
         try:
             r = run_child(spec, cores)
         except ChildFailed as e:
@@ -918,6 +959,10 @@ def bench_train(results: dict, ctx: dict) -> dict:
         rows.append(row(name, r["clips_per_s"], cores=cores or "all",
                         first_step_s=r["first_step_s"], peak_rss_mb=r["peak_rss_mb"]))
         print(f"  {name}: {r['clips_per_s']:.2f} clips/s", flush=True)
+        for stage, ms in r.get("stages_ms", {}).items():
+            if ms:
+                rows.append(row(f"{name}: op time, {stage}", ms, "ms/step", cores=cores or "all",
+                                note="TensorFlow profiler, summed over threads"))
     if len(by_fused) == 2 and by_fused[False]:
         rows.append(row("train step, fused BatchNorm / Keras BatchNorm ops (tf.function, "
                         "float32)", by_fused[True] / by_fused[False], "ratio",

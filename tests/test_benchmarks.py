@@ -188,6 +188,33 @@ def test_op_time_by_stage_attributes_ops_to_name_scopes(bench):
     assert ms["fft"] > 0 and ms["mel"] > 0
 
 
+def test_train_stage_profile_splits_forward_backward_and_optimizer(bench):
+    import keras
+    import tensorflow as tf
+    from psla_tf.models.batchnorm import fuse_batchnorm
+    inner = keras.Input((16, 16, 1))
+    h = keras.layers.Conv2D(8, 3, padding="same")(inner)
+    h = keras.layers.DepthwiseConv2D(3, padding="same")(h)
+    h = keras.layers.BatchNormalization()(h)
+    h = keras.layers.Activation("swish")(h)
+    backbone = fuse_batchnorm(keras.Model(inner, h, name="backbone"))
+    x_in = keras.Input((16, 16, 1))
+    pooled = keras.layers.GlobalAveragePooling2D(name="global_pool")(backbone(x_in))
+    model = keras.Model(x_in, keras.layers.Dense(3, name="pooling")(pooled))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse")
+    x = tf.constant(np.random.default_rng(0).random((4, 16, 16, 1)).astype(np.float32))
+    y = tf.zeros((4, 3))
+    model.train_on_batch(x, y)
+    ms = bench.op_time_by_stage(lambda: model.train_on_batch(x, y), 3, bench.TRAIN_STAGES,
+                                bench.train_stage)
+    assert set(ms) == set(bench.TRAIN_STAGES)
+    for stage in ("backbone forward", "head forward", "backward: convolutions",
+                  "backward: depthwise convolutions", "backward: BatchNorm",
+                  "backward: activations", "optimizer"):
+        assert ms[stage] > 0, stage
+    assert ms["front end"] == 0
+
+
 def test_fbank_rows_give_ratio_peak_share_and_stages(bench):
     child = {"clips_per_s": {"plain": 100.0, "kaldi_fbank": 250.0,
                              "kaldi_fbank, eager": 50.0},
