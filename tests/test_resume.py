@@ -146,4 +146,13 @@ def test_resume_with_other_flags_is_refused(data, tmp_path):
             trainer.TrainConfig(**{**cfg.__dict__, "lr": 1e-3})).cfg, exp)
     # flags that do not change the result may differ
     trainer.check_resume_flags(trainer.resolve(
-        trainer.TrainConfig(**{**cfg.__dict__, "verbose": 2, "strategy": "mirrored"})).cfg, exp)
+        trainer.TrainConfig(**{**cfg.__dict__, "verbose": 2, "strategy": "mirrored",
+                                "fused_batchnorm": False})).cfg, exp)
+    # a run written before a flag existed ran with its default: only a new value differs
+    text = config.flagfile_text(cfg_r).replace("--num_mel_bins=128\n", "")
+    assert "num_mel_bins" not in text
+    open(os.path.join(exp, "flags.txt"), "w").write(text)
+    trainer.check_resume_flags(cfg_r, exp)
+    with pytest.raises(trainer.ConfigError, match=r"--num_mel_bins: None → 64"):
+        trainer.check_resume_flags(trainer.resolve(
+            trainer.TrainConfig(**{**cfg.__dict__, "num_mel_bins": 64})).cfg, exp)

@@ -338,11 +338,13 @@ def single_result(eval_history: list[dict], val_history: list[dict] | None,
 # flags that may change between a run and its resumption (they do not change the result)
 _RESUME_FREE_FLAGS = ("verbose", "resume", "strategy", "tpu", "jit_compile", "deterministic",
                       "skip_corrupt_records", "eval_batch_size", "save_predictions",
-                      "allow_cut_clips", "fbank_dft")
+                      "allow_cut_clips", "fbank_dft", "fused_batchnorm")
 
 
 def check_resume_flags(cfg: TrainConfig, exp_dir: str) -> None:
-    """Resuming with flags that change the result is an error (before anything is loaded)."""
+    """Resuming with flags that change the result is an error (before anything is loaded).
+    A flag the run's flags.txt lacks (written before the flag existed) counts as its default,
+    which keeps the earlier behaviour."""
     path = run_folder.path(exp_dir, run_folder.FLAGS_FILE)
     if not os.path.exists(path):
         return
@@ -350,8 +352,9 @@ def check_resume_flags(cfg: TrainConfig, exp_dir: str) -> None:
     with open(path, encoding="utf-8") as f:
         old = parse_flag_lines(f.read())
     new = parse_flag_lines(flagfile_text(cfg))
+    default = parse_flag_lines(flagfile_text(TrainConfig()))
     diff = [f"--{k}: {old.get(k)} → {new.get(k)}" for k in sorted(set(old) | set(new))
-            if k not in _RESUME_FREE_FLAGS and old.get(k) != new.get(k)]
+            if k not in _RESUME_FREE_FLAGS and old.get(k, default.get(k)) != new.get(k)]
     if diff:
         raise ConfigError(f"{exp_dir} holds a run with other flags ({'; '.join(diff)}); "
                           "re-run with its flags (--flagfile=" + path + "), use a new "
