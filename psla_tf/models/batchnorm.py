@@ -80,7 +80,7 @@ def fuse_batchnorm(model: keras.Model, fused: bool = True) -> keras.Model:
         if type(layer) is not keras.layers.BatchNormalization:
             return layer
         twin = FusedBatchNormalization(fused=fused, **layer.get_config())
-        twin.build(layer.input.shape)
+        twin.build_from_config(layer.get_build_config())
         twin.set_weights(layer.get_weights())
         return twin
 
