@@ -128,7 +128,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "(new = m * old + (1 - m) * batch). 0.99 = the reference (efficientnet_pytorch's "
       "PyTorch momentum 0.01); short runs on small data do better with 0.9.", flag_values=fv)
     B("fused_batchnorm", d.fused_batchnorm, "Train the backbone's BatchNorm with one fused "
-      "kernel (same arithmetic as Keras' separate ops; B0 steps ~1.4x faster on CPU, "
+      "kernel (same arithmetic as Keras' separate ops; training steps 1.2-1.4x faster on CPU, "
       "docs/performance.md).", flag_values=fv)
     E("loss", d.loss, ["bce", "ce"], "bce (multi-label, paper) or ce (single-label: softmax "
       "cross-entropy of the scores against the label's class, as the reference's CE).",
