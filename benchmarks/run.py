@@ -569,7 +569,8 @@ def _train_model(spec: dict):
     from psla_tf.models.tagger import build_tagger
     from psla_tf.training.optim import TorchAdam, make_loss
     keras.utils.set_random_seed(0)
-    model = build_tagger(NUM_CLASSES, eff_b=spec["eff_b"], att_head=spec["heads"],
+    model = build_tagger(NUM_CLASSES, model=spec.get("model", "efficientnet"),
+                         eff_b=spec["eff_b"], att_head=spec["heads"],
                          target_length=spec["frames"], seed=0,
                          fused_batchnorm=spec.get("fused_batchnorm", True))
     model.compile(optimizer=TorchAdam(1e-4), loss=make_loss("bce"),
@@ -672,7 +673,8 @@ def child_infer(spec: dict) -> dict:
     import numpy as np
     import tensorflow as tf
     from psla_tf.models.tagger import build_tagger
-    model = build_tagger(NUM_CLASSES, eff_b=spec["eff_b"], att_head=spec["heads"],
+    model = build_tagger(NUM_CLASSES, model=spec.get("model", "efficientnet"),
+                         eff_b=spec["eff_b"], att_head=spec["heads"],
                          target_length=spec["frames"], seed=0,
                          fused_batchnorm=spec.get("fused_batchnorm", True))
     samples = CLIP if spec["frames"] >= 998 else (spec["frames"] - 1) * 160 + 400
