@@ -562,17 +562,23 @@ def child_pipeline(spec: dict) -> dict:
             "first_batch_s": first, "peak_rss_mb": peak_rss_mb()}
 
 
+def _spec_tagger(spec: dict):
+    """The tagger a train / infer child measures: ``spec``'s model (default efficientnet),
+    ``eff_b``, ``heads``, ``frames`` and ``fused_batchnorm`` (default on), 527 classes."""
+    from psla_tf.models.tagger import build_tagger
+    return build_tagger(NUM_CLASSES, model=spec.get("model", "efficientnet"),
+                        eff_b=spec["eff_b"], att_head=spec["heads"],
+                        target_length=spec["frames"], seed=0,
+                        fused_batchnorm=spec.get("fused_batchnorm", True))
+
+
 def _train_model(spec: dict):
     import keras
     if spec.get("precision") and spec["precision"] != "float32":
         keras.mixed_precision.set_global_policy(spec["precision"])
-    from psla_tf.models.tagger import build_tagger
     from psla_tf.training.optim import TorchAdam, make_loss
     keras.utils.set_random_seed(0)
-    model = build_tagger(NUM_CLASSES, model=spec.get("model", "efficientnet"),
-                         eff_b=spec["eff_b"], att_head=spec["heads"],
-                         target_length=spec["frames"], seed=0,
-                         fused_batchnorm=spec.get("fused_batchnorm", True))
+    model = _spec_tagger(spec)
     model.compile(optimizer=TorchAdam(1e-4), loss=make_loss("bce"),
                   jit_compile=spec["mode"] == "jit_compile",
                   run_eagerly=spec["mode"] == "eager")
@@ -672,11 +678,7 @@ def child_infer(spec: dict) -> dict:
     Keras, SavedModel, and each TFLite variant psla_tf.export offers."""
     import numpy as np
     import tensorflow as tf
-    from psla_tf.models.tagger import build_tagger
-    model = build_tagger(NUM_CLASSES, model=spec.get("model", "efficientnet"),
-                         eff_b=spec["eff_b"], att_head=spec["heads"],
-                         target_length=spec["frames"], seed=0,
-                         fused_batchnorm=spec.get("fused_batchnorm", True))
+    model = _spec_tagger(spec)
     samples = CLIP if spec["frames"] >= 998 else (spec["frames"] - 1) * 160 + 400
     rng = np.random.default_rng(0)
 

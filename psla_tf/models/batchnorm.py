@@ -2,8 +2,9 @@
 
 Keras 3 computes a BatchNorm layer in training as separate graph ops (batch moments, then
 ``(x - mean) · γ / sqrt(var + ε) + β``), and its gradient as a dozen more; Keras 2 and
-PyTorch use one fused kernel forward and one backward. On CPU the separate ops cost a third
-of an EfficientNet-B0 training step (``docs/performance.md``, "Where training time goes").
+PyTorch use one fused kernel forward and one backward. On CPU the separate ops' gradients
+were a quarter of an EfficientNet-B0 training step's op time (``docs/performance.md``,
+"Where training time goes").
 
 :class:`FusedBatchNormalization` is ``keras.layers.BatchNormalization`` with the same
 weights, config and arithmetic — batch mean and biased batch variance normalise, the moving
