@@ -46,6 +46,7 @@ class TrainConfig:
     wa_start: int = 16
     wa_end: int = 30
     wa_bn_batches: int = 100
+    adapt_batchnorm: bool = False
     balanced_sampling: bool = True
     sampling_order: str = "iid"
     mixup: float = params.MIXUP

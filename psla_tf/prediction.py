@@ -136,7 +136,8 @@ def predict_records(scorer, data: str, batch_size: int = 32, progress: bool = Tr
                         "class map (same size, different classes or order)")
     ds = pipeline.make_eval_dataset(spec, batch_size, scorer.clip_samples, with_ids=True)
     ids, scores, targets = [], [], []
-    with _progress(spec.num_examples, "predict", progress) as bar:
+    label = getattr(scorer, "progress_label", "predict")
+    with _progress(spec.num_examples, label, progress) as bar:
         for feats, labels in ds:
             s = scorer(feats["waveform"].numpy(), feats["num_samples"].numpy())
             scores.append(s)
@@ -197,7 +198,8 @@ def predict_listing(scorer, listing: str, batch_size: int = 32, fmt: str = "auto
         bar.update(len(batch))
         batch.clear()
 
-    with _progress(len(rows), "predict", progress) as bar:
+    with _progress(len(rows), getattr(scorer, "progress_label", "predict"),
+                   progress) as bar:
         for item in _decoded(rows, clip, scorer.sample_rate, failures):
             batch.append(item)
             if len(batch) >= batch_size:

@@ -24,6 +24,7 @@ STATE_FILE = "train_state.json"
 SUMMARY_FILE = "summary.json"
 WA_MODEL = "wa_model.keras"
 FINAL_MODEL = "final_model.keras"
+ADAPTED_MODEL = "adapted_model.keras"   # --adapt_batchnorm: adapted to the eval clips
 MODELS = (WA_MODEL, FINAL_MODEL)   # a run folder as a --model: the first that exists
 CHECKPOINTS_DIR = "checkpoints"
 PREDICTIONS_DIR = "predictions"

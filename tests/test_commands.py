@@ -37,7 +37,7 @@ def test_every_command_is_declared_installed_and_importable():
             "psla-infer", "psla-ensemble", "psla-average-weights", "psla-enhance-labels",
             "psla-split", "psla-cross-validate", "psla-sampling-report",
             "psla-import-checkpoint", "psla-add-teacher-scores",
-            "psla-make-fsdd-mixtures"} <= set(scripts), sorted(scripts)
+            "psla-make-fsdd-mixtures", "psla-adapt"} <= set(scripts), sorted(scripts)
     for name, target in scripts.items():
         module, _, attr = target.partition(":")
         assert re.fullmatch(r"psla-[a-z-]+", name) and attr == "main", target

@@ -298,3 +298,64 @@ def test_commands_side_by_side_prepare_one_at_a_time(tmp_path):
         ids = [ex["id"] for ex in records.iter_examples(
             records.expand_glob(os.path.join(data_dir, f"fold_{k}-*.tfrecord")))]
         assert sorted(ids) == sorted(f"{k}-{c}-{i}.wav" for c in FREQS for i in range(8))
+
+
+def test_adapted_row_is_the_model_adapted_to_the_held_out_group(tmp_path):
+    """--adapt_batchnorm, not nested: each fold's 'adapted' row is its last-epoch model (no
+    weight averaging here) with BatchNorm statistics of the held-out group's clips
+    (adapted_model.keras, equal to psla_tf.models.adaptation on those clips), scored on
+    them; it is the headline row; with validation data it carries the validation-adapted
+    metrics and takes part in the choice."""
+    from psla_tf.data import pipeline
+    from psla_tf.models.adaptation import adapt_batchnorm
+    from psla_tf.models.batchnorm import batchnorm_layers
+    from psla_tf.models.loading import load_tagger
+    from psla_tf.training import cross_validation as cv
+    from psla_tf.training import selection
+    from psla_tf.training.trainer import TrainConfig
+    csv_path = _listing(tmp_path, per=6)
+    exp = tmp_path / "exp"
+    cfg = dataclasses.replace(_cfg(exp), adapt_batchnorm=True)
+    res = cv.cross_validate(cfg, str(csv_path), "fold", audio_root=str(tmp_path / "audio"),
+                            target_length=40, progress=False)
+    for k in ("1", "2"):
+        fold = exp / f"fold_{k}"
+        summary = json.loads((fold / "summary.json").read_text())
+        row = summary["adapted"]
+        assert row["model"] == "final" and row["clips"] == 18
+        eval_glob = _flags(fold / "flags.txt")["eval_data"]
+        ds = pipeline.make_eval_dataset(eval_glob, cfg.eval_batch_size,
+                                        pipeline.clip_samples_for_frames(40))
+        want = load_tagger(str(fold / "final_model.keras"))
+        adapt_batchnorm(want, ds, min_clips=2)
+        got = load_tagger(str(fold / "adapted_model.keras"))
+        for a, b in zip(batchnorm_layers(want), batchnorm_layers(got)):
+            np.testing.assert_allclose(b.moving_mean.numpy(), a.moving_mean.numpy(),
+                                       rtol=1e-4, atol=1e-6)
+        y = np.concatenate([t.numpy() for _, t in ds])
+        s = np.concatenate([got(x, training=False).numpy() for x, _ in ds])
+        assert row["accuracy"] == pytest.approx(float(np.mean(s.argmax(1) == y.argmax(1))))
+        assert "adapted" in summary["selection"]["rows"]
+    assert res["headline"]["row"] == "adapted"
+    assert "adapted" in (exp / "cv_table.md").read_text()
+    from psla_tf.errors import ConfigError
+    from psla_tf.training.trainer import resolve
+    few = dataclasses.replace(cfg, train_data=eval_glob, eval_data=eval_glob.replace(
+        "fold_2", "fold_1"), exp_dir=str(tmp_path / "few"), batch_size=2)
+    resolve(few)                                               # 18 clips: enough
+    with pytest.raises(ConfigError, match="at least 19 clips in --eval_data"):
+        import psla_tf.models.adaptation as adaptation
+        old, adaptation.MIN_ADAPT_CLIPS = adaptation.MIN_ADAPT_CLIPS, 19
+        try:
+            resolve(few)
+        finally:
+            adaptation.MIN_ADAPT_CLIPS = old
+    # the validation-adapted metrics take part in the choice; ties prefer unadapted rows
+    s = {"single": {"accuracy": 0.7, "epoch": 1, "val_accuracy": 0.70},
+         "weight_averaging": {"accuracy": 0.8, "epochs": [1], "val_accuracy": 0.75},
+         "ensemble": {"accuracy": 0.8, "epochs": [1], "val_accuracy": 0.72},
+         "adapted": {"accuracy": 0.9, "model": "weight_averaging", "val_accuracy": 0.80}}
+    out = selection.add_selection(TrainConfig(val_data="v", metric="accuracy"), s)
+    assert out["chosen"]["row"] == "adapted" and out["chosen"]["accuracy"] == 0.9
+    s["adapted"]["val_accuracy"] = 0.75
+    assert selection.chosen_row(s, "accuracy") == "weight_averaging"

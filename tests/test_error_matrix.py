@@ -193,6 +193,9 @@ COMMANDS = {
     "psla-predict": Cmd("psla_tf.cli.predict", lambda f, o: [
         f"--model={f.model}", f"--data={f.shards}", f"--output={o}/scores.npz",
         "--noprogress"], replace_ok=True),
+    "psla-adapt": Cmd("psla_tf.cli.adapt", lambda f, o: [
+        f"--model={f.model}", f"--data={f.shards}", f"--output={o}/adapted.keras",
+        "--min_clips=2", "--noprogress"], replace_ok=True),
     "psla-evaluate": Cmd("psla_tf.cli.evaluate", lambda f, o: [
         f"--scores={f.scores}", f"--out_dir={o}/report"],
         companions={"target_data": lambda f: ["--class_map=mid"],

@@ -19,9 +19,11 @@ cuDNN's minimum).
 from __future__ import annotations
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-__all__ = ["FusedBatchNormalization", "fuse_batchnorm", "MIN_FUSED_EPSILON"]
+__all__ = ["FusedBatchNormalization", "fuse_batchnorm", "MIN_FUSED_EPSILON",
+           "batchnorm_layers", "BatchNormStatistics"]
 
 MIN_FUSED_EPSILON = 1.001e-5   # cuDNN's minimum ε, as tf.compat.v1.nn.fused_batch_norm
 
@@ -88,3 +90,61 @@ def fuse_batchnorm(model: keras.Model, fused: bool = True) -> keras.Model:
     if not any(type(layer) is keras.layers.BatchNormalization for layer in model.layers):
         return model
     return keras.models.clone_model(model, clone_function=swap)
+
+
+def batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
+    """Every ``BatchNormalization`` layer of ``model``, nested models included."""
+    return [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(layer, keras.layers.BatchNormalization)]
+
+
+class BatchNormStatistics:
+    """Sets BatchNorm layers' moving statistics to the average of their training-mode batch
+    statistics over the batches run between :meth:`begin` and :meth:`finish`.
+
+    ``begin`` sets each layer's momentum to 0 (a training-mode call then leaves exactly that
+    batch's mean and biased variance in the moving statistics); call :meth:`accumulate`
+    after each training-mode forward, with the batch's weight (default 1: an equal average;
+    the clip count: a partial last batch counts for its clips); ``finish`` assigns the
+    weighted averages (``assign=False``, or no batch ran: the statistics as they were before
+    ``begin``) and puts the momenta back. Returns the number of batches.
+    """
+
+    def __init__(self, layers: list[keras.layers.BatchNormalization]):
+        self.layers = list(layers)
+        self.momentum: list[float] = []
+        self.count = 0
+        self.weight = 0.0
+
+    def begin(self) -> None:
+        self.momentum = [layer.momentum for layer in self.layers]
+        self.before = [(layer.moving_mean.numpy(), layer.moving_variance.numpy())
+                       for layer in self.layers]
+        for layer in self.layers:
+            layer.momentum = 0.0
+        self.means = [np.zeros(layer.moving_mean.shape, np.float64) for layer in self.layers]
+        self.variances = [np.zeros(layer.moving_variance.shape, np.float64)
+                          for layer in self.layers]
+        self.count = 0
+        self.weight = 0.0
+
+    def accumulate(self, weight: float = 1.0) -> None:
+        for layer, mean, variance in zip(self.layers, self.means, self.variances):
+            mean += weight * layer.moving_mean.numpy()
+            variance += weight * layer.moving_variance.numpy()
+        self.count += 1
+        self.weight += float(weight)
+
+    def finish(self, assign: bool = True) -> int:
+        for layer, m in zip(self.layers, self.momentum):
+            layer.momentum = m
+        if assign and self.count:
+            for layer, mean, variance in zip(self.layers, self.means, self.variances):
+                layer.moving_mean.assign((mean / self.weight).astype(layer.moving_mean.dtype))
+                layer.moving_variance.assign(
+                    (variance / self.weight).astype(layer.moving_variance.dtype))
+        else:
+            for layer, (mean, variance) in zip(self.layers, self.before):
+                layer.moving_mean.assign(mean)
+                layer.moving_variance.assign(variance)
+        return self.count

@@ -28,6 +28,7 @@ import tensorflow as tf
 from psla_tf import atomic
 from psla_tf import metrics, run_folder
 from psla_tf.errors import NonFiniteLossError
+from psla_tf.models.batchnorm import BatchNormStatistics, batchnorm_layers  # noqa: F401
 
 
 def inputs_only(dataset: tf.data.Dataset) -> tf.data.Dataset:
@@ -167,12 +168,6 @@ def _is_float(v: keras.Variable) -> bool:
     return "float" in str(v.dtype)
 
 
-def batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
-    """Every ``BatchNormalization`` layer of ``model``, nested models included."""
-    return [layer for layer in model._flatten_layers(include_self=False, recursive=True)
-            if isinstance(layer, keras.layers.BatchNormalization)]
-
-
 def refresh_batchnorm(model: keras.Model, batches, num_batches: int,
                       strategy: tf.distribute.Strategy | None = None, seed: int = 0) -> int:
     """Set each BatchNorm layer's moving mean and variance to the equal average of its
@@ -195,35 +190,25 @@ def refresh_batchnorm(model: keras.Model, batches, num_batches: int,
     for k, (v, value) in enumerate(seeds):  # the same draws whatever ran before
         if v.path.endswith("seed_generator_state"):
             v.assign(np.asarray([seed + k, 0], value.dtype))
-    momentum = [layer.momentum for layer in layers]
-    for layer in layers:
-        layer.momentum = 0.0  # a training-mode call leaves this batch's statistics
+    stats = BatchNormStatistics(layers)
+    stats.begin()
     step = tf.function(lambda x: model(x, training=True))
-    means = [np.zeros(layer.moving_mean.shape, np.float64) for layer in layers]
-    variances = [np.zeros(layer.moving_variance.shape, np.float64) for layer in layers]
-    n = 0
+    done = False
     try:
         for batch in batches:
-            if n == num_batches:
+            if stats.count == num_batches:
                 break
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
             if strategy is not None:
                 strategy.run(step, args=(x,))
             else:
                 step(x)
-            for layer, mean, variance in zip(layers, means, variances):
-                mean += layer.moving_mean.numpy()
-                variance += layer.moving_variance.numpy()
-            n += 1
+            stats.accumulate()
+        done = True
     finally:
-        for layer, m in zip(layers, momentum):
-            layer.momentum = m
+        n = stats.finish(assign=done)
         for v, value in seeds:
             v.assign(value)
-    if n:
-        for layer, mean, variance in zip(layers, means, variances):
-            layer.moving_mean.assign((mean / n).astype(layer.moving_mean.dtype))
-            layer.moving_variance.assign((variance / n).astype(layer.moving_variance.dtype))
     return n
 
 

@@ -12,11 +12,15 @@ group g, runs one ordinary training job in ``{exp_dir}/fold_{g}`` with eval = g.
   group validates K times), or whole groups making up a fraction f of the remaining clips
   (:func:`psla_tf.data.splits.split_rows`, seeded) — and the rest train. Every choice is made on
   validation only: the 'single' row is the best-validation epoch, and the summary's
-  ``chosen`` row is the result row (single / weight averaging / ensemble) with the best
-  validation metric (:mod:`psla_tf.training.selection`). The held-out group is only scored.
+  ``chosen`` row is the result row (single / weight averaging / ensemble / adapted) with the
+  best validation metric (:mod:`psla_tf.training.selection`). The held-out group is only scored.
 * **Not nested** (both 0: the published ESC-50 protocol): train on all other groups; no result
   row is chosen by data (last-5-epoch mean, fixed weight-averaging window, all-epoch
   ensemble), and the test group is only scored too.
+
+With ``--adapt_batchnorm`` every fold also reports the ``adapted`` row: its weight-averaged
+model with BatchNorm statistics of the held-out group's own clips, no labels
+(:mod:`psla_tf.models.adaptation`); not nested, that row is the headline.
 
 Outputs in ``exp_dir``: ``cv_summary.json`` (per-fold plans and results, mean ± population std
 over folds of each row's metric and mAP, the headline row's worst group), ``cv_table.md`` /
@@ -45,9 +49,10 @@ __all__ = ["fold_values", "fold_plans", "cross_validate", "aggregate", "headline
 
 CV_SUMMARY = "cv_summary.json"
 PLAN_FILE = "cv_fold.json"
-ROWS = ("single", "weight_averaging", "ensemble", "chosen")
+ROWS = ("single", "weight_averaging", "ensemble", "adapted", "chosen")
 ROW_NAMES = {"single": "single", "weight_averaging": "weight averaging",
-             "ensemble": "checkpoint ensemble", "chosen": "chosen on validation"}
+             "ensemble": "checkpoint ensemble", "adapted": "adapted to the group",
+             "chosen": "chosen on validation"}
 
 
 def _natural(s: str):
@@ -122,8 +127,10 @@ def aggregate(per_fold: dict[str, dict[str, Any]], metric_key: str) -> dict[str,
 
 def headline_row(agg: dict[str, Any]) -> str | None:
     """The row a CV result is quoted by: the validation-chosen one when nested, else the
-    exported weight-averaged model, else single."""
-    return next((r for r in ("chosen", "weight_averaging", "single") if r in agg), None)
+    model adapted to the held-out group (``--adapt_batchnorm``), else the exported
+    weight-averaged model, else single."""
+    return next((r for r in ("chosen", "adapted", "weight_averaging", "single") if r in agg),
+                None)
 
 
 def group_table(per_fold: dict[str, dict[str, Any]], plans: dict[str, dict[str, list[str]]],
@@ -134,7 +141,7 @@ def group_table(per_fold: dict[str, dict[str, Any]], plans: dict[str, dict[str, 
         row = {"test_group": g, "val_groups": " ".join(plans[g]["val"]),
                "train_groups": " ".join(plans[g]["train"]),
                "test_clips": s.get("eval_examples")}
-        for r in ROWS[:3]:
+        for r in ROWS[:4]:
             if s.get(r) and metric_key in s[r]:
                 row[r] = float(s[r][metric_key])
         single = s.get("single") or {}
@@ -150,7 +157,7 @@ def group_table(per_fold: dict[str, dict[str, Any]], plans: dict[str, dict[str, 
 
 
 _COLUMNS = ("test_group", "test_clips", "val_groups", "train_groups", "single", "single_epoch",
-            "weight_averaging", "ensemble", "chosen_row", "chosen_val", "chosen")
+            "weight_averaging", "ensemble", "adapted", "chosen_row", "chosen_val", "chosen")
 
 
 def _columns(table: list[dict[str, Any]]) -> list[str]:
@@ -174,7 +181,7 @@ def table_markdown(result: dict[str, Any]) -> str:
     head = {"test_group": "test group", "test_clips": "clips", "val_groups": "validation",
             "train_groups": "training", "single": f"single {key}", "single_epoch":
             "epoch (val)", "weight_averaging": f"WA {key}", "ensemble": f"ensemble {key}",
-            "chosen_row": "chosen on val", "chosen_val": f"val {key}", "chosen":
+            "adapted": f"adapted {key}", "chosen_row": "chosen on val", "chosen_val": f"val {key}", "chosen":
             f"chosen {key}"}
     out = ["| " + " | ".join(head[c] for c in cols) + " |",
            "| " + " | ".join("---" for _ in cols) + " |"]

@@ -61,6 +61,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "re-estimate the averaged model's BatchNorm statistics (SWA's update; not in the "
       "reference). 0: the average of the epochs' moving statistics, as the reference.",
       lower_bound=0, flag_values=fv)
+    B("adapt_batchnorm", d.adapt_batchnorm, "Also report the 'adapted' row: the exported "
+      "model (weight average, else the last epoch) with its BatchNorm statistics re-estimated "
+      "on the evaluated set's own clips, no labels (AdaBN, for unseen speakers / devices; "
+      "not in PSLA; tools/adapt.py does the same for new recordings). Written to "
+      "adapted_model.keras.", flag_values=fv)
     B("balanced_sampling", d.balanced_sampling, "Class-balanced sampling (Alg. 1; paper: on "
       "for full AudioSet and FSD50K, off for balanced AudioSet).", flag_values=fv)
     E("sampling_order", d.sampling_order, ["iid", "stream"], "Training order. iid (the "

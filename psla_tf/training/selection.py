@@ -8,7 +8,10 @@ The result rows and what fixes each:
   eval metrics of the last min(5, E) epochs (fixed by the flags, no selection);
 * ``weight_averaging`` — the average of epochs ``wa_start``..``wa_end`` (fixed by the flags);
   its model is ``wa_model.keras``, the one a run folder exports;
-* ``ensemble`` — the average of every epoch's scores (fixed).
+* ``ensemble`` — the average of every epoch's scores (fixed);
+* ``adapted`` (``--adapt_batchnorm``) — the weight-averaged model (else the last epoch's) with
+  its BatchNorm statistics re-estimated on the scored set's own clips, no labels (fixed; its
+  validation metrics come from the model adapted on the validation clips).
 
 With validation data every row also carries its validation metrics (``val_mAP``,
 ``val_accuracy``) and :func:`chosen_row` picks the row with the best validation metric (ties:
@@ -20,10 +23,11 @@ from __future__ import annotations
 
 from typing import Any
 
-ROWS = ("single", "weight_averaging", "ensemble")
+ROWS = ("single", "weight_averaging", "ensemble", "adapted")
 ROW_NAMES = {"single": "single", "weight_averaging": "weight averaging",
-             "ensemble": "checkpoint ensemble"}
-_TIE_ORDER = ("weight_averaging", "ensemble", "single")  # the exported model first
+             "ensemble": "checkpoint ensemble", "adapted": "adapted"}
+# ties: the exported model first; the adapted model last (it needs the new domain's clips)
+_TIE_ORDER = ("weight_averaging", "ensemble", "single", "adapted")
 
 
 def val_fields(val_metrics: dict[str, float] | None) -> dict[str, float]:
@@ -61,6 +65,11 @@ def describe(cfg, summary: dict[str, Any]) -> dict[str, Any]:
     ens = summary.get("ensemble")
     if ens:
         rows["ensemble"] = f"all {len(ens['epochs'])} epochs (fixed)"
+    adapted = summary.get("adapted")
+    if adapted:
+        base = "weight averaging" if adapted["model"] == "weight_averaging" else "last epoch"
+        rows["adapted"] = (f"{base}, BatchNorm statistics of the scored set's own clips "
+                           "(no labels; adapted_model.keras)")
     chosen = chosen_row(summary, key) if has_val else None
     return {"set": "val" if has_val else None, "metric": key, "rows": rows,
             "chosen": chosen, "eval_used_for_choices": False}

@@ -190,6 +190,12 @@ def resolve(cfg: TrainConfig) -> Resolved:
                           f"({train.num_examples} examples)")
     if ev.num_examples < 1:
         raise DataError("--eval_data holds no examples")
+    if cfg.adapt_batchnorm:
+        from psla_tf.models.adaptation import MIN_ADAPT_CLIPS
+        for flag, spec in (("eval_data", ev), ("val_data", val)):
+            if spec is not None and spec.num_examples < MIN_ADAPT_CLIPS:
+                raise ConfigError(f"--adapt_batchnorm needs at least {MIN_ADAPT_CLIPS} clips "
+                                  f"in --{flag} (it has {spec.num_examples})")
     # classes with no positive eval example have no AP/AUC: excluded from mAP, reported now
     ev_map = kd.label_maps.get("eval")
     counts = np.zeros(kd.num_classes, np.int64)
@@ -298,7 +304,8 @@ def describe(r: Resolved, num_params: int | None) -> str:
 def summary_table(summary: dict[str, Any]) -> str:
     rows = [("single", summary.get("single")), ("weight averaging",
                                                 summary.get("weight_averaging")),
-            ("checkpoint ensemble", summary.get("ensemble"))]
+            ("checkpoint ensemble", summary.get("ensemble")),
+            ("adapted", summary.get("adapted"))]
     acc = summary.get("metric") == "accuracy"
     out = [f"{'':22s} " + (f"{'accuracy':>8s} " if acc else "")
            + f"{'mAP':>8s} {'AUC':>8s} {'d-prime':>8s}"]
@@ -338,7 +345,8 @@ def single_result(eval_history: list[dict], val_history: list[dict] | None,
 # flags that may change between a run and its resumption (they do not change the result)
 _RESUME_FREE_FLAGS = ("verbose", "resume", "strategy", "tpu", "jit_compile", "deterministic",
                       "skip_corrupt_records", "eval_batch_size", "save_predictions",
-                      "allow_cut_clips", "fbank_dft", "fused_batchnorm")
+                      "allow_cut_clips", "fbank_dft", "fused_batchnorm",
+                      "adapt_batchnorm")
 
 
 def check_resume_flags(cfg: TrainConfig, exp_dir: str) -> None:
@@ -677,8 +685,47 @@ def _finish(loop: _Loop, model) -> None:
         val_ensemble.result = loop.val_eval.score(val_ensemble.scores)
 
 
+def _adapted(cfg: TrainConfig, loop: _Loop, model, chief: bool) -> dict[str, Any] | None:
+    """``--adapt_batchnorm``: the exported model (weight average, else the last epoch) with
+    its BatchNorm statistics re-estimated on each evaluated set's own clips, no labels
+    (:mod:`psla_tf.models.adaptation`), scored on those clips; the eval set's adapted model
+    is saved to ``adapted_model.keras``. Computed on a copy built outside any strategy."""
+    if not cfg.adapt_batchnorm or not chief:
+        return None
+    from psla_tf.models.adaptation import adapt_batchnorm
+    from psla_tf.training import selection
+    wa = loop.wa
+    averaged = getattr(wa, "averaged", None) if wa is not None and wa.result else None
+    wa_path = run_folder.path(cfg.exp_dir, run_folder.WA_MODEL)
+    if averaged is None and wa is not None and wa.result and os.path.exists(wa_path):
+        from psla_tf.models.loading import load_tagger   # a finished run, run again
+        averaged = load_tagger(wa_path).get_weights()
+    weights = averaged if averaged is not None else [v.numpy() for v in model.weights]
+    copy = build_model(dataclasses.replace(cfg, pretrained="none"),
+                       int(model.outputs[0].shape[-1]))
+    row: dict[str, Any] = {"model": "weight_averaging" if averaged is not None else "final"}
+    for which, ev in (("eval", loop.evaluation), ("val", loop.val_eval)):
+        if ev is None:
+            continue
+        copy.set_weights(weights)
+        clips = adapt_batchnorm(copy, ev.dataset)
+        result = ev.score(ev.predict(copy))
+        if which == "val":
+            row.update(selection.val_fields(result))
+            continue
+        row.update({k: result[k] for k in SUMMARY_KEYS if k in result}, clips=clips)
+        path = run_folder.path(cfg.exp_dir, run_folder.ADAPTED_MODEL)
+        with atomic.atomic_path(path, ".keras") as tmp:
+            copy.save(tmp)
+    print(f"adapted ({row['model']}, BatchNorm statistics of the {row.get('clips')} "
+          f"evaluated clips): mAP {row['mAP']:.4f}"
+          + (f" accuracy {row['accuracy']:.4f}" if "accuracy" in row else ""), flush=True)
+    return row
+
+
 def _summary(cfg: TrainConfig, r: Resolved, loop: _Loop, model, source_model,
-             replicas: int, seconds: float) -> dict[str, Any]:
+             replicas: int, seconds: float, adapted: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
     """summary.json of the run (module doc)."""
     from psla_tf.data import pipeline
     from psla_tf.training import distill, selection
@@ -696,6 +743,7 @@ def _summary(cfg: TrainConfig, r: Resolved, loop: _Loop, model, source_model,
                      | {"epochs": ensemble.epochs}
                      | selection.val_fields(val_ensemble.result if val_ensemble else None)
                      if ensemble.result else None),
+        "adapted": adapted,
         "epochs": cfg.n_epochs,
         "train_examples": r.train.num_examples,
         "eval_examples": r.eval.num_examples,
@@ -759,7 +807,8 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
         _fit(cfg, r, model, strategy, replicas, multi_worker, loop, initial_epoch)
     seconds = time.time() - t0
     _finish(loop, model)
-    summary = _summary(cfg, r, loop, model, source_model, replicas, seconds)
+    adapted = _adapted(cfg, loop, model, chief)
+    summary = _summary(cfg, r, loop, model, source_model, replicas, seconds, adapted)
     if chief:
         with atomic.atomic_path(run_folder.path(exp, run_folder.FINAL_MODEL), ".keras") as tmp:
             model.save(tmp)                  # the last epoch, whole (.keras)

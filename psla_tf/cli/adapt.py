@@ -1,0 +1,96 @@
+"""A trained tagger adapted to a new speaker, microphone or room from unlabelled recordings
+of it: every BatchNorm layer's statistics re-estimated on those clips (AdaBN; psla_tf/models/
+adaptation.py), weights unchanged → a ``.keras`` model that predict / evaluate / export take.
+
+Examples:
+  python tools/adapt.py --model=exp/fsdd --data='data/fsdd_test-*.tfrecord' \\
+      --output=exp/fsdd/adapted_theo.keras
+  python tools/adapt.py --model=exp/fsdd --data=recordings/ --output=adapted/model.keras
+      # recordings/new_speaker/*.wav: a folder of sub-folders, labels not needed
+  python tools/predict.py --model=exp/fsdd/adapted_theo.keras \\
+      --data='data/fsdd_test-*.tfrecord' --output=theo.npz
+"""
+import os
+import sys
+
+from absl import flags
+
+from psla_tf import cli
+from psla_tf.cli.paths import DATA, FOLDER, LABEL_CSV, MODEL, OUT_FILE, PathFlag
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("model", None, "A .keras tagger, a training run's folder (its "
+                    "wa_model.keras, else final_model.keras) or a checkpoints/epoch_NNN."
+                    "weights.h5 of a run (not a SavedModel: adapt before exporting).")
+flags.DEFINE_string("data", None, "Recordings of the new domain, labels not used: TFRecord "
+                    "shards (glob) or a listing of audio files (datafile .json, CSV, or a "
+                    "folder of sub-folders of audio files, any names).")
+flags.DEFINE_string("output", None, "The adapted model (.keras, written atomically); a "
+                    "labels.csv is written beside it when none is there.")
+flags.DEFINE_string("label_csv", None, "Class map of the model (default: the labels.csv beside "
+                    "the model / in its run folder).")
+flags.DEFINE_integer("batch_size", 100, "Clips per statistics batch (the statistics are the "
+                     "mean over batches of each batch's mean and variance).", lower_bound=2)
+flags.DEFINE_integer("min_clips", 16, "Fewer clips than this are refused (their statistics "
+                     "are too noisy to replace the training data's).", lower_bound=2)
+flags.DEFINE_string("audio_dir", None, "AudioSet CSV listings: folder holding the clips.")
+flags.DEFINE_string("filename_pattern", "{YTID}.wav", "AudioSet CSV listings: file name of a "
+                    "clip ({YTID}, {start}, {end}, {start:d}).")
+flags.DEFINE_bool("allow_cut_clips", False, "Accept shards whose clips were cut at "
+                  "preparation to less than 90 % of the model's input.")
+flags.DEFINE_bool("progress", True, "Show a tqdm progress bar.")
+PATHS = {"model": PathFlag(MODEL), "data": PathFlag(DATA), "label_csv": PathFlag(LABEL_CSV),
+         "audio_dir": PathFlag(FOLDER), "output": PathFlag(OUT_FILE)}
+
+
+def main(argv: list[str] | None = None):
+    """psla-adapt (see the module doc); ``main()`` parses sys.argv."""
+    if argv is None:
+        cli.run(main)
+    del argv
+    from psla_tf import atomic, prediction
+    from psla_tf.models.adaptation import BatchNormAdapter
+    from psla_tf.data.records import DataError, write_label_csv
+    from psla_tf.models.loading import (ModelLoadError, is_saved_model, load_tagger,
+                                        load_vocabulary)
+    for name in ("model", "data", "output"):
+        if not getattr(FLAGS, name):
+            raise DataError(f"--{name} is required")
+    if not FLAGS.output.endswith(".keras"):
+        raise DataError(f"--output {FLAGS.output!r}: the adapted model is a .keras file")
+    if is_saved_model(FLAGS.model):
+        raise ModelLoadError(f"{FLAGS.model!r} is an exported SavedModel: adapt the Keras "
+                             "model (its run folder or .keras file), then export the result")
+    model = load_tagger(FLAGS.model)
+    mids, names = load_vocabulary(FLAGS.model, FLAGS.label_csv)
+    try:
+        adapter = BatchNormAdapter(model, mids, names)
+    except ValueError as e:
+        raise ModelLoadError(f"{FLAGS.model}: {e}") from None
+    try:
+        preds = prediction.predict(adapter, FLAGS.data, FLAGS.batch_size, FLAGS.progress,
+                                   allow_cut_clips=FLAGS.allow_cut_clips, ignore_labels=True,
+                                   audio_dir=FLAGS.audio_dir,
+                                   filename_pattern=FLAGS.filename_pattern)
+    except BaseException:
+        adapter.abort()
+        raise
+    try:
+        clips = adapter.finish(FLAGS.min_clips)
+    except ValueError as e:
+        raise DataError(f"--data {FLAGS.data}: {e}") from None
+    out_dir = os.path.dirname(os.path.abspath(FLAGS.output))
+    os.makedirs(out_dir, exist_ok=True)
+    with atomic.atomic_path(FLAGS.output, ".keras") as tmp:
+        model.save(tmp)
+    labels = os.path.join(out_dir, "labels.csv")
+    if not os.path.exists(labels):
+        write_label_csv(labels, mids, names)
+    for clip_id, reason in preds.failures:
+        print(f"skipped {clip_id}: {reason}", file=sys.stderr)
+    print(f"wrote {FLAGS.output}: BatchNorm statistics of {clips} clips of {FLAGS.data}"
+          + (f"; {len(preds.failures)} clips skipped" if preds.failures else ""))
+
+
+if __name__ == "__main__":
+    main()
