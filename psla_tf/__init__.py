@@ -6,6 +6,7 @@ The public API (README "Python API"), imported on first use:
     psla_tf.tag(tagger, "clip.wav", top_k=3)      # [(name, score), ...]
     psla_tf.kaldi_fbank(waveform)                 # Kaldi log-mel [..., frames, 128]
     psla_tf.KaldiFbank()                          # the same as a Keras layer
+    psla_tf.adapt_batchnorm(tagger.model, batches)  # to a new speaker / device (no labels)
     psla_tf.export_saved_model(tagger.model, "serving/psla", tagger.mids, tagger.names)
     psla_tf.export_tflite_model(tagger.model, "psla.tflite", tagger.mids, tagger.names)
 
@@ -36,6 +37,7 @@ _API = {
     "tag": ("psla_tf.api", "tag"),
     "kaldi_fbank": ("psla_tf.features", "kaldi_fbank"),
     "KaldiFbank": ("psla_tf.features", "KaldiFbank"),
+    "adapt_batchnorm": ("psla_tf.models.adaptation", "adapt_batchnorm"),
     "export_saved_model": ("psla_tf.export", "export_saved_model"),
     "export_tflite_model": ("psla_tf.export_tflite", "export_tflite"),
     "PslaError": ("psla_tf.errors", "PslaError"),
