@@ -338,6 +338,17 @@ def test_adapted_row_is_the_model_adapted_to_the_held_out_group(tmp_path):
         assert "adapted" in summary["selection"]["rows"]
     assert res["headline"]["row"] == "adapted"
     assert "adapted" in (exp / "cv_table.md").read_text()
+    # a finished fold run again without the row gets it; its training time stays
+    from psla_tf.config import config_from_flagfile
+    from psla_tf.training.trainer import train
+    fold = exp / "fold_1"
+    before = json.loads((fold / "summary.json").read_text())
+    (fold / "adapted_model.keras").unlink()
+    again = train(dataclasses.replace(config_from_flagfile(str(fold / "flags.txt")),
+                                      verbose=0))[0]
+    assert again["seconds"] == before["seconds"] > 0
+    assert again["adapted"]["accuracy"] == pytest.approx(before["adapted"]["accuracy"])
+    assert (fold / "adapted_model.keras").exists()
     from psla_tf.errors import ConfigError
     from psla_tf.training.trainer import resolve
     few = dataclasses.replace(cfg, train_data=eval_glob, eval_data=eval_glob.replace(

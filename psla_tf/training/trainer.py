@@ -685,6 +685,16 @@ def _finish(loop: _Loop, model) -> None:
         val_ensemble.result = loop.val_eval.score(val_ensemble.scores)
 
 
+def _previous_seconds(exp_dir: str, default: float) -> float:
+    """The training time in the run folder's summary.json (``default`` without one)."""
+    import json
+    try:
+        with open(run_folder.path(exp_dir, run_folder.SUMMARY_FILE)) as f:
+            return float(json.load(f)["seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return default
+
+
 def _adapted(cfg: TrainConfig, loop: _Loop, model, chief: bool) -> dict[str, Any] | None:
     """``--adapt_batchnorm``: the exported model (weight average, else the last epoch) with
     its BatchNorm statistics re-estimated on each evaluated set's own clips, no labels
@@ -806,6 +816,8 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
     if initial_epoch < cfg.n_epochs:
         _fit(cfg, r, model, strategy, replicas, multi_worker, loop, initial_epoch)
     seconds = time.time() - t0
+    if initial_epoch >= cfg.n_epochs:     # a finished run again: its training time stays
+        seconds = _previous_seconds(exp, seconds)
     _finish(loop, model)
     adapted = _adapted(cfg, loop, model, chief)
     summary = _summary(cfg, r, loop, model, source_model, replicas, seconds, adapted)
