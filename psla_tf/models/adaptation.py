@@ -54,6 +54,7 @@ class BatchNormAdapter:
         import tensorflow as tf
 
         from psla_tf import params
+        from psla_tf.data.pipeline import clip_samples_for_frames
         layer_names = {layer.name for layer in model.layers}
         if not {"frontend", "classifier"} <= layer_names:
             raise ValueError("BatchNorm adaptation needs a single psla_tf tagger ('frontend' "
@@ -71,7 +72,7 @@ class BatchNormAdapter:
         self.names = list(names or [])
         self.sample_rate = params.SAMPLE_RATE
         self.target_length = int(frontend.target_length)
-        self.clip_samples = (self.target_length - 1) * params.FRAME_SHIFT + params.FRAME_LENGTH
+        self.clip_samples = clip_samples_for_frames(self.target_length)
         self.num_classes = int(model.outputs[0].shape[-1])
         if self.mids and len(self.mids) != self.num_classes:
             raise ValueError(f"the model has {self.num_classes} outputs but its vocabulary "
