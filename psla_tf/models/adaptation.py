@@ -85,7 +85,7 @@ class BatchNormAdapter:
         spec = (tf.TensorSpec([None, None], tf.float32), tf.TensorSpec([None], tf.int32))
         self._step = tf.function(
             lambda w, n: classifier(frontend(w, n, training=False), training=True),
-            input_signature=spec, reduce_retracing=True)
+            input_signature=spec, reduce_retracing=True, autograph=False)
 
     def __call__(self, waveform: np.ndarray, num_samples: np.ndarray) -> np.ndarray:
         waveform = np.asarray(waveform, np.float32)
