@@ -30,7 +30,8 @@ flags.DEFINE_string("output", None, "The adapted model (.keras, written atomical
 flags.DEFINE_string("label_csv", None, "Class map of the model (default: the labels.csv beside "
                     "the model / in its run folder).")
 flags.DEFINE_integer("batch_size", 100, "Clips per statistics batch (the statistics are the "
-                     "mean over batches of each batch's mean and variance).", lower_bound=2)
+                     "clip-weighted mean over batches of each batch's mean and variance).",
+                     lower_bound=2)
 flags.DEFINE_integer("min_clips", 16, "Fewer clips than this are refused (their statistics "
                      "are too noisy to replace the training data's).", lower_bound=2)
 flags.DEFINE_string("audio_dir", None, "AudioSet CSV listings: folder holding the clips.")
@@ -67,14 +68,11 @@ def main(argv: list[str] | None = None):
         adapter = BatchNormAdapter(model, mids, names)
     except ValueError as e:
         raise ModelLoadError(f"{FLAGS.model}: {e}") from None
-    try:
-        preds = prediction.predict(adapter, FLAGS.data, FLAGS.batch_size, FLAGS.progress,
-                                   allow_cut_clips=FLAGS.allow_cut_clips, ignore_labels=True,
-                                   audio_dir=FLAGS.audio_dir,
-                                   filename_pattern=FLAGS.filename_pattern)
-    except BaseException:
-        adapter.abort()
-        raise
+    # the adapter as a scorer: predict streams the shards / audio files through it (on an
+    # error the process ends and the model in memory is dropped, nothing is written)
+    preds = prediction.predict(adapter, FLAGS.data, FLAGS.batch_size, FLAGS.progress,
+                               allow_cut_clips=FLAGS.allow_cut_clips, ignore_labels=True,
+                               audio_dir=FLAGS.audio_dir, filename_pattern=FLAGS.filename_pattern)
     try:
         clips = adapter.finish(FLAGS.min_clips)
     except ValueError as e:
