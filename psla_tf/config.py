@@ -47,6 +47,7 @@ class TrainConfig:
     wa_end: int = 30
     wa_bn_batches: int = 100
     adapt_batchnorm: bool = False
+    adapt_epochs: int = 0
     balanced_sampling: bool = True
     sampling_order: str = "iid"
     mixup: float = params.MIXUP

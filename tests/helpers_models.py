@@ -14,7 +14,8 @@ SMALL_MODEL_FLAGS = ["--model=cnn", "--cnn_width=0.25"]
 
 
 def make_tagger(num_classes: int = 5, seed: int = 0, att_head: int = 2,
-                model: str = "cnn", target_length: int = TARGET_LENGTH):
+                model: str = "cnn", target_length: int = TARGET_LENGTH,
+                single_label: bool = False):
     """A tagger on ``target_length`` frames with seeded random weights (BN statistics
     randomised too, so averaging them is visible): ``SMALL_MODEL`` (``model="cnn"``) or EfficientNet-B0."""
     import keras
@@ -22,7 +23,7 @@ def make_tagger(num_classes: int = 5, seed: int = 0, att_head: int = 2,
     keras.utils.set_random_seed(seed)
     arch = SMALL_MODEL if model == "cnn" else {"model": model, "eff_b": 0}
     model = build_tagger(num_classes, **arch, att_head=att_head, target_length=target_length,
-                         freqm=0, timem=0, pretrained="none")
+                         freqm=0, timem=0, pretrained="none", single_label=single_label)
     rng = np.random.default_rng(seed)
     for v in model.weights:
         if "moving_variance" in v.path:

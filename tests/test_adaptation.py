@@ -166,3 +166,144 @@ def test_adapt_tool_writes_the_adapted_model(tmp_path):
         r = predict(f"--model={out}", f"--data={shards}", f"--output={tmp_path / 's.npz'}",
                     "--noprogress")
     assert r.code == 0, r.err
+
+
+# ------------------------------------------------------------ information maximisation
+def test_information_maximisation_loss_is_shots_formula():
+    """mean_i H(p_i) − H(mean_i p_i), written out in NumPy."""
+    from psla_tf.models.adaptation import information_maximisation_loss
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.full(5, 0.7), size=8).astype(np.float32)
+    h = lambda q: -(q * np.log(q)).sum(-1)                      # noqa: E731
+    want = h(p).mean() - h(p.mean(0))
+    np.testing.assert_allclose(float(information_maximisation_loss(p)), want, rtol=1e-5)
+    one_hot = np.eye(5, dtype=np.float32)[[0, 1, 2, 3, 4]]       # confident and diverse
+    np.testing.assert_allclose(float(information_maximisation_loss(one_hot)), -np.log(5),
+                               rtol=1e-5)
+    same = np.tile(np.eye(5, dtype=np.float32)[:1], (5, 1))     # confident, one class
+    assert abs(float(information_maximisation_loss(same))) < 1e-5
+
+
+def _single_label_clips(seed, n=24):
+    rng = np.random.default_rng(seed)
+    w = (rng.normal(0, 0.1, (n, CLIP_SAMPLES)) * rng.uniform(0.2, 3.0, (n, 1))
+         ).astype(np.float32)
+    num = rng.integers(CLIP_SAMPLES // 2, CLIP_SAMPLES + 1, n).astype(np.int32)
+    w[np.arange(CLIP_SAMPLES)[None, :] >= num[:, None]] = 0.0
+    return w, num
+
+
+def _confident(model, seed=0):
+    """Larger class kernels: a random tagger's scores are near-uniform otherwise."""
+    rng = np.random.default_rng(seed)
+    for v in model.weights:
+        if "cla_kernel" in v.path:
+            v.assign(rng.normal(0, 1.0, v.shape).astype("float32"))
+    return model
+
+
+def test_information_maximisation_moves_only_batchnorm_scale_and_offset():
+    """The IM loss on the clips falls; every weight but BatchNorm γ, β is unchanged (the
+    moving statistics included); multi-label taggers are refused unchanged."""
+    from psla_tf.models.adaptation import (information_maximisation_loss,
+                                           maximise_information)
+    model = _confident(make_tagger(4, seed=6, single_label=True))
+    w, n = _single_label_clips(0)
+    x = {"waveform": w, "num_samples": n}
+    before = {v.path: v.numpy() for v in model.weights}
+    loss0 = float(information_maximisation_loss(model(x, training=False)))
+    losses = maximise_information(model, w, n, epochs=6, batch_size=8, learning_rate=1e-2)
+    loss1 = float(information_maximisation_loss(model(x, training=False)))
+    assert len(losses) == 6 and loss1 < loss0 - 0.01 and losses[-1] < losses[0], (
+        loss0, loss1, losses)
+    moved = {v.path for v in model.weights if not np.array_equal(v.numpy(), before[v.path])}
+    assert moved and all(p.endswith(("/gamma", "/beta")) for p in moved), sorted(moved)
+    from psla_tf.models.batchnorm import batchnorm_layers
+    affine = {v.path for layer in batchnorm_layers(model.get_layer("classifier"))
+              for v in (layer.gamma, layer.beta)}
+    assert moved <= affine
+    multi = make_tagger(4, seed=6)
+    before = [v.numpy() for v in multi.weights]
+    with pytest.raises(ValueError, match="single-label"):
+        maximise_information(multi, w, n, epochs=1)
+    from psla_tf.models.adaptation import adapt_batchnorm
+    with pytest.raises(ValueError, match="single-label"):
+        adapt_batchnorm(multi, [x], min_clips=2, im_epochs=1)
+    for v, b in zip(multi.weights, before):
+        np.testing.assert_array_equal(v.numpy(), b)
+
+
+def test_adapt_batchnorm_with_im_epochs_is_statistics_then_im():
+    """adapt_batchnorm(im_epochs=k) = adapt_batchnorm, then maximise_information over the
+    same clips (cut at their num_samples and padded back: the same arrays)."""
+    from psla_tf.models.adaptation import adapt_batchnorm, maximise_information
+    w, n = _single_label_clips(1, n=20)
+    batches = [{"waveform": w[i:i + 8], "num_samples": n[i:i + 8]} for i in (0, 8, 16)]
+    got = _confident(make_tagger(3, seed=7, single_label=True))
+    assert adapt_batchnorm(got, batches, min_clips=2, im_epochs=2) == 20
+    want = _confident(make_tagger(3, seed=7, single_label=True))
+    adapt_batchnorm(want, batches, min_clips=2)
+    maximise_information(want, w, n, epochs=2)
+    start = _confident(make_tagger(3, seed=7, single_label=True))
+    assert any(not np.allclose(a.numpy(), b.numpy()) for a, b in zip(got.weights,
+                                                                     start.weights))
+    for a, b in zip(got.weights, want.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_clip_sample_is_uniform_and_keeps_stream_order():
+    """Reservoir sampling: every clip kept with probability capacity / n (binomial tolerance,
+    fixed seeds), kept clips in stream order, cut at num_samples and zero-padded."""
+    from psla_tf.models.adaptation import ClipSample
+    n, cap, trials = 20, 5, 800
+    counts = np.zeros(n)
+    for seed in range(trials):
+        s = ClipSample(cap, seed=seed)
+        for start in range(0, n, 6):
+            ids = np.arange(start, min(start + 6, n))
+            s.add(np.repeat(ids[:, None].astype(np.float32) + 1, 4, 1), np.full(len(ids), 4))
+        w, num = s.arrays()
+        kept = w[:, 0] - 1
+        assert len(kept) == cap and np.all(np.diff(kept) > 0)
+        counts[kept.astype(int)] += 1
+    p = cap / n
+    sd = np.sqrt(trials * p * (1 - p))
+    assert np.all(np.abs(counts - trials * p) < 4.5 * sd), counts   # 4.5 sd per clip
+    s = ClipSample(10)
+    s.add(np.ones((2, 6), np.float32), np.array([3, 6]))
+    w, num = s.arrays(min_samples=8)
+    np.testing.assert_array_equal(w, [[1, 1, 1, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(num, [3, 6])
+
+
+def test_adapt_tool_epochs_is_the_library_and_refuses_multi_label(tmp_path):
+    """tools/adapt.py --epochs on a single-label tagger = adapt_batchnorm(im_epochs) on the
+    same shards; on a multi-label tagger: one error line, nothing written."""
+    from helpers_cli import command
+    from helpers_data import write_shards
+    from psla_tf.data import pipeline
+    from psla_tf.models.adaptation import adapt_batchnorm
+    from psla_tf.models.loading import load_tagger
+    src = save_tagger(_confident(make_tagger(3, seed=8, single_label=True)),
+                      str(tmp_path / "single"))
+    multi = save_tagger(make_tagger(3, seed=8), str(tmp_path / "multi"))
+    rng = np.random.default_rng(1)
+    waves = [np.clip(rng.normal(0, 0.02 * (k + 1), CLIP_SAMPLES) * 32767, -32767, 32767
+                     ).astype(np.int16) for k in range(18)]
+    (tmp_path / "data").mkdir()
+    shards = write_shards(str(tmp_path / "data"), waves, [[k % 3] for k in range(18)], 3,
+                          num_shards=1, prefix="new")
+    out = tmp_path / "im.keras"
+    with command("psla_tf.cli.adapt") as adapt:
+        r = adapt(f"--model={src}", f"--data={shards}", f"--output={out}", "--batch_size=8",
+                  "--epochs=2", "--noprogress")
+        r2 = adapt(f"--model={multi}", f"--data={shards}", "--epochs=2",
+                   f"--output={tmp_path / 'x.keras'}", "--noprogress")
+    assert r.code == 0 and "IM epochs" in r.out, r.err
+    assert r2.code == 2 and len(r2.error_lines) == 1 and "single-label" in r2.error_lines[0]
+    assert not os.path.exists(tmp_path / "x.keras")
+    want = load_tagger(src)
+    adapt_batchnorm(want, pipeline.make_eval_dataset(shards, 8, CLIP_SAMPLES), im_epochs=2)
+    got = load_tagger(str(out))
+    for a, b in zip(got.weights, want.weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)

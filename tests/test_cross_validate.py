@@ -349,11 +349,26 @@ def test_adapted_row_is_the_model_adapted_to_the_held_out_group(tmp_path):
     assert again["seconds"] == before["seconds"] > 0
     assert again["adapted"]["accuracy"] == pytest.approx(before["adapted"]["accuracy"])
     assert (fold / "adapted_model.keras").exists()
+    # --adapt_epochs: the row's model is then also adapted by information maximisation
+    im = train(dataclasses.replace(config_from_flagfile(str(fold / "flags.txt")),
+                                   verbose=0, adapt_epochs=2))[0]
+    assert im["adapted"]["im_epochs"] == 2 and im["seconds"] == before["seconds"]
+    ds1 = pipeline.make_eval_dataset(_flags(fold / "flags.txt")["eval_data"],
+                                     cfg.eval_batch_size, pipeline.clip_samples_for_frames(40))
+    want = load_tagger(str(fold / "final_model.keras"))
+    adapt_batchnorm(want, ds1, min_clips=2, im_epochs=2)
+    got = load_tagger(str(fold / "adapted_model.keras"))
+    for a, b in zip(want.weights, got.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
     from psla_tf.errors import ConfigError
     from psla_tf.training.trainer import resolve
     few = dataclasses.replace(cfg, train_data=eval_glob, eval_data=eval_glob.replace(
         "fold_2", "fold_1"), exp_dir=str(tmp_path / "few"), batch_size=2)
     resolve(few)                                               # 18 clips: enough
+    with pytest.raises(ConfigError, match="add --adapt_batchnorm"):
+        resolve(dataclasses.replace(few, adapt_batchnorm=False, adapt_epochs=2))
+    with pytest.raises(ConfigError, match="single-label"):
+        resolve(dataclasses.replace(few, loss="bce", metric="map", adapt_epochs=2))
     with pytest.raises(ConfigError, match="at least 19 clips in --eval_data"):
         import psla_tf.models.adaptation as adaptation
         old, adaptation.MIN_ADAPT_CLIPS = adaptation.MIN_ADAPT_CLIPS, 19

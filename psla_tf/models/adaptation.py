@@ -12,10 +12,20 @@ the new domain's clips — no labels, no gradient step, every weight unchanged:
 with μ_lk, σ²_lk the mean and biased variance layer l sees on batch k (n_k clips) of the
 domain's clips, each batch's forward in training mode (every layer normalised with that
 batch's statistics). The front end runs as in inference (no masking), and dropout /
-drop-connect are off, so the statistics are those of the clips as the model will see them. The adapted model is an ordinary tagger (``.keras``; exports as any other).
+drop-connect are off, so the statistics are those of the clips as the model will see them.
 
-It is transductive: it needs recordings of the new domain (unlabelled) before scoring them.
-Measured on FSDD's unseen speakers (docs/own_data.md, "Adapting to the speaker").
+A single-label tagger can then also adapt its BatchNorm layers' affine parameters (γ, β;
+nothing else) to the same clips by information maximisation (SHOT's IM loss; Liang et al.,
+2020, "Do we really need to access the source data?", ICML), :func:`maximise_information`:
+
+    L = mean_i H(p_i) − H(mean_i p_i),   H(p) = −Σ_c p_c log p_c
+
+confident predictions per clip (first term) that still spread over the classes (second
+term: it assumes the new clips cover the classes roughly evenly). The adapted model is an
+ordinary tagger (``.keras``; exports as any other).
+
+Both are transductive: they need recordings of the new domain (unlabelled) before scoring
+them. Measured on FSDD's unseen speakers (docs/own_data.md, "Adapting to the speaker").
 """
 from __future__ import annotations
 
@@ -26,10 +36,115 @@ import numpy as np
 
 from psla_tf.models.batchnorm import BatchNormStatistics, batchnorm_layers
 
-__all__ = ["BatchNormAdapter", "adapt_batchnorm", "MIN_ADAPT_CLIPS"]
+__all__ = ["BatchNormAdapter", "adapt_batchnorm", "maximise_information",
+           "information_maximisation_loss", "is_single_label", "ClipSample",
+           "MIN_ADAPT_CLIPS", "MAX_IM_CLIPS"]
 
 # fewer clips than this give statistics too noisy to replace the training domain's
 MIN_ADAPT_CLIPS = 16
+# information maximisation holds at most this many clips in memory (a uniform sample beyond)
+MAX_IM_CLIPS = 1000
+# its optimisation, chosen on FSDD's validation speakers (docs/own_data.md)
+IM_BATCH_SIZE = 50
+IM_LEARNING_RATE = 1e-3
+
+
+def is_single_label(model: keras.Model) -> bool:
+    """Whether ``model`` is a single-label tagger (class probabilities summing to 1)."""
+    return "single_label" in {layer.name for layer in model.layers}
+
+
+def information_maximisation_loss(probs):
+    """SHOT's IM loss of class probabilities ``[B, C]`` → scalar (module doc)."""
+    import tensorflow as tf
+    p = tf.clip_by_value(probs, 1e-8, 1.0)
+    mean = tf.clip_by_value(tf.reduce_mean(probs, 0), 1e-8, 1.0)
+    entropy = -tf.reduce_mean(tf.reduce_sum(p * tf.math.log(p), -1))
+    return entropy + tf.reduce_sum(mean * tf.math.log(mean))
+
+
+def maximise_information(model: keras.Model, waveform: np.ndarray, num_samples: np.ndarray,
+                         epochs: int, batch_size: int = IM_BATCH_SIZE,
+                         learning_rate: float = IM_LEARNING_RATE, seed: int = 0,
+                         progress: bool = False) -> list[float]:
+    """Adapt a single-label tagger's BatchNorm γ, β (in place) to unlabelled clips by
+    information maximisation (module doc): Adam, ``epochs`` passes over the clips in a
+    random order (``seed``) in batches of ``batch_size``, the model in inference mode (its
+    moving statistics, no masking, dropout off). Call it after :func:`adapt_batchnorm`.
+    ``progress``: a tqdm bar over the epochs.
+
+    Args:
+      waveform: ``[N, S]`` float32 clips; num_samples: ``[N]`` int32 valid samples.
+    Returns:
+      the mean loss of each epoch. ValueError for a multi-label model or one without
+      BatchNorm affine parameters.
+    """
+    import tensorflow as tf
+    if not is_single_label(model):
+        raise ValueError("information maximisation needs a single-label tagger (--loss=ce): "
+                         "its scores must be class probabilities")
+    variables = []
+    for layer in batchnorm_layers(model.get_layer("classifier")):
+        variables += [v for v in (layer.gamma, layer.beta) if v is not None]
+    if not variables:
+        raise ValueError("the model has no BatchNorm scale or offset to adapt")
+    optimizer = keras.optimizers.Adam(learning_rate)
+
+    def step(w, n):
+        with tf.GradientTape() as tape:
+            loss = information_maximisation_loss(
+                model({"waveform": w, "num_samples": n}, training=False))
+        grads = tape.gradient(loss, [v.value for v in variables])
+        optimizer.apply_gradients(zip(grads, variables))
+        return loss
+
+    step = tf.function(step, reduce_retracing=True, autograph=False)
+    waveform = np.asarray(waveform, np.float32)
+    num_samples = np.asarray(num_samples, np.int32)
+    rng = np.random.default_rng(seed)
+    losses = []
+    from tqdm.auto import tqdm
+    for _ in tqdm(range(epochs), desc="information maximisation", unit="epoch",
+                  disable=not progress):
+        order = rng.permutation(len(waveform))
+        total = 0.0
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            total += float(step(tf.constant(waveform[idx]), tf.constant(num_samples[idx]))
+                           ) * len(idx)
+        losses.append(total / max(len(order), 1))
+    return losses
+
+
+class ClipSample:
+    """A uniform sample of at most ``capacity`` clips of a stream of batches (reservoir
+    sampling, ``seed``), kept in stream order: :meth:`add` each batch, :meth:`arrays` →
+    ``(waveform [N, S], num_samples [N])``, shorter clips zero-padded to the longest."""
+
+    def __init__(self, capacity: int = MAX_IM_CLIPS, seed: int = 0):
+        self.capacity = int(capacity)
+        self.rng = np.random.default_rng(seed)
+        self.seen = 0
+        self.kept: list[tuple[int, np.ndarray, int]] = []
+
+    def add(self, waveform: np.ndarray, num_samples: np.ndarray) -> None:
+        for w, n in zip(waveform, num_samples):
+            item = (self.seen, np.array(w[:max(int(n), 1)], np.float32), int(n))
+            if len(self.kept) < self.capacity:
+                self.kept.append(item)
+            else:
+                j = int(self.rng.integers(0, self.seen + 1))
+                if j < self.capacity:
+                    self.kept[j] = item
+            self.seen += 1
+
+    def arrays(self, min_samples: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        kept = sorted(self.kept, key=lambda item: item[0])
+        width = max([min_samples] + [len(w) for _, w, _ in kept])
+        waveform = np.zeros((len(kept), width), np.float32)
+        for row, (_, w, _) in enumerate(kept):
+            waveform[row, :len(w)] = w
+        return waveform, np.array([n for _, _, n in kept], np.int32)
 
 
 class BatchNormAdapter:
@@ -44,13 +159,15 @@ class BatchNormAdapter:
       model: a tagger of :func:`psla_tf.models.tagger.build_tagger` (``frontend`` and
         ``classifier`` layers), adapted in place.
       mids, names: its vocabulary (only carried, as a scorer's).
+      keep_clips: also keep a uniform sample of at most this many clips (``sample``, a
+        :class:`ClipSample`) for :func:`maximise_information`; 0: none.
     """
 
     kind = "adapter"
     progress_label = "adapt"
 
     def __init__(self, model: keras.Model, mids: list[str] | None = None,
-                 names: list[str] | None = None):
+                 names: list[str] | None = None, keep_clips: int = 0):
         import tensorflow as tf
 
         from psla_tf import params
@@ -78,6 +195,7 @@ class BatchNormAdapter:
             raise ValueError(f"the model has {self.num_classes} outputs but its vocabulary "
                              f"lists {len(self.mids)} classes (wrong labels.csv / --label_csv?)")
         self.clips = 0
+        self.sample = ClipSample(keep_clips) if keep_clips > 0 else None
         self._rates = [d.rate for d in self.dropouts]
         for d in self.dropouts:      # read when the step is traced (the first call)
             d.rate = 0.0
@@ -92,6 +210,8 @@ class BatchNormAdapter:
         self._step(waveform, np.asarray(num_samples, np.int32))
         self.stats.accumulate(weight=len(waveform))
         self.clips += len(waveform)
+        if self.sample is not None:
+            self.sample.add(waveform, num_samples)
         return np.zeros((len(waveform), self.num_classes), np.float32)
 
     def finish(self, min_clips: int = MIN_ADAPT_CLIPS) -> int:
@@ -115,14 +235,18 @@ class BatchNormAdapter:
 
 
 def adapt_batchnorm(model: keras.Model, batches: Iterable[Any],
-                    min_clips: int = MIN_ADAPT_CLIPS) -> int:
-    """Adapt ``model``'s BatchNorm statistics (in place) to the clips of ``batches``.
+                    min_clips: int = MIN_ADAPT_CLIPS, im_epochs: int = 0) -> int:
+    """Adapt ``model``'s BatchNorm statistics (in place) to the clips of ``batches``; with
+    ``im_epochs`` > 0 (single-label taggers) then its BatchNorm γ, β by
+    :func:`maximise_information` over (a sample of at most ``MAX_IM_CLIPS`` of) them.
 
     ``batches`` yields ``{"waveform": [B, S], "num_samples": [B]}`` dicts or ``(dict,
     labels)`` tuples (labels are not used), e.g. :func:`psla_tf.data.pipeline.
     make_eval_dataset`. Returns the number of clips. See the module doc.
     """
-    adapter = BatchNormAdapter(model)
+    if im_epochs > 0 and not is_single_label(model):
+        raise ValueError("information maximisation needs a single-label tagger (--loss=ce)")
+    adapter = BatchNormAdapter(model, keep_clips=MAX_IM_CLIPS if im_epochs > 0 else 0)
     try:
         for batch in batches:
             x = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -130,4 +254,8 @@ def adapt_batchnorm(model: keras.Model, batches: Iterable[Any],
     except BaseException:
         adapter.abort()
         raise
-    return adapter.finish(min_clips)
+    clips = adapter.finish(min_clips)
+    if adapter.sample is not None:
+        maximise_information(model, *adapter.sample.arrays(adapter.clip_samples),
+                             epochs=im_epochs)
+    return clips

@@ -66,6 +66,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "on the evaluated set's own clips, no labels (AdaBN, for unseen speakers / devices; "
       "not in PSLA; tools/adapt.py does the same for new recordings). Written to "
       "adapted_model.keras.", flag_values=fv)
+    I("adapt_epochs", d.adapt_epochs, "With --adapt_batchnorm and a single-label model "
+      "(--loss=ce): then also adapt the BatchNorm scale and offset to those clips by this "
+      "many epochs of information maximisation (confident, diverse predictions; SHOT's IM "
+      "loss, not in PSLA). 0: statistics only.", lower_bound=0, flag_values=fv)
     B("balanced_sampling", d.balanced_sampling, "Class-balanced sampling (Alg. 1; paper: on "
       "for full AudioSet and FSD50K, off for balanced AudioSet).", flag_values=fv)
     E("sampling_order", d.sampling_order, ["iid", "stream"], "Training order. iid (the "

@@ -190,6 +190,11 @@ def resolve(cfg: TrainConfig) -> Resolved:
                           f"({train.num_examples} examples)")
     if ev.num_examples < 1:
         raise DataError("--eval_data holds no examples")
+    if cfg.adapt_epochs and not cfg.adapt_batchnorm:
+        raise ConfigError("--adapt_epochs adapts the 'adapted' row: add --adapt_batchnorm")
+    if cfg.adapt_epochs and cfg.loss != "ce":
+        raise ConfigError("--adapt_epochs (information maximisation) needs a single-label "
+                          "model (--loss=ce)")
     if cfg.adapt_batchnorm:
         from psla_tf.models.adaptation import MIN_ADAPT_CLIPS
         for flag, spec in (("eval_data", ev), ("val_data", val)):
@@ -346,7 +351,7 @@ def single_result(eval_history: list[dict], val_history: list[dict] | None,
 _RESUME_FREE_FLAGS = ("verbose", "resume", "strategy", "tpu", "jit_compile", "deterministic",
                       "skip_corrupt_records", "eval_batch_size", "save_predictions",
                       "allow_cut_clips", "fbank_dft", "fused_batchnorm",
-                      "adapt_batchnorm")
+                      "adapt_batchnorm", "adapt_epochs")
 
 
 def check_resume_flags(cfg: TrainConfig, exp_dir: str) -> None:
@@ -698,7 +703,8 @@ def _previous_seconds(exp_dir: str, default: float) -> float:
 def _adapted(cfg: TrainConfig, loop: _Loop, model, chief: bool) -> dict[str, Any] | None:
     """``--adapt_batchnorm``: the exported model (weight average, else the last epoch) with
     its BatchNorm statistics re-estimated on each evaluated set's own clips, no labels
-    (:mod:`psla_tf.models.adaptation`), scored on those clips; the eval set's adapted model
+    (:mod:`psla_tf.models.adaptation`; ``--adapt_epochs``: then its BatchNorm γ, β by
+    information maximisation on them), scored on those clips; the eval set's adapted model
     is saved to ``adapted_model.keras``. Computed on a copy built outside any strategy."""
     if not cfg.adapt_batchnorm or not chief:
         return None
@@ -713,12 +719,13 @@ def _adapted(cfg: TrainConfig, loop: _Loop, model, chief: bool) -> dict[str, Any
     weights = averaged if averaged is not None else [v.numpy() for v in model.weights]
     copy = build_model(dataclasses.replace(cfg, pretrained="none"),
                        int(model.outputs[0].shape[-1]))
-    row: dict[str, Any] = {"model": "weight_averaging" if averaged is not None else "final"}
+    row: dict[str, Any] = {"model": "weight_averaging" if averaged is not None else "final",
+                           "im_epochs": cfg.adapt_epochs}
     for which, ev in (("eval", loop.evaluation), ("val", loop.val_eval)):
         if ev is None:
             continue
         copy.set_weights(weights)
-        clips = adapt_batchnorm(copy, ev.dataset)
+        clips = adapt_batchnorm(copy, ev.dataset, im_epochs=cfg.adapt_epochs)
         result = ev.score(ev.predict(copy))
         if which == "val":
             row.update(selection.val_fields(result))
@@ -727,8 +734,9 @@ def _adapted(cfg: TrainConfig, loop: _Loop, model, chief: bool) -> dict[str, Any
         path = run_folder.path(cfg.exp_dir, run_folder.ADAPTED_MODEL)
         with atomic.atomic_path(path, ".keras") as tmp:
             copy.save(tmp)
+    im = f", {cfg.adapt_epochs} epochs of information maximisation" if cfg.adapt_epochs else ""
     print(f"adapted ({row['model']}, BatchNorm statistics of the {row.get('clips')} "
-          f"evaluated clips): mAP {row['mAP']:.4f}"
+          f"evaluated clips{im}): mAP {row['mAP']:.4f}"
           + (f" accuracy {row['accuracy']:.4f}" if "accuracy" in row else ""), flush=True)
     return row
 
