@@ -119,23 +119,28 @@ def test_too_few_clips_and_other_models_are_refused_unchanged():
         BatchNormAdapter(model, ["/m/a", "/m/b"], ["a", "b"])
 
 
+def _shards(tmp_path, n, seed, level):
+    """``n`` int16 noise clips of rising level in one shard of 3 classes: (clips, glob)."""
+    from helpers_data import write_shards
+    rng = np.random.default_rng(seed)
+    waves = [np.clip(rng.normal(0, level * (k + 1), CLIP_SAMPLES) * 32767, -32767, 32767
+                     ).astype(np.int16) for k in range(n)]
+    (tmp_path / "data").mkdir()
+    return waves, write_shards(str(tmp_path / "data"), waves, [[k % 3] for k in range(n)], 3,
+                               num_shards=1, prefix="new")
+
+
 def test_adapt_tool_writes_the_adapted_model(tmp_path):
     """tools/adapt.py on shards (and on a folder of wav files): the written model is the
     library's adaptation of the same clips, with a labels.csv beside it; predict takes it."""
     from helpers_cli import command
-    from helpers_data import write_shards
     from helpers_models import write_wav
     from psla_tf.data import pipeline
     from psla_tf.models.adaptation import adapt_batchnorm
     from psla_tf.models.loading import load_tagger
     model = make_tagger(3, seed=5)
     src = save_tagger(model, str(tmp_path / "model"))
-    rng = np.random.default_rng(0)
-    waves = [np.clip(rng.normal(0, 0.01 * (k + 1), CLIP_SAMPLES) * 32767, -32767, 32767
-                     ).astype(np.int16) for k in range(20)]
-    (tmp_path / "data").mkdir()
-    shards = write_shards(str(tmp_path / "data"), waves, [[k % 3] for k in range(20)], 3,
-                          num_shards=1, prefix="new")
+    waves, shards = _shards(tmp_path, 20, seed=0, level=0.01)
     out = tmp_path / "adapted" / "speaker.keras"
     with command("psla_tf.cli.adapt") as adapt:
         r = adapt(f"--model={src}", f"--data={shards}", f"--output={out}", "--batch_size=8",
@@ -280,19 +285,13 @@ def test_adapt_tool_epochs_is_the_library_and_refuses_multi_label(tmp_path):
     """tools/adapt.py --epochs on a single-label tagger = adapt_batchnorm(im_epochs) on the
     same shards; on a multi-label tagger: one error line, nothing written."""
     from helpers_cli import command
-    from helpers_data import write_shards
     from psla_tf.data import pipeline
     from psla_tf.models.adaptation import adapt_batchnorm
     from psla_tf.models.loading import load_tagger
     src = save_tagger(_confident(make_tagger(3, seed=8, single_label=True)),
                       str(tmp_path / "single"))
     multi = save_tagger(make_tagger(3, seed=8), str(tmp_path / "multi"))
-    rng = np.random.default_rng(1)
-    waves = [np.clip(rng.normal(0, 0.02 * (k + 1), CLIP_SAMPLES) * 32767, -32767, 32767
-                     ).astype(np.int16) for k in range(18)]
-    (tmp_path / "data").mkdir()
-    shards = write_shards(str(tmp_path / "data"), waves, [[k % 3] for k in range(18)], 3,
-                          num_shards=1, prefix="new")
+    _, shards = _shards(tmp_path, 18, seed=1, level=0.02)
     out = tmp_path / "im.keras"
     with command("psla_tf.cli.adapt") as adapt:
         r = adapt(f"--model={src}", f"--data={shards}", f"--output={out}", "--batch_size=8",
