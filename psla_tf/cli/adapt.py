@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None):
         cli.run(main)
     del argv
     from psla_tf import atomic, prediction
-    from psla_tf.models.adaptation import (MAX_IM_CLIPS, BatchNormAdapter, is_single_label,
-                                           maximise_information)
+    from psla_tf.models.adaptation import MAX_IM_CLIPS, BatchNormAdapter, is_single_label
     from psla_tf.data.records import DataError, write_label_csv
     from psla_tf.models.loading import (ModelLoadError, is_saved_model, load_tagger,
                                         load_vocabulary)
@@ -90,10 +89,8 @@ def main(argv: list[str] | None = None):
     except ValueError as e:
         raise DataError(f"--data {FLAGS.data}: {e}") from None
     if FLAGS.epochs:
-        waveform, num_samples = adapter.sample.arrays(adapter.clip_samples)
-        losses = maximise_information(model, waveform, num_samples, epochs=FLAGS.epochs,
-                                      progress=FLAGS.progress)
-        print(f"information maximisation on {len(waveform)} clips: loss {losses[0]:.4f} "
+        kept, losses = adapter.maximise_information(FLAGS.epochs, progress=FLAGS.progress)
+        print(f"information maximisation on {kept} clips: loss {losses[0]:.4f} "
               f"→ {losses[-1]:.4f} over {FLAGS.epochs} epochs")
     out_dir = os.path.dirname(os.path.abspath(FLAGS.output))
     os.makedirs(out_dir, exist_ok=True)

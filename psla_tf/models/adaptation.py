@@ -224,6 +224,16 @@ class BatchNormAdapter:
                              f"new domain, got {self.clips}")
         return self.clips
 
+    def maximise_information(self, epochs: int, progress: bool = False
+                             ) -> tuple[int, list[float]]:
+        """After :meth:`finish`: the model's BatchNorm γ, β by :func:`maximise_information`
+        over the kept clips (``keep_clips`` > 0) → (clips used, each epoch's mean loss)."""
+        if self.sample is None:
+            raise ValueError("no clips kept for information maximisation (keep_clips=0)")
+        waveform, num_samples = self.sample.arrays(self.clip_samples)
+        return len(waveform), maximise_information(self.model, waveform, num_samples,
+                                                   epochs=epochs, progress=progress)
+
     def abort(self) -> None:
         """Put the model back as it was (no statistics written)."""
         self._restore(assign=False)
@@ -255,7 +265,6 @@ def adapt_batchnorm(model: keras.Model, batches: Iterable[Any],
         adapter.abort()
         raise
     clips = adapter.finish(min_clips)
-    if adapter.sample is not None:
-        maximise_information(model, *adapter.sample.arrays(adapter.clip_samples),
-                             epochs=im_epochs)
+    if im_epochs > 0:
+        adapter.maximise_information(im_epochs)
     return clips
