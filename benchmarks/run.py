@@ -14,7 +14,10 @@ Every figure is for 10-s 16-kHz clips and is the median of ``--repeats`` timed r
 warm-up runs that are not counted. Each measurement runs in a fresh Python process pinned to
 the first k CPUs (``os.sched_setaffinity``, i.e. what ``taskset -c 0-(k-1)`` does) with
 TensorFlow's intra-/inter-op pools and tf.data's private thread pool set to k threads, so
-"k cores" means k cores. That process's peak RSS is recorded beside each figure.
+"k cores" means k cores (the input pipeline's per-clip variants: k clips in parallel, each op
+on one thread — the intra-op pool at 1, as the reference's DataLoader workers run torch;
+``masking_pooled_ops`` is the same pipeline with TensorFlow's default pool of k threads).
+That process's peak RSS is recorded beside each figure.
 
 Sections:
 
@@ -184,8 +187,9 @@ def _text(b: bytes | str | None) -> str:
     return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
 
 
-def _pin(cores: int | None) -> None:
-    """Pin this process to the first ``cores`` CPUs and size TF's thread pools to match."""
+def _pin(cores: int | None, intra_op: int | None = None) -> None:
+    """Pin this process to the first ``cores`` CPUs and size TF's thread pools to match
+    (the intra-op pool: ``intra_op`` threads where given, e.g. 1 for per-clip input work)."""
     if cores:
         allowed = sorted(os.sched_getaffinity(0))
         if cores > len(allowed):
@@ -193,7 +197,7 @@ def _pin(cores: int | None) -> None:
         os.sched_setaffinity(0, allowed[:cores])
     import tensorflow as tf
     if cores:
-        tf.config.threading.set_intra_op_parallelism_threads(cores)
+        tf.config.threading.set_intra_op_parallelism_threads(int(intra_op or cores))
         tf.config.threading.set_inter_op_parallelism_threads(cores)
 
 
@@ -460,6 +464,8 @@ PIPELINE_VARIANTS = {
     "fbank": "+ fbank in tf.data (per clip before batching; the front end's default DFT, "
              "auto = rfft on the host CPU; no masking)",
     "masking": "+ frequency/time masking in tf.data: the reference's whole per-clip work",
+    "masking_pooled_ops": "masking, each op split over TensorFlow's intra-op pool of k "
+                          "threads (TensorFlow's default) instead of one thread per op",
     "model_frontend": "mixup pipeline + fbank & masking at the front of the model "
                       "(AudioFrontend as a tf.function on the consumer side, dft auto)",
     "batched": "fbank + masking in tf.data as one vectorised map per batch of 100 (after "
@@ -467,6 +473,20 @@ PIPELINE_VARIANTS = {
     "xla": "fbank + masking in tf.data under jit_compile",
     "matmul": "fbank (folded-matmul DFT, the accelerator front end's) + masking in tf.data",
 }
+# Variants whose work is one vectorised call per batch, as the model's front end: their ops
+# use TensorFlow's intra-op pool of k threads. Every other variant works clip by clip with
+# `cores` clips in parallel (tf.data's map), each op on one thread (intra-op pool 1) — the
+# PyTorch reference-style pipeline's DataLoader workers likewise run torch on one thread
+# each (torch.set_num_threads(1) in every worker) — except "masking_pooled_ops", the same
+# per-clip pipeline with TensorFlow's default pool of k threads, for comparison.
+POOLED_OPS_VARIANTS = ("model_frontend", "batched", "masking_pooled_ops")
+
+
+def pipeline_intra_op(variant: str, cores: int | None) -> int | None:
+    """Intra-op threads of a pipeline child (None: TensorFlow's default, all cores)."""
+    return cores if variant in POOLED_OPS_VARIANTS else 1
+
+
 STAGES = ["read", "parse", "train_plain", "sampling", "mixup", "fbank", "masking"]
 STAGE_COST = {"read": "read", "parse": "parse + pad + batch",
               "train_plain": "shuffle buffer + per-shard record checks",
@@ -518,7 +538,7 @@ def child_pipeline(spec: dict) -> dict:
         ds = train_ds(mixup=0.0)
     elif variant == "mixup":
         ds = train_ds()
-    elif variant in ("fbank", "masking", "xla", "matmul"):
+    elif variant in ("fbank", "masking", "masking_pooled_ops", "xla", "matmul"):
         ds = train_ds(features_in_pipeline=True, frontend=frontend)
     elif variant == "model_frontend":
         ds = train_ds()
@@ -766,7 +786,7 @@ def _tflite_variants(model, spec, measure, x1, xb) -> list[str]:
 
 
 def child_main(spec: dict) -> None:
-    _pin(spec.get("cores"))
+    _pin(spec.get("cores"), spec.get("intra_op"))
     kind = spec["kind"]
     fn = {"fbank": child_fbank, "pipeline": child_pipeline, "train": child_train,
           "infer": child_infer}[kind]
@@ -896,7 +916,8 @@ def bench_pipeline(results: dict, ctx: dict) -> dict:
         for v in variants:
             spec = {"kind": "pipeline", "variant": v, "glob": ctx["data"]["glob"], "batch": 100,
                     "repeats": ctx["repeats"], "warmup_repeats": 1,
-                    "batches_per_repeat": ctx["batches_per_repeat"]}
+                    "batches_per_repeat": ctx["batches_per_repeat"],
+                    "intra_op": pipeline_intra_op(v, k)}
             try:
                 r = run_child(spec, k, env=env)
             except ChildFailed as e:
@@ -1024,7 +1045,8 @@ def bench_rss(results: dict, ctx: dict) -> dict:
         print(e)
     spec = {"kind": "pipeline", "variant": "masking", "glob": ctx["data"]["glob"], "batch": 100,
             "repeats": ctx["repeats"], "warmup_repeats": 1,
-            "batches_per_repeat": ctx["batches_per_repeat"]}
+            "batches_per_repeat": ctx["batches_per_repeat"],
+            "intra_op": pipeline_intra_op("masking", cores)}
     r = run_child(spec, cores, env={"CUDA_VISIBLE_DEVICES": ""})
     rows.append(row("input pipeline alone (fbank + masking in tf.data, batch 100)",
                     r["peak_rss_mb"], "MB peak RSS", cores=cores or "all",
