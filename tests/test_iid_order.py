@@ -204,12 +204,14 @@ def test_reads_are_the_examples_and_the_mixed_partners(skewed, monkeypatch):
     """I/O per epoch = L examples + M mixed partners, each one record read at its offset."""
     glob, _, _ = skewed
     calls = []
-    real = record_index.read_record
+    real = record_index.read_record_op
 
-    def counting(path, offset, length):
-        calls.append((path, offset))
-        return real(path, offset, length)
-    monkeypatch.setattr(record_index, "read_record", counting)
+    def counting(path, offset, length):   # every execution of the in-graph read
+        tick = tf.numpy_function(lambda o: calls.append(int(o)) or np.int64(0), [offset],
+                                 tf.int64)
+        with tf.control_dependencies([tick]):
+            return real(path, offset, length)
+    monkeypatch.setattr(record_index, "read_record_op", counting)
     ds = pipeline.make_train_dataset(glob, batch_size=B, clip_samples=8, mixup=MIXUP, seed=1,
                                      with_ids=True, num_parallel_calls=1, prefetch=0)
     mixed = sum(int((f["partner_key"] >= 0).sum()) for f, _ in ds.as_numpy_iterator())
@@ -276,16 +278,20 @@ def test_record_index_matches_the_tfrecord_framing(skewed, tmp_path):
             assert idx.file_index[row] == fi and idx.offset[row] == off and idx.length[row] == n
             ex = tf.train.Example.FromString(data[off + 12:off + 12 + n])
             assert list(ex.features.feature["labels"].int64_list.value) == sorted(labels[row])
-            got = record_index.read_record(path, off, n)
-            assert got == data[off + 12:off + 12 + n]
+            got = record_index.read_record_op(tf.constant(path), tf.constant(off, tf.int64),
+                                              tf.constant(n, tf.int64))
+            assert got.numpy() == data[off + 12:off + 12 + n]
             off += n + 16
             row += 1
     assert row == N == idx.num_records
     lab = [sorted(idx.label_indices[idx.label_indptr[r]:idx.label_indptr[r + 1]].tolist())
            for r in range(N)]
     assert lab == [sorted(set(x)) for x in labels]
-    with pytest.raises(DataError, match="no record of 5 bytes"):
-        record_index.read_record(spec.files[0], 0, 5)
+    for off, n in ((0, 5), (3, int(idx.length[0]))):   # a stale length / offset
+        with pytest.raises(tf.errors.InvalidArgumentError,
+                           match="corrupt or truncated TFRecord shard"):
+            record_index.read_record_op(tf.constant(spec.files[0]), tf.constant(off, tf.int64),
+                                        tf.constant(n, tf.int64))
     # a shard rewritten with other records: the stale entry (other size) is not used
     rng = np.random.default_rng(0)
     g2 = write_shards(str(tmp_path), random_waveforms(8, rng, 10, 20), [[0]] * 8, 2, 1)

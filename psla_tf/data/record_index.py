@@ -30,7 +30,6 @@ import dataclasses
 import io
 import logging
 import os
-import struct
 import threading
 from typing import Sequence
 
@@ -40,7 +39,7 @@ from psla_tf.data import records
 from psla_tf.data.records import DataError, DataSpec
 
 __all__ = ["INDEX_FORMAT", "index_path", "ShardEntry", "RecordIndex", "load_record_index",
-           "write_index", "read_index", "scan_shard", "read_record", "masked_crc32c",
+           "write_index", "read_index", "scan_shard", "read_record_op",
            "CorruptShard"]
 
 INDEX_FORMAT = "psla_tf.record_index/1"
@@ -50,29 +49,6 @@ FOOTER_BYTES = 4    # masked CRC of the data
 
 def index_path(prefix: str) -> str:
     return f"{prefix}.index.npz"
-
-
-# ----------------------------------------------------------------------------- CRC-32C
-def _crc32c_table() -> list[int]:
-    table = []
-    for n in range(256):
-        c = n
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked CRC-32C (Castagnoli) of ``data`` (pure Python: for short fields)."""
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    crc ^= 0xFFFFFFFF
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 
 # ----------------------------------------------------------------------------- entries
@@ -338,31 +314,24 @@ def _combine(spec: DataSpec, entries: dict[int, ShardEntry], gz: bool) -> Record
 
 
 # ----------------------------------------------------------------------------- reading
-def read_record(path: str, offset: int, length: int) -> bytes:
-    """The serialised record whose frame starts at ``offset`` (``length`` data bytes).
-
-    Checks the frame's length field and its CRC (a stale index or a truncated shard is an
-    error naming the shard); the data's own CRC is not recomputed here (the parser rejects
-    damaged Examples). Local files are read with ``os.pread``, others through tf.io.gfile.
-    """
-    need = HEADER_BYTES + int(length)
-    if "://" in path:
-        import tensorflow as tf
-        with tf.io.gfile.GFile(path, "rb") as f:
-            f.seek(int(offset))
-            buf = f.read(need)
-    else:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            buf = os.pread(fd, need, int(offset))
-        finally:
-            os.close(fd)
-    if len(buf) < need:
-        raise DataError(f"corrupt or truncated TFRecord shard {path}: record at byte {offset} "
-                        f"ends past the end of the file")
-    (n,) = struct.unpack("<Q", buf[:8])
-    (crc,) = struct.unpack("<I", buf[8:12])
-    if n != int(length) or crc != masked_crc32c(buf[:8]):
-        raise DataError(f"corrupt or truncated TFRecord shard {path}: no record of {length} "
-                        f"bytes at byte {offset} (the shard changed after it was indexed?)")
-    return buf[HEADER_BYTES:]
+def read_record_op(path, offset, length):
+    """In-graph read of one record: ``path`` (string), ``offset`` (the byte where its frame
+    starts) and ``length`` (its data bytes), int64 scalar tensors → the serialised record
+    (string scalar tensor). TensorFlow's TFRecord reader from that byte (one frame; both CRCs
+    checked, the data's too); a frame that is not there intact (a stale index, a damaged or
+    truncated shard) fails with an InvalidArgumentError naming the shard
+    (``corrupt or truncated TFRecord shard <path>``). No Python runs per record, so parallel
+    reads do not wait for the GIL."""
+    import tensorflow as tf
+    variant = tf.raw_ops.TFRecordDatasetV2(
+        filenames=tf.reshape(path, [1]), compression_type="",
+        buffer_size=length + (HEADER_BYTES + FOOTER_BYTES), byte_offsets=tf.reshape(offset, [1]))
+    frames = tf.data.experimental.from_variant(variant, tf.TensorSpec([], tf.string))
+    missing = tf.data.Dataset.from_tensors(tf.constant(b""))   # in place of a bad frame
+    rec = frames.take(1).ignore_errors().concatenate(missing).take(1).get_single_element()
+    intact = tf.equal(tf.cast(tf.strings.length(rec), tf.int64), tf.cast(length, tf.int64))
+    check = tf.debugging.Assert(intact, ["corrupt or truncated TFRecord shard", path,
+                                         ": no intact record of", length, "bytes at byte",
+                                         offset, "(the shard changed after it was indexed?)"])
+    with tf.control_dependencies([check]):
+        return tf.identity(rec)
