@@ -362,10 +362,10 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
     ``input_context``; clips are computed in parallel, so on a host that only feeds the
     pipeline set TensorFlow's intra-op pool to one thread before it starts,
     ``tf.config.threading.set_intra_op_parallelism_threads(1)``: 1.05-1.38x the clips/s on 2
-    cores, docs/performance.md, "One thread per op"). ``with_ids`` adds ``id`` (string), ``key`` (int64:
-    file index * 2**32 + record position, see :func:`example_key_parts`), ``partner_key``
-    (-1 when not mixed), ``partner_id`` ("" when not mixed) and ``mix_lambda`` (1 when not
-    mixed) to the features.
+    cores, docs/performance.md, "One thread per op"). ``with_ids`` adds ``id`` (string),
+    ``key`` (int64: file index * 2**32 + record position, see :func:`example_key_parts`),
+    ``partner_key`` (-1 when not mixed), ``partner_id`` ("" when not mixed) and
+    ``mix_lambda`` (1 when not mixed) to the features.
 
     ``sampling_order``: ``"iid"`` (default, the reference's order: N i.i.d. draws per epoch
     and i.i.d. partners, records read at their offsets; uncompressed shards) or ``"stream"``
