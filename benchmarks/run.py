@@ -14,9 +14,10 @@ Every figure is for 10-s 16-kHz clips and is the median of ``--repeats`` timed r
 warm-up runs that are not counted. Each measurement runs in a fresh Python process pinned to
 the first k CPUs (``os.sched_setaffinity``, i.e. what ``taskset -c 0-(k-1)`` does) with
 TensorFlow's intra-/inter-op pools and tf.data's private thread pool set to k threads, so
-"k cores" means k cores (the input pipeline's per-clip variants: k clips in parallel, each op
-on one thread — the intra-op pool at 1, as the reference's DataLoader workers run torch;
-``masking_pooled_ops`` is the same pipeline with TensorFlow's default pool of k threads).
+"k cores" means k cores (the input pipeline's per-clip variants: k clips in parallel in a
+process set up by ``psla_tf.data.pipeline.configure_input_host``, each op on one thread as
+the reference's DataLoader workers run torch; ``masking_tf_defaults`` is the same pipeline
+with TensorFlow's and glibc's defaults).
 That process's peak RSS is recorded beside each figure.
 
 Sections:
@@ -187,9 +188,8 @@ def _text(b: bytes | str | None) -> str:
     return b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
 
 
-def _pin(cores: int | None, intra_op: int | None = None) -> None:
-    """Pin this process to the first ``cores`` CPUs and size TF's thread pools to match
-    (the intra-op pool: ``intra_op`` threads where given, e.g. 1 for per-clip input work)."""
+def _pin(cores: int | None) -> None:
+    """Pin this process to the first ``cores`` CPUs and size TF's thread pools to match."""
     if cores:
         allowed = sorted(os.sched_getaffinity(0))
         if cores > len(allowed):
@@ -197,7 +197,7 @@ def _pin(cores: int | None, intra_op: int | None = None) -> None:
         os.sched_setaffinity(0, allowed[:cores])
     import tensorflow as tf
     if cores:
-        tf.config.threading.set_intra_op_parallelism_threads(int(intra_op or cores))
+        tf.config.threading.set_intra_op_parallelism_threads(cores)
         tf.config.threading.set_inter_op_parallelism_threads(cores)
 
 
@@ -464,8 +464,8 @@ PIPELINE_VARIANTS = {
     "fbank": "+ fbank in tf.data (per clip before batching; the front end's default DFT, "
              "auto = rfft on the host CPU; no masking)",
     "masking": "+ frequency/time masking in tf.data: the reference's whole per-clip work",
-    "masking_pooled_ops": "masking, each op split over TensorFlow's intra-op pool of k "
-                          "threads (TensorFlow's default) instead of one thread per op",
+    "masking_tf_defaults": "masking without configure_input_host: each op split over "
+                           "TensorFlow's intra-op pool of k threads, glibc's default malloc",
     "model_frontend": "mixup pipeline + fbank & masking at the front of the model "
                       "(AudioFrontend as a tf.function on the consumer side, dft auto)",
     "batched": "fbank + masking in tf.data as one vectorised map per batch of 100 (after "
@@ -475,16 +475,17 @@ PIPELINE_VARIANTS = {
 }
 # Variants whose work is one vectorised call per batch, as the model's front end: their ops
 # use TensorFlow's intra-op pool of k threads. Every other variant works clip by clip with
-# `cores` clips in parallel (tf.data's map), each op on one thread (intra-op pool 1) — the
-# PyTorch reference-style pipeline's DataLoader workers likewise run torch on one thread
-# each (torch.set_num_threads(1) in every worker) — except "masking_pooled_ops", the same
-# per-clip pipeline with TensorFlow's default pool of k threads, for comparison.
-POOLED_OPS_VARIANTS = ("model_frontend", "batched", "masking_pooled_ops")
+# `cores` clips in parallel (tf.data's map) in a process set up by
+# psla_tf.data.pipeline.configure_input_host (each op on one thread — the PyTorch
+# reference-style pipeline's DataLoader workers likewise run torch on one thread each — and
+# freed buffers reused), except "masking_tf_defaults", the same per-clip pipeline with
+# TensorFlow's and glibc's defaults, for comparison.
+DEFAULT_HOST_VARIANTS = ("model_frontend", "batched", "masking_tf_defaults")
 
 
-def pipeline_intra_op(variant: str, cores: int | None) -> int | None:
-    """Intra-op threads of a pipeline child (None: TensorFlow's default, all cores)."""
-    return cores if variant in POOLED_OPS_VARIANTS else 1
+def input_host(variant: str) -> bool:
+    """Whether a pipeline child runs configure_input_host (the per-clip variants)."""
+    return variant not in DEFAULT_HOST_VARIANTS
 
 
 STAGES = ["read", "parse", "train_plain", "sampling", "mixup", "fbank", "masking"]
@@ -538,7 +539,7 @@ def child_pipeline(spec: dict) -> dict:
         ds = train_ds(mixup=0.0)
     elif variant == "mixup":
         ds = train_ds()
-    elif variant in ("fbank", "masking", "masking_pooled_ops", "xla", "matmul"):
+    elif variant in ("fbank", "masking", "masking_tf_defaults", "xla", "matmul"):
         ds = train_ds(features_in_pipeline=True, frontend=frontend)
     elif variant == "model_frontend":
         ds = train_ds()
@@ -786,7 +787,10 @@ def _tflite_variants(model, spec, measure, x1, xb) -> list[str]:
 
 
 def child_main(spec: dict) -> None:
-    _pin(spec.get("cores"), spec.get("intra_op"))
+    _pin(spec.get("cores"))
+    if spec.get("input_host"):   # before TensorFlow runs: intra-op pool 1, heap reuse
+        from psla_tf.data import pipeline
+        pipeline.configure_input_host()
     kind = spec["kind"]
     fn = {"fbank": child_fbank, "pipeline": child_pipeline, "train": child_train,
           "infer": child_infer}[kind]
@@ -917,7 +921,7 @@ def bench_pipeline(results: dict, ctx: dict) -> dict:
             spec = {"kind": "pipeline", "variant": v, "glob": ctx["data"]["glob"], "batch": 100,
                     "repeats": ctx["repeats"], "warmup_repeats": 1,
                     "batches_per_repeat": ctx["batches_per_repeat"],
-                    "intra_op": pipeline_intra_op(v, k)}
+                    "input_host": input_host(v)}
             try:
                 r = run_child(spec, k, env=env)
             except ChildFailed as e:
@@ -1046,7 +1050,7 @@ def bench_rss(results: dict, ctx: dict) -> dict:
     spec = {"kind": "pipeline", "variant": "masking", "glob": ctx["data"]["glob"], "batch": 100,
             "repeats": ctx["repeats"], "warmup_repeats": 1,
             "batches_per_repeat": ctx["batches_per_repeat"],
-            "intra_op": pipeline_intra_op("masking", cores)}
+            "input_host": input_host("masking")}
     r = run_child(spec, cores, env={"CUDA_VISIBLE_DEVICES": ""})
     rows.append(row("input pipeline alone (fbank + masking in tf.data, batch 100)",
                     r["peak_rss_mb"], "MB peak RSS", cores=cores or "all",

@@ -350,3 +350,30 @@ def test_reads_do_not_accumulate_memory(tmp_path):
     for _ in pipeline.make_train_dataset(glob, num_epochs=10, **kw):
         pass
     assert rss_mb() - before < 80, (before, rss_mb())
+
+
+def test_configure_input_host(skewed):
+    """In a fresh process: the intra-op pool at one thread, glibc's mallopt accepted, and
+    the pipeline's batches the same as in a process with TensorFlow's defaults."""
+    import platform
+    import subprocess
+    import sys
+    glob, _, _ = skewed
+    code = ("import sys, numpy as np\n"
+            "from psla_tf.data import pipeline\n"
+            "ok = pipeline.configure_input_host() if sys.argv[1] == '1' else None\n"
+            "import tensorflow as tf\n"
+            "ds = pipeline.make_train_dataset(sys.argv[2], batch_size=4, clip_samples=8,\n"
+            "    mixup=0.5, seed=1, num_epochs=1)\n"
+            "w = np.concatenate([f['waveform'] for f, _ in ds.as_numpy_iterator()])\n"
+            "print('RESULT', ok, tf.config.threading.get_intra_op_parallelism_threads(),\n"
+            "      repr(w.tobytes().hex()))\n")
+    out = {}
+    for mode in ("1", "0"):
+        p = subprocess.run([sys.executable, "-c", code, mode, glob], capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-2000:]
+        out[mode] = next(x for x in p.stdout.splitlines() if x.startswith("RESULT")).split()
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert out["1"][1] == str(glibc) and out["1"][2] == "1"
+    assert out["0"][2] == "0" and out["1"][3] == out["0"][3]

@@ -24,6 +24,8 @@ resuming at ``initial_epoch`` after a kill continues exactly.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import functools
 import logging
 import sys
@@ -40,7 +42,7 @@ from psla_tf.data.records import DataError, DataSpec, shard_counts
 
 __all__ = ["DEFAULT_CLIP_SAMPLES", "make_train_dataset", "make_eval_dataset",
            "clip_samples_for_frames", "steps_per_epoch", "resolve_data",
-           "READ_BUFFER_BYTES"]
+           "READ_BUFFER_BYTES", "configure_input_host"]
 
 steps_per_epoch = sampling.steps_per_epoch
 AUTOTUNE = tf.data.AUTOTUNE
@@ -71,6 +73,38 @@ def _seed_independent(fn):
         with compat.independent_of_global_seed():
             return fn(*args, **kwargs)
     return wrapper
+
+
+# glibc mallopt parameters (malloc.h) and configure_input_host's values
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_HEAP_REUSE = ((_M_MMAP_THRESHOLD, 64 << 20), (_M_TRIM_THRESHOLD, 256 << 20),
+               (_M_TOP_PAD, 64 << 20))
+
+
+def configure_input_host() -> bool:
+    """Set up this process for an input pipeline that computes features clip by clip
+    (``make_train_dataset(features_in_pipeline=True)``) on a host that does little else, e.g.
+    one that feeds an accelerator. Call it before TensorFlow runs anything.
+
+    * TensorFlow's intra-op pool at one thread: tf.data runs several clips at once, and with
+      the default pool every op of each would also be split over all cores, the clips' ops
+      then waiting on each other's shards;
+    * glibc's allocator keeps freed buffers below 64 MiB for reuse (``mallopt``: mmap
+      threshold 64 MiB, trim threshold 256 MiB, top pad 64 MiB) instead of mapping fresh,
+      zeroed pages for every 10-s clip's ~0.3-2 MB intermediates.
+
+    Together 1.3-1.4x the clips/s of TensorFlow's defaults on 2 cores (docs/performance.md,
+    "One thread per op, clips in parallel"). Not for a process that trains on the CPU: the
+    model's batched ops need the intra-op pool. Returns whether the allocator settings were
+    applied (False where the C library is not glibc)."""
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return all(mallopt(param, value) == 1 for param, value in _HEAP_REUSE)
 
 
 def clip_samples_for_frames(frames: int = params.TARGET_LENGTH) -> int:
@@ -359,10 +393,8 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
     (``{"fbank": [B, T, 128]}`` instead when ``features_in_pipeline``: ``frontend(waveform
     [1, n], num_samples [1]) → [1, T, 128]`` per clip, on the clip cut to ``clip_samples``
     but not padded, as ``AudioFrontend``; B is the per-replica batch under
-    ``input_context``; clips are computed in parallel, so on a host that only feeds the
-    pipeline set TensorFlow's intra-op pool to one thread before it starts,
-    ``tf.config.threading.set_intra_op_parallelism_threads(1)``: 1.05-1.38x the clips/s on 2
-    cores, docs/performance.md, "One thread per op"). ``with_ids`` adds ``id`` (string),
+    ``input_context``; on a host that only feeds the pipeline call
+    :func:`configure_input_host` first). ``with_ids`` adds ``id`` (string),
     ``key`` (int64: file index * 2**32 + record position, see :func:`example_key_parts`),
     ``partner_key`` (-1 when not mixed), ``partner_id`` ("" when not mixed) and
     ``mix_lambda`` (1 when not mixed) to the features.
