@@ -432,7 +432,10 @@ def kaldi_fbank(waveform: tf.Tensor | np.ndarray,
         mel = tf.linalg.matmul(power, banks)  # [..., F, bins]
     else:
         lead = tf.shape(x)[:-1]
-        flat = tf.reshape(x, [-1, tf.shape(x)[-1]])                           # [B, n]
+        # a static clip count keeps one clip (tf.data, clip by clip) out of the loop
+        known = x.shape[:-1].is_fully_defined() if x.shape.rank is not None else False
+        clips = int(np.prod(x.shape[:-1], dtype=np.int64)) if known else -1
+        flat = tf.reshape(x, [clips, tf.shape(x)[-1]])                        # [B, n]
         chunk = _default_chunk_samples(x) if chunk_samples is None else int(chunk_samples)
         settings = (("chunk_samples", chunk), ("num_mel_bins", num_mel_bins),
                     ("sample_rate", sample_rate), ("frame_length", frame_length),

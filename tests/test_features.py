@@ -205,6 +205,20 @@ def test_rfft_shapes_empty_batch_leading_dims_and_dynamic_lengths():
         tf.TensorSpec([4, 16000])).structured_outputs.shape == (4, 98, 128)
 
 
+def test_rfft_static_single_clip_runs_without_the_loop():
+    """A clip whose leading size is statically 1 (tf.data's per-clip map) is computed in one
+    step, without the CPU loop's while op; the features equal the looped path's."""
+    x = np.random.default_rng(8).uniform(-0.5, 0.5, (1, 16000)).astype(np.float32)
+    specs = {"single": tf.TensorSpec([1, None]), "dynamic": tf.TensorSpec([None, None])}
+    fns = {k: tf.function(lambda w: features.kaldi_fbank(w, dft="rfft")).get_concrete_function(s)
+           for k, s in specs.items()}
+    loops = {k: sum(op.type in ("While", "StatelessWhile") for op in f.graph.get_operations())
+             for k, f in fns.items()}
+    assert loops == {"single": 0, "dynamic": 1}, loops
+    np.testing.assert_allclose(fns["single"](tf.constant(x)).numpy(),
+                               fns["dynamic"](tf.constant(x)).numpy(), rtol=0, atol=1e-5)
+
+
 def test_rfft_under_xla_matches_matmul():
     """Under jit_compile the rfft path runs without the loop and the complex bitcast."""
     rng = np.random.default_rng(7)

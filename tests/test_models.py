@@ -56,6 +56,11 @@ def test_frontend_matches_per_clip_computation(shared):
         ref_norm = (_pad(ref, TARGET) - params.DATASET_MEAN) / params.DATASET_STD
         d = np.abs(out[i] - ref_norm) * params.DATASET_STD
         assert d.mean() < 1e-4 and np.quantile(d, 0.999) < 2e-2, CLIPS[i]
+    # one clip at a time (tf.data's per-clip map: a static batch of 1 takes its own path,
+    # a cut instead of a select): the batch's rows, noise past num_samples included
+    for i in range(len(CLIPS)):
+        np.testing.assert_allclose(front(batch[i:i + 1], n[i:i + 1]).numpy()[0], out[i],
+                                   atol=1e-5, rtol=0, err_msg=CLIPS[i])
     # clips shorter than 400 samples: all padding
     np.testing.assert_allclose(out[CLIPS.index("short_399")], NORM_PAD, rtol=1e-6)
     # frames past each clip's end are padding, not fbank of the noise that follows

@@ -207,8 +207,11 @@ class AudioFrontend(keras.layers.Layer):
                          runtime_matrices=getattr(self, "runtime_matrices", False))  # [B, F, M]
         frames = tf.shape(fb)[1]
         n_frames = _frame_count(n)
-        keep = tf.range(frames)[tf.newaxis, :] < n_frames[:, tf.newaxis]
-        fb = tf.where(keep[:, :, tf.newaxis], fb, 0.0)
+        if fb.shape[0] == 1:   # one clip (tf.data, clip by clip): a cut, no copy when whole
+            fb = fb[:, :n_frames[0]]
+        else:
+            keep = tf.range(frames)[tf.newaxis, :] < n_frames[:, tf.newaxis]
+            fb = tf.where(keep[:, :, tf.newaxis], fb, 0.0)
         if self.trim_onset_db > 0:
             fb, n_frames = drop_leading_frames(
                 fb, n_frames, leading_silence(fb, n_frames, self.trim_onset_db))
