@@ -585,12 +585,14 @@ def child_pipeline(spec: dict) -> dict:
 
 def _spec_tagger(spec: dict):
     """The tagger a train / infer child measures: ``spec``'s model (default efficientnet),
-    ``eff_b``, ``heads``, ``frames`` and ``fused_batchnorm`` (default on), 527 classes."""
+    ``eff_b``, ``heads``, ``frames``, ``fused_batchnorm`` and ``pointwise_matmul`` (default
+    on), 527 classes."""
     from psla_tf.models.tagger import build_tagger
     return build_tagger(NUM_CLASSES, model=spec.get("model", "efficientnet"),
                         eff_b=spec["eff_b"], att_head=spec["heads"],
                         target_length=spec["frames"], seed=0,
-                        fused_batchnorm=spec.get("fused_batchnorm", True))
+                        fused_batchnorm=spec.get("fused_batchnorm", True),
+                        pointwise_matmul=spec.get("pointwise_matmul", True))
 
 
 def _train_model(spec: dict):
@@ -956,25 +958,31 @@ def bench_train(results: dict, ctx: dict) -> dict:
     gpu = FLAGS.device == "gpu"
     # (mode, precision, fused BatchNorm); the unfused row is Keras' own BatchNorm ops
     if gpu:
-        modes = [("tf.function", "float32", True), ("tf.function", "float32", False),
-                 ("jit_compile", "float32", True), ("tf.function", "mixed_float16", True),
-                 ("jit_compile", "mixed_float16", True)]
+        # (mode, precision, fused BatchNorm, 1x1 convolutions as matrix products)
+        modes = [("tf.function", "float32", True, True), ("tf.function", "float32", False, True),
+                 ("tf.function", "float32", True, False), ("jit_compile", "float32", True, True),
+                 ("tf.function", "mixed_float16", True, True),
+                 ("jit_compile", "mixed_float16", True, True)]
         batch, cores = q["gpu_batch"], None
     else:
-        modes = [("eager", "float32", True), ("tf.function", "float32", True),
-                 ("tf.function", "float32", False), ("jit_compile", "float32", True),
-                 ("tf.function", "mixed_bfloat16", True)]
+        modes = [("eager", "float32", True, True), ("tf.function", "float32", True, True),
+                 ("tf.function", "float32", False, True), ("tf.function", "float32", True, False),
+                 ("jit_compile", "float32", True, True),
+                 ("tf.function", "mixed_bfloat16", True, True)]
         batch = q["batch"]
         cores = max(_core_list(results) or [1])
     desc = f"EfficientNet-B{q['eff_b']} + {q['heads']} heads, batch {batch}, {q['frames']} frames"
-    best, by_fused = 0.0, {}
-    for mode, prec, fused in modes:
-        name = f"train step, {mode}, {prec}" + ("" if fused else ", Keras BatchNorm ops")
+    best, by_kernels = 0.0, {}
+    for mode, prec, fused, pointwise in modes:
+        name = (f"train step, {mode}, {prec}" + ("" if fused else ", Keras BatchNorm ops")
+                + ("" if pointwise else ", Conv2D for 1x1 convolutions"))
         spec = {"kind": "train", "mode": mode, "precision": prec, "batch": batch,
                 "eff_b": q["eff_b"], "heads": q["heads"], "frames": q["frames"],
                 "repeats": ctx["repeats"], "steps_per_repeat": 1 if not gpu else 5,
                 "device": FLAGS.device, "fused_batchnorm": fused,
-                "profile": 3 if (mode, prec) == ("tf.function", "float32") else 0}
+                "pointwise_matmul": pointwise,
+                "profile": 3 if (mode, prec, pointwise) == ("tf.function", "float32", True)
+                else 0}
         try:
             r = run_child(spec, cores)
         except ChildFailed as e:
@@ -984,7 +992,7 @@ def bench_train(results: dict, ctx: dict) -> dict:
             continue
         best = max(best, r["clips_per_s"])
         if (mode, prec) == ("tf.function", "float32"):
-            by_fused[fused] = r["clips_per_s"]
+            by_kernels[fused, pointwise] = r["clips_per_s"]
         rows.append(row(name, r["clips_per_s"], cores=cores or "all",
                         first_step_s=r["first_step_s"], peak_rss_mb=r["peak_rss_mb"]))
         print(f"  {name}: {r['clips_per_s']:.2f} clips/s", flush=True)
@@ -992,10 +1000,12 @@ def bench_train(results: dict, ctx: dict) -> dict:
             if ms:
                 rows.append(row(f"{name}: op time, {stage}", ms, "ms/step", cores=cores or "all",
                                 note="TensorFlow profiler, summed over threads"))
-    if len(by_fused) == 2 and by_fused[False]:
-        rows.append(row("train step, fused BatchNorm / Keras BatchNorm ops (tf.function, "
-                        "float32)", by_fused[True] / by_fused[False], "ratio",
-                        cores=cores or "all"))
+    ours = by_kernels.get((True, True))
+    for key, what in (((False, True), "fused BatchNorm / Keras BatchNorm ops"),
+                      ((True, False), "1x1 convolutions as matrix products / Conv2D")):
+        if ours and by_kernels.get(key):
+            rows.append(row(f"train step, {what} (tf.function, float32)",
+                            ours / by_kernels[key], "ratio", cores=cores or "all"))
     ctx["train_best"] = best
     if not gpu and best and not FLAGS.quick:
         rows.append(row("best train step / PyTorch stated (2.2 clips/s)",

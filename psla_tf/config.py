@@ -74,6 +74,7 @@ class TrainConfig:
     zero_init_residual: bool = True
     bn_momentum: float = 0.99
     fused_batchnorm: bool = True
+    pointwise_matmul: bool = True
     loss: str = "bce"
     metric: str = "map"
     init_from: str | None = None

@@ -31,7 +31,8 @@ import keras
 import numpy as np
 
 from psla_tf.errors import PretrainedWeightsError
-from psla_tf.models.batchnorm import fuse_batchnorm
+from psla_tf.models.batchnorm import fused_twin
+from psla_tf.models.pointwise import matmul_twin
 
 __all__ = ["build_backbone", "build_cnn", "cnn_channels", "BACKBONES", "BACKBONE_INITS",
            "PretrainedWeightsError",
@@ -195,7 +196,8 @@ def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
                    pretrained: str | os.PathLike = "none", stem_init: str = "random",
                    bn_momentum: float | None = None, init: str = "auto",
                    zero_residual: bool = True, width: float = 1.0,
-                   fused_batchnorm: bool = True, name: str = "backbone") -> keras.Model:
+                   fused_batchnorm: bool = True, pointwise_matmul: bool = True,
+                   name: str = "backbone") -> keras.Model:
     """``[B, mel, time, 1] → [B, F', T', D]`` backbone (Sec. III), optionally ImageNet-pretrained.
 
     ``pretrained``: ``"none"``, ``"imagenet"`` or a path to weights of the 3-channel no-top
@@ -210,6 +212,8 @@ def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
     ``width``: channel multiplier of the ``cnn`` backbone (ignored by the others).
     ``fused_batchnorm``: BatchNorm layers train with one fused kernel
     (:class:`~psla_tf.models.batchnorm.FusedBatchNormalization`; same arithmetic, faster).
+    ``pointwise_matmul``: 1×1 convolutions train as one matrix product
+    (:class:`~psla_tf.models.pointwise.PointwiseConv2D`; same arithmetic, faster on CPU).
     """
     _check_model(model)
     if stem_init not in ("random", "rgb_sum"):
@@ -236,7 +240,9 @@ def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
         first = _FIRST.get(model)
         start = full.get_layer(first).input if first else full.inputs[0]
         backbone = keras.Model(start, full.outputs[0], name=name)
-    backbone = fuse_batchnorm(backbone, fused=fused_batchnorm)
+    backbone = keras.models.clone_model(   # same names and weights, faster training kernels
+        backbone, clone_function=lambda layer: matmul_twin(fused_twin(layer, fused_batchnorm),
+                                                           pointwise_matmul))
     for layer in backbone.layers:   # no ImageNet preprocessing in front of a spectrogram
         if isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization)):
             raise AssertionError(f"unexpected preprocessing layer {layer.name} in backbone")

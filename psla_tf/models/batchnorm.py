@@ -22,7 +22,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["FusedBatchNormalization", "fuse_batchnorm", "MIN_FUSED_EPSILON",
+__all__ = ["FusedBatchNormalization", "fuse_batchnorm", "fused_twin", "MIN_FUSED_EPSILON",
            "batchnorm_layers", "BatchNormStatistics"]
 
 MIN_FUSED_EPSILON = 1.001e-5   # cuDNN's minimum ε, as tf.compat.v1.nn.fused_batch_norm
@@ -79,17 +79,20 @@ def fuse_batchnorm(model: keras.Model, fused: bool = True) -> keras.Model:
     :class:`FusedBatchNormalization` of the same config and weights; every other layer is
     shared with ``model``, not copied (its weights and names stay as they are)."""
 
-    def swap(layer: keras.layers.Layer) -> keras.layers.Layer:
-        if type(layer) is not keras.layers.BatchNormalization:
-            return layer
-        twin = FusedBatchNormalization(fused=fused, **layer.get_config())
-        twin.build_from_config(layer.get_build_config())
-        twin.set_weights(layer.get_weights())
-        return twin
-
     if not any(type(layer) is keras.layers.BatchNormalization for layer in model.layers):
         return model
-    return keras.models.clone_model(model, clone_function=swap)
+    return keras.models.clone_model(model, clone_function=lambda layer: fused_twin(layer, fused))
+
+
+def fused_twin(layer: keras.layers.Layer, fused: bool = True) -> keras.layers.Layer:
+    """A plain ``keras.layers.BatchNormalization`` → its :class:`FusedBatchNormalization`
+    (same name, config and weights); any other layer → itself."""
+    if type(layer) is not keras.layers.BatchNormalization:
+        return layer
+    twin = FusedBatchNormalization(fused=fused, **layer.get_config())
+    twin.build_from_config(layer.get_build_config())
+    twin.set_weights(layer.get_weights())
+    return twin
 
 
 def batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:

@@ -139,6 +139,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     B("fused_batchnorm", d.fused_batchnorm, "Train the backbone's BatchNorm with one fused "
       "kernel (same arithmetic as Keras' separate ops; training steps 1.2-1.4x faster on CPU, "
       "docs/performance.md).", flag_values=fv)
+    B("pointwise_matmul", d.pointwise_matmul, "Train the backbone's 1x1 convolutions as one "
+      "matrix product each (same arithmetic as Conv2D; training steps 1.07-1.15x faster on "
+      "CPU, docs/performance.md). Inference and exports use Conv2D either way.",
+      flag_values=fv)
     E("loss", d.loss, ["bce", "ce"], "bce (multi-label, paper) or ce (single-label: softmax "
       "cross-entropy of the scores against the label's class, as the reference's CE).",
       flag_values=fv)

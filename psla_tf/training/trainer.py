@@ -350,7 +350,7 @@ def single_result(eval_history: list[dict], val_history: list[dict] | None,
 # flags that may change between a run and its resumption (they do not change the result)
 _RESUME_FREE_FLAGS = ("verbose", "resume", "strategy", "tpu", "jit_compile", "deterministic",
                       "skip_corrupt_records", "eval_batch_size", "save_predictions",
-                      "allow_cut_clips", "fbank_dft", "fused_batchnorm",
+                      "allow_cut_clips", "fbank_dft", "fused_batchnorm", "pointwise_matmul",
                       "adapt_batchnorm", "adapt_epochs")
 
 
