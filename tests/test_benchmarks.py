@@ -331,3 +331,18 @@ def test_learning_report_time_to_accuracy_from_either_trainer(tmp_path):
     assert "| x | — | no per-epoch times | — |" in table
     with pytest.raises(SystemExit):
         rep.tta_table([("tf", tf_run, None)], "pt")
+
+
+def test_train_kernels_ab_times_both_forms_of_one_option():
+    """benchmarks/train_kernels_ab.py: both models train, one ratio per round and a median."""
+    script = os.path.join(ROOT, "benchmarks", "train_kernels_ab.py")
+    proc = subprocess.run([sys.executable, script, "--option=pointwise_matmul",
+                           "--batch_size=2", "--target_length=32", "--num_classes=3",
+                           "--steps=1", "--rounds=2"], capture_output=True, text=True,
+                          timeout=600, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("pointwise_matmul=False: ") and lines[1].startswith(
+        "pointwise_matmul=True: ")
+    ratios = lines[2].split(": ")[1].split(" (median ")
+    assert len(ratios[0].split()) == 2 and float(ratios[1].rstrip(")")) > 0
