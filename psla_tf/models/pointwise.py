@@ -4,9 +4,9 @@ An EfficientNet block's expansion and projection, and the top layer, are 1×1 co
 per position a ``[C_in] → [C_out]`` linear map, i.e. ``[B·H·W, C_in] @ [C_in, C_out]``.
 On CPU TensorFlow computes ``Conv2D``'s gradients with convolution kernels that are up to
 2× slower than the matrix products of the same map, most where the feature map is small and
-the channels many (EfficientNet's later blocks); the training step of EfficientNet-B0 + 4
-heads ran 1.07-1.15× faster with the products (``docs/performance.md``, "Where training
-time goes").
+the channels many (EfficientNet's later blocks); EfficientNet-B0 and B2 + 4 heads trained
+1.07-1.14× faster per step with the products (``docs/performance.md``, "Where training time
+goes").
 
 :class:`PointwiseConv2D` is ``keras.layers.Conv2D`` with the same weights and config; in
 training, where it is a 1×1, stride-1, undilated, ungrouped, channels-last convolution, it

@@ -140,7 +140,7 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "kernel (same arithmetic as Keras' separate ops; training steps 1.2-1.4x faster on CPU, "
       "docs/performance.md).", flag_values=fv)
     B("pointwise_matmul", d.pointwise_matmul, "Train the backbone's 1x1 convolutions as one "
-      "matrix product each (same arithmetic as Conv2D; training steps 1.07-1.15x faster on "
+      "matrix product each (same arithmetic as Conv2D; training steps 1.07-1.14x faster on "
       "CPU, docs/performance.md). Inference and exports use Conv2D either way.",
       flag_values=fv)
     E("loss", d.loss, ["bce", "ce"], "bce (multi-label, paper) or ce (single-label: softmax "
