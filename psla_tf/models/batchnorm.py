@@ -22,6 +22,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from psla_tf.models.twins import twin
+
 __all__ = ["FusedBatchNormalization", "fuse_batchnorm", "fused_twin", "MIN_FUSED_EPSILON",
            "batchnorm_layers", "BatchNormStatistics"]
 
@@ -87,12 +89,7 @@ def fuse_batchnorm(model: keras.Model, fused: bool = True) -> keras.Model:
 def fused_twin(layer: keras.layers.Layer, fused: bool = True) -> keras.layers.Layer:
     """A plain ``keras.layers.BatchNormalization`` → its :class:`FusedBatchNormalization`
     (same name, config and weights); any other layer → itself."""
-    if type(layer) is not keras.layers.BatchNormalization:
-        return layer
-    twin = FusedBatchNormalization(fused=fused, **layer.get_config())
-    twin.build_from_config(layer.get_build_config())
-    twin.set_weights(layer.get_weights())
-    return twin
+    return twin(layer, keras.layers.BatchNormalization, FusedBatchNormalization, fused=fused)
 
 
 def batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:

@@ -19,6 +19,8 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from psla_tf.models.twins import twin
+
 __all__ = ["PointwiseConv2D", "matmul_twin"]
 
 
@@ -60,9 +62,4 @@ class PointwiseConv2D(keras.layers.Conv2D):
 def matmul_twin(layer: keras.layers.Layer, matmul: bool = True) -> keras.layers.Layer:
     """A plain ``keras.layers.Conv2D`` → its :class:`PointwiseConv2D` (same name, config and
     weights); any other layer → itself."""
-    if type(layer) is not keras.layers.Conv2D:
-        return layer
-    twin = PointwiseConv2D(matmul=matmul, **layer.get_config())
-    twin.build_from_config(layer.get_build_config())
-    twin.set_weights(layer.get_weights())
-    return twin
+    return twin(layer, keras.layers.Conv2D, PointwiseConv2D, matmul=matmul)
