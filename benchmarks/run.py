@@ -956,9 +956,9 @@ def bench_train(results: dict, ctx: dict) -> dict:
     rows, notes = [], []
     q = ctx["model"]
     gpu = FLAGS.device == "gpu"
-    # (mode, precision, fused BatchNorm); the unfused row is Keras' own BatchNorm ops
+    # (mode, precision, fused BatchNorm, 1x1 convolutions as matrix products); a False row
+    # takes Keras' own BatchNorm ops / Conv2D for the 1x1 convolutions
     if gpu:
-        # (mode, precision, fused BatchNorm, 1x1 convolutions as matrix products)
         modes = [("tf.function", "float32", True, True), ("tf.function", "float32", False, True),
                  ("tf.function", "float32", True, False), ("jit_compile", "float32", True, True),
                  ("tf.function", "mixed_float16", True, True),
