@@ -385,3 +385,29 @@ def test_adapted_row_is_the_model_adapted_to_the_held_out_group(tmp_path):
     assert out["chosen"]["row"] == "adapted" and out["chosen"]["accuracy"] == 0.9
     s["adapted"]["val_accuracy"] = 0.75
     assert selection.chosen_row(s, "accuracy") == "weight_averaging"
+
+
+def _write_labels_repeatedly(path: str, barrier) -> None:
+    from psla_tf.data.records import write_label_csv
+    barrier.wait()
+    for _ in range(300):
+        write_label_csv(path, ["/m/a", "/m/b"], ["a", "b"])
+
+
+def test_label_csv_written_by_two_processes_at_once(tmp_path):
+    """Two processes writing one labels.csv at the same moment (the halves' preparation) both
+    succeed and leave a whole file: each writes through a temporary file of its own."""
+    import multiprocessing as mp
+    from psla_tf.data.records import read_label_csv
+    path = str(tmp_path / "labels.csv")
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_write_labels_repeatedly, args=(path, barrier))
+             for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert read_label_csv(path) == (["/m/a", "/m/b"], ["a", "b"])
+    assert sorted(os.listdir(tmp_path)) == ["labels.csv"]

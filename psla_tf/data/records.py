@@ -32,7 +32,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from psla_tf import params
+from psla_tf import atomic, params
 from psla_tf.errors import DataError
 
 MANIFEST_FORMAT = "psla_tf.tfrecords/1"
@@ -388,14 +388,15 @@ def read_label_csv(path: str) -> tuple[list[str], list[str]]:
 
 
 def write_label_csv(path: str, mids: Sequence[str], names: Sequence[str]) -> None:
+    """``index,mid,display_name`` rows, written atomically; processes writing the same file at
+    once (cross-validation halves preparing one folder) each use a temporary file of their own."""
     import csv
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    with (atomic.atomic_path(path, f".{os.getpid()}") as tmp,
+          open(tmp, "w", newline="", encoding="utf-8") as f):
         w = csv.writer(f)
         w.writerow(["index", "mid", "display_name"])
         for i, (m, n) in enumerate(zip(mids, names)):
             w.writerow([i, m, n])
-    os.replace(tmp, path)
 
 
 def iter_examples(files: Iterable[str], compression: str = "") -> Iterable[dict[str, Any]]:
