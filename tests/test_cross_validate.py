@@ -267,6 +267,20 @@ def test_nested_leave_one_group_out(tmp_path, capsys):
                           target_length=40, progress=False, folds=run)
 
 
+def _two_at_once(target, *args) -> list[int | None]:
+    """Exit codes of two spawned processes running ``target(*args, barrier)``, released
+    together by the barrier."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=target, args=(*args, barrier)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(300)
+    return [p.exitcode for p in procs]
+
+
 def _prepare_side_by_side(csv_path: str, audio: str, data_dir: str, barrier) -> None:
     """One of two commands preparing the same folder at once (the --folds halves)."""
     from psla_tf.data import sources
@@ -281,19 +295,10 @@ def _prepare_side_by_side(csv_path: str, audio: str, data_dir: str, barrier) -> 
 def test_commands_side_by_side_prepare_one_at_a_time(tmp_path):
     """Two processes preparing one data folder at the same moment (started together behind a
     barrier) both succeed, and every group's shards hold its clips exactly once."""
-    import multiprocessing as mp
     csv_path = _listing(tmp_path, folds=("1", "2"), per=8)
     data_dir = str(tmp_path / "exp" / "data")
-    ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(2)
-    procs = [ctx.Process(target=_prepare_side_by_side,
-                         args=(str(csv_path), str(tmp_path / "audio"), data_dir, barrier))
-             for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert _two_at_once(_prepare_side_by_side,
+                        str(csv_path), str(tmp_path / "audio"), data_dir) == [0, 0]
     for k in ("1", "2"):
         ids = [ex["id"] for ex in records.iter_examples(
             records.expand_glob(os.path.join(data_dir, f"fold_{k}-*.tfrecord")))]
@@ -397,17 +402,8 @@ def _write_labels_repeatedly(path: str, barrier) -> None:
 def test_label_csv_written_by_two_processes_at_once(tmp_path):
     """Two processes writing one labels.csv at the same moment (the halves' preparation) both
     succeed and leave a whole file: each writes through a temporary file of its own."""
-    import multiprocessing as mp
     from psla_tf.data.records import read_label_csv
     path = str(tmp_path / "labels.csv")
-    ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(2)
-    procs = [ctx.Process(target=_write_labels_repeatedly, args=(path, barrier))
-             for _ in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(300)
-    assert [p.exitcode for p in procs] == [0, 0]
+    assert _two_at_once(_write_labels_repeatedly, path) == [0, 0]
     assert read_label_csv(path) == (["/m/a", "/m/b"], ["a", "b"])
     assert sorted(os.listdir(tmp_path)) == ["labels.csv"]
