@@ -585,14 +585,15 @@ def child_pipeline(spec: dict) -> dict:
 
 def _spec_tagger(spec: dict):
     """The tagger a train / infer child measures: ``spec``'s model (default efficientnet),
-    ``eff_b``, ``heads``, ``frames``, ``fused_batchnorm`` and ``pointwise_matmul`` (default
-    on), 527 classes."""
+    ``eff_b``, ``heads``, ``frames``, ``fused_batchnorm``, ``pointwise_matmul`` and
+    ``swish_saved_sigmoid`` (default on), 527 classes."""
     from psla_tf.models.tagger import build_tagger
     return build_tagger(NUM_CLASSES, model=spec.get("model", "efficientnet"),
                         eff_b=spec["eff_b"], att_head=spec["heads"],
                         target_length=spec["frames"], seed=0,
                         fused_batchnorm=spec.get("fused_batchnorm", True),
-                        pointwise_matmul=spec.get("pointwise_matmul", True))
+                        pointwise_matmul=spec.get("pointwise_matmul", True),
+                        swish_saved_sigmoid=spec.get("swish_saved_sigmoid", True))
 
 
 def _train_model(spec: dict):

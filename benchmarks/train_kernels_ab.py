@@ -4,8 +4,8 @@
         --target_length=64 --num_classes=10 --eff_b=0 --steps=8 --rounds=6
 
 Builds the tagger (EfficientNet-B``eff_b`` + 4 heads) twice, with ``--option`` (a boolean
-argument of ``build_tagger``: ``pointwise_matmul`` or ``fused_batchnorm``) off and on, gives
-both the same weights, and times ``train_on_batch`` on one fixed batch in rounds that
+argument of ``build_tagger``: ``pointwise_matmul``, ``fused_batchnorm`` or
+``swish_saved_sigmoid``) off and on, gives both the same weights, and times ``train_on_batch`` on one fixed batch in rounds that
 alternate the two models (each round: ``--steps`` steps of each), so drifts in the machine's
 speed reach both alike. Prints the ms per step of each round and the per-round ratio
 off / on (> 1: the option is faster); the median ratio is the figure to quote.
@@ -22,7 +22,7 @@ import numpy as np
 from psla_tf.models.tagger import build_tagger
 from psla_tf.training.optim import TorchAdam
 
-OPTIONS = ("pointwise_matmul", "fused_batchnorm")
+OPTIONS = ("pointwise_matmul", "fused_batchnorm", "swish_saved_sigmoid")
 
 
 def main() -> None:

@@ -16,7 +16,8 @@ import sys
 
 # the modules whose classes psla_tf's .keras files name
 KERAS_MODULES = ("psla_tf.augment", "psla_tf.features", "psla_tf.models.frontend",
-                 "psla_tf.models.pooling", "psla_tf.models.batchnorm", "psla_tf.models.tagger",
+                 "psla_tf.models.pooling", "psla_tf.models.batchnorm", "psla_tf.models.pointwise",
+                 "psla_tf.models.activations", "psla_tf.models.tagger",
                  "psla_tf.training.optim",
                  "psla_tf.training.schedule", "psla_tf.training.distill")
 

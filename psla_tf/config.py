@@ -75,6 +75,7 @@ class TrainConfig:
     bn_momentum: float = 0.99
     fused_batchnorm: bool = True
     pointwise_matmul: bool = True
+    swish_saved_sigmoid: bool = True
     loss: str = "bce"
     metric: str = "map"
     init_from: str | None = None

@@ -31,6 +31,7 @@ import keras
 import numpy as np
 
 from psla_tf.errors import PretrainedWeightsError
+from psla_tf.models.activations import swish_twin
 from psla_tf.models.batchnorm import fused_twin
 from psla_tf.models.pointwise import matmul_twin
 
@@ -197,6 +198,7 @@ def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
                    bn_momentum: float | None = None, init: str = "auto",
                    zero_residual: bool = True, width: float = 1.0,
                    fused_batchnorm: bool = True, pointwise_matmul: bool = True,
+                   swish_saved_sigmoid: bool = True,
                    name: str = "backbone") -> keras.Model:
     """``[B, mel, time, 1] → [B, F', T', D]`` backbone (Sec. III), optionally ImageNet-pretrained.
 
@@ -214,6 +216,8 @@ def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
     (:class:`~psla_tf.models.batchnorm.FusedBatchNormalization`; same arithmetic, faster).
     ``pointwise_matmul``: 1×1 convolutions train as one matrix product
     (:class:`~psla_tf.models.pointwise.PointwiseConv2D`; same arithmetic, faster on CPU).
+    ``swish_saved_sigmoid``: swish's gradient reuses the forward sigmoid
+    (:class:`~psla_tf.models.activations.SwishActivation`; same derivative, faster).
     """
     _check_model(model)
     if stem_init not in ("random", "rgb_sum"):
@@ -241,8 +245,9 @@ def build_backbone(model: str = "efficientnet", *, eff_b: int = 2,
         start = full.get_layer(first).input if first else full.inputs[0]
         backbone = keras.Model(start, full.outputs[0], name=name)
     backbone = keras.models.clone_model(   # same names and weights, faster training kernels
-        backbone, clone_function=lambda layer: matmul_twin(fused_twin(layer, fused_batchnorm),
-                                                           pointwise_matmul))
+        backbone, clone_function=lambda layer: swish_twin(
+            matmul_twin(fused_twin(layer, fused_batchnorm), pointwise_matmul),
+            swish_saved_sigmoid))
     for layer in backbone.layers:   # no ImageNet preprocessing in front of a spectrogram
         if isinstance(layer, (keras.layers.Rescaling, keras.layers.Normalization)):
             raise AssertionError(f"unexpected preprocessing layer {layer.name} in backbone")

@@ -106,7 +106,8 @@ def build_classifier(num_classes: int, *, model: str = "efficientnet", eff_b: in
                      num_mel_bins: int = params.NUM_MEL_BINS, bn_momentum: float | None = None,
                      backbone_init: str = "auto", zero_init_residual: bool = True,
                      cnn_width: float = 1.0, fused_batchnorm: bool = True,
-                     pointwise_matmul: bool = True, name: str = "classifier") -> keras.Model:
+                     pointwise_matmul: bool = True, swish_saved_sigmoid: bool = True,
+                     name: str = "classifier") -> keras.Model:
     """Normalised fbank ``[B, target_length, num_mel_bins]`` → scores ``[B, num_classes]``.
 
     ``model``: ``efficientnet`` (B``eff_b``, pooling by ``att_head``: 0 mean, 1 single head,
@@ -114,8 +115,8 @@ def build_classifier(num_classes: int, *, model: str = "efficientnet", eff_b: in
     ``mobilenet_v2`` (Table XIII: global average pooling, linear classifier, sigmoid;
     ``att_head`` is ignored) or ``cnn`` (PANNs' CNN10 layout, channels × ``cnn_width``;
     pooling by ``att_head``). ``backbone_init``: see :func:`build_backbone`'s ``init``;
-    ``zero_init_residual``: its ``zero_residual``; ``fused_batchnorm`` and
-    ``pointwise_matmul``: its own.
+    ``zero_init_residual``: its ``zero_residual``; ``fused_batchnorm``,
+    ``pointwise_matmul`` and ``swish_saved_sigmoid``: its own.
     """
     if int(num_classes) < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -130,7 +131,8 @@ def build_classifier(num_classes: int, *, model: str = "efficientnet", eff_b: in
                               bn_momentum=bn_momentum, init=backbone_init,
                               zero_residual=zero_init_residual, width=cnn_width,
                               fused_batchnorm=fused_batchnorm,
-                              pointwise_matmul=pointwise_matmul, name="backbone")
+                              pointwise_matmul=pointwise_matmul,
+                              swish_saved_sigmoid=swish_saved_sigmoid, name="backbone")
     features = backbone(x)                                   # [B, F', T', D]
     if model == "mobilenet_v2":
         pooled = keras.layers.GlobalAveragePooling2D(name="global_pool", dtype="float32")(
@@ -155,7 +157,8 @@ def build_tagger(num_classes: int, *, model: str = "efficientnet", eff_b: int = 
                  clip_norm: str = "none", num_ceps: int = 0, high_freq: float = 0.0,
                  cnn_width: float = 1.0, time_shift: int = 0, trim_onset_db: float = 0.0,
                  vtlp: float = 0.0, fused_batchnorm: bool = True,
-                 pointwise_matmul: bool = True, name: str = "psla_tagger") -> keras.Model:
+                 pointwise_matmul: bool = True, swish_saved_sigmoid: bool = True,
+                 name: str = "psla_tagger") -> keras.Model:
     """The full PSLA model, waveform in, scores out (Fig. 2; masking of Alg. 1 inside).
 
     Inputs ``{"waveform": [B, S] float32, "num_samples": [B] int32}`` (S may vary between
@@ -170,7 +173,8 @@ def build_tagger(num_classes: int, *, model: str = "efficientnet", eff_b: int = 
     of each clip's leading frames that far below its loudest (0 = off, the paper); ``vtlp``:
     its vocal-tract length perturbation in training, factors U[1 − x, 1 + x] (0 = off, the
     paper). ``fused_batchnorm``: the backbone's BatchNorm trains with one fused kernel;
-    ``pointwise_matmul``: its 1×1 convolutions train as matrix products (:func:`build_backbone`).
+    ``pointwise_matmul``: its 1×1 convolutions train as matrix products;
+    ``swish_saved_sigmoid``: its swish's gradient reuses the forward sigmoid (:func:`build_backbone`).
     """
     waveform = keras.Input((None,), name="waveform", dtype="float32")
     num_samples = keras.Input((), name="num_samples", dtype="int32")
@@ -185,7 +189,8 @@ def build_tagger(num_classes: int, *, model: str = "efficientnet", eff_b: int = 
                                   bn_momentum=bn_momentum, backbone_init=backbone_init,
                                   zero_init_residual=zero_init_residual,
                                   cnn_width=cnn_width, fused_batchnorm=fused_batchnorm,
-                                  pointwise_matmul=pointwise_matmul, name="classifier")
+                                  pointwise_matmul=pointwise_matmul,
+                                  swish_saved_sigmoid=swish_saved_sigmoid, name="classifier")
     scores = classifier(fbank)
     if single_label:
         scores = SingleLabelScores(form="scores", name="single_label")(scores)
@@ -207,7 +212,8 @@ def build_model(cfg: "TrainConfig", num_classes: int) -> keras.Model:
                         cnn_width=cfg.cnn_width, time_shift=cfg.time_shift,
                         trim_onset_db=cfg.trim_onset_db, vtlp=cfg.vtlp,
                         fused_batchnorm=cfg.fused_batchnorm,
-                        pointwise_matmul=cfg.pointwise_matmul)
+                        pointwise_matmul=cfg.pointwise_matmul,
+                        swish_saved_sigmoid=cfg.swish_saved_sigmoid)
 
 
 def classifier_features(classifier: keras.Model, fbank) -> "keras.KerasTensor":

@@ -351,7 +351,7 @@ def single_result(eval_history: list[dict], val_history: list[dict] | None,
 _RESUME_FREE_FLAGS = ("verbose", "resume", "strategy", "tpu", "jit_compile", "deterministic",
                       "skip_corrupt_records", "eval_batch_size", "save_predictions",
                       "allow_cut_clips", "fbank_dft", "fused_batchnorm", "pointwise_matmul",
-                      "adapt_batchnorm", "adapt_epochs")
+                      "swish_saved_sigmoid", "adapt_batchnorm", "adapt_epochs")
 
 
 def check_resume_flags(cfg: TrainConfig, exp_dir: str) -> None:
