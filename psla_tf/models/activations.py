@@ -5,8 +5,9 @@ EfficientNet applies swish, ``x · σ(x)``, after 33 of B0's BatchNorm layers. T
 forms ``dy · σ(x) · (1 + x · (1 − σ(x)))`` (with a ``β · x`` product each way for its
 ``β`` argument): about seven elementwise passes over every activation. Keeping ``σ(x)`` and
 ``y = x · σ(x)`` from the forward pass, the same derivative is
-``dy · (y + σ(x) · (1 − y))``: four passes and no exponential. EfficientNet-B0 + 4 heads
-trained 1.06× faster per step on CPU (``docs/performance.md``, "Where training time goes").
+``dy · (y + σ(x) · (1 − y))``: four passes and no exponential. EfficientNet-B0 and B2 + 4
+heads trained 1.05-1.08× faster per step on CPU (``docs/performance.md``, "Where training
+time goes").
 
 :class:`SwishActivation` is ``keras.layers.Activation`` with the same config; in training,
 where its activation is swish, it computes :func:`swish`. Everywhere else — inference, hence
