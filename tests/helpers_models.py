@@ -49,3 +49,29 @@ def write_wav(path: str, samples: np.ndarray, sample_rate: int) -> str:
     import soundfile as sf
     sf.write(path, samples, sample_rate, subtype="PCM_16")
     return path
+
+
+def assert_training_twins_step_alike(option: str) -> list:
+    """Two EfficientNet-B0 taggers (3 classes, 32 frames), ``build_tagger`` option ``option``
+    off and on, the same weights, drop-connect off: one SGD step on one batch moves every
+    weight alike (float rounding). Returns the two models (off, on)."""
+    import keras
+    from psla_tf.models.tagger import build_tagger
+    keras.utils.set_random_seed(0)
+    models = [build_tagger(3, eff_b=0, att_head=2, target_length=32, seed=0, freqm=0, timem=0,
+                           **{option: on}) for on in (False, True)]
+    models[1].set_weights(models[0].get_weights())
+    for m in models:   # drop-connect draws differ between the two models: off for the check
+        for layer in m.get_layer("classifier").get_layer("backbone").layers:
+            if isinstance(layer, keras.layers.Dropout):
+                layer.rate = 0.0
+    rng = np.random.default_rng(4)
+    x = {"waveform": rng.uniform(-0.3, 0.3, (4, 32 * 160 + 240)).astype(np.float32),
+         "num_samples": np.full((4,), 32 * 160 + 240, np.int32)}
+    y = (rng.uniform(size=(4, 3)) < 0.5).astype(np.float32)
+    for m in models:
+        m.compile(optimizer=keras.optimizers.SGD(0.1), loss="binary_crossentropy")
+        m.train_on_batch(x, y)
+    for a, b in zip(models[0].get_weights(), models[1].get_weights()):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
+    return models

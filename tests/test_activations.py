@@ -5,8 +5,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from helpers_models import assert_training_twins_step_alike
 from psla_tf.models.activations import SwishActivation, swish, swish_twin
-from psla_tf.models.tagger import build_tagger
 
 
 def _ops(fn, x) -> list[str]:
@@ -74,23 +74,8 @@ def test_config_and_saving(tmp_path):
 def test_tagger_trains_the_same_with_and_without_the_saved_sigmoid():
     """EfficientNet-B0's 33 swish Activation layers are twins; one training step from the same
     weights moves every weight as tf.nn.silu's model does (float rounding)."""
-    keras.utils.set_random_seed(0)
-    models = [build_tagger(3, eff_b=0, att_head=2, target_length=32, seed=0, freqm=0, timem=0,
-                           swish_saved_sigmoid=s) for s in (False, True)]
+    models = assert_training_twins_step_alike("swish_saved_sigmoid")
     for m, on in zip(models, (False, True)):
         backbone = m.get_layer("classifier").get_layer("backbone")
         acts = [layer for layer in backbone.layers if isinstance(layer, SwishActivation)]
         assert len(acts) == 33 and all(a.saved_sigmoid is on for a in acts)
-        for layer in backbone.layers:   # drop-connect draws differ between the models: off
-            if isinstance(layer, keras.layers.Dropout):
-                layer.rate = 0.0
-    models[1].set_weights(models[0].get_weights())
-    rng = np.random.default_rng(4)
-    x = {"waveform": rng.uniform(-0.3, 0.3, (4, 32 * 160 + 240)).astype(np.float32),
-         "num_samples": np.full((4,), 32 * 160 + 240, np.int32)}
-    y = (rng.uniform(size=(4, 3)) < 0.5).astype(np.float32)
-    for m in models:
-        m.compile(optimizer=keras.optimizers.SGD(0.1), loss="binary_crossentropy")
-        m.train_on_batch(x, y)
-    for a, b in zip(models[0].get_weights(), models[1].get_weights()):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from helpers_models import assert_training_twins_step_alike
 from psla_tf.models.pointwise import PointwiseConv2D, matmul_twin
-from psla_tf.models.tagger import build_tagger
 
 
 def _pair(**config):
@@ -85,25 +85,9 @@ def test_tagger_trains_the_same_with_and_without_the_products():
     """EfficientNet-B0's every convolution is a PointwiseConv2D (the 1x1 ones train as
     products); one training step from the same weights moves every weight as the Conv2D
     model does (float rounding)."""
-    keras.utils.set_random_seed(0)
-    models = [build_tagger(3, eff_b=0, att_head=2, target_length=32, seed=0, freqm=0, timem=0,
-                           pointwise_matmul=m) for m in (False, True)]
+    models = assert_training_twins_step_alike("pointwise_matmul")
     backbone = models[1].get_layer("classifier").get_layer("backbone")
     convs = [layer for layer in backbone.layers if isinstance(layer, keras.layers.Conv2D)
              and not isinstance(layer, keras.layers.DepthwiseConv2D)]
     assert all(type(layer) is PointwiseConv2D and layer.matmul for layer in convs)
     assert sum(tuple(layer.kernel_size) == (1, 1) for layer in convs) > 40
-    models[1].set_weights(models[0].get_weights())
-    for m in models:   # drop-connect draws differ between the two models: off for the check
-        for layer in m.get_layer("classifier").get_layer("backbone").layers:
-            if isinstance(layer, keras.layers.Dropout):
-                layer.rate = 0.0
-    rng = np.random.default_rng(4)
-    x = {"waveform": rng.uniform(-0.3, 0.3, (4, 32 * 160 + 240)).astype(np.float32),
-         "num_samples": np.full((4,), 32 * 160 + 240, np.int32)}
-    y = (rng.uniform(size=(4, 3)) < 0.5).astype(np.float32)
-    for m in models:
-        m.compile(optimizer=keras.optimizers.SGD(0.1), loss="binary_crossentropy")
-        m.train_on_batch(x, y)
-    for a, b in zip(models[0].get_weights(), models[1].get_weights()):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5)
