@@ -15,6 +15,7 @@ from helpers_cli import lazy_runs, run_script
 from helpers_models import (CLIP_SAMPLES, SMALL_MODEL, SMALL_MODEL_FLAGS, TARGET_LENGTH,
                             make_tagger, save_tagger)
 from test_train_e2e import _write_set
+from psla_tf.training import plan
 
 OLD = ["/m/c0", "/m/c1", "/m/c2"]          # save_tagger's vocabulary
 NEW_DATA = ["/m/c1", "/m/x", "/m/y"]       # one shared class, two new
@@ -116,9 +117,9 @@ def test_append_classes_errors(runs, tmp_path):
                target_length=TARGET_LENGTH, pretrained="none", append_classes=True,
                init_from=src)
     with pytest.raises(DataError, match="already one of"):   # nothing new to append
-        trainer.resolve(trainer.TrainConfig(**cfg))
+        plan.resolve(trainer.TrainConfig(**cfg))
     with pytest.raises(trainer.ConfigError, match="--loss=bce"):
-        trainer.check_config(trainer.TrainConfig(**dict(cfg, loss="ce")))
+        plan.check_config(trainer.TrainConfig(**dict(cfg, loss="ce")))
 
 
 @pytest.mark.parametrize("option,value,shown", [

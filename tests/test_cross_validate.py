@@ -366,7 +366,7 @@ def test_adapted_row_is_the_model_adapted_to_the_held_out_group(tmp_path):
     for a, b in zip(want.weights, got.weights):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)
     from psla_tf.errors import ConfigError
-    from psla_tf.training.trainer import resolve
+    from psla_tf.training.plan import resolve
     few = dataclasses.replace(cfg, train_data=eval_glob, eval_data=eval_glob.replace(
         "fold_2", "fold_1"), exp_dir=str(tmp_path / "few"), batch_size=2)
     resolve(few)                                               # 18 clips: enough

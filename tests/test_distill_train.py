@@ -18,6 +18,8 @@ from helpers_proc import Background
 from test_distribute import BASE, _spawn, _wait, _weights
 from test_resume import _assert_same, _strip
 from test_train_e2e import ROOT, TINY, _write_set
+from psla_tf.errors import ConfigError
+from psla_tf.training import plan
 
 MIDS = ["/m/a", "/m/b", "/m/c"]
 MISSING = ("clip3.wav", "clip7.wav")
@@ -137,30 +139,29 @@ def _cfg(train, ev, tmp_path, **kw):
 
 
 def test_kd_lambda_zero_is_the_plain_recipe(data, tmp_path):
-    from psla_tf.training import distill, trainer
+    from psla_tf.training import distill
     from psla_tf.training.optim import psla_bce
     _, train, ev, teacher = data
-    r = trainer.resolve(_cfg(train, ev, tmp_path, teacher_scores=teacher, kd_lambda=0.0))
+    r = plan.resolve(_cfg(train, ev, tmp_path, teacher_scores=teacher, kd_lambda=0.0))
     assert not r.kd.active and r.kd.train_transform(1.0) is None
     assert distill.make_loss(r.cfg, r.kd) is psla_bce
     assert r.kd.summary(r.cfg) == {"used": False, "kd_lambda": 0.0}
-    on = trainer.resolve(_cfg(train, ev, tmp_path, teacher_scores=teacher, kd_lambda=0.3))
+    on = plan.resolve(_cfg(train, ev, tmp_path, teacher_scores=teacher, kd_lambda=0.3))
     assert on.kd.active and isinstance(distill.make_loss(on.cfg, on.kd),
                                        distill.DistillationLoss)
 
 
 def test_stored_teacher_is_resolved_from_the_manifest(data, tmp_path):
     from psla_tf.data.teacher_shards import add_teacher_scores
-    from psla_tf.training import trainer
     _, train, ev, teacher = data
     add_teacher_scores(train, [teacher], str(tmp_path / "kd" / "train"), progress=False)
-    r = trainer.resolve(_cfg(str(tmp_path / "kd" / "train-*.tfrecord"), ev, tmp_path,
+    r = plan.resolve(_cfg(str(tmp_path / "kd" / "train-*.tfrecord"), ev, tmp_path,
                              teacher_scores="stored"))
     assert r.kd.teacher_mode == "stored" and r.kd.active
     assert (r.kd.coverage["with_teacher"], r.kd.coverage["without_teacher"]) == (14, 2)
     from psla_tf.data.records import DataError
     with pytest.raises(DataError, match="add_teacher_scores"):
-        trainer.resolve(_cfg(train, ev, tmp_path, teacher_scores="stored"))
+        plan.resolve(_cfg(train, ev, tmp_path, teacher_scores="stored"))
 
 
 @pytest.mark.parametrize("kw,msg", [
@@ -169,10 +170,9 @@ def test_stored_teacher_is_resolved_from_the_manifest(data, tmp_path):
     (dict(append_classes=True), "--append_classes needs --init_from"),
     (dict(retain_eval_data="x-*.tfrecord"), "--retain_eval_data is for --append_classes")])
 def test_kd_flag_errors(data, tmp_path, kw, msg):
-    from psla_tf.training import trainer
     _, train, ev, _ = data
-    with pytest.raises(trainer.ConfigError, match=msg):
-        trainer.check_config(_cfg(train, ev, tmp_path, **kw))
+    with pytest.raises(ConfigError, match=msg):
+        plan.check_config(_cfg(train, ev, tmp_path, **kw))
 
 
 def test_kd_main_errors_are_one_line(data, tmp_path):
@@ -190,7 +190,7 @@ def test_kd_recipes_parse(recipe):
     """The distillation / append recipes parse into valid TrainConfigs."""
     from absl import flags
     from psla_tf.training.flags import config_from_flags, define_flags
-    from psla_tf.training.trainer import check_config
+    from psla_tf.training.plan import check_config
     fv = flags.FlagValues()
     define_flags(fv)
     fv(["main.py", f"--flagfile={os.path.join(ROOT, 'configs', recipe + '.flags')}",

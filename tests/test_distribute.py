@@ -36,6 +36,8 @@ import sys
 import numpy as np
 import pytest
 
+from psla_tf.training import plan
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -93,7 +95,7 @@ def _child(spec: dict) -> None:
         cfg = trainer.TrainConfig(**run["cfg"])
         summary, model = trainer.train(cfg)
         np.savez(run["out"], *[np.asarray(v.numpy()) for v in model.weights],
-                 scores=_scores(model, trainer.resolve(cfg).clip_samples, cfg.eval_data),
+                 scores=_scores(model, plan.resolve(cfg).clip_samples, cfg.eval_data),
                  replicas=summary["replicas"])
 
 

@@ -23,6 +23,7 @@ from test_train_e2e import MIDS, TINY, _write_set
 from psla_tf.data import records
 from psla_tf.data.records import DataError
 from psla_tf.training import trainer
+from psla_tf.training import plan
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +178,7 @@ def test_eval_classes_without_positives_reported(data, tmp_path, capsys):
     assert list(m.class_counts) == [3, 3, 0]
     m.mids, m.names = list(MIDS), [x.strip("/") for x in MIDS]
     m.write(records.manifest_path(str(tmp_path / "ev2")))
-    r = trainer.resolve(_cfg(data, tmp_path, eval_data=ev))
+    r = plan.resolve(_cfg(data, tmp_path, eval_data=ev))
     assert r.eval_without_positives == [2]
     assert trainer.train(_cfg(data, tmp_path, eval_data=ev, dry_run=True)) is None
     out = capsys.readouterr().out

@@ -261,7 +261,8 @@ def test_recipes_parse_and_need_init_from(recipe):
     pass, and are valid with it or when training from scratch as the message suggests."""
     from absl import flags
     from psla_tf.training.flags import config_from_flags, define_flags
-    from psla_tf.training.trainer import ConfigError, check_config
+    from psla_tf.errors import ConfigError
+    from psla_tf.training.plan import check_config
     path = os.path.join(ROOT, "configs", f"{recipe}.flags")
 
     def cfg(*extra):

@@ -3,7 +3,7 @@ user meets are one line (issue 15.7).
 
 * make_tfrecords keeps clips up to the model input of --target_length (at least 10 s):
   FSD50K's 3000 frames keep 30 s, --max_seconds=10 cuts;
-* main.py (every recipe: the check is in trainer.resolve) refuses train/eval/val shards cut
+* main.py (every recipe: the check is in plan.resolve) refuses train/eval/val shards cut
   at preparation below 90 % of the model input, naming the set and --allow_cut_clips; the
   flag accepts them and --dry_run reports it; AudioSet's 10-s cut for a 10.56-s input passes;
 * predict refuses shards cut below the model's input the same way;
@@ -21,6 +21,7 @@ import soundfile as sf
 
 from psla_tf.data import records
 from psla_tf.data.records import DataError
+from psla_tf.training import plan
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MIDS = ["/m/a", "/m/b"]
@@ -140,18 +141,18 @@ def test_imagenet_weights_unavailable_is_one_line(runs):
 
 
 def test_every_recipe_checks_in_resolve(sets, tmp_path):
-    """The check lives in trainer.resolve (every recipe and tools/cross_validate.py go
+    """The check lives in plan.resolve (every recipe and tools/cross_validate.py go
     through it); the 90 % rule: AudioSet's 10-s cut passes a 1056-frame input, not 1200."""
     import dataclasses
     from psla_tf.training import trainer
     base = trainer.TrainConfig(train_data=sets["cut10"], eval_data=sets["whole30"],
                                exp_dir=str(tmp_path), batch_size=2, wa=False)
-    r = trainer.resolve(dataclasses.replace(base, target_length=1056))
+    r = plan.resolve(dataclasses.replace(base, target_length=1056))
     assert r.cut_clips == []                     # 998 of 1056 frames: ≥ 90 %
     assert r.clip_samples == 169200              # 1056 frames (the eval set keeps 30 s)
     with pytest.raises(DataError, match="--train_data: 2 clip.*1200 frames"):
-        trainer.resolve(dataclasses.replace(base, target_length=1200))
-    r = trainer.resolve(dataclasses.replace(base, target_length=3000, allow_cut_clips=True))
+        plan.resolve(dataclasses.replace(base, target_length=1200))
+    r = plan.resolve(dataclasses.replace(base, target_length=3000, allow_cut_clips=True))
     assert len(r.cut_clips) == 1 and r.clip_samples == 480240   # eval keeps 30.015 s
 
 

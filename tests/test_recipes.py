@@ -49,7 +49,7 @@ def _comment(recipe: str) -> str:
     ("fsd50k", ["0.5535", "0.5571", "0.5671", "--target_length=3000"], []),
 ])
 def test_recipes_quote_their_setting(recipe, numbers, absent):
-    from psla_tf.training.trainer import check_config
+    from psla_tf.training.plan import check_config
     text = _comment(recipe)
     for n in numbers:
         assert n in text, (recipe, n)

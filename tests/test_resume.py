@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from test_train_e2e import ROOT, _write_set
+from psla_tf.training import plan
 
 # The small CNN (--model=cnn at quarter width): the backbone that traces fastest (each of the
 # five processes traces the training step); the generator states resume restores are the
@@ -138,14 +139,14 @@ def test_resume_with_other_flags_is_refused(data, tmp_path):
     cfg = trainer.TrainConfig(train_data=train, eval_data=ev, exp_dir=exp, n_epochs=2,
                               batch_size=4, wa_start=1, wa_end=2, eff_b=0, target_length=48,
                               pretrained="none")
-    cfg_r = trainer.resolve(cfg).cfg
+    cfg_r = plan.resolve(cfg).cfg
     open(os.path.join(exp, "flags.txt"), "w").write(config.flagfile_text(cfg_r))
     json.dump({"epoch": 1}, open(os.path.join(exp, "train_state.json"), "w"))
     with pytest.raises(trainer.ConfigError, match=r"--lr: 0\.0001 → 0\.001"):
-        trainer.check_resume_flags(trainer.resolve(
+        trainer.check_resume_flags(plan.resolve(
             trainer.TrainConfig(**{**cfg.__dict__, "lr": 1e-3})).cfg, exp)
     # flags that do not change the result may differ
-    trainer.check_resume_flags(trainer.resolve(
+    trainer.check_resume_flags(plan.resolve(
         trainer.TrainConfig(**{**cfg.__dict__, "verbose": 2, "strategy": "mirrored",
                                 "fused_batchnorm": False})).cfg, exp)
     # a run written before a flag existed ran with its default: only a new value differs
@@ -154,5 +155,5 @@ def test_resume_with_other_flags_is_refused(data, tmp_path):
     open(os.path.join(exp, "flags.txt"), "w").write(text)
     trainer.check_resume_flags(cfg_r, exp)
     with pytest.raises(trainer.ConfigError, match=r"--num_mel_bins: None → 64"):
-        trainer.check_resume_flags(trainer.resolve(
+        trainer.check_resume_flags(plan.resolve(
             trainer.TrainConfig(**{**cfg.__dict__, "num_mel_bins": 64})).cfg, exp)

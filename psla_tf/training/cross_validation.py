@@ -343,12 +343,12 @@ def cross_validate(cfg, input_csv: str, fold_column: str = "fold",
     """Prepare the groups, train/evaluate each fold (see the module doc); returns the CV
     summary. ``group_regex`` (on file names) replaces ``fold_column`` when given."""
     from psla_tf.data import sources
-    from psla_tf.training import trainer
+    from psla_tf.training import plan, selection
 
     if not cfg.exp_dir:
         raise DataError("--exp_dir is required")
     # flag errors (e.g. --freeze_backbone_epochs without --init_from) before any preparation
-    trainer.check_config(dataclasses.replace(cfg, train_data="<folds>", eval_data="<fold>"))
+    plan.check_config(dataclasses.replace(cfg, train_data="<folds>", eval_data="<fold>"))
     if cfg.val_data:
         raise DataError("--val_data is set by cross-validation itself (--val_groups / "
                         "--val_fraction choose the validation groups of each fold)")
@@ -370,7 +370,7 @@ def cross_validate(cfg, input_csv: str, fold_column: str = "fold",
             per_fold[k] = summary
     if cfg.dry_run:
         return {}
-    metric_key = trainer.METRIC_KEYS[cfg.metric]
+    metric_key = selection.METRIC_KEYS[cfg.metric]
     agg = aggregate(per_fold, metric_key)
     result = {"metric": cfg.metric, "metric_key": metric_key,
               "grouping": ({"group_regex": group_regex} if group_regex

@@ -23,6 +23,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
+SUMMARY_KEYS = ("mAP", "AUC", "d_prime", "accuracy")
+METRIC_KEYS = {"map": "mAP", "accuracy": "accuracy"}  # --metric → summary key
 ROWS = ("single", "weight_averaging", "ensemble", "adapted")
 ROW_NAMES = {"single": "single", "weight_averaging": "weight averaging",
              "ensemble": "checkpoint ensemble", "adapted": "adapted"}
@@ -103,3 +107,42 @@ def selection_lines(summary: dict[str, Any]) -> list[str]:
                        f"{sel['metric']} {ch.get(sel['metric'], float('nan')):.4f}")
     out += [f"  {ROW_NAMES[k]}: {v}" for k, v in sel["rows"].items()]
     return out
+
+
+def single_result(eval_history: list[dict], val_history: list[dict] | None,
+                  metric: str = "map") -> dict:
+    """'single' row of the summary (see the module doc); with validation data the epoch is
+    selected on ``metric`` (map or accuracy)."""
+    keys = [k for k in SUMMARY_KEYS if all(k in h for h in eval_history)]
+    if val_history:
+        key = METRIC_KEYS[metric]
+        best = max(range(len(val_history)), key=lambda i: val_history[i][key])
+        out = {k: float(eval_history[best][k]) for k in keys}
+        out.update(epoch=int(eval_history[best]["epoch"]), selected_on="val")
+        out[f"val_{key}"] = float(val_history[best][key])
+        return out
+    last = eval_history[-5:]
+    out = {k: float(np.mean([h[k] for h in last])) for k in keys}
+    out["epochs"] = [int(h["epoch"]) for h in last]
+    return out
+
+
+def summary_table(summary: dict[str, Any]) -> str:
+    rows = [("single", summary.get("single")), ("weight averaging",
+                                                summary.get("weight_averaging")),
+            ("checkpoint ensemble", summary.get("ensemble")),
+            ("adapted", summary.get("adapted"))]
+    acc = summary.get("metric") == "accuracy"
+    out = [f"{'':22s} " + (f"{'accuracy':>8s} " if acc else "")
+           + f"{'mAP':>8s} {'AUC':>8s} {'d-prime':>8s}"]
+    for name, r in rows:
+        if r:
+            out.append(f"{name:22s} " + (f"{r.get('accuracy', float('nan')):8.4f} " if acc
+                                         else "")
+                       + f"{r['mAP']:8.4f} {r['AUC']:8.4f} {r['d_prime']:8.4f}")
+    out += selection_lines(summary)
+    cov = summary.get("coverage")
+    if cov:
+        out.append("coverage: " + "; ".join(f"{k} {v['written']} of {v['listed']} listed clips"
+                                            for k, v in cov.items()))
+    return "\n".join(out)
