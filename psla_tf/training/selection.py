@@ -27,6 +27,7 @@ import numpy as np
 
 SUMMARY_KEYS = ("mAP", "AUC", "d_prime", "accuracy")
 METRIC_KEYS = {"map": "mAP", "accuracy": "accuracy"}  # --metric → summary key
+
 ROWS = ("single", "weight_averaging", "ensemble", "adapted")
 ROW_NAMES = {"single": "single", "weight_averaging": "weight averaging",
              "ensemble": "checkpoint ensemble", "adapted": "adapted"}
@@ -128,17 +129,16 @@ def single_result(eval_history: list[dict], val_history: list[dict] | None,
 
 
 def summary_table(summary: dict[str, Any]) -> str:
-    rows = [("single", summary.get("single")), ("weight averaging",
-                                                summary.get("weight_averaging")),
-            ("checkpoint ensemble", summary.get("ensemble")),
-            ("adapted", summary.get("adapted"))]
+    """The result table main.py prints: a line per row of ``summary`` (accuracy first with
+    ``--metric=accuracy``), then which set chose what and the data coverage."""
     acc = summary.get("metric") == "accuracy"
     out = [f"{'':22s} " + (f"{'accuracy':>8s} " if acc else "")
            + f"{'mAP':>8s} {'AUC':>8s} {'d-prime':>8s}"]
-    for name, r in rows:
+    for key in ROWS:
+        r = summary.get(key)
         if r:
-            out.append(f"{name:22s} " + (f"{r.get('accuracy', float('nan')):8.4f} " if acc
-                                         else "")
+            out.append(f"{ROW_NAMES[key]:22s} "
+                       + (f"{r.get('accuracy', float('nan')):8.4f} " if acc else "")
                        + f"{r['mAP']:8.4f} {r['AUC']:8.4f} {r['d_prime']:8.4f}")
     out += selection_lines(summary)
     cov = summary.get("coverage")
