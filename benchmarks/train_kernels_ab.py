@@ -5,10 +5,11 @@
 
 Builds the tagger (EfficientNet-B``eff_b`` + 4 heads) twice, with ``--option`` (a boolean
 argument of ``build_tagger``: ``pointwise_matmul``, ``fused_batchnorm`` or
-``swish_saved_sigmoid``) off and on, gives both the same weights, and times ``train_on_batch`` on one fixed batch in rounds that
-alternate the two models (each round: ``--steps`` steps of each), so drifts in the machine's
-speed reach both alike. Prints the ms per step of each round and the per-round ratio
-off / on (> 1: the option is faster); the median ratio is the figure to quote.
+``swish_saved_sigmoid``) off and on, gives both the same weights, and times
+``train_on_batch`` on one fixed batch in rounds that alternate the two models (each round:
+``--steps`` steps of each), so drifts in the machine's speed reach both alike. Prints the
+ms per step of each round and the per-round ratio off / on (> 1: the option is faster); the
+median ratio is the figure to quote.
 """
 from __future__ import annotations
 

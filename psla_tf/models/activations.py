@@ -71,6 +71,6 @@ class SwishActivation(keras.layers.Activation):
 def swish_twin(layer: keras.layers.Layer, saved_sigmoid: bool = True) -> keras.layers.Layer:
     """A plain ``keras.layers.Activation`` applying swish → its :class:`SwishActivation`
     (same name and config); any other layer → itself."""
-    if type(layer) is not keras.layers.Activation or not _is_swish(layer.activation):
+    if not _is_swish(getattr(layer, "activation", None)):
         return layer
     return twin(layer, keras.layers.Activation, SwishActivation, saved_sigmoid=saved_sigmoid)

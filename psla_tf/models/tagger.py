@@ -174,7 +174,8 @@ def build_tagger(num_classes: int, *, model: str = "efficientnet", eff_b: int = 
     its vocal-tract length perturbation in training, factors U[1 − x, 1 + x] (0 = off, the
     paper). ``fused_batchnorm``: the backbone's BatchNorm trains with one fused kernel;
     ``pointwise_matmul``: its 1×1 convolutions train as matrix products;
-    ``swish_saved_sigmoid``: its swish's gradient reuses the forward sigmoid (:func:`build_backbone`).
+    ``swish_saved_sigmoid``: its swish's gradient reuses the forward sigmoid
+    (:func:`build_backbone`).
     """
     waveform = keras.Input((None,), name="waveform", dtype="float32")
     num_samples = keras.Input((), name="num_samples", dtype="int32")
