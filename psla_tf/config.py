@@ -83,6 +83,7 @@ class TrainConfig:
     teacher_scores: str | None = None
     kd_lambda: float = 0.5
     kd_temperature: float = 1.0
+    labelled_fraction: float = 1.0
     append_classes: bool = False
     retain_eval_data: str | None = None
     shuffle_buffer: int = 1000

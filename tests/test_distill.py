@@ -106,14 +106,21 @@ def test_distillation_loss_bce_matches_formula():
     labels = (rng.uniform(size=(b, C)) < 0.4).astype(np.float32)
     teacher = rng.uniform(size=(b, C)).astype(np.float32)
     has = np.array([1, 1, 0, 1, 0, 1], np.float32)
+    known = np.array([1, 0, 1, 1, 0, 1], np.float32)     # has_labels: clips 1, 4 unlabelled
     pred = rng.uniform(0.01, 0.99, (b, C)).astype(np.float32)
     lam = np.array([0.5, 0.5, 1.0, 0.0], np.float32)
-    y = np.concatenate([labels, teacher, has[:, None]], 1)
+    y = np.concatenate([labels, teacher, has[:, None], known[:, None]], 1)
     got = distill.DistillationLoss(lam)(y, pred).numpy()
     w = lam[None] * has[:, None]
-    want = np.mean((1 - w) * _bce(labels, pred) + w * _bce(teacher, pred), axis=1).mean()
+    want = np.mean((1 - w) * known[:, None] * _bce(labels, pred) + w * _bce(teacher, pred),
+                   axis=1).mean()
     assert got == pytest.approx(want, rel=1e-5)
-    # λ = 0: the label BCE of the recipe exactly
+    # clip 4 (no label, no teacher) adds nothing; clip 1 only its teacher term
+    per = distill.DistillationLoss(lam, reduction=None)(y, pred).numpy()
+    assert per[4] == 0.0
+    assert per[1] == pytest.approx(np.mean(lam * _bce(teacher[1], pred[1])), rel=1e-5)
+    # λ = 0, every clip labelled: the label BCE of the recipe exactly
+    y[:, -1] = 1.0
     zero = distill.DistillationLoss(np.zeros(C))(y, pred).numpy()
     assert zero == pytest.approx(float(np.mean(psla_bce(labels, pred))), rel=1e-6)
     # and it serialises (final_model.keras carries the compile config)
@@ -127,14 +134,16 @@ def test_distillation_loss_ce_matches_formula():
     labels = np.eye(C, dtype=np.float32)[rng.integers(0, C, b)]
     teacher = rng.uniform(size=(b, C)).astype(np.float32)
     has = np.array([1, 0, 1, 1, 0], np.float32)
+    known = np.array([1, 1, 0, 1, 1], np.float32)
     pred = rng.dirichlet(np.ones(C), b).astype(np.float32)
-    y = np.concatenate([labels, teacher, has[:, None]], 1)
+    y = np.concatenate([labels, teacher, has[:, None], known[:, None]], 1)
     got = distill.DistillationLoss([0.4] * C, "ce")(y, pred).numpy()
     q = teacher / teacher.sum(1, keepdims=True)
     hard = -np.log(pred[np.arange(b), labels.argmax(1)])
     soft = -(q * np.log(pred)).sum(1)
     w = 0.4 * has
-    assert got == pytest.approx(np.mean((1 - w) * hard + w * soft), rel=1e-5)
+    assert got == pytest.approx(np.mean((1 - w) * known * hard + w * soft), rel=1e-5)
+    y[:, -1] = 1.0
     zero = distill.DistillationLoss([0.0] * C, "ce")(y, pred).numpy()
     assert zero == pytest.approx(float(np.mean(psla_ce(labels, pred))), rel=1e-6)
 
@@ -177,7 +186,8 @@ def test_pipeline_teacher_targets_mixed_with_the_waveforms_lambda(shards, order)
         for k in ("id", "partner_id", "mix_lambda"):
             np.testing.assert_array_equal(f[k].numpy(), f0[k].numpy())
         np.testing.assert_array_equal(f["waveform"].numpy(), f0["waveform"].numpy())
-        assert y.shape == (8, 2 * C + 1)
+        assert y.shape == (8, 2 * C + 2)
+        assert (y[:, -1] == 1.0).all()                   # every clip keeps its labels
         np.testing.assert_array_equal(y[:, :C], y0)
         for b in range(8):
             cid = f["id"][b].numpy().decode()
@@ -267,3 +277,76 @@ def test_add_teacher_scores_errors(shards, tmp_path):
 def test_stored_teacher_requires_the_manifest_entry(shards):
     with pytest.raises(DataError, match="add_teacher_scores"):
         tlib.stored_teacher(records.load_data_spec(shards[0]))
+
+
+# ----------------------------------------------------------------------------- transfer set
+def test_labelled_subset_is_a_fixed_fraction_of_the_ids():
+    ids = [f"clip{i:06d}.wav" for i in range(20000)]
+    keep = tlib.labelled_subset(ids, 0.3)
+    # binomial(20000, 0.3): sd 64.8; within 4 sd
+    assert abs(int(keep.sum()) - 6000) < 4 * np.sqrt(20000 * 0.3 * 0.7)
+    # per id: the same whatever the order or the other ids; nested in larger fractions
+    order = np.random.default_rng(0).permutation(len(ids))
+    np.testing.assert_array_equal(tlib.labelled_subset([ids[i] for i in order], 0.3),
+                                  keep[order])
+    assert not (keep & ~tlib.labelled_subset(ids, 0.5)).any()
+    assert tlib.labelled_subset(ids, 1.0).all()
+    with pytest.raises(ValueError):
+        tlib.labelled_subset(ids, 0.0)
+
+
+def test_transfer_set_weights_use_the_labelled_clips_only():
+    rng = np.random.default_rng(4)
+    n = 50
+    lists = random_labels(n, C, rng)
+    labels = np.zeros((n, C))
+    for i, ks in enumerate(lists):
+        labels[i, ks] = 1.0
+    labelled = rng.uniform(size=n) < 0.4
+
+    class Index:                                  # the CSR labels of a RecordIndex
+        num_records, num_classes = n, C
+        label_indptr = np.concatenate([[0], np.cumsum([len(x) for x in lists])]
+                                      ).astype(np.int64)
+        label_indices = np.concatenate(lists).astype(np.int32)
+
+        def sampling_weights(self, counts):
+            from psla_tf.data.record_index import RecordIndex
+            return RecordIndex.sampling_weights(self, counts)
+    w = pipeline._transfer_set_weights(Index(), labelled)
+    counts = labels[labelled].sum(0)
+    want = (labels / np.where(counts > 0, counts, np.inf)).sum(1)   # Procedure 1
+    np.testing.assert_allclose(w[labelled], want[labelled], rtol=1e-12)
+    np.testing.assert_allclose(w[~labelled], want[labelled].mean(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("with_teacher", [False, True])
+def test_pipeline_transfer_set_examples_lose_their_labels(shards, with_teacher):
+    glob, path, raw, _ = shards
+    spec = records.load_data_spec(glob)
+    keys, ids = tlib.training_keys_and_ids(spec)
+    from psla_tf.data import record_index          # the sampler's rows are these keys
+    np.testing.assert_array_equal(record_index.load_record_index(spec).keys(), keys)
+    keep = tlib.labelled_subset(ids, 0.5)
+    known = dict(zip(ids, keep))
+    teacher = tlib.load_teacher([path]) if with_teacher else None
+    tr = tlib.ExampleTargets(C, teacher=teacher, teacher_columns=np.arange(C),
+                             labelled_keys=keys[keep])
+    got = _batches(glob, tr, "iid", balanced_sampling=False)
+    plain = _batches(glob, None, "iid", balanced_sampling=False)
+    seen = set()
+    for (f, y), (f0, y0) in zip(got, plain):
+        np.testing.assert_array_equal(f["id"].numpy(), f0["id"].numpy())  # same order
+        assert y.shape == (8, 2 * C + 2)
+        for b in range(8):
+            cid = f["id"][b].numpy().decode()
+            pid = f["partner_id"][b].numpy().decode()
+            has = known[cid] and (not pid or known[pid])
+            seen.add(has)
+            assert y[b, -1] == float(has)
+            np.testing.assert_array_equal(y[b, :C], y0[b] if has else np.zeros(C))
+            if not with_teacher:
+                assert not y[b, C:2 * C + 1].any()
+    assert seen == {True, False}
+    with pytest.raises(DataError, match="--sampling_order=iid"):
+        _batches(glob, tr, "stream")

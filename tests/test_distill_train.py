@@ -58,7 +58,8 @@ def setup(data):
         "kd": main + ARGS + [f"--exp_dir={d / 'kd'}"],
         "f16": main + TINY + ["--mixed_precision=mixed_float16", "--nowa",
                               f"--exp_dir={d / 'f16'}"],
-        "resumed": main + ARGS + [f"--exp_dir={d / 'killed'}"]})
+        "resumed": main + ARGS + [f"--exp_dir={d / 'killed'}"],
+        "transfer": main + ARGS + ["--labelled_fraction=0.5", f"--exp_dir={d / 'transfer'}"]})
     yield d, train, ev, teacher, bg, runs
     bg.close()
 
@@ -164,7 +165,39 @@ def test_stored_teacher_is_resolved_from_the_manifest(data, tmp_path):
         plan.resolve(_cfg(train, ev, tmp_path, teacher_scores="stored"))
 
 
+def test_transfer_set_run_reports_its_labelled_clips(setup):
+    from psla_tf.data import teacher as tlib
+    d, train, *_, runs = setup
+    r = _ok(runs, "transfer")
+    n = int(tlib.labelled_subset([f"clip{i}.wav" for i in range(16)], 0.5).sum())
+    assert 0 < n < 16
+    assert (f"labels of {n} of 16 training clips kept (--labelled_fraction=0.5); the other "
+            f"{16 - n} train on the teacher only") in r.stdout
+    kd = json.load(open(d / "transfer" / "summary.json"))["distillation"]
+    assert kd["used"] and (kd["labelled_clips"], kd["unlabelled_clips"]) == (n, 16 - n)
+    assert kd["labelled_fraction"] == 0.5
+
+
+def test_transfer_set_without_teacher_weight_trains_on_the_labelled_clips(data, tmp_path):
+    from psla_tf.training import distill
+    _, train, ev, teacher = data
+    r = plan.resolve(_cfg(train, ev, tmp_path, teacher_scores=teacher, kd_lambda=0.0,
+                          labelled_fraction=0.5))
+    assert not r.kd.active and r.kd.distillation_loss
+    loss = distill.make_loss(r.cfg, r.kd)
+    assert isinstance(loss, distill.DistillationLoss) and loss.class_lambda == [0.0] * 3
+    tr = r.kd.train_transform(1.0)
+    assert tr.teacher is None and len(tr.labelled_keys) == r.kd.labelled["labelled_clips"]
+    assert r.kd.summary(r.cfg)["used"] is False
+    assert any("add no loss (no teacher)" in line for line in r.kd.describe(r.cfg))
+    full = plan.resolve(_cfg(train, ev, tmp_path))            # default 1: nothing changes
+    assert full.kd.labelled_keys is None and full.kd.train_transform(1.0) is None
+
+
 @pytest.mark.parametrize("kw,msg", [
+    (dict(labelled_fraction=0.0), "--labelled_fraction must be in"),
+    (dict(labelled_fraction=0.5, sampling_order="stream"), "needs --sampling_order=iid"),
+    (dict(labelled_fraction=0.5, append_classes=True), "cannot be combined"),
     (dict(kd_lambda=1.5), "--kd_lambda must be in"),
     (dict(kd_temperature=0.0), "--kd_temperature must be > 0"),
     (dict(append_classes=True), "--append_classes needs --init_from"),

@@ -10,7 +10,9 @@ partner is zero-padded or cut to the length of x_i;
 Knowledge distillation: an example with ``teacher`` targets [C] and ``has_teacher`` []
 (:mod:`psla_tf.data.teacher`) gets ``lambda * t_i + (1 - lambda) * t_j`` (soft targets mix
 linearly) and ``has_teacher = min(has_i, has_j)`` (a pair with a clip the teacher did not score
-trains on its mixed labels only; its teacher targets are zeroed).
+trains on its mixed labels only; its teacher targets are zeroed); likewise ``has_labels =
+min(has_i, has_j)`` (a pair with a clip of the unlabelled transfer set has no label term; its
+labels are zeroed).
 
 Otherwise the example passes unchanged (lambda = 1; the model's front end removes the mean of
 every clip). Beta is sampled as G1 / (G1 + G2) with G1, G2 ~ Gamma(alpha) drawn by the
@@ -22,6 +24,8 @@ import numpy as np
 import tensorflow as tf
 
 __all__ = ["sample_beta", "mix_waveforms", "mixup_example", "mix_waveforms_numpy"]
+
+_TARGET_KEYS = ("teacher", "has_teacher", "has_labels")   # psla_tf.data.teacher.ExampleTargets
 
 
 def sample_beta(seed: tf.Tensor, alpha: float, shape=()) -> tf.Tensor:
@@ -87,11 +91,14 @@ def mixup_example(example: dict[str, tf.Tensor], partner: dict[str, tf.Tensor],
             has = tf.minimum(example["has_teacher"], p["has_teacher"])
             soft = {"teacher": (lam * example["teacher"] + (1.0 - lam) * p["teacher"]) * has,
                     "has_teacher": has}
+        if "has_labels" in example:
+            has_labels = tf.minimum(example["has_labels"], p["has_labels"])
+            y = y * has_labels
+            soft["has_labels"] = has_labels
         return x, y, lam, tf.cast(p["key"], tf.int64), pid, soft
 
     def plain():
-        soft = ({k: example[k] for k in ("teacher", "has_teacher")}
-                if "teacher" in example else {})
+        soft = {k: example[k] for k in _TARGET_KEYS if k in example}
         return (example["waveform"], example["labels"], tf.constant(1.0, tf.float32),
                 tf.constant(-1, tf.int64), tf.constant(b""), soft)
 

@@ -257,9 +257,9 @@ def _format(ex: dict[str, tf.Tensor], with_ids: bool, id_keys: tuple[str, ...]):
     if with_ids:
         for k in id_keys:
             feats[k] = ex[k]
-    if "teacher" in ex:  # distillation targets [2C + 1]: labels, teacher, has_teacher
-        return feats, tf.concat([ex["labels"], ex["teacher"], ex["has_teacher"][tf.newaxis]],
-                                0)
+    if "teacher" in ex:  # distillation targets [2C + 2]: labels, teacher, has_teacher, has_labels
+        return feats, tf.concat([ex["labels"], ex["teacher"], ex["has_teacher"][tf.newaxis],
+                                 ex["has_labels"][tf.newaxis]], 0)
     return feats, ex["labels"]
 
 
@@ -407,10 +407,13 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
 
     ``transform`` (:class:`psla_tf.data.teacher.ExampleTargets`) is applied to every parsed
     example, partners included, before mixup: it may map the labels into another vocabulary
-    and add ``teacher`` [C] / ``has_teacher`` []; with a teacher the labels of each batch are
-    ``[B, 2C + 1]`` = (labels, mixed teacher targets, has_teacher), mixed with the same λ
+    and add ``teacher`` [C] / ``has_teacher`` [] / ``has_labels`` []; with a teacher (or a
+    labelled subset) the labels of each batch are ``[B, 2C + 2]`` = (labels, mixed teacher
+    targets, has_teacher, has_labels), mixed with the same λ
     (:func:`psla_tf.data.mixup.mixup_example`). It draws no random numbers: the order and
-    the mixing are those of the same call without it.
+    the mixing are those of the same call without it. Balanced sampling weighs a clip
+    outside the transform's ``labelled_keys`` (the unlabelled transfer set) by the mean
+    weight of the labelled clips, whose labels alone give the class counts.
 
     Epochs are counted from 0 as in Keras' ``initial_epoch``. ``random_gain_db`` > 0 scales
     each training waveform by a random gain of ±random_gain_db dB after mixup
@@ -505,11 +508,13 @@ def _random_access_index(spec: DataSpec, skip_corrupt: bool):
     return index
 
 
-def _row_sampler(index, class_counts: np.ndarray, balanced: bool, draws: int
-                 ) -> Callable[[tf.Tensor], tf.Tensor]:
+def _row_sampler(index, class_counts: np.ndarray, balanced: bool, draws: int,
+                 labelled: np.ndarray | None = None) -> Callable[[tf.Tensor], tf.Tensor]:
     """epoch seed → the epoch's ``[draws]`` record rows (int64).
 
-    Balanced: Algorithm 1 line 8, ``draws`` i.i.d. draws with replacement, P(i) = w_i / W.
+    Balanced: Algorithm 1 line 8, ``draws`` i.i.d. draws with replacement, P(i) = w_i / W;
+    with a ``labelled`` row mask (bool [R]) the class counts are the labelled rows' and an
+    unlabelled row weighs the labelled rows' mean weight (its labels are not used).
     Otherwise every record once per epoch in random order (more than one permutation only
     when skipped corrupt records made the set smaller than ``draws``).
     """
@@ -522,7 +527,10 @@ def _row_sampler(index, class_counts: np.ndarray, balanced: bool, draws: int
                 tf.range(n_rec, dtype=tf.int64), seed=sampling.derive_seed(s, 0, r))
                 for r in range(perms)], 0)[:draws]
         return permuted
-    w = index.sampling_weights(class_counts)
+    if labelled is None:
+        w = index.sampling_weights(class_counts)
+    else:
+        w = _transfer_set_weights(index, labelled)
     total = float(w.sum())
     if total <= 0:
         raise DataError("balanced sampling: no training example has a label")
@@ -534,6 +542,19 @@ def _row_sampler(index, class_counts: np.ndarray, balanced: bool, draws: int
                                         dtype=tf.float64) * total
         return tf.minimum(tf.searchsorted(cdf, u, side="right", out_type=tf.int64), last)
     return weighted
+
+
+def _transfer_set_weights(index, labelled: np.ndarray) -> np.ndarray:
+    """Balanced-sampling weights (float64 [R]) when only the ``labelled`` rows' labels may be
+    used: Procedure 1 on those rows' class counts; every other row the labelled rows' mean."""
+    if not labelled.any():
+        raise DataError("balanced sampling: no training example keeps its labels "
+                        "(--labelled_fraction too small for this set)")
+    rows = np.repeat(np.arange(index.num_records), np.diff(index.label_indptr))
+    counts = np.bincount(index.label_indices[labelled[rows]], minlength=index.num_classes)
+    w = index.sampling_weights(counts)
+    w[~labelled] = w[labelled].mean()
+    return w
 
 
 def _record_reader(index, num_classes: int, transform: Transform | None
@@ -562,7 +583,9 @@ def _iid_examples(spec: DataSpec, plan: _EpochPlan, base_seed: tf.Tensor, balanc
     """epoch → dataset of parsed, mixed examples in i.i.d. order (see make_train_dataset)."""
     index = _random_access_index(spec, skip_corrupt)
     n_rec, draws = index.num_records, plan.draws
-    draw_rows = _row_sampler(index, spec.class_counts, balanced, draws)
+    labelled = getattr(transform, "labelled_keys", None)
+    labelled = None if labelled is None else np.isin(index.keys(), labelled)
+    draw_rows = _row_sampler(index, spec.class_counts, balanced, draws, labelled)
     load = _record_reader(index, spec.num_classes, transform)
 
     def examples(epoch):
@@ -633,6 +656,9 @@ def _stream_examples(spec: DataSpec, plan: _EpochPlan, base_seed: tf.Tensor, bal
     """epoch → dataset of parsed, mixed examples from sequential reading (``"stream"``)."""
     num_classes = spec.num_classes
     pid = plan.pid
+    if getattr(transform, "labelled_keys", None) is not None:
+        raise DataError("--labelled_fraction needs --sampling_order=iid (the stream order's "
+                        "balanced sampling reads every record's labels)")
     file_ids, record_shard = _stream_share(spec, plan)
     reader = _Reader(spec, skip_corrupt=skip_corrupt, record_shard=record_shard)
     # balanced sampling constants (W from the manifests, no pass over the data)

@@ -24,7 +24,9 @@ The training pipeline gets the raw values in one of two ways, both in-graph:
 
 :class:`ExampleTargets` is the per-example transform the pipeline applies after parsing: labels
 into the model's vocabulary (``--append_classes``) and ``teacher`` [C] / ``has_teacher``
-(1.0 if the clip has a teacher score, else 0.0: it then trains on labels only).
+(1.0 if the clip has a teacher score, else 0.0: it then trains on labels only) /
+``has_labels`` (0.0 for a clip of the unlabelled transfer set, whose labels are zeroed:
+``--labelled_fraction``, :func:`labelled_subset`).
 """
 from __future__ import annotations
 
@@ -41,7 +43,7 @@ from psla_tf.data.records import DataError
 __all__ = ["KINDS", "STORED", "MAX_TABLE_VALUES", "TeacherFile", "TeacherTable",
            "read_teacher_file", "load_teacher", "targets_numpy", "targets_tf", "column_map",
            "class_lambdas", "StoredTeacher", "stored_teacher", "ExampleTargets",
-           "training_ids", "coverage"]
+           "training_ids", "training_keys_and_ids", "labelled_subset", "coverage"]
 
 KINDS = ("scores", "logits")
 STORED = "stored"            # --teacher_scores=stored: the shards' own teacher feature
@@ -252,15 +254,26 @@ class ExampleTargets:
     ``label_map`` (int [C_data], model column of each data class) maps the labels into the
     model's vocabulary; with a teacher (a :class:`TeacherTable`, or :class:`StoredTeacher` for
     the records' own ``teacher`` feature) it adds ``teacher`` [C_model] (targets, 0 where the
-    teacher does not score the class) and ``has_teacher`` (float32 scalar). Build it where the
-    dataset is built (tf.data captures the lookup table).
+    teacher does not score the class) and ``has_teacher`` (float32 scalar). With
+    ``labelled_keys`` (int64 record keys, :func:`training_keys_and_ids`) it adds
+    ``has_labels`` (1.0 for those records, else 0.0 with the labels zeroed) and, without a
+    teacher, zero ``teacher`` / ``has_teacher``, so the targets have one layout. Build it
+    where the dataset is built (tf.data captures the lookup tables).
     """
 
     def __init__(self, num_model_classes: int, label_map: np.ndarray | None = None,
                  teacher: TeacherTable | StoredTeacher | None = None,
-                 teacher_columns: np.ndarray | None = None, temperature: float = 1.0):
+                 teacher_columns: np.ndarray | None = None, temperature: float = 1.0,
+                 labelled_keys: np.ndarray | None = None):
         import tensorflow as tf
         self.num_model_classes = int(num_model_classes)
+        self.labelled_keys = None
+        if labelled_keys is not None:
+            self.labelled_keys = np.unique(np.asarray(labelled_keys, np.int64))
+            keys = tf.constant(self.labelled_keys, tf.int64)
+            self.labelled = tf.lookup.StaticHashTable(
+                tf.lookup.KeyValueTensorInitializer(keys, tf.ones_like(keys, tf.float32)),
+                default_value=0.0)
         self.label_map = None
         if label_map is not None:
             m = np.zeros((len(label_map), self.num_model_classes), np.float32)
@@ -305,6 +318,15 @@ class ExampleTargets:
         out = dict(ex)
         if self.label_map is not None:
             out["labels"] = tf.linalg.matvec(self.label_map, ex["labels"], transpose_a=True)
+        if self.labelled_keys is not None:
+            has_labels = self.labelled.lookup(ex["key"])
+            out["labels"] = out["labels"] * has_labels
+            out["has_labels"] = has_labels
+            if self.teacher is None:
+                out["teacher"] = tf.zeros([self.num_model_classes], tf.float32)
+                out["has_teacher"] = tf.constant(0.0, tf.float32)
+        elif self.teacher is not None:
+            out["has_labels"] = tf.constant(1.0, tf.float32)
         if self.teacher is None:
             return out
         raw, has = self._raw(ex, rec)
@@ -326,6 +348,36 @@ def training_ids(spec) -> list[str]:
         r, {"id": tf.io.FixedLenFeature([], tf.string)})["id"], num_parallel_calls=4,
         deterministic=True).batch(4096)
     return [x.decode("utf-8") for b in ds for x in b.numpy().tolist()]
+
+
+def training_keys_and_ids(spec) -> tuple[np.ndarray, list[str]]:
+    """Every record's pipeline key (file index * 2**32 + position, as
+    :func:`psla_tf.data.pipeline.example_key_parts` splits it) and ``id``, in file order."""
+    import tensorflow as tf
+    keys, ids = [], []
+    for fi, path in enumerate(spec.files):
+        ds = tf.data.TFRecordDataset(path, compression_type=spec.compression or None)
+        ds = ds.map(lambda r: tf.io.parse_single_example(
+            r, {"id": tf.io.FixedLenFeature([], tf.string)})["id"], num_parallel_calls=4,
+            deterministic=True).batch(4096)
+        n0 = len(ids)
+        ids.extend(x.decode("utf-8") for b in ds for x in b.numpy().tolist())
+        keys.append((np.int64(fi) << 32) + np.arange(len(ids) - n0, dtype=np.int64))
+    return (np.concatenate(keys) if keys else np.zeros([0], np.int64)), ids
+
+
+def labelled_subset(ids: Sequence[str], fraction: float) -> np.ndarray:
+    """Which clips keep their labels under ``--labelled_fraction`` (bool [N]).
+
+    Clip ``i`` is labelled when the first 8 bytes of SHA-256(id), read as a fraction of
+    2**64, are below ``fraction``: a fixed subset of each clip id (the same in every run,
+    seed and sharding), of expected size ``fraction · N``.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    u = np.fromiter((int.from_bytes(hashlib.sha256(i.encode("utf-8")).digest()[:8], "big")
+                     for i in ids), np.float64, count=len(ids)) / 2.0 ** 64
+    return u < fraction
 
 
 def coverage(data_ids: Sequence[str], teacher_ids: Sequence[str]) -> dict[str, Any]:

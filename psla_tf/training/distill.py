@@ -1,17 +1,19 @@
 """Knowledge-distillation loss (issue 19): labels and a teacher's soft targets.
 
 The training pipeline (:mod:`psla_tf.data.teacher`) gives, per example, ``y = [labels (C),
-teacher targets (C), has_teacher (1)]``, ``[B, 2C + 1]``. With per-class teacher weights
-``λ_c`` (:func:`psla_tf.data.teacher.class_lambdas`: ``--kd_lambda`` where a class has labels
-and a teacher score) and ``w = λ_c · has_teacher``:
+teacher targets (C), has_teacher (1), has_labels (1)]``, ``[B, 2C + 2]``. With per-class
+teacher weights ``λ_c`` (:func:`psla_tf.data.teacher.class_lambdas`: ``--kd_lambda`` where a
+class has labels and a teacher score), ``w = λ_c · has_teacher`` and ``l = has_labels``:
 
-* ``bce``: ``mean_c [(1 − w) BCE(y_c, p_c) + w BCE(t_c, p_c)]`` — EfficientAT's
+* ``bce``: ``mean_c [(1 − w) l BCE(y_c, p_c) + w BCE(t_c, p_c)]`` — EfficientAT's
   ``(1 − λ) L_label + λ L_KD`` per class, on the clamped scores as :func:`optim.psla_bce`;
-* ``ce`` (single-label students): ``(1 − w̄) CE(argmax y) + w̄ · (−Σ_c q_c log p_c)``, with
+* ``ce`` (single-label students): ``(1 − w̄) l CE(argmax y) + w̄ · (−Σ_c q_c log p_c)``, with
   ``q = t / Σ t`` (the teacher's scores normalised over its classes) and ``w̄ = λ · has``.
 
-A clip without a teacher score (``has_teacher`` 0) contributes its label loss only. With
-every ``λ_c = 0`` both reduce to the label losses of :mod:`psla_tf.training.optim`.
+A clip without a teacher score (``has_teacher`` 0) contributes its label loss only; a clip of
+the unlabelled transfer set (``has_labels`` 0, ``--labelled_fraction``) its teacher term only
+(nothing without a teacher). With every ``λ_c = 0`` and every clip labelled both reduce to the
+label losses of :mod:`psla_tf.training.optim`.
 """
 from __future__ import annotations
 
@@ -31,9 +33,11 @@ __all__ = ["DistillationLoss", "split_targets", "check_flags", "Plan", "plan", "
 
 
 def split_targets(y_true, num_classes: int):
-    """``[B, 2C + 1]`` → (labels [B, C], teacher [B, C], has_teacher [B, 1])."""
+    """``[B, 2C + 2]`` → (labels [B, C], teacher [B, C], has_teacher [B, 1],
+    has_labels [B, 1])."""
     c = int(num_classes)
-    return y_true[..., :c], y_true[..., c:2 * c], y_true[..., 2 * c:2 * c + 1]
+    return (y_true[..., :c], y_true[..., c:2 * c], y_true[..., 2 * c:2 * c + 1],
+            y_true[..., 2 * c + 1:2 * c + 2])
 
 
 @keras.saving.register_keras_serializable(package="psla_tf")
@@ -55,7 +59,7 @@ class DistillationLoss(keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         c = len(self.class_lambda)
-        labels, teacher, has = split_targets(ops.cast(y_true, "float32"), c)
+        labels, teacher, has, has_labels = split_targets(ops.cast(y_true, "float32"), c)
         lam = ops.convert_to_tensor(self.class_lambda, "float32")
         if self.loss_name == "ce":
             p = ops.clip(ops.cast(y_pred, "float32"), params.CLAMP_EPS, 1.0)
@@ -65,13 +69,13 @@ class DistillationLoss(keras.losses.Loss):
                                       params.CLAMP_EPS)
             soft = -ops.sum(q * log_p, axis=-1)
             w = ops.max(lam) * has[..., 0]
-            return (1.0 - w) * hard + w * soft
+            return (1.0 - w) * has_labels[..., 0] * hard + w * soft
         p = ops.clip(ops.cast(y_pred, "float32"), params.CLAMP_EPS, 1.0 - params.CLAMP_EPS)
         log_p, log_q = ops.log(p), ops.log(1.0 - p)
         bce_label = -(labels * log_p + (1.0 - labels) * log_q)
         bce_teacher = -(teacher * log_p + (1.0 - teacher) * log_q)
         w = lam * has                                     # [B, C]
-        return ops.mean((1.0 - w) * bce_label + w * bce_teacher, axis=-1)
+        return ops.mean((1.0 - w) * has_labels * bce_label + w * bce_teacher, axis=-1)
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
@@ -87,6 +91,13 @@ def check_flags(cfg) -> str | None:
         return f"--kd_lambda must be in [0, 1], got {cfg.kd_lambda}"
     if cfg.kd_temperature <= 0:
         return f"--kd_temperature must be > 0, got {cfg.kd_temperature}"
+    if not 0.0 < cfg.labelled_fraction <= 1.0:
+        return f"--labelled_fraction must be in (0, 1], got {cfg.labelled_fraction}"
+    if cfg.labelled_fraction < 1.0 and cfg.sampling_order != "iid":
+        return ("--labelled_fraction needs --sampling_order=iid (the stream order's balanced "
+                "sampling reads every record's labels)")
+    if cfg.labelled_fraction < 1.0 and cfg.append_classes:
+        return "--labelled_fraction and --append_classes cannot be combined"
     if cfg.append_classes:
         if not cfg.init_from:
             return ("--append_classes needs --init_from=MODEL: the trained model whose "
@@ -108,7 +119,9 @@ class Plan:
     the model column of each of its classes, or None when its vocabulary is the model's.
     ``teacher_mode``: None, ``files`` (``--teacher_scores=FILE,…``), ``stored`` (the
     shards' feature) or ``source`` (``--append_classes`` without ``--teacher_scores``: the
-    source model scores the training set when training starts).
+    source model scores the training set when training starts). ``labelled_keys``: with
+    ``--labelled_fraction`` < 1, the record keys of the training clips that keep their
+    labels (the others are the unlabelled transfer set); ``labelled`` counts both.
     """
     model_mids: list[str]
     model_names: list[str]
@@ -120,6 +133,8 @@ class Plan:
     columns: np.ndarray | None = None
     class_lambda: np.ndarray | None = None
     coverage: dict[str, Any] | None = None
+    labelled_keys: np.ndarray | None = None
+    labelled: dict[str, Any] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -135,10 +150,27 @@ class Plan:
         where the dataset is built."""
         from psla_tf.data.teacher import ExampleTargets
         lm = self.label_maps.get("train")
-        if not self.active and lm is None:
+        if not self.active and lm is None and self.labelled_keys is None:
             return None
         return ExampleTargets(self.num_classes, lm, self.teacher if self.active else None,
-                              self.columns, temperature)
+                              self.columns, temperature, self.labelled_keys)
+
+    @property
+    def distillation_loss(self) -> bool:
+        """The targets carry a teacher or a labelled subset (:class:`DistillationLoss`)."""
+        return self.active or self.labelled_keys is not None
+
+    def set_labelled(self, fraction: float, spec) -> None:
+        """``--labelled_fraction`` < 1: keep the labels of :func:`teacher.labelled_subset`."""
+        from psla_tf.data import teacher as tlib
+        keys, ids = tlib.training_keys_and_ids(spec)
+        keep = tlib.labelled_subset(ids, fraction)
+        if not keep.any():
+            raise DataError(f"--labelled_fraction={fraction:g} keeps the labels of none of "
+                            f"the {len(ids)} training clips")
+        self.labelled_keys = keys[keep]
+        self.labelled = {"labelled_fraction": float(fraction), "labelled_clips": int(keep.sum()),
+                         "unlabelled_clips": int((~keep).sum())}
 
     def eval_transform(self, which: str):
         from psla_tf.data.teacher import ExampleTargets
@@ -164,6 +196,13 @@ class Plan:
 
     def describe(self, cfg) -> list[str]:
         out = []
+        if self.labelled is not None:
+            n = self.labelled["unlabelled_clips"]
+            out.append(f"  labelled subset: labels of {self.labelled['labelled_clips']} of "
+                       f"{self.labelled['labelled_clips'] + n} training clips kept "
+                       f"(--labelled_fraction={cfg.labelled_fraction:g}); the other {n} "
+                       + ("train on the teacher only" if self.active else
+                          "add no loss (no teacher)"))
         if self.source_mids is not None:
             out.append(f"  append classes: {len(self.source_mids)} classes of "
                        f"{cfg.init_from} kept, {self.num_classes - len(self.source_mids)} "
@@ -188,8 +227,9 @@ class Plan:
 
     def summary(self, cfg) -> dict[str, Any] | None:
         if self.teacher_mode is None:
-            return None if not cfg.teacher_scores else {"used": False,
-                                                        "kd_lambda": cfg.kd_lambda}
+            if not cfg.teacher_scores and self.labelled is None:
+                return None
+            return {"used": False, "kd_lambda": cfg.kd_lambda, **(self.labelled or {})}
         out = {"used": True, "teacher": self.teacher_mode, "kd_lambda": cfg.kd_lambda,
                "kd_temperature": cfg.kd_temperature,
                "kind": getattr(self.teacher, "kind", None),
@@ -201,6 +241,7 @@ class Plan:
                                 else [float(x) for x in self.class_lambda])}
         if self.coverage is not None:
             out.update(self.coverage)
+        out.update(self.labelled or {})
         return out
 
 
@@ -257,6 +298,9 @@ def plan(cfg, train, ev, val) -> Plan:
     if cfg.retain_eval_data:
         p.retain = records.load_data_spec(cfg.retain_eval_data)
         maps["retain"] = _label_map(p.retain.mids, model_mids, "retain_eval_data")
+    if cfg.labelled_fraction < 1.0:
+        p.set_labelled(cfg.labelled_fraction, train)
+        p.class_lambda = np.zeros(p.num_classes)   # until a teacher sets its weights
     if not cfg.teacher_scores and not cfg.append_classes:
         return p
     if cfg.kd_lambda == 0 and not cfg.append_classes:
@@ -277,8 +321,9 @@ def plan(cfg, train, ev, val) -> Plan:
 
 
 def make_loss(cfg, p: Plan):
-    """The training loss: :class:`DistillationLoss` when the plan uses a teacher."""
-    if p.active:
+    """The training loss: :class:`DistillationLoss` when the plan uses a teacher or an
+    unlabelled transfer set."""
+    if p.distillation_loss:
         return DistillationLoss(p.class_lambda, cfg.loss)
     from psla_tf.training.optim import make_loss as label_loss
     return label_loss(cfg.loss)

@@ -173,6 +173,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     F("kd_temperature", d.kd_temperature, "Temperature T of the teacher targets: σ(z / T) "
       "for logit teachers, σ(logit(p) / T) for score teachers (1: the scores themselves).",
       flag_values=fv)
+    F("labelled_fraction", d.labelled_fraction, "Keep the labels of this fraction of the "
+      "training clips (a fixed subset by a hash of the clip id, the same in every run); the "
+      "others are an unlabelled transfer set: they learn from --teacher_scores only (weight "
+      "λ) and add no loss without a teacher. Needs --sampling_order=iid. 1: every clip "
+      "keeps its labels.", flag_values=fv)
     B("append_classes", d.append_classes, "Grow a vocabulary: fine-tune the --init_from model "
       "on data with new classes, keeping its outputs: the model has its classes followed by "
       "the new ones (exports carry both), the source model's scores on the training clips "
