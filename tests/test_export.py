@@ -609,6 +609,19 @@ def test_compare_with_keras_matches_a_direct_computation(tflite_models, keras_mo
                                atol=1e-6)
 
 
+def test_export_cli_compares_with_progress_and_no_size(trained, tmp_path):
+    """tools/export.py --compare_data with its defaults (progress bar, every clip) writes the
+    comparison (a bar without a total once made it fail)."""
+    out = tmp_path / "f16.tflite"
+    p = run_script("export.py", f"--model={trained[0]}", f"--tflite={out}",
+                   "--quantize=float16", f"--tflite_seconds={TFLITE_SECONDS}",
+                   f"--compare_data={trained[1]}")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    res = json.load(open(tmp_path / "f16.compare.json"))
+    assert res["clips"] > 0 and res["max_abs_diff"] < 0.05
+    assert f"vs Keras on {res['clips']} clips" in p.stdout
+
+
 def test_tflite_int8_keeps_waveform_and_frontend_float(tflite_models):
     """The int8 model quantises the CNN, not the audio: the input waveform and every front-end
     tensor (before the first convolution) stay float32 — an int8 input is 8-bit audio, whose

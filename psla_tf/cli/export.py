@@ -154,8 +154,8 @@ def _write_tflite(model, mids, names, seconds: float, info: dict, kw: dict) -> N
         model, FLAGS.tflite, mids, names, quantize=FLAGS.quantize,
         seconds=seconds, calibration=calibration,
         float_kernel_elements=FLAGS.float_kernel_elements,
-        progress=(lambda i: bar.update(1)) if bar else None, model_info=info, **kw)
-    if bar:
+        progress=(lambda i: bar.update(1)) if bar is not None else None, model_info=info, **kw)
+    if bar is not None:
         bar.close()
     print(f"TFLite ({FLAGS.quantize}): {FLAGS.tflite} ({meta['size_bytes']} bytes, "
           f"input {meta['input_samples']} samples)")
@@ -175,8 +175,8 @@ def _compare_tflite(model) -> None:
     bar = _bar("compare", FLAGS.compare_size)
     res = export_tflite.compare_with_keras(
         model, FLAGS.tflite, FLAGS.compare_data, limit=FLAGS.compare_size,
-        progress=(lambda i: bar.update(1)) if bar else None)
-    if bar:
+        progress=(lambda i: bar.update(1)) if bar is not None else None)
+    if bar is not None:
         bar.close()
     path = os.path.splitext(FLAGS.tflite)[0] + ".compare.json"
     atomic.write_json(path, res, indent=1)
