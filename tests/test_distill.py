@@ -4,12 +4,10 @@ shards by tools/add_teacher_scores.py against the in-memory lookup. Fast (no tra
 trainer runs are in tests/test_distill_train.py."""
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
 from helpers_cli import run_script
 from helpers_data import random_labels, random_waveforms, write_shards

@@ -341,13 +341,7 @@ class ExampleTargets:
 # ----------------------------------------------------------------------------- coverage
 def training_ids(spec) -> list[str]:
     """Every record's ``id`` of a DataSpec, in file order (one read of the shards)."""
-    import tensorflow as tf
-    ds = tf.data.TFRecordDataset(spec.files, compression_type=spec.compression or None,
-                                 num_parallel_reads=4)
-    ds = ds.map(lambda r: tf.io.parse_single_example(
-        r, {"id": tf.io.FixedLenFeature([], tf.string)})["id"], num_parallel_calls=4,
-        deterministic=True).batch(4096)
-    return [x.decode("utf-8") for b in ds for x in b.numpy().tolist()]
+    return training_keys_and_ids(spec)[1]
 
 
 def training_keys_and_ids(spec) -> tuple[np.ndarray, list[str]]:

@@ -167,7 +167,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "in the log and summary.json). Targets: scores clipped to [0, 1] (PSLA's multi-head "
       "scores can exceed 1), logits through σ(z / T).", flag_values=fv)
     F("kd_lambda", d.kd_lambda, "Weight λ of the teacher term (0: labels only, the teacher "
-      "is not read). Default 0.5, EfficientAT-like; on the demo validation prefers 0 "
+      "is not read). Default 0.5, EfficientAT-like; on the fully labelled demo validation "
+      "prefers 0, with a quarter of the labels (--labelled_fraction) 0.5 lifts the student "
       "(docs/distillation.md, \"Measured results\").",
       flag_values=fv)
     F("kd_temperature", d.kd_temperature, "Temperature T of the teacher targets: σ(z / T) "
