@@ -257,7 +257,7 @@ def _format(ex: dict[str, tf.Tensor], with_ids: bool, id_keys: tuple[str, ...]):
     if with_ids:
         for k in id_keys:
             feats[k] = ex[k]
-    if "teacher" in ex:  # distillation targets [2C + 2]: labels, teacher, has_teacher, has_labels
+    if "teacher" in ex:  # distillation targets [2C + 2] (teacher.ExampleTargets)
         return feats, tf.concat([ex["labels"], ex["teacher"], ex["has_teacher"][tf.newaxis],
                                  ex["has_labels"][tf.newaxis]], 0)
     return feats, ex["labels"]

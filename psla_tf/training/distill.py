@@ -169,7 +169,8 @@ class Plan:
             raise DataError(f"--labelled_fraction={fraction:g} keeps the labels of none of "
                             f"the {len(ids)} training clips")
         self.labelled_keys = keys[keep]
-        self.labelled = {"labelled_fraction": float(fraction), "labelled_clips": int(keep.sum()),
+        self.labelled = {"labelled_fraction": float(fraction),
+                         "labelled_clips": int(keep.sum()),
                          "unlabelled_clips": int((~keep).sum())}
 
     def eval_transform(self, which: str):
