@@ -657,8 +657,8 @@ def _stream_examples(spec: DataSpec, plan: _EpochPlan, base_seed: tf.Tensor, bal
     num_classes = spec.num_classes
     pid = plan.pid
     if getattr(transform, "labelled_keys", None) is not None:
-        raise DataError("--labelled_fraction needs --sampling_order=iid (the stream order's "
-                        "balanced sampling reads every record's labels)")
+        from psla_tf.data.teacher import TRANSFER_SET_NEEDS_IID
+        raise DataError(TRANSFER_SET_NEEDS_IID)
     file_ids, record_shard = _stream_share(spec, plan)
     reader = _Reader(spec, skip_corrupt=skip_corrupt, record_shard=record_shard)
     # balanced sampling constants (W from the manifests, no pass over the data)

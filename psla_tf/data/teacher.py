@@ -40,14 +40,17 @@ import numpy as np
 from psla_tf import params
 from psla_tf.data.records import DataError
 
-__all__ = ["KINDS", "STORED", "MAX_TABLE_VALUES", "TeacherFile", "TeacherTable",
+__all__ = ["KINDS", "STORED", "MAX_TABLE_VALUES", "TRANSFER_SET_NEEDS_IID", "TeacherFile", "TeacherTable",
            "read_teacher_file", "load_teacher", "targets_numpy", "targets_tf", "column_map",
            "class_lambdas", "StoredTeacher", "stored_teacher", "ExampleTargets",
-           "training_ids", "training_keys_and_ids", "labelled_subset", "coverage"]
+           "training_keys_and_ids", "labelled_subset", "coverage"]
 
 KINDS = ("scores", "logits")
 STORED = "stored"            # --teacher_scores=stored: the shards' own teacher feature
 MAX_TABLE_VALUES = 1 << 28   # 268 M float32 values (1 GiB) held in memory for the lookup
+#: why --labelled_fraction refuses the stream order (config check and pipeline alike)
+TRANSFER_SET_NEEDS_IID = ("--labelled_fraction needs --sampling_order=iid (the stream order's "
+                          "balanced sampling reads every record's labels)")
 
 
 @dataclasses.dataclass
@@ -339,11 +342,6 @@ class ExampleTargets:
 
 
 # ----------------------------------------------------------------------------- coverage
-def training_ids(spec) -> list[str]:
-    """Every record's ``id`` of a DataSpec, in file order (one read of the shards)."""
-    return training_keys_and_ids(spec)[1]
-
-
 def training_keys_and_ids(spec) -> tuple[np.ndarray, list[str]]:
     """Every record's pipeline key (file index * 2**32 + position, as
     :func:`psla_tf.data.pipeline.example_key_parts` splits it) and ``id``, in file order."""

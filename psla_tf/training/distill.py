@@ -94,8 +94,8 @@ def check_flags(cfg) -> str | None:
     if not 0.0 < cfg.labelled_fraction <= 1.0:
         return f"--labelled_fraction must be in (0, 1], got {cfg.labelled_fraction}"
     if cfg.labelled_fraction < 1.0 and cfg.sampling_order != "iid":
-        return ("--labelled_fraction needs --sampling_order=iid (the stream order's balanced "
-                "sampling reads every record's labels)")
+        from psla_tf.data.teacher import TRANSFER_SET_NEEDS_IID
+        return TRANSFER_SET_NEEDS_IID
     if cfg.labelled_fraction < 1.0 and cfg.append_classes:
         return "--labelled_fraction and --append_classes cannot be combined"
     if cfg.append_classes:
@@ -160,10 +160,10 @@ class Plan:
         """The targets carry a teacher or a labelled subset (:class:`DistillationLoss`)."""
         return self.active or self.labelled_keys is not None
 
-    def set_labelled(self, fraction: float, spec) -> None:
-        """``--labelled_fraction`` < 1: keep the labels of :func:`teacher.labelled_subset`."""
+    def set_labelled(self, fraction: float, keys: np.ndarray, ids: Sequence[str]) -> None:
+        """``--labelled_fraction`` < 1: keep the labels of :func:`teacher.labelled_subset`
+        (``keys`` / ``ids``: :func:`teacher.training_keys_and_ids` of the training set)."""
         from psla_tf.data import teacher as tlib
-        keys, ids = tlib.training_keys_and_ids(spec)
         keep = tlib.labelled_subset(ids, fraction)
         if not keep.any():
             raise DataError(f"--labelled_fraction={fraction:g} keeps the labels of none of "
@@ -299,8 +299,10 @@ def plan(cfg, train, ev, val) -> Plan:
     if cfg.retain_eval_data:
         p.retain = records.load_data_spec(cfg.retain_eval_data)
         maps["retain"] = _label_map(p.retain.mids, model_mids, "retain_eval_data")
+    keys_ids = None                                # the training set's, read once
     if cfg.labelled_fraction < 1.0:
-        p.set_labelled(cfg.labelled_fraction, train)
+        keys_ids = tlib.training_keys_and_ids(train)
+        p.set_labelled(cfg.labelled_fraction, *keys_ids)
         p.class_lambda = np.zeros(p.num_classes)   # until a teacher sets its weights
     if not cfg.teacher_scores and not cfg.append_classes:
         return p
@@ -312,7 +314,7 @@ def plan(cfg, train, ev, val) -> Plan:
     elif cfg.teacher_scores:
         p.teacher_mode = "files"
         p.set_teacher(tlib.load_teacher(cfg.teacher_scores.split(",")),
-                      tlib.training_ids(train))
+                      (keys_ids or tlib.training_keys_and_ids(train))[1])
     else:
         p.teacher_mode = "source"
         p.columns = np.array([i if i < len(source_mids) else -1
