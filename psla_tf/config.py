@@ -48,6 +48,7 @@ class TrainConfig:
     wa_bn_batches: int = 100
     adapt_batchnorm: bool = False
     adapt_epochs: int = 0
+    adapt_pseudo_label_weight: float = params.PSEUDO_LABEL_WEIGHT
     balanced_sampling: bool = True
     sampling_order: str = "iid"
     mixup: float = params.MIXUP

@@ -45,3 +45,7 @@ def mel_high_edge(high_freq: float, low_freq: float = LOW_FREQ,
 # deployment (not in the paper): TFLite dynamic-range export keeps kernels with fewer weights
 # than this in float32 (the early, small layers; psla_tf.export_tflite, docs/deployment.md)
 DYNAMIC_FLOAT_MAX_ELEMENTS: int = 50000
+
+# adapting to a new domain (not in the paper): β of SHOT's pseudo-label term (Liang et al.,
+# 2020; their digit value), chosen on FSDD's validation speakers (psla_tf.models.adaptation)
+PSEUDO_LABEL_WEIGHT: float = 0.3

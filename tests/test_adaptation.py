@@ -208,7 +208,7 @@ def _confident(model, seed=0):
 
 
 def test_information_maximisation_moves_only_batchnorm_scale_and_offset():
-    """The IM loss on the clips falls; every weight but BatchNorm γ, β is unchanged (the
+    """The IM loss on the clips falls (IM alone); every weight but BatchNorm γ, β is unchanged (the
     moving statistics included); multi-label taggers are refused unchanged."""
     from psla_tf.models.adaptation import (information_maximisation_loss,
                                            maximise_information)
@@ -217,7 +217,8 @@ def test_information_maximisation_moves_only_batchnorm_scale_and_offset():
     x = {"waveform": w, "num_samples": n}
     before = {v.path: v.numpy() for v in model.weights}
     loss0 = float(information_maximisation_loss(model(x, training=False)))
-    losses = maximise_information(model, w, n, epochs=6, batch_size=8, learning_rate=1e-2)
+    losses = maximise_information(model, w, n, epochs=6, batch_size=8, learning_rate=1e-2,
+                                  pseudo_label_weight=0.0)
     loss1 = float(information_maximisation_loss(model(x, training=False)))
     assert len(losses) == 6 and loss1 < loss0 - 0.01 and losses[-1] < losses[0], (
         loss0, loss1, losses)
@@ -256,6 +257,85 @@ def test_adapt_batchnorm_with_im_epochs_is_statistics_then_im():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
+# ------------------------------------------------------------ SHOT's pseudo-labels
+def _shot_reference(probs, features):
+    """SHOT's obtain_label (their code): 1 appended, rows normalised, scipy cosine cdist to
+    soft centroids, then to the hard labels' centroids over the classes that have clips."""
+    from scipy.spatial.distance import cdist
+    f = np.concatenate([features, np.ones((len(features), 1))], 1)
+    f = f / np.linalg.norm(f, axis=1, keepdims=True)
+    aff = probs
+    centroids = aff.T @ f / (1e-8 + aff.sum(0)[:, None])
+    labels = cdist(f, centroids, "cosine").argmin(1)
+    aff = np.eye(probs.shape[1])[labels]
+    present = np.where(aff.sum(0) > 0)[0]
+    centroids = aff.T @ f / (1e-8 + aff.sum(0)[:, None])
+    return present[cdist(f, centroids[present], "cosine").argmin(1)]
+
+
+def test_shot_pseudo_labels_are_shots_and_correct_the_classifier():
+    """Equal to SHOT's own procedure written with scipy (random cases, one with an empty
+    class); on well-separated clusters whose classifier is wrong on 30 % of the clips, the
+    centroids label every clip by its cluster."""
+    from psla_tf.models.adaptation import shot_pseudo_labels
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        n, c, d = int(rng.integers(5, 60)), int(rng.integers(2, 8)), int(rng.integers(2, 16))
+        probs = rng.dirichlet(np.full(c, 0.3), size=n)
+        if trial % 4 == 0:
+            probs[:, 0] = 1e-9                                  # a class no clip takes
+            probs /= probs.sum(1, keepdims=True)
+        features = rng.normal(0, 1, (n, d)) + rng.normal(0, 1, (1, d))
+        np.testing.assert_array_equal(shot_pseudo_labels(probs, features),
+                                      _shot_reference(probs, features))
+    truth = np.repeat(np.arange(4), 25)
+    centres = rng.normal(0, 5, (4, 12))
+    features = centres[truth] + rng.normal(0, 0.5, (100, 12))
+    guess = np.where(rng.random(100) < 0.3, rng.integers(0, 4, 100), truth)
+    probs = 0.55 * np.eye(4)[guess] + 0.45 / 4
+    assert np.mean(probs.argmax(1) == truth) < 0.85
+    np.testing.assert_array_equal(shot_pseudo_labels(probs, features), truth)
+
+
+def test_scores_and_embedding_is_the_model_and_its_embedding():
+    """One pass → the tagger's scores and embedding_model's embedding (both architectures)."""
+    from psla_tf.models.tagger import embedding_model, scores_and_embedding
+    w, n = _single_label_clips(2, n=6)
+    for model in (make_tagger(4, seed=3, single_label=True), make_tagger(3, seed=4)):
+        scores, emb = scores_and_embedding(model)({"waveform": w, "num_samples": n})
+        x = {"waveform": w, "num_samples": n}
+        np.testing.assert_allclose(np.asarray(scores), np.asarray(model(x)), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(emb), np.asarray(embedding_model(model)(x)),
+                                   atol=1e-6)
+
+
+def test_pseudo_label_term_joins_the_im_loss():
+    """One step over all clips: the loss is IM(p) + β·mean_i(−log p_i[ŷ_i]) with ŷ SHOT's
+    labels of the model before the step (scipy reference); β = 0 is IM alone, and β
+    changes the adapted weights."""
+    import tensorflow as tf
+    from psla_tf.models.adaptation import (information_maximisation_loss,
+                                           maximise_information)
+    from psla_tf.models.tagger import embedding_model
+    w, n = _single_label_clips(3, n=12)
+    x = {"waveform": w, "num_samples": n}
+    start = _confident(make_tagger(4, seed=9, single_label=True))
+    p = np.asarray(start(x, training=False), np.float64)
+    labels = _shot_reference(p, np.asarray(embedding_model(start)(x, training=False)))
+    im = float(information_maximisation_loss(tf.constant(p, tf.float32)))
+    ce = -np.mean(np.log(np.clip(p[np.arange(12), labels], 1e-8, 1.0)))
+    results = {}
+    for beta in (0.0, 0.3):
+        model = _confident(make_tagger(4, seed=9, single_label=True))
+        loss = maximise_information(model, w, n, epochs=1, batch_size=12,
+                                    pseudo_label_weight=beta)
+        np.testing.assert_allclose(loss[0], im + beta * ce, rtol=1e-4)
+        results[beta] = [v.numpy() for v in model.weights]
+    assert any(not np.allclose(a, b) for a, b in zip(results[0.0], results[0.3]))
+    with pytest.raises(ValueError, match="pseudo_label_weight"):
+        maximise_information(model, w, n, epochs=1, pseudo_label_weight=-1)
+
+
 def test_clip_sample_is_uniform_and_keeps_stream_order():
     """Reservoir sampling: every clip kept with probability capacity / n (binomial tolerance,
     fixed seeds), kept clips in stream order, cut at num_samples and zero-padded."""
@@ -282,8 +362,9 @@ def test_clip_sample_is_uniform_and_keeps_stream_order():
 
 
 def test_adapt_tool_epochs_is_the_library_and_refuses_multi_label(tmp_path):
-    """tools/adapt.py --epochs on a single-label tagger = adapt_batchnorm(im_epochs) on the
-    same shards; on a multi-label tagger: one error line, nothing written."""
+    """tools/adapt.py --epochs --pseudo_label_weight on a single-label tagger =
+    adapt_batchnorm(im_epochs, pseudo_label_weight) on the same shards; on a multi-label
+    tagger: one error line, nothing written."""
     from helpers_cli import command
     from psla_tf.data import pipeline
     from psla_tf.models.adaptation import adapt_batchnorm
@@ -295,14 +376,15 @@ def test_adapt_tool_epochs_is_the_library_and_refuses_multi_label(tmp_path):
     out = tmp_path / "im.keras"
     with command("psla_tf.cli.adapt") as adapt:
         r = adapt(f"--model={src}", f"--data={shards}", f"--output={out}", "--batch_size=8",
-                  "--epochs=2", "--noprogress")
+                  "--epochs=2", "--pseudo_label_weight=0.1", "--noprogress")
         r2 = adapt(f"--model={multi}", f"--data={shards}", "--epochs=2",
                    f"--output={tmp_path / 'x.keras'}", "--noprogress")
     assert r.code == 0 and "IM epochs" in r.out, r.err
     assert r2.code == 2 and len(r2.error_lines) == 1 and "single-label" in r2.error_lines[0]
     assert not os.path.exists(tmp_path / "x.keras")
     want = load_tagger(src)
-    adapt_batchnorm(want, pipeline.make_eval_dataset(shards, 8, CLIP_SAMPLES), im_epochs=2)
+    adapt_batchnorm(want, pipeline.make_eval_dataset(shards, 8, CLIP_SAMPLES), im_epochs=2,
+                    pseudo_label_weight=0.1)
     got = load_tagger(str(out))
     for a, b in zip(got.weights, want.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)

@@ -1,7 +1,7 @@
 """A trained tagger adapted to a new speaker, microphone or room from unlabelled recordings
 of it: every BatchNorm layer's statistics re-estimated on those clips (AdaBN; psla_tf/models/
 adaptation.py); with --epochs, a single-label tagger's BatchNorm scale and offset then by
-information maximisation on them; every other weight unchanged → a ``.keras`` model that
+information maximisation and SHOT's pseudo-labels on them; every other weight unchanged → a ``.keras`` model that
 predict / evaluate / export take.
 
 Examples:
@@ -17,7 +17,7 @@ import sys
 
 from absl import flags
 
-from psla_tf import cli
+from psla_tf import cli, params
 from psla_tf.cli.paths import DATA, FOLDER, LABEL_CSV, MODEL, OUT_FILE, PathFlag
 
 FLAGS = flags.FLAGS
@@ -39,6 +39,10 @@ flags.DEFINE_integer("epochs", 0, "Single-label taggers (--loss=ce): after the s
                      "maximisation over the clips (at most 1,000, a uniform sample beyond; "
                      "assumes they cover the classes roughly evenly). 0: statistics only. "
                      "configs/fsdd.flags uses 10.", lower_bound=0)
+flags.DEFINE_float("pseudo_label_weight", params.PSEUDO_LABEL_WEIGHT, "With --epochs: the weight β of SHOT's "
+                   "pseudo-label term (each clip labelled by the nearest class centroid of the "
+                   "clips' embeddings, every epoch). 0: information maximisation alone.",
+                   lower_bound=0)
 flags.DEFINE_integer("min_clips", 16, "Fewer clips than this are refused (their statistics "
                      "are too noisy to replace the training data's).", lower_bound=2)
 flags.DEFINE_string("audio_dir", None, "AudioSet CSV listings: folder holding the clips.")
@@ -89,7 +93,9 @@ def main(argv: list[str] | None = None):
     except ValueError as e:
         raise DataError(f"--data {FLAGS.data}: {e}") from None
     if FLAGS.epochs:
-        kept, losses = adapter.maximise_information(FLAGS.epochs, progress=FLAGS.progress)
+        kept, losses = adapter.maximise_information(
+            FLAGS.epochs, progress=FLAGS.progress,
+            pseudo_label_weight=FLAGS.pseudo_label_weight)
         print(f"information maximisation on {kept} clips: loss {losses[0]:.4f} "
               f"→ {losses[-1]:.4f} over {FLAGS.epochs} epochs")
     out_dir = os.path.dirname(os.path.abspath(FLAGS.output))

@@ -21,8 +21,12 @@ nothing else) to the same clips by information maximisation (SHOT's IM loss; Lia
     L = mean_i H(p_i) − H(mean_i p_i),   H(p) = −Σ_c p_c log p_c
 
 confident predictions per clip (first term) that still spread over the classes (second
-term: it assumes the new clips cover the classes roughly evenly). The adapted model is an
-ordinary tagger (``.keras``; exports as any other).
+term: it assumes the new clips cover the classes roughly evenly), plus SHOT's
+self-supervised pseudo-labels (:func:`shot_pseudo_labels`, Sec. 3.3 there): at the start of
+every epoch each clip is labelled by the nearest class centroid of the clips' embeddings, and
+``β · CE(pseudo-label, p)`` joins the loss (β = 0.3, SHOT's value for digits). Clips of one
+speaker saying one digit lie close together: their centroid corrects the clips the classifier
+alone gets wrong. The adapted model is an ordinary tagger (``.keras``; exports as any other).
 
 Both are transductive: they need recordings of the new domain (unlabelled) before scoring
 them. Measured on FSDD's unseen speakers (docs/own_data.md, "Adapting to the speaker").
@@ -34,11 +38,12 @@ from typing import Any, Iterable
 import keras
 import numpy as np
 
+from psla_tf import params
 from psla_tf.models.batchnorm import BatchNormStatistics, batchnorm_layers
 
 __all__ = ["BatchNormAdapter", "adapt_batchnorm", "maximise_information",
-           "information_maximisation_loss", "is_single_label", "ClipSample",
-           "MIN_ADAPT_CLIPS", "MAX_IM_CLIPS"]
+           "information_maximisation_loss", "shot_pseudo_labels", "is_single_label",
+           "ClipSample", "MIN_ADAPT_CLIPS", "MAX_IM_CLIPS", "PSEUDO_LABEL_WEIGHT"]
 
 # fewer clips than this give statistics too noisy to replace the training domain's
 MIN_ADAPT_CLIPS = 16
@@ -47,6 +52,7 @@ MAX_IM_CLIPS = 1000
 # its optimisation, chosen on FSDD's validation speakers (docs/own_data.md)
 IM_BATCH_SIZE = 50
 IM_LEARNING_RATE = 1e-3
+PSEUDO_LABEL_WEIGHT = params.PSEUDO_LABEL_WEIGHT   # SHOT's β (docs/own_data.md)
 
 
 def is_single_label(model: keras.Model) -> bool:
@@ -63,15 +69,49 @@ def information_maximisation_loss(probs):
     return entropy + tf.reduce_sum(mean * tf.math.log(mean))
 
 
+def shot_pseudo_labels(probs: np.ndarray, features: np.ndarray, rounds: int = 2
+                       ) -> np.ndarray:
+    """SHOT's self-supervised pseudo-labels (Liang et al., 2020, Sec. 3.3, eqs. 4-6).
+
+    Class centroids of the clips' features weighted by their class probabilities; each clip
+    takes the class of its nearest centroid (cosine distance); the centroids again from those
+    labels (classes with no clip left out), and the labels again (``rounds`` = 2 as SHOT).
+    As SHOT's code, a constant 1 is appended to every feature vector before the rows are
+    L2-normalised.
+
+    Args:
+      probs: ``[N, C]`` class probabilities; features: ``[N, D]`` embeddings of the clips.
+    Returns:
+      ``[N]`` int64 class indices.
+    """
+    probs = np.asarray(probs, np.float64)
+    f = np.asarray(features, np.float64)
+    f = np.concatenate([f, np.ones((len(f), 1))], 1)
+    f /= np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    weights = probs
+    labels = probs.argmax(1)
+    for _ in range(rounds):
+        mass = weights.sum(0)
+        centroids = weights.T @ f / (1e-8 + mass[:, None])
+        similarity = f @ centroids.T / np.maximum(np.linalg.norm(centroids, axis=1), 1e-12)
+        similarity[:, mass <= 0] = -np.inf
+        labels = similarity.argmax(1)
+        weights = np.eye(probs.shape[1])[labels]
+    return labels
+
+
 def maximise_information(model: keras.Model, waveform: np.ndarray, num_samples: np.ndarray,
                          epochs: int, batch_size: int = IM_BATCH_SIZE,
                          learning_rate: float = IM_LEARNING_RATE, seed: int = 0,
+                         pseudo_label_weight: float = PSEUDO_LABEL_WEIGHT,
                          progress: bool = False) -> list[float]:
-    """Adapt a single-label tagger's BatchNorm γ, β (in place) to unlabelled clips by
-    information maximisation (module doc): Adam, ``epochs`` passes over the clips in a
-    random order (``seed``) in batches of ``batch_size``, the model in inference mode (its
-    moving statistics, no masking, dropout off). Call it after :func:`adapt_batchnorm`.
-    ``progress``: a tqdm bar over the epochs.
+    """Adapt a single-label tagger's BatchNorm γ, β (in place) to unlabelled clips by SHOT
+    (module doc): Adam, ``epochs`` passes over the clips in a random order (``seed``) in
+    batches of ``batch_size``, minimising the IM loss plus ``pseudo_label_weight`` × the
+    cross-entropy with each clip's :func:`shot_pseudo_labels` (recomputed at the start of
+    every epoch; 0: IM alone), the model in inference mode (its moving statistics, no
+    masking, dropout off). Call it after :func:`adapt_batchnorm`. ``progress``: a tqdm bar
+    over the epochs.
 
     Args:
       waveform: ``[N, S]`` float32 clips; num_samples: ``[N]`` int32 valid samples.
@@ -88,12 +128,18 @@ def maximise_information(model: keras.Model, waveform: np.ndarray, num_samples: 
         variables += [v for v in (layer.gamma, layer.beta) if v is not None]
     if not variables:
         raise ValueError("the model has no BatchNorm scale or offset to adapt")
+    if pseudo_label_weight < 0:
+        raise ValueError(f"pseudo_label_weight must be >= 0, got {pseudo_label_weight}")
     optimizer = keras.optimizers.Adam(learning_rate)
+    beta = float(pseudo_label_weight)
 
-    def step(w, n):
+    def step(w, n, y):
         with tf.GradientTape() as tape:
-            loss = information_maximisation_loss(
-                model({"waveform": w, "num_samples": n}, training=False))
+            p = model({"waveform": w, "num_samples": n}, training=False)
+            loss = information_maximisation_loss(p)
+            if beta:
+                p_y = tf.gather(p, y, batch_dims=1)
+                loss += beta * -tf.reduce_mean(tf.math.log(tf.clip_by_value(p_y, 1e-8, 1.0)))
         grads = tape.gradient(loss, [v.value for v in variables])
         optimizer.apply_gradients(zip(grads, variables))
         return loss
@@ -101,17 +147,29 @@ def maximise_information(model: keras.Model, waveform: np.ndarray, num_samples: 
     step = tf.function(step, reduce_retracing=True, autograph=False)
     waveform = np.asarray(waveform, np.float32)
     num_samples = np.asarray(num_samples, np.int32)
+    labels = np.zeros(len(waveform), np.int32)
+    if beta:
+        from psla_tf.models.tagger import scores_and_embedding
+        both = tf.function(scores_and_embedding(model), reduce_retracing=True,
+                           autograph=False)
     rng = np.random.default_rng(seed)
     losses = []
     from tqdm.auto import tqdm
     for _ in tqdm(range(epochs), desc="information maximisation", unit="epoch",
                   disable=not progress):
+        if beta:
+            out = [both({"waveform": tf.constant(waveform[i:i + batch_size]),
+                         "num_samples": tf.constant(num_samples[i:i + batch_size])},
+                        training=False) for i in range(0, len(waveform), batch_size)]
+            labels = shot_pseudo_labels(np.concatenate([p.numpy() for p, _ in out]),
+                                        np.concatenate([f.numpy() for _, f in out])
+                                        ).astype(np.int32)
         order = rng.permutation(len(waveform))
         total = 0.0
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
-            total += float(step(tf.constant(waveform[idx]), tf.constant(num_samples[idx]))
-                           ) * len(idx)
+            total += float(step(tf.constant(waveform[idx]), tf.constant(num_samples[idx]),
+                                tf.constant(labels[idx]))) * len(idx)
         losses.append(total / max(len(order), 1))
     return losses
 
@@ -170,7 +228,6 @@ class BatchNormAdapter:
                  names: list[str] | None = None, keep_clips: int = 0):
         import tensorflow as tf
 
-        from psla_tf import params
         from psla_tf.data.pipeline import clip_samples_for_frames
         layer_names = {layer.name for layer in model.layers}
         if not {"frontend", "classifier"} <= layer_names:
@@ -224,15 +281,17 @@ class BatchNormAdapter:
                              f"new domain, got {self.clips}")
         return self.clips
 
-    def maximise_information(self, epochs: int, progress: bool = False
+    def maximise_information(self, epochs: int, progress: bool = False,
+                             pseudo_label_weight: float = PSEUDO_LABEL_WEIGHT
                              ) -> tuple[int, list[float]]:
         """After :meth:`finish`: the model's BatchNorm γ, β by :func:`maximise_information`
         over the kept clips (``keep_clips`` > 0) → (clips used, each epoch's mean loss)."""
         if self.sample is None:
             raise ValueError("no clips kept for information maximisation (keep_clips=0)")
         waveform, num_samples = self.sample.arrays(self.clip_samples)
-        return len(waveform), maximise_information(self.model, waveform, num_samples,
-                                                   epochs=epochs, progress=progress)
+        return len(waveform), maximise_information(
+            self.model, waveform, num_samples, epochs=epochs, progress=progress,
+            pseudo_label_weight=pseudo_label_weight)
 
     def abort(self) -> None:
         """Put the model back as it was (no statistics written)."""
@@ -245,10 +304,12 @@ class BatchNormAdapter:
 
 
 def adapt_batchnorm(model: keras.Model, batches: Iterable[Any],
-                    min_clips: int = MIN_ADAPT_CLIPS, im_epochs: int = 0) -> int:
+                    min_clips: int = MIN_ADAPT_CLIPS, im_epochs: int = 0,
+                    pseudo_label_weight: float = PSEUDO_LABEL_WEIGHT) -> int:
     """Adapt ``model``'s BatchNorm statistics (in place) to the clips of ``batches``; with
     ``im_epochs`` > 0 (single-label taggers) then its BatchNorm γ, β by
-    :func:`maximise_information` over (a sample of at most ``MAX_IM_CLIPS`` of) them.
+    :func:`maximise_information` (``pseudo_label_weight``: SHOT's β) over (a sample of at
+    most ``MAX_IM_CLIPS`` of) them.
 
     ``batches`` yields ``{"waveform": [B, S], "num_samples": [B]}`` dicts or ``(dict,
     labels)`` tuples (labels are not used), e.g. :func:`psla_tf.data.pipeline.
@@ -266,5 +327,5 @@ def adapt_batchnorm(model: keras.Model, batches: Iterable[Any],
         raise
     clips = adapter.finish(min_clips)
     if im_epochs > 0:
-        adapter.maximise_information(im_epochs)
+        adapter.maximise_information(im_epochs, pseudo_label_weight=pseudo_label_weight)
     return clips

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from psla_tf.config import TrainConfig
 
 __all__ = ["build_tagger", "build_model", "build_classifier", "embedding_model", "classifier_features",
-           "SingleLabelScores"]
+           "scores_and_embedding", "SingleLabelScores"]
 
 
 @keras.saving.register_keras_serializable(package="psla_tf")
@@ -224,6 +224,26 @@ def classifier_features(classifier: keras.Model, fbank) -> "keras.KerasTensor":
     x = classifier.get_layer("add_channel")(x)
     x = classifier.get_layer("backbone")(x)
     return keras.layers.GlobalAveragePooling2D(name="embedding", dtype="float32")(x)
+
+
+def scores_and_embedding(model: keras.Model) -> keras.Model:
+    """A model sharing tagger ``model``'s weights that returns ``[scores [B, C], embedding
+    [B, D]]`` from one forward pass (inputs as ``model``'s): the embedding is the pooled
+    backbone output the scores are computed from, as :func:`embedding_model`'s."""
+    classifier = model.get_layer("classifier")
+    pool = next(layer for layer in classifier.layers
+                if layer.name in ("frequency_mean", "global_pool"))
+    embedding = keras.layers.GlobalAveragePooling2D(name="embedding", dtype="float32")(
+        pool.input)                                  # the backbone output in this graph
+    inner = keras.Model(classifier.input, [classifier.output, embedding])
+    waveform = keras.Input((None,), name="waveform", dtype="float32")
+    num_samples = keras.Input((), name="num_samples", dtype="int32")
+    scores, embedding = inner(model.get_layer("frontend")(waveform, num_samples))
+    names = [layer.name for layer in model.layers]
+    for layer in model.layers[names.index("classifier") + 1:]:   # single_label, scores
+        scores = layer(scores)
+    return keras.Model({"waveform": waveform, "num_samples": num_samples},
+                       [scores, embedding], name=f"{model.name}_scores_embedding")
 
 
 def embedding_model(model: keras.Model) -> keras.Model:

@@ -70,6 +70,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "(--loss=ce): then also adapt the BatchNorm scale and offset to those clips by this "
       "many epochs of information maximisation (confident, diverse predictions; SHOT's IM "
       "loss, not in PSLA). 0: statistics only.", lower_bound=0, flag_values=fv)
+    F("adapt_pseudo_label_weight", d.adapt_pseudo_label_weight, "With --adapt_epochs: the "
+      "weight β of SHOT's pseudo-label term (each clip labelled by the nearest class centroid "
+      "of the clips' embeddings, every epoch; cross-entropy with it joins the IM loss). 0: IM "
+      "alone. 0.3 (SHOT's value) was chosen on FSDD's validation speakers.", lower_bound=0,
+      flag_values=fv)
     B("balanced_sampling", d.balanced_sampling, "Class-balanced sampling (Alg. 1; paper: on "
       "for full AudioSet and FSD50K, off for balanced AudioSet).", flag_values=fv)
     E("sampling_order", d.sampling_order, ["iid", "stream"], "Training order. iid (the "

@@ -46,7 +46,8 @@ def make_schedule(cfg: TrainConfig, steps_per_epoch: int):
 _RESUME_FREE_FLAGS = ("verbose", "resume", "strategy", "tpu", "jit_compile", "deterministic",
                       "skip_corrupt_records", "eval_batch_size", "save_predictions",
                       "allow_cut_clips", "fbank_dft", "fused_batchnorm", "pointwise_matmul",
-                      "swish_saved_sigmoid", "adapt_batchnorm", "adapt_epochs")
+                      "swish_saved_sigmoid", "adapt_batchnorm", "adapt_epochs",
+                      "adapt_pseudo_label_weight")
 
 
 def check_resume_flags(cfg: TrainConfig, exp_dir: str) -> None:
@@ -399,7 +400,7 @@ def _adapted(cfg: TrainConfig, loop: _Loop, model, chief: bool) -> dict[str, Any
     """``--adapt_batchnorm``: the exported model (weight average, else the last epoch) with
     its BatchNorm statistics re-estimated on each evaluated set's own clips, no labels
     (:mod:`psla_tf.models.adaptation`; ``--adapt_epochs``: then its BatchNorm γ, β by
-    information maximisation on them), scored on those clips; the eval set's adapted model
+    information maximisation and SHOT's pseudo-labels on them), scored on those clips; the eval set's adapted model
     is saved to ``adapted_model.keras``. Computed on a copy built outside any strategy."""
     if not cfg.adapt_batchnorm or not chief:
         return None
@@ -416,11 +417,14 @@ def _adapted(cfg: TrainConfig, loop: _Loop, model, chief: bool) -> dict[str, Any
                        int(model.outputs[0].shape[-1]))
     row: dict[str, Any] = {"model": "weight_averaging" if averaged is not None else "final",
                            "im_epochs": cfg.adapt_epochs}
+    if cfg.adapt_epochs:
+        row["pseudo_label_weight"] = cfg.adapt_pseudo_label_weight
     for which, ev in (("eval", loop.evaluation), ("val", loop.val_eval)):
         if ev is None:
             continue
         copy.set_weights(weights)
-        clips = adapt_batchnorm(copy, ev.dataset, im_epochs=cfg.adapt_epochs)
+        clips = adapt_batchnorm(copy, ev.dataset, im_epochs=cfg.adapt_epochs,
+                                pseudo_label_weight=cfg.adapt_pseudo_label_weight)
         result = ev.score(ev.predict(copy))
         if which == "val":
             row.update(selection.val_fields(result))
@@ -429,7 +433,8 @@ def _adapted(cfg: TrainConfig, loop: _Loop, model, chief: bool) -> dict[str, Any
         path = run_folder.path(cfg.exp_dir, run_folder.ADAPTED_MODEL)
         with atomic.atomic_path(path, ".keras") as tmp:
             copy.save(tmp)
-    im = f", {cfg.adapt_epochs} epochs of information maximisation" if cfg.adapt_epochs else ""
+    im = (f", {cfg.adapt_epochs} epochs of information maximisation (pseudo-label weight "
+          f"{cfg.adapt_pseudo_label_weight:g})" if cfg.adapt_epochs else "")
     print(f"adapted ({row['model']}, BatchNorm statistics of the {row.get('clips')} "
           f"evaluated clips{im}): mAP {row['mAP']:.4f}"
           + (f" accuracy {row['accuracy']:.4f}" if "accuracy" in row else ""), flush=True)
