@@ -208,8 +208,8 @@ def _confident(model, seed=0):
 
 
 def test_information_maximisation_moves_only_batchnorm_scale_and_offset():
-    """The IM loss on the clips falls (IM alone); every weight but BatchNorm γ, β is unchanged (the
-    moving statistics included); multi-label taggers are refused unchanged."""
+    """The IM loss on the clips falls (IM alone); every weight but BatchNorm γ, β is
+    unchanged (the moving statistics included); multi-label taggers are refused unchanged."""
     from psla_tf.models.adaptation import (information_maximisation_loss,
                                            maximise_information)
     model = _confident(make_tagger(4, seed=6, single_label=True))

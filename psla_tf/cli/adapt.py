@@ -1,8 +1,8 @@
 """A trained tagger adapted to a new speaker, microphone or room from unlabelled recordings
 of it: every BatchNorm layer's statistics re-estimated on those clips (AdaBN; psla_tf/models/
 adaptation.py); with --epochs, a single-label tagger's BatchNorm scale and offset then by
-information maximisation and SHOT's pseudo-labels on them; every other weight unchanged → a ``.keras`` model that
-predict / evaluate / export take.
+information maximisation and SHOT's pseudo-labels on them; every other weight unchanged → a
+``.keras`` model that predict / evaluate / export take.
 
 Examples:
   python tools/adapt.py --model=exp/fsdd --data='data/fsdd_test-*.tfrecord' \\
@@ -39,8 +39,8 @@ flags.DEFINE_integer("epochs", 0, "Single-label taggers (--loss=ce): after the s
                      "maximisation over the clips (at most 1,000, a uniform sample beyond; "
                      "assumes they cover the classes roughly evenly). 0: statistics only. "
                      "configs/fsdd.flags uses 10.", lower_bound=0)
-flags.DEFINE_float("pseudo_label_weight", params.PSEUDO_LABEL_WEIGHT, "With --epochs: the weight β of SHOT's "
-                   "pseudo-label term (each clip labelled by the nearest class centroid of the "
+flags.DEFINE_float("pseudo_label_weight", params.PSEUDO_LABEL_WEIGHT, "With --epochs: the "
+                   "weight β of SHOT's pseudo-label term (each clip labelled by the nearest class centroid of the "
                    "clips' embeddings, every epoch). 0: information maximisation alone.",
                    lower_bound=0)
 flags.DEFINE_integer("min_clips", 16, "Fewer clips than this are refused (their statistics "

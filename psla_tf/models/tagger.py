@@ -32,8 +32,8 @@ from psla_tf.models.pooling import make_pooling
 if TYPE_CHECKING:
     from psla_tf.config import TrainConfig
 
-__all__ = ["build_tagger", "build_model", "build_classifier", "embedding_model", "classifier_features",
-           "scores_and_embedding", "SingleLabelScores"]
+__all__ = ["build_tagger", "build_model", "build_classifier", "embedding_model",
+           "classifier_features", "scores_and_embedding", "SingleLabelScores"]
 
 
 @keras.saving.register_keras_serializable(package="psla_tf")

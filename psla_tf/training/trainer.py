@@ -400,8 +400,9 @@ def _adapted(cfg: TrainConfig, loop: _Loop, model, chief: bool) -> dict[str, Any
     """``--adapt_batchnorm``: the exported model (weight average, else the last epoch) with
     its BatchNorm statistics re-estimated on each evaluated set's own clips, no labels
     (:mod:`psla_tf.models.adaptation`; ``--adapt_epochs``: then its BatchNorm γ, β by
-    information maximisation and SHOT's pseudo-labels on them), scored on those clips; the eval set's adapted model
-    is saved to ``adapted_model.keras``. Computed on a copy built outside any strategy."""
+    information maximisation and SHOT's pseudo-labels on them), scored on those clips; the
+    eval set's adapted model is saved to ``adapted_model.keras``. Computed on a copy built
+    outside any strategy."""
     if not cfg.adapt_batchnorm or not chief:
         return None
     from psla_tf.models.adaptation import adapt_batchnorm
