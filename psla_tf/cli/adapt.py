@@ -40,9 +40,9 @@ flags.DEFINE_integer("epochs", 0, "Single-label taggers (--loss=ce): after the s
                      "assumes they cover the classes roughly evenly). 0: statistics only. "
                      "configs/fsdd.flags uses 10.", lower_bound=0)
 flags.DEFINE_float("pseudo_label_weight", params.PSEUDO_LABEL_WEIGHT, "With --epochs: the "
-                   "weight β of SHOT's pseudo-label term (each clip labelled by the nearest class centroid of the "
-                   "clips' embeddings, every epoch). 0: information maximisation alone.",
-                   lower_bound=0)
+                   "weight β of SHOT's pseudo-label term (each clip labelled by the nearest "
+                   "class centroid of the clips' embeddings, every epoch). 0: information "
+                   "maximisation alone.", lower_bound=0)
 flags.DEFINE_integer("min_clips", 16, "Fewer clips than this are refused (their statistics "
                      "are too noisy to replace the training data's).", lower_bound=2)
 flags.DEFINE_string("audio_dir", None, "AudioSet CSV listings: folder holding the clips.")
