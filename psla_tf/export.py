@@ -52,21 +52,13 @@ CLASS_MAP_ASSET = "class_map.csv"
 
 # ----------------------------------------------------------------------------- model parts
 def _dual_classifier(classifier: keras.Model) -> keras.Model:
-    """``classifier`` with a second output: the pooled backbone features ``[B, D]``.
-
-    The new model reuses the classifier's own graph (no second backbone pass): the
-    embedding is the global average of the tensor the backbone hands to the pooling head.
-    """
-    names = {layer.name for layer in classifier.layers}
-    head = "frequency_mean" if "frequency_mean" in names else (
-        "global_pool" if "global_pool" in names else None)
-    if head is None or "backbone" not in names:
-        raise ExportError(f"classifier {classifier.name!r} has no backbone → pooling structure "
-                          "(expected a model from psla_tf.models.tagger.build_classifier)")
-    features = classifier.get_layer(head).input
-    emb = keras.layers.GlobalAveragePooling2D(name="embedding", dtype="float32")(features)
-    return keras.Model(classifier.inputs, [classifier.outputs[0], emb],
-                       name=f"{classifier.name}_with_embedding")
+    """``classifier`` with a second output, the pooled backbone features ``[B, D]``
+    (:func:`psla_tf.models.tagger.classifier_with_embedding`); ExportError if it has none."""
+    from psla_tf.models.tagger import classifier_with_embedding
+    try:
+        return classifier_with_embedding(classifier)
+    except ValueError as e:
+        raise ExportError(str(e)) from None
 
 
 def _is_tagger(model: keras.Model) -> bool:

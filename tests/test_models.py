@@ -12,7 +12,8 @@ from psla_tf.models import backbones
 from psla_tf.models.backbones import PretrainedWeightsError, build_backbone
 from psla_tf.models.frontend import AudioFrontend
 from psla_tf.models.pooling import AttentionPooling, MultiHeadAttentionPooling
-from psla_tf.models.tagger import build_classifier, build_tagger, embedding_model
+from psla_tf.models.tagger import (build_classifier, build_tagger, classifier_with_embedding,
+                                   embedding_model)
 
 CLIPS = ["0_george_0", "3_yweweler_12", "7_jackson_32", "one_frame", "short_399",
          "sine440_1s"]
@@ -330,6 +331,19 @@ def test_tagger_equals_classifier_on_expected_fbank(shared, tiny_tagger):
     np.testing.assert_allclose(emb, feat.mean(axis=(1, 2)), rtol=1e-4, atol=1e-5)
     emb_clf = embedding_model(clf)(fb).numpy()
     np.testing.assert_allclose(emb_clf, emb, rtol=1e-4, atol=1e-5)
+
+
+def test_embedding_needs_a_backbone_and_a_pooling_head():
+    """A model without the classifier's backbone → pooling structure is refused, one line."""
+    x = keras.Input((8, 4))
+    plain = keras.Model(x, keras.layers.Dense(3, name="pooling")(x), name="plain")
+    with pytest.raises(ValueError, match="no backbone → pooling structure"):
+        classifier_with_embedding(plain)
+    with pytest.raises(ValueError, match="neither a tagger"):
+        embedding_model(plain)
+    from psla_tf.export import ExportError, _dual_classifier
+    with pytest.raises(ExportError, match="no backbone → pooling structure"):
+        _dual_classifier(plain)
 
 
 def test_tagger_jit_and_keras_round_trip(tiny_tagger, tmp_path):

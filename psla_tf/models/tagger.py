@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from psla_tf.config import TrainConfig
 
 __all__ = ["build_tagger", "build_model", "build_classifier", "embedding_model",
-           "classifier_features", "scores_and_embedding", "SingleLabelScores"]
+           "classifier_with_embedding", "scores_and_embedding", "SingleLabelScores"]
 
 
 @keras.saving.register_keras_serializable(package="psla_tf")
@@ -217,28 +217,30 @@ def build_model(cfg: "TrainConfig", num_classes: int) -> keras.Model:
                         swish_saved_sigmoid=cfg.swish_saved_sigmoid)
 
 
-def classifier_features(classifier: keras.Model, fbank) -> "keras.KerasTensor":
-    """Pooled backbone features ``[B, D]`` of ``classifier`` applied to ``fbank``: the mean
-    over frequency and time of the backbone output (reuses the classifier's layers)."""
-    x = classifier.get_layer("mel_time")(fbank)
-    x = classifier.get_layer("add_channel")(x)
-    x = classifier.get_layer("backbone")(x)
-    return keras.layers.GlobalAveragePooling2D(name="embedding", dtype="float32")(x)
+def classifier_with_embedding(classifier: keras.Model) -> keras.Model:
+    """``fbank [B, T, mel] → [scores [B, C], embedding [B, D]]``, sharing ``classifier``'s
+    layers and graph (no second backbone pass): the embedding is the mean over frequency and
+    time of the tensor the backbone hands to the pooling head. ValueError for a model that
+    is not from :func:`build_classifier`."""
+    names = {layer.name for layer in classifier.layers}
+    head = next((n for n in ("frequency_mean", "global_pool") if n in names), None)
+    if head is None or "backbone" not in names:
+        raise ValueError(f"classifier {classifier.name!r} has no backbone → pooling structure "
+                         "(expected a model from psla_tf.models.tagger.build_classifier)")
+    embedding = keras.layers.GlobalAveragePooling2D(name="embedding", dtype="float32")(
+        classifier.get_layer(head).input)            # the backbone output in this graph
+    return keras.Model(classifier.inputs, [classifier.outputs[0], embedding],
+                       name=f"{classifier.name}_with_embedding")
 
 
 def scores_and_embedding(model: keras.Model) -> keras.Model:
     """A model sharing tagger ``model``'s weights that returns ``[scores [B, C], embedding
     [B, D]]`` from one forward pass (inputs as ``model``'s): the embedding is the pooled
     backbone output the scores are computed from, as :func:`embedding_model`'s."""
-    classifier = model.get_layer("classifier")
-    pool = next(layer for layer in classifier.layers
-                if layer.name in ("frequency_mean", "global_pool"))
-    embedding = keras.layers.GlobalAveragePooling2D(name="embedding", dtype="float32")(
-        pool.input)                                  # the backbone output in this graph
-    inner = keras.Model(classifier.input, [classifier.output, embedding])
     waveform = keras.Input((None,), name="waveform", dtype="float32")
     num_samples = keras.Input((), name="num_samples", dtype="int32")
-    scores, embedding = inner(model.get_layer("frontend")(waveform, num_samples))
+    fbank = model.get_layer("frontend")(waveform, num_samples)
+    scores, embedding = classifier_with_embedding(model.get_layer("classifier"))(fbank)
     names = [layer.name for layer in model.layers]
     for layer in model.layers[names.index("classifier") + 1:]:   # single_label, scores
         scores = layer(scores)
@@ -247,21 +249,17 @@ def scores_and_embedding(model: keras.Model) -> keras.Model:
 
 
 def embedding_model(model: keras.Model) -> keras.Model:
-    """A model sharing ``model``'s weights whose output is the embedding ``[B, D]``.
+    """A model sharing ``model``'s weights whose output is the embedding ``[B, D]``: the
+    mean over frequency and time of the backbone output.
 
     ``model`` is a tagger (inputs waveform / num_samples) or a classifier (input fbank).
     """
     names = {layer.name for layer in model.layers}
     if "classifier" in names and "frontend" in names:
-        waveform = keras.Input((None,), name="waveform", dtype="float32")
-        num_samples = keras.Input((), name="num_samples", dtype="int32")
-        fbank = model.get_layer("frontend")(waveform, num_samples)
-        out = classifier_features(model.get_layer("classifier"), fbank)
-        return keras.Model({"waveform": waveform, "num_samples": num_samples}, out,
-                           name=f"{model.name}_embedding")
-    if {"mel_time", "add_channel", "backbone"} <= names:
-        fbank = keras.Input(model.inputs[0].shape[1:], name="fbank", dtype="float32")
-        return keras.Model(fbank, classifier_features(model, fbank),
-                           name=f"{model.name}_embedding")
+        both = scores_and_embedding(model)
+        return keras.Model(both.input, both.outputs[1], name=f"{model.name}_embedding")
+    if "backbone" in names:
+        both = classifier_with_embedding(model)
+        return keras.Model(both.input, both.outputs[1], name=f"{model.name}_embedding")
     raise ValueError(f"model {model.name!r} is neither a tagger from build_tagger nor a "
                      f"classifier from build_classifier")
