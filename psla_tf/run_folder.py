@@ -15,6 +15,8 @@ Every module that writes or reads a run's files names them through here (TensorF
 """
 from __future__ import annotations
 
+import glob
+import json
 import os
 
 FLAGS_FILE = "flags.txt"
@@ -55,3 +57,18 @@ def targets_name(prefix: str) -> str:
 def path(exp_dir: str, name: str) -> str:
     """``exp_dir/name`` for one of the file names above (e.g. ``path(exp, SUMMARY_FILE)``)."""
     return os.path.join(exp_dir, name)
+
+
+def prune_checkpoints(exp_dir: str) -> int:
+    """Delete a finished run's per-epoch weights except the last committed epoch's (the one
+    ``train_state.json`` names: resume and ``--adapt_batchnorm`` on the run still work; the
+    weight average, ensemble and predictions are kept elsewhere); returns the bytes freed.
+    ``tools/average_weights.py`` over other epochs then needs the run again."""
+    with open(path(exp_dir, STATE_FILE)) as f:
+        keep = json.load(f)["checkpoint"]
+    freed = 0
+    for p in glob.glob(os.path.join(exp_dir, CHECKPOINTS_DIR, "epoch_*.weights.h5")):
+        if os.path.basename(p) != keep:
+            freed += os.path.getsize(p)
+            os.remove(p)
+    return freed

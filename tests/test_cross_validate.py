@@ -197,7 +197,8 @@ def test_nested_leave_one_group_out(tmp_path, capsys):
     each fold trains on one group, validates on the next and tests on its own; the test
     group's clips never reach its training or validation set; the 'single' epoch and the
     chosen row are recomputed from the saved validation scores alone; table, CSV, plot and
-    report; a re-run with another validation plan is refused."""
+    report; the finished folds' per-epoch weights but the last removed; a re-run with another
+    validation plan is refused."""
     from psla_tf.data.records import DataError
     from psla_tf.training import cross_validation as cv
     csv_path = _listing(tmp_path, folds=("1", "2", "3"), per=2)
@@ -241,6 +242,9 @@ def test_nested_leave_one_group_out(tmp_path, capsys):
         assert summary["chosen"]["row"] == want
         assert summary["chosen"]["accuracy"] == summary[want]["accuracy"]
         assert summary["selection"]["set"] == "val"
+        # a finished fold keeps only its last epoch's weights (--keep_checkpoints: all)
+        assert sorted(p for p in os.listdir(fold / "checkpoints") if p.endswith(".h5")) == \
+            ["epoch_002.weights.h5"]
     agg = res["aggregate"]
     chosen = {k: json.loads((exp / f"fold_{k}" / "summary.json").read_text())["chosen"]
               ["accuracy"] for k in run}

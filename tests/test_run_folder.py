@@ -43,3 +43,20 @@ def test_loads_no_tensorflow():
                           "print('tensorflow' in sys.modules)"],
                          capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_prune_checkpoints_keeps_the_committed_epoch(tmp_path):
+    """Only the checkpoint train_state.json names stays; state, predictions and models stay."""
+    import json
+    ck = tmp_path / run_folder.CHECKPOINTS_DIR
+    ck.mkdir()
+    for e in (1, 2, 3):
+        (ck / run_folder.checkpoint_name(e)).write_bytes(b"x" * 100 * e)
+    (ck / "state_003.npz").write_bytes(b"s")
+    (tmp_path / run_folder.WA_MODEL).write_bytes(b"m")
+    (tmp_path / run_folder.STATE_FILE).write_text(json.dumps(
+        {"epoch": 3, "checkpoint": run_folder.checkpoint_name(3)}))
+    assert run_folder.prune_checkpoints(str(tmp_path)) == 300
+    assert sorted(os.listdir(ck)) == [run_folder.checkpoint_name(3), "state_003.npz"]
+    assert (tmp_path / run_folder.WA_MODEL).exists()
+    assert run_folder.prune_checkpoints(str(tmp_path)) == 0

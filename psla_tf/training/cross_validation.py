@@ -282,10 +282,11 @@ def _prepare_groups(rows: list, fold_of: list[str], groups: list[str], vocab: tu
     return prefixes
 
 
-def _run_fold(cfg, k: str, plan: dict[str, list[str]], prefixes: dict[str, str]
-              ) -> dict[str, Any] | None:
+def _run_fold(cfg, k: str, plan: dict[str, list[str]], prefixes: dict[str, str],
+              keep_checkpoints: bool = False) -> dict[str, Any] | None:
     """Train and evaluate fold ``k`` (or read its finished summary); its summary, or None
-    on a dry run."""
+    on a dry run. Unless ``keep_checkpoints``, the finished fold keeps only its last epoch's
+    weights (``run_folder.prune_checkpoints``)."""
     import keras
 
     from psla_tf.training import trainer
@@ -310,6 +311,10 @@ def _run_fold(cfg, k: str, plan: dict[str, list[str]], prefixes: dict[str, str]
         atomic.write_json(os.path.join(exp_k, PLAN_FILE), plan, indent=1)
     summary = trainer.run(cfg_k)
     keras.backend.clear_session()
+    if summary is not None and not keep_checkpoints:
+        freed = run_folder.prune_checkpoints(exp_k)
+        print(f"fold {k}: per-epoch weights but the last removed ({freed / 2**20:.0f} MiB; "
+              "--keep_checkpoints keeps them)", flush=True)
     return summary
 
 
@@ -339,7 +344,8 @@ def cross_validate(cfg, input_csv: str, fold_column: str = "fold",
                    workers: int = 1, max_seconds: float = 10.0,
                    target_length: int | None = None, progress: bool = True,
                    group_regex: str | None = None, val_groups: int = 0,
-                   val_fraction: float = 0.0, val_seed: int = 0) -> dict[str, Any]:
+                   val_fraction: float = 0.0, val_seed: int = 0,
+                   keep_checkpoints: bool = False) -> dict[str, Any]:
     """Prepare the groups, train/evaluate each fold (see the module doc); returns the CV
     summary. ``group_regex`` (on file names) replaces ``fold_column`` when given."""
     from psla_tf.data import sources
@@ -365,7 +371,7 @@ def cross_validate(cfg, input_csv: str, fold_column: str = "fold",
                                progress=progress)
     per_fold: dict[str, dict[str, Any]] = {}
     for k in run_folds:
-        summary = _run_fold(cfg, k, plans[k], prefixes)
+        summary = _run_fold(cfg, k, plans[k], prefixes, keep_checkpoints)
         if summary is not None:
             per_fold[k] = summary
     if cfg.dry_run:
