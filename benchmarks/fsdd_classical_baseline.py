@@ -1,5 +1,6 @@
 """A classical yardstick for FSDD leave-one-speaker-out: MFCC + RBF support-vector machine,
-nested as ``tools/cross_validate.py --val_groups=1`` nests (docs/own_data.md).
+nested as ``tools/cross_validate.py --val_groups=1`` nests (docs/fsdd_recipe.md, "A classical
+yardstick").
 
 Per clip: psla_tf's Kaldi fbank (16 kHz, 128 bins) of the first 0.64 s, the frames within
 6 log units (~26 dB) of the loudest kept (energy trim), the first N cepstral coefficients
