@@ -1,4 +1,4 @@
-"""README.md and docs/*.md: every relative link names a file that exists and, for a Markdown
+"""README.md, BUILD.md and docs/*.md: BUILD.md indexes every page; every relative link names a file that exists and, for a Markdown
 file, an anchor that one of its headings makes (GitHub's rule: lower case, punctuation but
 ``-`` and ``_`` dropped, spaces to hyphens, ``-1``, ``-2`` … for repeats; headings inside code
 fences do not count)."""
@@ -61,8 +61,17 @@ def test_the_checker_finds_a_broken_link(tmp_path):
         "#nope (no such heading)", "b.md#top (no such heading)", "c.md (no such file)"]
 
 
+def _pages() -> list[str]:
+    return sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
+
+
 def test_every_relative_link_resolves():
-    files = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs",
-                                                                            "*.md")))
+    files = [os.path.join(ROOT, n) for n in ("README.md", "BUILD.md")] + _pages()
     bad = {os.path.relpath(f, ROOT): b for f in files if (b := broken_links(f))}
     assert not bad, bad
+
+
+def test_build_md_indexes_every_page():
+    index = open(os.path.join(ROOT, "BUILD.md"), encoding="utf-8").read()
+    missing = [p for p in _pages() if f"(docs/{os.path.basename(p)})" not in index]
+    assert not missing, missing
