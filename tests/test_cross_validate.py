@@ -413,3 +413,31 @@ def test_label_csv_written_by_two_processes_at_once(tmp_path):
     assert _two_at_once(_write_labels_repeatedly, path) == [0, 0]
     assert read_label_csv(path) == (["/m/a", "/m/b"], ["a", "b"])
     assert sorted(os.listdir(tmp_path)) == ["labels.csv"]
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_finished_fold_checkpoints_pruned_unless_kept(tmp_path, monkeypatch, keep):
+    """_run_fold after a run that wrote three epochs: only the committed epoch's weights are
+    left, or all three with keep_checkpoints (the run itself stubbed: what is checked is the
+    wiring, the training is checked above)."""
+    from psla_tf import run_folder
+    from psla_tf.training import cross_validation as cv
+    from psla_tf.training import trainer
+
+    def fake_run(cfg):
+        ck = os.path.join(cfg.exp_dir, run_folder.CHECKPOINTS_DIR)
+        os.makedirs(ck)
+        for e in (1, 2, 3):
+            open(run_folder.checkpoint_path(cfg.exp_dir, e), "wb").write(b"w" * 10)
+        with open(run_folder.path(cfg.exp_dir, run_folder.STATE_FILE), "w") as f:
+            json.dump({"epoch": 3, "checkpoint": run_folder.checkpoint_name(3)}, f)
+        return {"done": True}
+
+    monkeypatch.setattr(trainer, "run", fake_run)
+    plan = {"test": ["1"], "val": [], "train": ["2"]}
+    summary = cv._run_fold(_cfg(tmp_path / "exp"), "1", plan, {"1": "p1", "2": "p2"},
+                           keep_checkpoints=keep)
+    assert summary == {"done": True}
+    left = sorted(os.listdir(tmp_path / "exp" / "fold_1" / "checkpoints"))
+    assert left == ([run_folder.checkpoint_name(e) for e in (1, 2, 3)] if keep
+                    else [run_folder.checkpoint_name(3)])
