@@ -19,12 +19,16 @@ def slug(heading: str) -> str:
 
 
 def anchors(text: str) -> set[str]:
-    seen: dict[str, int] = {}
+    """Every heading's anchor outside code fences; a repeated one gets -1, -2, …"""
+    out: set[str] = set()
     for m in re.finditer(r"^#+ (.*)$", FENCE.sub("", text), re.M):
-        s = slug(m.group(1))
-        n = seen.get(s, 0)
-        seen[s] = n + 1
-    return {s if i == 0 else f"{s}-{i}" for s, n in seen.items() for i in range(n)}
+        s = base = slug(m.group(1))
+        i = 0
+        while s in out:
+            i += 1
+            s = f"{base}-{i}"
+        out.add(s)
+    return out
 
 
 def broken_links(path: str) -> list[str]:
