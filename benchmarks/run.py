@@ -17,7 +17,8 @@ TensorFlow's intra-/inter-op pools and tf.data's private thread pool set to k th
 "k cores" means k cores (the input pipeline's per-clip variants: k clips in parallel in a
 process set up by ``psla_tf.data.pipeline.configure_input_host``, each op on one thread as
 the reference's DataLoader workers run torch; ``masking_tf_defaults`` is the same pipeline
-with TensorFlow's and glibc's defaults).
+with TensorFlow's and glibc's defaults; ``masking_offsets`` reads each record at its byte
+offset instead of looking it up in the records held in memory, the default for this set).
 That process's peak RSS is recorded beside each figure.
 
 Sections:
@@ -466,6 +467,8 @@ PIPELINE_VARIANTS = {
     "masking": "+ frequency/time masking in tf.data: the reference's whole per-clip work",
     "masking_tf_defaults": "masking without configure_input_host: each op split over "
                            "TensorFlow's intra-op pool of k threads, glibc's default malloc",
+    "masking_offsets": "masking with each record read at its byte offset "
+                       "(records_in_memory_mb=0; by default this set is held in memory)",
     "model_frontend": "mixup pipeline + fbank & masking at the front of the model "
                       "(AudioFrontend as a tf.function on the consumer side, dft auto)",
     "batched": "fbank + masking in tf.data as one vectorised map per batch of 100 (after "
@@ -541,6 +544,8 @@ def child_pipeline(spec: dict) -> dict:
         ds = train_ds()
     elif variant in ("fbank", "masking", "masking_tf_defaults", "xla", "matmul"):
         ds = train_ds(features_in_pipeline=True, frontend=frontend)
+    elif variant == "masking_offsets":
+        ds = train_ds(features_in_pipeline=True, frontend=frontend, records_in_memory_mb=0)
     elif variant == "model_frontend":
         ds = train_ds()
         consumer = tf.function(lambda f: frontend(f["waveform"], f["num_samples"]))

@@ -51,6 +51,7 @@ class TrainConfig:
     adapt_pseudo_label_weight: float = params.PSEUDO_LABEL_WEIGHT
     balanced_sampling: bool = True
     sampling_order: str = "iid"
+    records_in_memory_mb: int = params.RECORDS_IN_MEMORY_MB
     mixup: float = params.MIXUP
     mixup_alpha: float = params.MIXUP_ALPHA
     random_gain_db: float = 0.0

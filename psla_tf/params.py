@@ -24,6 +24,9 @@ FREQM: int = 48                   # max frequency-mask width (bins)
 TIMEM: int = 192                  # max time-mask width (frames)
 MIXUP: float = 0.5                # mixup rate
 MIXUP_ALPHA: float = 10.0         # Beta(alpha, alpha)
+# reading (not in the paper): the i.i.d. order holds a training set of at most this many MB in
+# memory and looks records up instead of reading them at their offsets (psla_tf.data.pipeline)
+RECORDS_IN_MEMORY_MB: int = 1024
 
 CLAMP_EPS: float = 1e-7           # outputs clamped to [eps, 1 - eps] for BCE / attention
 

@@ -213,9 +213,45 @@ def test_reads_are_the_examples_and_the_mixed_partners(skewed, monkeypatch):
             return real(path, offset, length)
     monkeypatch.setattr(record_index, "read_record_op", counting)
     ds = pipeline.make_train_dataset(glob, batch_size=B, clip_samples=8, mixup=MIXUP, seed=1,
-                                     with_ids=True, num_parallel_calls=1, prefetch=0)
+                                     with_ids=True, num_parallel_calls=1, prefetch=0,
+                                     records_in_memory_mb=0)
     mixed = sum(int((f["partner_key"] >= 0).sum()) for f, _ in ds.as_numpy_iterator())
     assert len(calls) == (N // B) * B + mixed
+
+
+def test_records_in_memory_are_the_records_read_at_their_offsets(skewed, tmp_path,
+                                                                  monkeypatch):
+    """A set held in memory (the default for small sets) gives the batches of reading each
+    record at its offset, bit for bit, and reads no record at an offset; every record
+    read at once is the record at its offset; a shard changed after indexing fails."""
+    glob, _, _ = skewed
+    idx = record_index.load_record_index(records.load_data_spec(glob))
+    assert pipeline.records_fit_in_memory(idx, pipeline.RECORDS_IN_MEMORY_MB)
+    assert not pipeline.records_fit_in_memory(idx, 0)
+    assert not pipeline.records_fit_in_memory(idx, idx.length.sum() / 1e6 * 0.99)
+    every = np.concatenate([r.numpy() for _, r in record_index.read_all_records(idx)])
+    for row in (0, 1, 700, N - 1):
+        at = record_index.read_record_op(
+            tf.constant(idx.files[idx.file_index[row]]), tf.constant(idx.offset[row]),
+            tf.constant(idx.length[row]))
+        assert every[row] == at.numpy()
+    kw = dict(batch_size=B, clip_samples=8, mixup=MIXUP, seed=3, with_ids=True, num_epochs=2)
+    read = list(pipeline.make_train_dataset(glob, records_in_memory_mb=0, **kw)
+                .as_numpy_iterator())
+    monkeypatch.setattr(record_index, "read_record_op", None)   # any read at an offset fails
+    held = list(pipeline.make_train_dataset(glob, **kw).as_numpy_iterator())
+    assert len(read) == len(held) == 2 * (N // B)
+    for (fa, ya), (fb, yb) in zip(read, held):
+        np.testing.assert_array_equal(ya, yb)
+        for k in ("waveform", "num_samples", "key", "partner_key", "mix_lambda"):
+            np.testing.assert_array_equal(fa[k], fb[k])
+    # a shard rewritten in place with other records, its index entry kept: refused
+    rng = np.random.default_rng(3)
+    g2 = write_shards(str(tmp_path), random_waveforms(6, rng, 10, 20), [[0]] * 6, 2, 1)
+    i2 = record_index.load_record_index(records.load_data_spec(g2))
+    write_shards(str(tmp_path), random_waveforms(6, rng, 21, 30), [[0]] * 6, 2, 1)
+    with pytest.raises(DataError, match="differ from its index"):
+        list(record_index.read_all_records(i2))
 
 
 def test_one_global_stream_split_across_input_pipelines(skewed):
@@ -331,10 +367,12 @@ def test_report_gap_law_against_simulation():
         assert np.mean(gaps) == pytest.approx((L + 1) / (k + 1), rel=0.03)
 
 
-def test_reads_do_not_accumulate_memory(tmp_path):
-    """Random-access reads keep nothing alive: 10 further epochs over 30 clips of 20 s
-    (~450 reads of 640 kB) grow the resident set by < 80 MB (a retained record per read
-    would add ~290 MB, as a numpy object array returned from the read did)."""
+@pytest.mark.parametrize("in_memory_mb", [0, pipeline.RECORDS_IN_MEMORY_MB])
+def test_reads_do_not_accumulate_memory(tmp_path, in_memory_mb):
+    """Random-access reads (or lookups of the records held in memory, 19 MB here) keep
+    nothing alive: 10 further epochs over 30 clips of 20 s (~450 reads of 640 kB) grow the
+    resident set by < 80 MB (a retained record per read would add ~290 MB, as a numpy object
+    array returned from the read did)."""
     rng = np.random.default_rng(0)
     glob = write_shards(str(tmp_path), random_waveforms(30, rng, 320000, 320000),
                         random_labels(30, 3, rng), 3, num_shards=3)
@@ -343,7 +381,8 @@ def test_reads_do_not_accumulate_memory(tmp_path):
         line = [x for x in open("/proc/self/status") if x.startswith("VmRSS:")][0]
         return int(line.split()[1]) / 1024
 
-    kw = dict(batch_size=10, clip_samples=800, mixup=0.5, seed=0)
+    kw = dict(batch_size=10, clip_samples=800, mixup=0.5, seed=0,
+              records_in_memory_mb=in_memory_mb)
     for _ in pipeline.make_train_dataset(glob, num_epochs=1, **kw):
         pass
     before = rss_mb()

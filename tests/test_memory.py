@@ -7,7 +7,9 @@ shards) with the same flags and eval set; the peak RSS of the two processes (the
 ``VmHWM``, run side by side) must agree within 15 % (the issue's criterion) and, so that a
 set held in memory fails even against the ~1.2 GB baseline, grow by less than the larger
 set's extra 220 MB. The model is MobileNetV2 (a keras.applications backbone: a realistic
-baseline for the 15 % criterion).
+baseline for the 15 % criterion). Both run with ``--records_in_memory_mb=100``: the small
+set is held in memory, the large one is read record by record (above the budget), so the test
+also checks that the budget holds.
 Measured on the shared machine: 1157 vs 1171 MB (+14 MB, +1.2 %; EfficientNet-B0 with one
 head: 1466 vs 1468 MB).
 Before the interleave was bounded (see ``pipeline._traversal``), the shards opened ahead,
@@ -69,7 +71,7 @@ def _peak_rss_mb(train: str, ev: str, exp: str) -> subprocess.Popen:
          f"--eval_data={ev}", f"--exp_dir={exp}", "--n_epochs=1", "--batch_size=20",
          "--eval_batch_size=8", "--nowa", "--model=mobilenet_v2", "--target_length=48",
          "--shuffle_buffer=32", "--verbose=0", "--nosave_predictions", "--mixup=0.5",
-         "--pretrained=none"],
+         "--pretrained=none", "--records_in_memory_mb=100"],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

@@ -28,6 +28,7 @@ import ctypes
 import ctypes.util
 import functools
 import logging
+import os
 import sys
 from typing import Any, Callable
 
@@ -42,12 +43,14 @@ from psla_tf.data.records import DataError, DataSpec, shard_counts
 
 __all__ = ["DEFAULT_CLIP_SAMPLES", "make_train_dataset", "make_eval_dataset",
            "clip_samples_for_frames", "steps_per_epoch", "resolve_data",
-           "READ_BUFFER_BYTES", "configure_input_host"]
+           "READ_BUFFER_BYTES", "RECORDS_IN_MEMORY_MB", "records_fit_in_memory",
+           "configure_input_host"]
 
 steps_per_epoch = sampling.steps_per_epoch
 AUTOTUNE = tf.data.AUTOTUNE
 READ_BUFFER_BYTES = 1 << 20  # per open shard (was 4 MB: more heap left per shard read)
 MAX_DRAWS_PER_EPOCH = 100
+RECORDS_IN_MEMORY_MB = params.RECORDS_IN_MEMORY_MB
 _KEY_SHIFT = 32  # key = file_index * 2**32 + position in the file
 _SALT_MAIN, _SALT_PARTNER, _SALT_MIX = 11, 12, 13
 _SALT_GAIN = 14
@@ -385,7 +388,8 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
                        features_in_pipeline: bool = False, frontend: Callable | None = None,
                        with_ids: bool = False, skip_corrupt_records: bool = False,
                        cycle_length: int = 8, num_parallel_calls: int = AUTOTUNE,
-                       prefetch: int = AUTOTUNE, transform: Transform | None = None
+                       prefetch: int = AUTOTUNE, transform: Transform | None = None,
+                       records_in_memory_mb: float = RECORDS_IN_MEMORY_MB
                        ) -> tf.data.Dataset:
     """The training stream (Algorithm 1 lines 1-15) for epochs initial_epoch..+num_epochs-1.
 
@@ -415,6 +419,11 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
     outside the transform's ``labelled_keys`` (the unlabelled transfer set) by the mean
     weight of the labelled clips, whose labels alone give the class counts.
 
+    ``records_in_memory_mb``: the i.i.d. order reads every training record once and keeps
+    them in memory when they total at most this many MB (and a quarter of the free memory;
+    :func:`records_fit_in_memory`); each draw is then a table lookup instead of a read at
+    the record's offset, with the same records, so the same batches. 0: always read.
+
     Epochs are counted from 0 as in Keras' ``initial_epoch``. ``random_gain_db`` > 0 scales
     each training waveform by a random gain of ±random_gain_db dB after mixup
     (:func:`psla_tf.augment.random_gain`; not in PSLA, off by default); ``random_speed`` > 0
@@ -431,7 +440,8 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
     plan = _EpochPlan(steps, per_batch, replicas_per_pipeline, pid, npipe, batch_size)
     if sampling_order == "iid":
         examples = _iid_examples(spec, plan, base_seed, balanced_sampling, mixup, mixup_alpha,
-                                 skip_corrupt_records, num_parallel_calls, transform)
+                                 skip_corrupt_records, num_parallel_calls, transform,
+                                 records_in_memory_mb)
     else:
         examples = _stream_examples(spec, plan, base_seed, balanced_sampling, mixup,
                                     mixup_alpha, shuffle_buffer, skip_corrupt_records,
@@ -557,28 +567,54 @@ def _transfer_set_weights(index, labelled: np.ndarray) -> np.ndarray:
     return w
 
 
-def _record_reader(index, num_classes: int, transform: Transform | None
-                   ) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
-    """row (int64 scalar) → the parsed example, its record read at its byte offset."""
+def records_fit_in_memory(index, budget_mb: float) -> bool:
+    """Whether the i.i.d. order holds ``index``'s records in memory: they total at most
+    ``budget_mb`` MB and at most a quarter of the memory available now."""
+    if budget_mb <= 0 or index.length is None:
+        return False
+    total = int(index.length.sum())
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        available = total * 4
+    return total <= budget_mb * 1e6 and 4 * total <= available
+
+
+def _record_reader(index, num_classes: int, transform: Transform | None,
+                   in_memory: bool = False) -> Callable[[tf.Tensor], dict[str, tf.Tensor]]:
+    """row (int64 scalar) → the parsed example: its record read at its byte offset, or, with
+    ``in_memory``, looked up in a table of all records read once here (a tenth of the CPU
+    time per record for 10-s clips; docs/performance.md, "Records held in memory")."""
     from psla_tf.data import record_index
     file_index = tf.constant(index.file_index, tf.int64)
     position = tf.constant(index.position, tf.int64)
-    offset = tf.constant(index.offset, tf.int64)
-    length = tf.constant(index.length, tf.int64)
-    files = tf.constant(list(index.files))
+    if in_memory:
+        with tf.init_scope(), tf.device("/CPU:0"):
+            table = tf.lookup.experimental.MutableHashTable(tf.int64, tf.string, b"")
+            for first, recs in record_index.read_all_records(index):   # one shard at a time
+                table.insert(tf.range(first, first + tf.size(recs, tf.int64)), recs)
+
+        def read(row):
+            return table.lookup(row)
+    else:
+        offset = tf.constant(index.offset, tf.int64)
+        length = tf.constant(index.length, tf.int64)
+        files = tf.constant(list(index.files))
+
+        def read(row):
+            return record_index.read_record_op(tf.gather(files, tf.gather(file_index, row)),
+                                               tf.gather(offset, row), tf.gather(length, row))
 
     def load(row):
-        fi = tf.gather(file_index, row)
-        rec = record_index.read_record_op(tf.gather(files, fi), tf.gather(offset, row),
-                                          tf.gather(length, row))
-        return _parse(fi * (1 << _KEY_SHIFT) + tf.gather(position, row), rec, num_classes,
-                      transform)
+        key = tf.gather(file_index, row) * (1 << _KEY_SHIFT) + tf.gather(position, row)
+        return _parse(key, read(row), num_classes, transform)
     return load
 
 
 def _iid_examples(spec: DataSpec, plan: _EpochPlan, base_seed: tf.Tensor, balanced: bool,
                   mixup: float, mixup_alpha: float, skip_corrupt: bool,
-                  num_parallel_calls: int, transform: Transform | None = None
+                  num_parallel_calls: int, transform: Transform | None = None,
+                  records_in_memory_mb: float = 0.0
                   ) -> Callable[[tf.Tensor], tf.data.Dataset]:
     """epoch → dataset of parsed, mixed examples in i.i.d. order (see make_train_dataset)."""
     index = _random_access_index(spec, skip_corrupt)
@@ -586,7 +622,8 @@ def _iid_examples(spec: DataSpec, plan: _EpochPlan, base_seed: tf.Tensor, balanc
     labelled = getattr(transform, "labelled_keys", None)
     labelled = None if labelled is None else np.isin(index.keys(), labelled)
     draw_rows = _row_sampler(index, spec.class_counts, balanced, draws, labelled)
-    load = _record_reader(index, spec.num_classes, transform)
+    load = _record_reader(index, spec.num_classes, transform,
+                          records_fit_in_memory(index, records_in_memory_mb))
 
     def examples(epoch):
         s = sampling.derive_seed(base_seed, _SALT_IID, epoch)

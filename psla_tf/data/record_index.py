@@ -40,7 +40,7 @@ from psla_tf.data.records import DataError, DataSpec
 
 __all__ = ["INDEX_FORMAT", "index_path", "ShardEntry", "RecordIndex", "load_record_index",
            "write_index", "read_index", "scan_shard", "read_record_op",
-           "CorruptShard"]
+           "read_all_records", "CorruptShard"]
 
 INDEX_FORMAT = "psla_tf.record_index/1"
 HEADER_BYTES = 12   # length (8) + masked CRC of the length (4)
@@ -335,3 +335,31 @@ def read_record_op(path, offset, length):
                                          offset, "(the shard changed after it was indexed?)"])
     with tf.control_dependencies([check]):
         return tf.identity(rec)
+
+
+
+def read_all_records(index: RecordIndex):
+    """Every indexed record, shard by shard: yields ``(first_row, records)``, ``records`` a
+    string tensor ``[n]`` of rows ``first_row .. first_row + n - 1`` (for holding a small set
+    in memory). Each shard is read once from its start (both CRCs checked), as many records
+    as the index lists for it; a record whose length differs from the index's, or a shard
+    that ends early, fails with a DataError naming the shard."""
+    import tensorflow as tf
+    counts = np.bincount(index.file_index, minlength=len(index.files))
+    first = 0
+    for path, count in zip(index.files, counts):
+        if not count:
+            continue
+        ds = tf.data.TFRecordDataset(path, buffer_size=1 << 22).take(int(count))
+        try:
+            recs = ds.batch(int(count)).get_single_element()
+        except (tf.errors.DataLossError, tf.errors.InvalidArgumentError) as err:
+            raise DataError(f"corrupt or truncated TFRecord shard {path} "
+                            f"({err.message.strip()})") from None
+        got = tf.strings.length(recs).numpy().astype(np.int64)
+        want = None if index.length is None else index.length[first:first + count]
+        if got.shape[0] != count or (want is not None and not np.array_equal(got, want)):
+            raise DataError(f"{path}: its records differ from its index (the shard changed "
+                            "after it was indexed?)")
+        yield first, recs
+        first += int(count)

@@ -84,6 +84,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "{prefix}.index.npz is written by make_tfrecords or built once). stream: sequential "
       "reading with a --shuffle_buffer shuffle, balanced copies emitted back to back and one "
       "partner pass per epoch (bursty order; also for GZIP shards).", flag_values=fv)
+    I("records_in_memory_mb", d.records_in_memory_mb, "The iid order reads a training set "
+      "of at most this many MB (and a quarter of the free memory) once and keeps it in "
+      "memory: each draw is a lookup, not a read at the record's offset (the same batches, "
+      "less CPU per clip). 0: always read from the shards.", lower_bound=0, flag_values=fv)
     F("mixup", d.mixup, "Mixup rate (paper: 0.5).", flag_values=fv)
     F("mixup_alpha", d.mixup_alpha, "Mixup λ ~ Beta(α, α) (paper: 10).", flag_values=fv)
     F("random_gain_db", d.random_gain_db, "Random gain augmentation: each training clip is "

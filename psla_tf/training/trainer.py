@@ -47,7 +47,7 @@ _RESUME_FREE_FLAGS = ("verbose", "resume", "strategy", "tpu", "jit_compile", "de
                       "skip_corrupt_records", "eval_batch_size", "save_predictions",
                       "allow_cut_clips", "fbank_dft", "fused_batchnorm", "pointwise_matmul",
                       "swish_saved_sigmoid", "adapt_batchnorm", "adapt_epochs",
-                      "adapt_pseudo_label_weight")
+                      "adapt_pseudo_label_weight", "records_in_memory_mb")
 
 
 def check_resume_flags(cfg: TrainConfig, exp_dir: str) -> None:
@@ -333,6 +333,7 @@ def train_pipeline(cfg: TrainConfig, r: Resolved, strategy, replicas: int,
                   balanced_sampling=cfg.balanced_sampling, mixup=cfg.mixup,
                   mixup_alpha=cfg.mixup_alpha, shuffle_buffer=cfg.shuffle_buffer,
                   sampling_order=cfg.sampling_order,
+                  records_in_memory_mb=cfg.records_in_memory_mb,
                   random_gain_db=cfg.random_gain_db, random_speed=cfg.random_speed,
                   seed=cfg.seed, initial_epoch=initial_epoch,
                   num_epochs=(cfg.n_epochs - initial_epoch if num_epochs is None
