@@ -31,7 +31,7 @@ import io
 import logging
 import os
 import threading
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -337,8 +337,7 @@ def read_record_op(path, offset, length):
         return tf.identity(rec)
 
 
-
-def read_all_records(index: RecordIndex):
+def read_all_records(index: RecordIndex) -> Iterator[tuple[int, Any]]:
     """Every indexed record, shard by shard: yields ``(first_row, records)``, ``records`` a
     string tensor ``[n]`` of rows ``first_row .. first_row + n - 1`` (for holding a small set
     in memory). Each shard is read once from its start (both CRCs checked), as many records
