@@ -5,9 +5,10 @@ Training (paper Algorithm 1, lines 1-15), per epoch e, ``sampling_order="iid"`` 
 1. the epoch's ``N // batch_size * batch_size`` draws: with balanced sampling i.i.d. with
    P(i) = w_i / W (:mod:`psla_tf.data.sampling`; the weights from the record index's
    labels), otherwise a random permutation; and one uniform mixup partner per draw;
-2. each drawn record is read at its byte offset (:mod:`psla_tf.data.record_index`) and
-   parsed (:func:`psla_tf.data.records.parse_example`); the partner is read only when the
-   example is mixed (:mod:`psla_tf.data.mixup`);
+2. each drawn record is read at its byte offset (:mod:`psla_tf.data.record_index`), or
+   looked up among the records of a set small enough to be held in memory
+   (``records_in_memory_mb``), and parsed (:func:`psla_tf.data.records.parse_example`); the
+   partner is read only when the example is mixed (:mod:`psla_tf.data.mixup`);
 3. the waveform is cut or zero-padded to ``clip_samples`` (``num_samples`` keeps the valid
    length) and batched. Every input pipeline computes the same global draw and yields its
    replicas' slices of each global batch.
