@@ -254,6 +254,28 @@ def test_records_in_memory_are_the_records_read_at_their_offsets(skewed, tmp_pat
         list(record_index.read_all_records(i2))
 
 
+def test_tf_data_service_runs_the_iid_order(tmp_path):
+    """The reads run in the graph (no Python per record): a tf.data service (dispatcher and
+    worker in this process) yields the pipeline's own batches, records read at their offsets
+    or held in memory."""
+    rng = np.random.default_rng(4)
+    glob = write_shards(str(tmp_path), random_waveforms(40, rng, 16, 40),
+                        random_labels(40, 3, rng), 3, num_shards=2)
+    service = tf.data.experimental.service
+    dispatcher = service.DispatchServer()
+    worker = service.WorkerServer(service.WorkerConfig(   # noqa: F841 (kept alive)
+        dispatcher_address=dispatcher.target.split("://")[1]))
+    for mb in (0, pipeline.RECORDS_IN_MEMORY_MB):
+        ds = pipeline.make_train_dataset(glob, batch_size=4, clip_samples=8, mixup=MIXUP,
+                                         seed=2, records_in_memory_mb=mb)
+        own = [y for _, y in ds.as_numpy_iterator()]
+        served = [y for _, y in ds.apply(service.distribute(
+            processing_mode="parallel_epochs", service=dispatcher.target)).as_numpy_iterator()]
+        assert len(served) == len(own) == 10
+        for a, b in zip(own, served):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_one_global_stream_split_across_input_pipelines(skewed):
     """Two input pipelines (replicas) yield together exactly the one-pipeline stream: every
     global batch = pipeline 0's per-replica batch followed by pipeline 1's, same partners."""
