@@ -459,8 +459,9 @@ PIPELINE_VARIANTS = {
     # name: (description, cumulative stage?)
     "read": "TFRecord read (8 shards interleaved), batch 100",
     "parse": "+ parse (int16 → float), pad/cut, batch (make_eval_dataset)",
-    "train_plain": "training pipeline: read, shuffle, parse, pad, batch (no sampling, no mixup)",
-    "sampling": "+ balanced sampling (Poisson resampling of the stream)",
+    "train_plain": "training pipeline: a random permutation of the records, each read by "
+                   "itself, parse, pad, batch (no balanced sampling, no mixup)",
+    "sampling": "+ balanced sampling (i.i.d. draws, P(i) = w_i / W)",
     "mixup": "+ mixup (rate 0.5): the waveform batches the trainer feeds the model",
     "fbank": "+ fbank in tf.data (per clip before batching; the front end's default DFT, "
              "auto = rfft on the host CPU; no masking)",
@@ -493,7 +494,7 @@ def input_host(variant: str) -> bool:
 
 STAGES = ["read", "parse", "train_plain", "sampling", "mixup", "fbank", "masking"]
 STAGE_COST = {"read": "read", "parse": "parse + pad + batch",
-              "train_plain": "shuffle buffer + per-shard record checks",
+              "train_plain": "random-order reads of single records",
               "sampling": "balanced sampling", "mixup": "mixup (partner read + parse + mix)",
               "fbank": "fbank (mean removal, Kaldi fbank, pad to 1056 frames)",
               "masking": "frequency + time masking"}
