@@ -109,6 +109,10 @@ def test_tool_bad_inputs_are_one_line_errors(tmp_path):
         ([f"--input={csv_path}", "--fold_column=split"], "not a column"),
         ([f"--input={csv_path}", "--fold_column=fold"], "at least 2 folds"),
         ([f"--input={tmp_path / 'none.csv'}"], "not found"),
+        # audio not where the listing says: stops at the first group, no empty set left
+        ([f"--input={csv_two}", "--fold_column=fold", f"--audio_root={tmp_path}",
+          "--val_groups=0"],
+         "fold 1: none of the 3 clips could be prepared (first: "),
     ]
     from helpers_cli import run_script
     for i, (args, msg) in enumerate(cases):
@@ -117,6 +121,7 @@ def test_tool_bad_inputs_are_one_line_errors(tmp_path):
         err = r.stderr.strip().splitlines()
         assert err[-1].startswith("error:") and msg in err[-1], (args, err[-3:])
         assert "Traceback" not in r.stderr
+    assert not [f for f in os.listdir(tmp_path / "e3" / "data") if f.startswith("fold_")]
     # the ESC-50 recipe fine-tunes: without --init_from it stops before preparing anything
     r = run_script("cross_validate.py",
                    f"--flagfile={os.path.join(ROOT, 'configs', 'esc50.flags')}",

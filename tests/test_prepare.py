@@ -177,6 +177,23 @@ def test_bad_inputs_skipped_listed_and_strict_exit(tmp_path):
         prepare.prepare(rows, (["x"], ["x"]), str(tmp_path / "lib"), strict=True, stats=False,
                         progress=False)
     assert e.value.manifest.num_examples == 1
+    assert prepare.nothing_prepared(e.value.manifest, "x") is None
+    # every clip failed: one line naming the first failure; remove_set leaves other sets
+    (tmp_path / "bad.csv").write_text("path,labels\n" + "".join(f"{n},x\n" for n in expected))
+    m = prepare.prepare(sources.read_rows(str(tmp_path / "bad.csv")), (["x"], ["x"]),
+                        str(tmp_path / "o" / "bad_only"), stats=False, progress=False)
+    msg = prepare.nothing_prepared(m, "bad.csv")
+    first = next(iter(expected))
+    assert msg.startswith(f"bad.csv: none of the {len(expected)} clips could be prepared (first: ")
+    assert first in msg and expected[first] in msg
+    kept = sorted(os.listdir(tmp_path / "o"))
+    prepare.remove_set(str(tmp_path / "o" / "bad_only"))
+    assert sorted(os.listdir(tmp_path / "o")) == [f for f in kept if not f.startswith("bad_only")]
+    assert any(f.startswith("bad-") for f in os.listdir(tmp_path / "o"))
+    r = _run_tool(f"--input={tmp_path / 'bad.csv'}", f"--output_prefix={tmp_path}/o2/b")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "none of the" in r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "o2").exists() or not os.listdir(tmp_path / "o2")
 
 
 def test_unknown_mid_stops_before_writing(tmp_path):

@@ -145,11 +145,10 @@ def main(argv: list[str] | None = None):
                 compression=FLAGS.compression, strict=FLAGS.strict,
                 stats=not FLAGS.no_stats, target_length=FLAGS.target_length,
                 progress=FLAGS.progress)
-            if m.num_examples == 0 and m.failures:  # nothing usable: no empty set left behind
+            failed = prepare.nothing_prepared(m, src)
+            if failed:  # nothing usable: no empty set left behind
                 _remove_new_files(prefix, before, also=("labels.csv",))
-                first = m.failures[0]
-                raise DataError(f"{src}: none of the {len(part)} clips could be prepared "
-                                f"(first: {first['path']}: {first['reason']}); nothing written")
+                raise DataError(failed)
             manifests.append((prefix, m))
             print(prepare.summary_line(m))
             if m.failures:

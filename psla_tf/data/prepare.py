@@ -412,6 +412,29 @@ def write_failures_csv(path: str, failures: Sequence[dict]) -> None:
             w.writerow([x["id"], x["path"], x["reason"]])
 
 
+def nothing_prepared(m: Manifest, source: str) -> str | None:
+    """The one-line error when every listed clip of ``source`` failed (``m`` written
+    nothing), naming the first failure; None when something was written."""
+    if m.num_examples or not m.failures:
+        return None
+    first = m.failures[0]
+    return (f"{source}: none of the {len(m.failures)} clips could be prepared (first: "
+            f"{first['path']}: {first['reason']}); nothing written")
+
+
+def remove_set(output_prefix: str) -> None:
+    """Remove every file :func:`prepare` writes for ``output_prefix`` (shards, their sidecars,
+    index, manifest, failures list); other sets in the folder are kept."""
+    folder, base = os.path.split(os.path.abspath(output_prefix))
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name.startswith((base + "-", base + ".")):
+            path = os.path.join(folder, name)
+            if os.path.isfile(path):
+                os.remove(path)
+
+
 def summary_line(m: Manifest) -> str:
     """One-line summary: written / failed / cut / listed (+ clips without labels)."""
     unl = m.extra.get("num_unlabelled", 0)

@@ -278,6 +278,10 @@ def _prepare_groups(rows: list, fold_of: list[str], groups: list[str], vocab: tu
             part = [r for r, f in zip(rows, fold_of) if f == k]
             prefixes[k] = os.path.join(data_dir, f"fold_{k}")
             m = prepare.prepare(part, vocab, prefixes[k], **prepare_kw)
+            failed = prepare.nothing_prepared(m, f"fold {k}")
+            if failed:   # e.g. paths relative to another folder: stop, leave no empty set
+                prepare.remove_set(prefixes[k])
+                raise DataError(failed)
             print(f"fold {k}: " + prepare.summary_line(m), flush=True)
     return prefixes
 
