@@ -73,8 +73,8 @@ def evaluation_report(preds: Sequence[Predictions], mids: Sequence[str], names: 
     """Metrics of one or more score files of the same labelled clips.
 
     Returns ``summary`` (JSON-ready; ``coverage`` = :func:`coverage` of the scored clips
-    against ``listed``/``written`` when known) and ``classes`` (per-class rows sorted by AP,
-    classes without AP last).
+    against ``listed``/``written`` when known; ``accuracy`` when every clip has exactly one
+    label) and ``classes`` (per-class rows sorted by AP, classes without AP last).
     """
     sources = list(sources or [f"scores_{i}" for i in range(len(preds))])
     if not preds:
@@ -126,6 +126,9 @@ def evaluation_report(preds: Sequence[Predictions], mids: Sequence[str], names: 
         "excluded_from_AUC": named(excluded_auc),
         "runs": per_run,
     }
+    if ((targets >= 0.5).sum(axis=1) == 1).all():   # single-label clips: accuracy too
+        summary["accuracy"] = float(np.mean([metrics.accuracy(p.targets, p.scores)
+                                             for p in preds]))
     summary["coverage"] = coverage(targets.shape[0], listed, written, coverage_source)
     if len(runs) > 1:
         summary["mAP_std"] = float(np.std([r["mAP"] for r in per_run]))

@@ -52,3 +52,5 @@ DYNAMIC_FLOAT_MAX_ELEMENTS: int = 50000
 # adapting to a new domain (not in the paper): β of SHOT's pseudo-label term (Liang et al.,
 # 2020; their digit value), chosen on FSDD's validation speakers (psla_tf.models.adaptation)
 PSEUDO_LABEL_WEIGHT: float = 0.3
+# Adam's learning rate of that adaptation (BatchNorm scale and offset)
+IM_LEARNING_RATE: float = 1e-3

@@ -239,6 +239,34 @@ def test_information_maximisation_moves_only_batchnorm_scale_and_offset():
         np.testing.assert_array_equal(v.numpy(), b)
 
 
+def test_encoder_scope_moves_the_backbone_not_the_head():
+    """scope="encoder" (SHOT's choice): the IM loss falls, backbone weights move (convolution
+    kernels included), the pooling head and every moving statistic stay; a wrong scope is
+    refused before anything moves."""
+    from psla_tf.models.adaptation import (adaptable_variables, information_maximisation_loss,
+                                           maximise_information)
+    model = _confident(make_tagger(4, seed=6, single_label=True))
+    w, n = _single_label_clips(0)
+    x = {"waveform": w, "num_samples": n}
+    before = {v.path: v.numpy() for v in model.weights}
+    with pytest.raises(ValueError, match="adaptation scope 'all'"):
+        maximise_information(model, w, n, epochs=1, scope="all")
+    assert all(np.array_equal(v.numpy(), before[v.path]) for v in model.weights)
+    loss0 = float(information_maximisation_loss(model(x, training=False)))
+    losses = maximise_information(model, w, n, epochs=6, batch_size=8, learning_rate=1e-3,
+                                  pseudo_label_weight=0.0, scope="encoder")
+    loss1 = float(information_maximisation_loss(model(x, training=False)))
+    assert loss1 < loss0 - 0.01 and losses[-1] < losses[0], (loss0, loss1, losses)
+    moved = {v.path for v in model.weights if not np.array_equal(v.numpy(), before[v.path])}
+    head = {v.path for v in model.get_layer("classifier").get_layer("pooling").weights}
+    adaptable = {v.path for v in adaptable_variables(model, "encoder")}
+    assert not moved & head and moved <= adaptable and not adaptable & head
+    assert any(p.endswith("/kernel") for p in moved), sorted(moved)
+    assert not any("moving" in p for p in moved)
+    bn = {v.path for v in adaptable_variables(model, "batchnorm")}
+    assert bn < adaptable and all(p.endswith(("/gamma", "/beta")) for p in bn)
+
+
 def test_adapt_batchnorm_with_im_epochs_is_statistics_then_im():
     """adapt_batchnorm(im_epochs=k) = adapt_batchnorm, then maximise_information over the
     same clips (cut at their num_samples and padded back: the same arrays)."""
@@ -390,3 +418,18 @@ def test_adapt_tool_epochs_is_the_library_and_refuses_multi_label(tmp_path):
     got = load_tagger(str(out))
     for a, b in zip(got.weights, want.weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+    # --scope=encoder --learning_rate: the library's encoder adaptation
+    with command("psla_tf.cli.adapt") as adapt:
+        r = adapt(f"--model={src}", f"--data={shards}", f"--output={tmp_path / 'enc.keras'}",
+                  "--batch_size=8", "--epochs=2", "--scope=encoder", "--learning_rate=1e-4",
+                  "--noprogress")
+    assert r.code == 0 and "encoder weights by 2 IM epochs" in r.out, r.err
+    want = load_tagger(src)
+    adapt_batchnorm(want, pipeline.make_eval_dataset(shards, 8, CLIP_SAMPLES), im_epochs=2,
+                    scope="encoder", learning_rate=1e-4)
+    got = load_tagger(str(tmp_path / "enc.keras"))
+    moved = 0
+    for a, b, c in zip(got.weights, want.weights, load_tagger(src).weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+        moved += a.path.endswith("/kernel") and not np.allclose(a.numpy(), c.numpy())
+    assert moved

@@ -59,6 +59,25 @@ def test_report_matches_sklearn(tmp_path):
         assert r["positives"] == int(p.targets[:, r["index"]].sum())
 
 
+def test_accuracy_for_single_label_clips_only(tmp_path):
+    """One label per clip: accuracy = sklearn's accuracy_score of the argmaxes, printed by the
+    tool; multi-label clips: no accuracy."""
+    from sklearn.metrics import accuracy_score
+    from psla_tf import evaluation, prediction
+    one_hot = np.eye(C, dtype=np.float32)[np.arange(N) % C]
+    p = scores_file(tmp_path / "s.npz", 2, targets=one_hot)
+    want = accuracy_score(one_hot.argmax(1), p.scores.argmax(1))
+    assert 0 < want < 1
+    s = evaluation.evaluation_report([p], p.mids, p.names)["summary"]
+    assert s["accuracy"] == pytest.approx(want, abs=1e-12)
+    r = run_tool("evaluate.py", f"--scores={tmp_path / 's.npz'}", f"--out_dir={tmp_path / 'r'}")
+    assert r.returncode == 0 and f"accuracy {want:.4f}" in r.stdout, r.stderr[-2000:]
+    assert json.loads((tmp_path / "r" / "metrics.json").read_text())["accuracy"] == s["accuracy"]
+    multi = scores_file(tmp_path / "m.npz", 0)
+    assert "accuracy" not in evaluation.evaluation_report([multi], multi.mids,
+                                                          multi.names)["summary"]
+
+
 def test_runs_mean_and_std(tmp_path):
     """Several runs of the same clips: per-class AP = mean over runs, with std (Fig. 7)."""
     from psla_tf import evaluation, prediction

@@ -43,6 +43,13 @@ flags.DEFINE_float("pseudo_label_weight", params.PSEUDO_LABEL_WEIGHT, "With --ep
                    "weight β of SHOT's pseudo-label term (each clip labelled by the nearest "
                    "class centroid of the clips' embeddings, every epoch). 0: information "
                    "maximisation alone.", lower_bound=0)
+flags.DEFINE_enum("scope", "batchnorm", ["batchnorm", "encoder"], "With --epochs: what "
+                  "information maximisation adapts: batchnorm, the BatchNorm scale and offset "
+                  "(configs/fsdd.flags' choice); encoder, every backbone weight, the attention "
+                  "head fixed (SHOT's choice; no better on FSDD's validation speakers, "
+                  "docs/fsdd_recipe.md).")
+flags.DEFINE_float("learning_rate", params.IM_LEARNING_RATE, "With --epochs: Adam's learning rate (1e-3 for "
+                   "--scope=batchnorm; lower, e.g. 1e-4, for --scope=encoder).", lower_bound=0)
 flags.DEFINE_integer("min_clips", 16, "Fewer clips than this are refused (their statistics "
                      "are too noisy to replace the training data's).", lower_bound=2)
 flags.DEFINE_string("audio_dir", None, "AudioSet CSV listings: folder holding the clips.")
@@ -95,8 +102,9 @@ def main(argv: list[str] | None = None):
     if FLAGS.epochs:
         kept, losses = adapter.maximise_information(
             FLAGS.epochs, progress=FLAGS.progress,
-            pseudo_label_weight=FLAGS.pseudo_label_weight)
-        print(f"information maximisation on {kept} clips: loss {losses[0]:.4f} "
+            pseudo_label_weight=FLAGS.pseudo_label_weight, scope=FLAGS.scope,
+            learning_rate=FLAGS.learning_rate)
+        print(f"information maximisation ({FLAGS.scope}) on {kept} clips: loss {losses[0]:.4f} "
               f"→ {losses[-1]:.4f} over {FLAGS.epochs} epochs")
     out_dir = os.path.dirname(os.path.abspath(FLAGS.output))
     os.makedirs(out_dir, exist_ok=True)
@@ -107,7 +115,8 @@ def main(argv: list[str] | None = None):
         write_label_csv(labels, mids, names)
     for clip_id, reason in preds.failures:
         print(f"skipped {clip_id}: {reason}", file=sys.stderr)
-    im = f", scale and offset by {FLAGS.epochs} IM epochs" if FLAGS.epochs else ""
+    what = "scale and offset" if FLAGS.scope == "batchnorm" else "encoder weights"
+    im = f", {what} by {FLAGS.epochs} IM epochs" if FLAGS.epochs else ""
     print(f"wrote {FLAGS.output}: BatchNorm statistics of {clips} clips of {FLAGS.data}{im}"
           + (f"; {len(preds.failures)} clips skipped" if preds.failures else ""))
 

@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None):
     print(f"{s['num_examples']} clips, {s['num_classes_evaluated']}/{s['num_classes']} classes "
           f"with positives{runs}")
     print(f"mAP {s['mAP']:.4f} {evaluation.coverage_text(s['coverage'])}  "
-          f"AUC {s['AUC']:.4f}  d-prime {s['d_prime']:.4f}")
+          f"AUC {s['AUC']:.4f}  d-prime {s['d_prime']:.4f}"
+          + (f"  accuracy {s['accuracy']:.4f}" if "accuracy" in s else ""))
     if s["coverage"]["listed"] is not None and not s["coverage"]["complete"]:
         print(f"warning: the metrics cover {s['coverage']['evaluated']} of "
               f"{s['coverage']['listed']} listed clips")

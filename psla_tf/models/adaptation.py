@@ -27,6 +27,9 @@ every epoch each clip is labelled by the nearest class centroid of the clips' em
 ``β · CE(pseudo-label, p)`` joins the loss (β = 0.3, SHOT's value for digits). Clips of one
 speaker saying one digit lie close together: their centroid corrects the clips the classifier
 alone gets wrong. The adapted model is an ordinary tagger (``.keras``; exports as any other).
+``scope="encoder"`` adapts every backbone weight instead of the BatchNorm affine parameters
+alone, the attention head frozen — SHOT's own choice (the "hypothesis" fixed, the feature
+extractor adapted); on FSDD's validation speakers it was no better (docs/fsdd_recipe.md).
 
 Both are transductive: they need recordings of the new domain (unlabelled) before scoring
 them. Measured on FSDD's unseen speakers (docs/own_data.md, "Adapting to the speaker").
@@ -43,7 +46,8 @@ from psla_tf.models.batchnorm import BatchNormStatistics, batchnorm_layers
 
 __all__ = ["BatchNormAdapter", "adapt_batchnorm", "maximise_information",
            "information_maximisation_loss", "shot_pseudo_labels", "is_single_label",
-           "ClipSample", "MIN_ADAPT_CLIPS", "MAX_IM_CLIPS", "PSEUDO_LABEL_WEIGHT"]
+           "adaptable_variables", "ClipSample", "MIN_ADAPT_CLIPS", "MAX_IM_CLIPS",
+           "PSEUDO_LABEL_WEIGHT", "SCOPES"]
 
 # fewer clips than this give statistics too noisy to replace the training domain's
 MIN_ADAPT_CLIPS = 16
@@ -51,13 +55,38 @@ MIN_ADAPT_CLIPS = 16
 MAX_IM_CLIPS = 1000
 # its optimisation, chosen on FSDD's validation speakers (docs/own_data.md)
 IM_BATCH_SIZE = 50
-IM_LEARNING_RATE = 1e-3
+IM_LEARNING_RATE = params.IM_LEARNING_RATE
 PSEUDO_LABEL_WEIGHT = params.PSEUDO_LABEL_WEIGHT   # SHOT's β (docs/own_data.md)
+# what information maximisation adapts (adaptable_variables)
+SCOPES = ("batchnorm", "encoder")
 
 
 def is_single_label(model: keras.Model) -> bool:
     """Whether ``model`` is a single-label tagger (class probabilities summing to 1)."""
     return "single_label" in {layer.name for layer in model.layers}
+
+
+def adaptable_variables(model: keras.Model, scope: str = "batchnorm") -> list:
+    """The weights information maximisation adapts: ``"batchnorm"``, every BatchNorm layer's
+    scale and offset (γ, β) in the classifier; ``"encoder"``, every trainable weight of the
+    classifier except its ``pooling`` head (SHOT: the classifier head fixed). ValueError for
+    another scope or when there is nothing to adapt."""
+    if scope not in SCOPES:
+        raise ValueError(f"adaptation scope {scope!r}: expected one of {', '.join(SCOPES)}")
+    classifier = model.get_layer("classifier")
+    if scope == "batchnorm":
+        found = []
+        for layer in batchnorm_layers(classifier):
+            found += [v for v in (layer.gamma, layer.beta) if v is not None]
+        if not found:
+            raise ValueError("the model has no BatchNorm scale or offset to adapt")
+        return found
+    head = {id(v) for layer in classifier.layers if layer.name == "pooling"
+            for v in layer.trainable_variables}
+    found = [v for v in classifier.trainable_variables if id(v) not in head]
+    if not found:
+        raise ValueError("the model has no trainable encoder weight to adapt")
+    return found
 
 
 def information_maximisation_loss(probs):
@@ -104,8 +133,9 @@ def maximise_information(model: keras.Model, waveform: np.ndarray, num_samples: 
                          epochs: int, batch_size: int = IM_BATCH_SIZE,
                          learning_rate: float = IM_LEARNING_RATE, seed: int = 0,
                          pseudo_label_weight: float = PSEUDO_LABEL_WEIGHT,
-                         progress: bool = False) -> list[float]:
-    """Adapt a single-label tagger's BatchNorm γ, β (in place) to unlabelled clips by SHOT
+                         progress: bool = False, scope: str = "batchnorm") -> list[float]:
+    """Adapt a single-label tagger's BatchNorm γ, β (``scope``: :func:`adaptable_variables`)
+    in place to unlabelled clips by SHOT
     (module doc): Adam, ``epochs`` passes over the clips in a random order (``seed``) in
     batches of ``batch_size``, minimising the IM loss plus ``pseudo_label_weight`` × the
     cross-entropy with each clip's :func:`shot_pseudo_labels` (recomputed at the start of
@@ -123,11 +153,7 @@ def maximise_information(model: keras.Model, waveform: np.ndarray, num_samples: 
     if not is_single_label(model):
         raise ValueError("information maximisation needs a single-label tagger (--loss=ce): "
                          "its scores must be class probabilities")
-    variables = []
-    for layer in batchnorm_layers(model.get_layer("classifier")):
-        variables += [v for v in (layer.gamma, layer.beta) if v is not None]
-    if not variables:
-        raise ValueError("the model has no BatchNorm scale or offset to adapt")
+    variables = adaptable_variables(model, scope)
     if pseudo_label_weight < 0:
         raise ValueError(f"pseudo_label_weight must be >= 0, got {pseudo_label_weight}")
     optimizer = keras.optimizers.Adam(learning_rate)
@@ -282,16 +308,20 @@ class BatchNormAdapter:
         return self.clips
 
     def maximise_information(self, epochs: int, progress: bool = False,
-                             pseudo_label_weight: float = PSEUDO_LABEL_WEIGHT
+                             pseudo_label_weight: float = PSEUDO_LABEL_WEIGHT,
+                             scope: str = "batchnorm",
+                             learning_rate: float = IM_LEARNING_RATE
                              ) -> tuple[int, list[float]]:
-        """After :meth:`finish`: the model's BatchNorm γ, β by :func:`maximise_information`
-        over the kept clips (``keep_clips`` > 0) → (clips used, each epoch's mean loss)."""
+        """After :meth:`finish`: the model's BatchNorm γ, β (``scope``) by
+        :func:`maximise_information` over the kept clips (``keep_clips`` > 0) → (clips used,
+        each epoch's mean loss)."""
         if self.sample is None:
             raise ValueError("no clips kept for information maximisation (keep_clips=0)")
         waveform, num_samples = self.sample.arrays(self.clip_samples)
         return len(waveform), maximise_information(
             self.model, waveform, num_samples, epochs=epochs, progress=progress,
-            pseudo_label_weight=pseudo_label_weight)
+            pseudo_label_weight=pseudo_label_weight, scope=scope,
+            learning_rate=learning_rate)
 
     def abort(self) -> None:
         """Put the model back as it was (no statistics written)."""
@@ -305,11 +335,13 @@ class BatchNormAdapter:
 
 def adapt_batchnorm(model: keras.Model, batches: Iterable[Any],
                     min_clips: int = MIN_ADAPT_CLIPS, im_epochs: int = 0,
-                    pseudo_label_weight: float = PSEUDO_LABEL_WEIGHT) -> int:
+                    pseudo_label_weight: float = PSEUDO_LABEL_WEIGHT,
+                    scope: str = "batchnorm", learning_rate: float = IM_LEARNING_RATE
+                    ) -> int:
     """Adapt ``model``'s BatchNorm statistics (in place) to the clips of ``batches``; with
-    ``im_epochs`` > 0 (single-label taggers) then its BatchNorm γ, β by
-    :func:`maximise_information` (``pseudo_label_weight``: SHOT's β) over (a sample of at
-    most ``MAX_IM_CLIPS`` of) them.
+    ``im_epochs`` > 0 (single-label taggers) then its BatchNorm γ, β (``scope``) by
+    :func:`maximise_information` (``pseudo_label_weight``: SHOT's β; ``learning_rate``) over
+    (a sample of at most ``MAX_IM_CLIPS`` of) them.
 
     ``batches`` yields ``{"waveform": [B, S], "num_samples": [B]}`` dicts or ``(dict,
     labels)`` tuples (labels are not used), e.g. :func:`psla_tf.data.pipeline.
@@ -327,5 +359,6 @@ def adapt_batchnorm(model: keras.Model, batches: Iterable[Any],
         raise
     clips = adapter.finish(min_clips)
     if im_epochs > 0:
-        adapter.maximise_information(im_epochs, pseudo_label_weight=pseudo_label_weight)
+        adapter.maximise_information(im_epochs, pseudo_label_weight=pseudo_label_weight,
+                                     scope=scope, learning_rate=learning_rate)
     return clips
