@@ -54,3 +54,5 @@ DYNAMIC_FLOAT_MAX_ELEMENTS: int = 50000
 PSEUDO_LABEL_WEIGHT: float = 0.3
 # Adam's learning rate of that adaptation (BatchNorm scale and offset)
 IM_LEARNING_RATE: float = 1e-3
+# what it adapts: BatchNorm scale and offset (the default), or every backbone weight (SHOT)
+ADAPT_SCOPES: tuple[str, ...] = ("batchnorm", "encoder")

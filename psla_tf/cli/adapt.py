@@ -43,13 +43,14 @@ flags.DEFINE_float("pseudo_label_weight", params.PSEUDO_LABEL_WEIGHT, "With --ep
                    "weight β of SHOT's pseudo-label term (each clip labelled by the nearest "
                    "class centroid of the clips' embeddings, every epoch). 0: information "
                    "maximisation alone.", lower_bound=0)
-flags.DEFINE_enum("scope", "batchnorm", ["batchnorm", "encoder"], "With --epochs: what "
-                  "information maximisation adapts: batchnorm, the BatchNorm scale and offset "
+flags.DEFINE_enum("scope", params.ADAPT_SCOPES[0], list(params.ADAPT_SCOPES), "With "
+                  "--epochs: what information maximisation adapts: batchnorm, the BatchNorm scale and offset "
                   "(configs/fsdd.flags' choice); encoder, every backbone weight, the attention "
                   "head fixed (SHOT's choice; no better on FSDD's validation speakers, "
                   "docs/fsdd_recipe.md).")
-flags.DEFINE_float("learning_rate", params.IM_LEARNING_RATE, "With --epochs: Adam's learning rate (1e-3 for "
-                   "--scope=batchnorm; lower, e.g. 1e-4, for --scope=encoder).", lower_bound=0)
+flags.DEFINE_float("learning_rate", params.IM_LEARNING_RATE, "With --epochs: Adam's "
+                   "learning rate (1e-3 for --scope=batchnorm; lower, e.g. 1e-4, for "
+                   "--scope=encoder).", lower_bound=0)
 flags.DEFINE_integer("min_clips", 16, "Fewer clips than this are refused (their statistics "
                      "are too noisy to replace the training data's).", lower_bound=2)
 flags.DEFINE_string("audio_dir", None, "AudioSet CSV listings: folder holding the clips.")

@@ -57,8 +57,7 @@ MAX_IM_CLIPS = 1000
 IM_BATCH_SIZE = 50
 IM_LEARNING_RATE = params.IM_LEARNING_RATE
 PSEUDO_LABEL_WEIGHT = params.PSEUDO_LABEL_WEIGHT   # SHOT's β (docs/own_data.md)
-# what information maximisation adapts (adaptable_variables)
-SCOPES = ("batchnorm", "encoder")
+SCOPES = params.ADAPT_SCOPES   # what information maximisation adapts (adaptable_variables)
 
 
 def is_single_label(model: keras.Model) -> bool:
