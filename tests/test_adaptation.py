@@ -251,6 +251,9 @@ def test_encoder_scope_moves_the_backbone_not_the_head():
     before = {v.path: v.numpy() for v in model.weights}
     with pytest.raises(ValueError, match="adaptation scope 'all'"):
         maximise_information(model, w, n, epochs=1, scope="all")
+    from psla_tf.models.adaptation import adapt_batchnorm
+    with pytest.raises(ValueError, match="adaptation scope 'all'"):
+        adapt_batchnorm(model, [x], min_clips=2, im_epochs=1, scope="all")
     assert all(np.array_equal(v.numpy(), before[v.path]) for v in model.weights)
     loss0 = float(information_maximisation_loss(model(x, training=False)))
     losses = maximise_information(model, w, n, epochs=6, batch_size=8, learning_rate=1e-3,

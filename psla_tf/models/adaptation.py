@@ -348,6 +348,8 @@ def adapt_batchnorm(model: keras.Model, batches: Iterable[Any],
     """
     if im_epochs > 0 and not is_single_label(model):
         raise ValueError("information maximisation needs a single-label tagger (--loss=ce)")
+    if im_epochs > 0:
+        adaptable_variables(model, scope)   # a wrong scope: refused before any change
     adapter = BatchNormAdapter(model, keep_clips=MAX_IM_CLIPS if im_epochs > 0 else 0)
     try:
         for batch in batches:
