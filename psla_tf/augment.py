@@ -1,6 +1,6 @@
 """Frequency and time masking (paper Alg. 1, lines 16-18; DESIGN.md "Features"), and the
-waveform / fbank augmentations psla_tf adds for unseen recordings (gain, speed, time shift,
-vocal-tract length perturbation; not in PSLA).
+waveform / fbank augmentations psla_tf adds for unseen recordings (gain, speed, additive
+noise, time shift, vocal-tract length perturbation; not in PSLA).
 
 SpecAugment-style masking with torchaudio's exact semantics, as PSLA applies it per clip in its
 dataloader (``torchaudio.transforms.FrequencyMasking(48)`` then ``TimeMasking(192)`` on the
@@ -26,7 +26,7 @@ from psla_tf import params
 from psla_tf.features import hz_to_mel, mel_bin_edges, mel_high_edge, mel_to_hz
 
 __all__ = ["FrequencyMasking", "TimeMasking", "TimeShift", "VocalTractPerturbation",
-           "mask_along_axis", "mel_warp_matrix", "random_gain", "random_speed",
+           "mask_along_axis", "mel_warp_matrix", "random_gain", "random_noise", "random_speed",
            "shift_along_time", "vtln_high_cutoff", "vtln_warp_freq"]
 
 
@@ -91,6 +91,40 @@ def random_gain(waveform: tf.Tensor, max_db: float, seed: tf.Tensor) -> tf.Tenso
                                     dtype=tf.float32)
     scale = tf.cast(tf.pow(10.0, g / 20.0), x.dtype)
     return x * (scale[:, tf.newaxis] if x.shape.rank == 2 else scale)
+
+
+def random_noise(waveform: tf.Tensor, num_samples: tf.Tensor, snr_db: tuple[float, float],
+                 prob: float, seed: tf.Tensor) -> tf.Tensor:
+    """Additive white Gaussian noise: with probability ``prob`` a clip of ``waveform``
+    ``[B, S]`` gets noise at a signal-to-noise ratio ρ ~ U[``snr_db``] dB, one draw per clip
+    from the stateless ``seed`` ``[2]``.
+
+    Returns ``[B, S]``: x + σ ε on the clip's ``num_samples`` ``[B]`` valid samples (zeros
+    after stay zero), ε ~ N(0, 1), σ² = P / 10^(ρ / 10) with P the mean power of those
+    samples (a silent clip stays silent). For recordings noisier than the training set's
+    (audiomentations' ``AddGaussianSNR``; not in PSLA, ``--noise_prob``,
+    ``--noise_snr_min_db``, ``--noise_snr_max_db``); identity when ``prob`` is 0.
+    """
+    low, high = (float(v) for v in snr_db)
+    if not 0.0 <= float(prob) <= 1.0:
+        raise ValueError(f"prob must be in [0, 1], got {prob}")
+    if high < low:
+        raise ValueError(f"snr_db must be (low, high) with low <= high, got {snr_db}")
+    if float(prob) == 0:
+        return waveform
+    x = tf.convert_to_tensor(waveform)
+    batch, total = tf.shape(x)[0], tf.shape(x)[1]
+    seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 3)
+    snr = tf.random.stateless_uniform([batch], seed=seeds[0], minval=low, maxval=high)
+    apply = tf.random.stateless_uniform([batch], seed=seeds[1]) < float(prob)
+    valid = tf.range(total)[tf.newaxis, :] < tf.cast(num_samples, tf.int32)[:, tf.newaxis]
+    xf = tf.cast(x, tf.float32)
+    n = tf.maximum(tf.reduce_sum(tf.cast(valid, tf.float32), axis=1), 1.0)
+    power = tf.reduce_sum(tf.where(valid, tf.square(xf), 0.0), axis=1) / n
+    sigma = tf.sqrt(power / tf.pow(10.0, snr / 10.0)) * tf.cast(apply, tf.float32)
+    eps = tf.random.stateless_normal(tf.shape(x), seed=seeds[2], dtype=tf.float32)
+    noise = tf.where(valid, sigma[:, tf.newaxis] * eps, 0.0)
+    return x + tf.cast(noise, x.dtype)
 
 
 def mask_along_axis(x: tf.Tensor, max_width: int, axis: int, uniform: tf.Tensor,

@@ -56,6 +56,9 @@ class TrainConfig:
     mixup_alpha: float = params.MIXUP_ALPHA
     random_gain_db: float = 0.0
     random_speed: float = 0.0
+    noise_prob: float = 0.0
+    noise_snr_min_db: float = params.NOISE_SNR_MIN_DB
+    noise_snr_max_db: float = params.NOISE_SNR_MAX_DB
     freqm: int = params.FREQM
     timem: int = params.TIMEM
     time_shift: int = 0

@@ -27,6 +27,10 @@ MIXUP_ALPHA: float = 10.0         # Beta(alpha, alpha)
 # reading (not in the paper): the i.i.d. order holds a training set of at most this many MB in
 # memory and looks records up instead of reading them at their offsets (psla_tf.data.pipeline)
 RECORDS_IN_MEMORY_MB: int = 1024
+# additive white noise for noisier recordings (not in the paper; off unless --noise_prob > 0):
+# the signal-to-noise ratio range in dB (psla_tf.augment.random_noise)
+NOISE_SNR_MIN_DB: float = 10.0
+NOISE_SNR_MAX_DB: float = 30.0
 
 CLAMP_EPS: float = 1e-7           # outputs clamped to [eps, 1 - eps] for BCE / attention
 

@@ -162,6 +162,44 @@ def test_random_gain():
         random_gain(x, -1.0, seed)
 
 
+def test_random_noise():
+    """--noise_prob: white Gaussian noise on a ``prob`` share of the clips (binomial), at an
+    SNR uniform in [low, high] dB (KS test on the measured SNR of 4,000-sample clips), on the
+    valid samples only; stateless; a silent clip stays silent; identity at prob 0."""
+    from psla_tf.augment import random_noise
+    rng = np.random.default_rng(0)
+    b, s = 2000, 4000
+    x = tf.constant(rng.normal(size=(b, s)) * rng.uniform(0.01, 1.0, size=(b, 1)), tf.float32)
+    n = tf.constant(rng.integers(3000, s + 1, size=b), tf.int32)
+    valid = np.arange(s)[None, :] < n.numpy()[:, None]
+    x = x * tf.constant(valid, tf.float32)
+    seed = tf.constant([7, 8], tf.int64)
+    y = random_noise(x, n, (10.0, 30.0), 0.5, seed).numpy()
+    noise = y - x.numpy()
+    assert np.all(noise[~valid] == 0)                                       # padding stays 0
+    noisy = np.abs(noise).max(axis=1) > 0
+    assert stats.binomtest(int(noisy.sum()), b, 0.5).pvalue > 1e-3           # share = prob
+    xs, ns = x.numpy()[noisy], noise[noisy]
+    m = valid[noisy].sum(axis=1)
+    snr = 10 * np.log10((xs ** 2).sum(axis=1) / (ns ** 2).sum(axis=1))
+    # measured SNR = drawn SNR + estimation error of ~0.1 dB (std of a 3,000-sample power)
+    assert stats.kstest(snr, stats.uniform(10.0, 20.0).cdf).pvalue > 1e-3
+    assert snr.min() > 9.5 and snr.max() < 30.5
+    z = ns / np.sqrt((ns ** 2).sum(axis=1, keepdims=True) / m[:, None])    # unit-power noise
+    z = z[valid[noisy]]
+    assert abs(stats.kurtosis(z)) < 0.05 and abs(z.mean()) < 0.01           # Gaussian, white
+    np.testing.assert_array_equal(random_noise(x, n, (10.0, 30.0), 0.5, seed).numpy(), y)
+    assert not np.array_equal(random_noise(x, n, (10.0, 30.0), 0.5, seed + 1).numpy(), y)
+    np.testing.assert_array_equal(random_noise(x, n, (10.0, 30.0), 0.0, seed).numpy(),
+                                  x.numpy())
+    silent = random_noise(tf.zeros((3, 100)), tf.constant([100, 50, 0]), (0.0, 5.0), 1.0, seed)
+    np.testing.assert_array_equal(silent.numpy(), 0)
+    with pytest.raises(ValueError, match="prob"):
+        random_noise(x, n, (10.0, 30.0), 1.5, seed)
+    with pytest.raises(ValueError, match="low <= high"):
+        random_noise(x, n, (30.0, 10.0), 1.0, seed)
+
+
 def test_random_gain_in_training_pipeline(tmp_path):
     from helpers_data import write_shards
     from psla_tf.data import pipeline
@@ -189,8 +227,17 @@ def test_random_gain_in_training_pipeline(tmp_path):
         np.testing.assert_array_equal(la.numpy(), lb.numpy())
         ratio = a["num_samples"].numpy() / b["num_samples"].numpy()       # = rate r
         assert np.all((ratio > 0.9 - 1e-3) & (ratio < 1.1 + 1e-3)) and np.ptp(ratio) > 0
+    noisy = list(pipeline.make_train_dataset(glob, noise_prob=1.0, noise_snr_db=(20.0, 20.0),
+                                             **kw))
+    for (a, la), (b, lb) in zip(plain, noisy):                # noise only: same clips, 20 dB
+        np.testing.assert_array_equal(la.numpy(), lb.numpy())
+        a, b = a["waveform"].numpy(), b["waveform"].numpy()
+        snr = 10 * np.log10((a ** 2).sum(axis=1) / ((b - a) ** 2).sum(axis=1))
+        np.testing.assert_allclose(snr, 20.0, atol=0.5)
     with pytest.raises(ValueError, match="random_gain_db"):
         pipeline.make_train_dataset(glob, random_gain_db=-1.0, **kw)
+    with pytest.raises(ValueError, match="noise_prob"):
+        pipeline.make_train_dataset(glob, noise_prob=2.0, **kw)
 
 
 def test_random_speed():

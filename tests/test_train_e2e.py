@@ -63,6 +63,8 @@ BAD_FLAGS = [
     (["--eval_data=OTHER"], "different vocabularies"),
     (["--trim_onset_db=-3"], "--trim_onset_db must be"),
     (["--vtlp=0.5"], "--vtlp must be"),
+    (["--noise_prob=0.5", "--noise_snr_min_db=20", "--noise_snr_max_db=10"],
+     "--noise_snr_max_db (10) must be"),
 ]
 
 

@@ -316,6 +316,7 @@ SAMPLING_ORDERS = ("iid", "stream")
 def _check_train_args(spec: DataSpec, batch_size: int, clip_samples: int | None,
                       sampling_order: str, mixup: float, mixup_alpha: float,
                       shuffle_buffer: int, random_gain_db: float, random_speed: float,
+                      noise_prob: float, noise_snr_db: tuple[float, float],
                       features_in_pipeline: bool, frontend: Callable | None
                       ) -> tuple[int, int]:
     """:func:`make_train_dataset`'s arguments checked → (clip_samples, steps per epoch)."""
@@ -326,6 +327,11 @@ def _check_train_args(spec: DataSpec, batch_size: int, clip_samples: int | None,
         raise ValueError(f"random_gain_db must be >= 0, got {random_gain_db}")
     if not 0 <= random_speed < 1:
         raise ValueError(f"random_speed must be in [0, 1), got {random_speed}")
+    if not 0 <= noise_prob <= 1:
+        raise ValueError(f"noise_prob must be in [0, 1], got {noise_prob}")
+    if noise_snr_db[1] < noise_snr_db[0]:
+        raise ValueError(f"noise_snr_db must be (low, high) with low <= high, got "
+                         f"{noise_snr_db}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not 0.0 <= mixup <= 1.0:
@@ -360,11 +366,13 @@ def _pipeline_share(batch_size: int, input_context: tf.distribute.InputContext |
             max(1, input_context.num_replicas_in_sync // npipe))
 
 
-def _gain_and_speed(batches: tf.data.Dataset, seed: tf.Tensor, random_gain_db: float,
-                    random_speed: float) -> tf.data.Dataset:
-    """Each batch's waveforms at a random rate in [1 ± random_speed], then scaled by a random
-    gain of ±random_gain_db dB (:mod:`psla_tf.augment`; not in PSLA), seeded per batch."""
-    from psla_tf.augment import random_gain
+def _waveform_augmentations(batches: tf.data.Dataset, seed: tf.Tensor, random_gain_db: float,
+                            random_speed: float, noise_prob: float,
+                            noise_snr_db: tuple[float, float]) -> tf.data.Dataset:
+    """Each batch's waveforms at a random rate in [1 ± random_speed], with white noise at
+    U[noise_snr_db] dB SNR on a noise_prob share of the clips, then scaled by a random gain of
+    ±random_gain_db dB (:mod:`psla_tf.augment`; not in PSLA), seeded per batch."""
+    from psla_tf.augment import random_gain, random_noise
     from psla_tf.augment import random_speed as speed_fn
 
     def gain(index, batch):
@@ -372,6 +380,7 @@ def _gain_and_speed(batches: tf.data.Dataset, seed: tf.Tensor, random_gain_db: f
         s = sampling.derive_seed(seed, index)
         w, n = speed_fn(feats["waveform"], feats["num_samples"], random_speed,
                         sampling.derive_seed(s, 1))
+        w = random_noise(w, n, noise_snr_db, noise_prob, sampling.derive_seed(s, 2))
         w = random_gain(w, random_gain_db, s)
         return dict(feats, waveform=w, num_samples=n), labels
     return batches.enumerate().map(_nag(gain))
@@ -384,7 +393,9 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
                        sampling_order: str = "iid",
                        shuffle_buffer: int = 1000, seed: int = 0, initial_epoch: int = 0,
                        num_epochs: int = 1, random_gain_db: float = 0.0,
-                       random_speed: float = 0.0,
+                       random_speed: float = 0.0, noise_prob: float = 0.0,
+                       noise_snr_db: tuple[float, float] = (params.NOISE_SNR_MIN_DB,
+                                                            params.NOISE_SNR_MAX_DB),
                        input_context: tf.distribute.InputContext | None = None,
                        features_in_pipeline: bool = False, frontend: Callable | None = None,
                        with_ids: bool = False, skip_corrupt_records: bool = False,
@@ -429,12 +440,16 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
     each training waveform by a random gain of ±random_gain_db dB after mixup
     (:func:`psla_tf.augment.random_gain`; not in PSLA, off by default); ``random_speed`` > 0
     plays each at a random rate in [1 - random_speed, 1 + random_speed]
-    (:func:`psla_tf.augment.random_speed`; also not in PSLA, off by default).
+    (:func:`psla_tf.augment.random_speed`; also not in PSLA, off by default);
+    ``noise_prob`` > 0 adds white noise at an SNR U[``noise_snr_db``] dB to that share of the
+    clips, after the speed change and before the gain (:func:`psla_tf.augment.random_noise`;
+    not in PSLA, off by default).
     """
     spec = resolve_data(data)
     clip_samples, steps = _check_train_args(
         spec, batch_size, clip_samples, sampling_order, mixup, mixup_alpha, shuffle_buffer,
-        random_gain_db, random_speed, features_in_pipeline, frontend)
+        random_gain_db, random_speed, noise_prob, noise_snr_db, features_in_pipeline,
+        frontend)
 
     pid, npipe, per_batch, replicas_per_pipeline = _pipeline_share(batch_size, input_context)
     base_seed = tf.constant([int(seed), 0x5053_4C41], tf.int64)
@@ -461,9 +476,10 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
                 batches, f"input pipeline ran out of examples before {n_batches} batches "
                          f"in {MAX_DRAWS_PER_EPOCH} draws (do the examples have labels?)")
         batches = batches.take(n_batches)
-        if random_gain_db > 0 or random_speed > 0:
+        if random_gain_db > 0 or random_speed > 0 or noise_prob > 0:
             gain_seed = sampling.derive_seed(base_seed, _SALT_GAIN, epoch, pid)
-            batches = _gain_and_speed(batches, gain_seed, random_gain_db, random_speed)
+            batches = _waveform_augmentations(batches, gain_seed, random_gain_db,
+                                              random_speed, noise_prob, noise_snr_db)
         return batches
 
     epochs = tf.data.Dataset.range(int(initial_epoch), int(initial_epoch) + int(num_epochs))

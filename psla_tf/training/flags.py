@@ -96,6 +96,14 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
     F("random_speed", d.random_speed, "Speed perturbation: each training clip is played at a "
       "rate U[1-x, 1+x] (tempo and pitch; not in PSLA; 0 off). Helps voices/sources unseen "
       "in training.", flag_values=fv)
+    F("noise_prob", d.noise_prob, "Additive noise: each training clip gets white Gaussian "
+      "noise with this probability, at a signal-to-noise ratio U[--noise_snr_min_db, "
+      "--noise_snr_max_db] (not in PSLA; 0 off). For recordings noisier than the training "
+      "set's.", flag_values=fv)
+    F("noise_snr_min_db", d.noise_snr_min_db, "Lowest SNR of --noise_prob's noise, dB.",
+      flag_values=fv)
+    F("noise_snr_max_db", d.noise_snr_max_db, "Highest SNR of --noise_prob's noise, dB.",
+      flag_values=fv)
     I("freqm", d.freqm, "Max frequency-mask width in bins (paper: 48; 0 off).", flag_values=fv)
     I("timem", d.timem, "Max time-mask width in frames (paper: 192; 0 off).", flag_values=fv)
     I("time_shift", d.time_shift, "Random delay of each training clip's fbank by 0..x frames "

@@ -85,6 +85,11 @@ def _check_input(cfg: TrainConfig) -> None:
         raise ConfigError(f"--random_gain_db must be ≥ 0, got {cfg.random_gain_db}")
     if not 0 <= cfg.random_speed < 1:
         raise ConfigError(f"--random_speed must be in [0, 1), got {cfg.random_speed}")
+    if not 0 <= cfg.noise_prob <= 1:
+        raise ConfigError(f"--noise_prob must be in [0, 1], got {cfg.noise_prob:g}")
+    if cfg.noise_snr_max_db < cfg.noise_snr_min_db:
+        raise ConfigError(f"--noise_snr_max_db ({cfg.noise_snr_max_db:g}) must be ≥ "
+                          f"--noise_snr_min_db ({cfg.noise_snr_min_db:g})")
     if not 0 <= cfg.bn_momentum < 1:
         raise ConfigError(f"--bn_momentum must be in [0, 1), got {cfg.bn_momentum}")
     if cfg.target_length < 1 or cfg.freqm < 0 or cfg.timem < 0 or cfg.time_shift < 0:
