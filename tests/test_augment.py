@@ -238,6 +238,9 @@ def test_random_gain_in_training_pipeline(tmp_path):
         pipeline.make_train_dataset(glob, random_gain_db=-1.0, **kw)
     with pytest.raises(ValueError, match="noise_prob"):
         pipeline.make_train_dataset(glob, noise_prob=2.0, **kw)
+    with pytest.raises(ValueError, match="not with features_in_pipeline"):
+        pipeline.make_train_dataset(glob, noise_prob=0.5, features_in_pipeline=True,
+                                    frontend=lambda w, n: w, **kw)
 
 
 def test_random_speed():

@@ -343,6 +343,9 @@ def _check_train_args(spec: DataSpec, batch_size: int, clip_samples: int | None,
     if features_in_pipeline and frontend is None:
         raise ValueError("features_in_pipeline=True needs a frontend "
                          "(a callable (waveform, num_samples) -> fbank)")
+    if features_in_pipeline and (random_gain_db > 0 or random_speed > 0 or noise_prob > 0):
+        raise ValueError("the waveform augmentations (random_gain_db, random_speed, "
+                         "noise_prob) act on waveforms: not with features_in_pipeline=True")
     clip_samples = DEFAULT_CLIP_SAMPLES if clip_samples is None else int(clip_samples)
     if clip_samples <= 0:
         raise ValueError(f"clip_samples must be positive, got {clip_samples}")
