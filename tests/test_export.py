@@ -8,6 +8,7 @@ float32 TFLite 1e-4, float16 / dynamic 1e-2, int8 mAP on the held-out demo split
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -170,6 +171,18 @@ def saved_model(trained, tmp_path_factory):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert os.path.exists(os.path.join(out, "3", "saved_model.pb"))
     return out
+
+
+def test_export_cli_keeps_tensorflow_info_logs_off_stderr(trained, tmp_path):
+    """tools/export.py in its own process: writing a SavedModel, TensorFlow logs INFO lines
+    (absl format, "I1207 09:10:34.058479 ... functional_saver.py:440] ...", one of them
+    listing hundreds of renamed signature inputs); the command's stderr stays free of them
+    (warnings and errors still pass)."""
+    p = _run([sys.executable, "tools/export.py", f"--model={trained[0]}",
+              f"--saved_model_dir={tmp_path / 'sm'}"])
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert os.path.exists(tmp_path / "sm" / "1" / "saved_model.pb")
+    assert not re.search(r"^I\d{4} ", p.stderr, re.M), p.stderr[:2000]
 
 
 def test_saved_model_fresh_process_matches_keras(saved_model, keras_model, trained, tmp_path):

@@ -161,6 +161,15 @@ def import_tensorflow_quietly() -> None:
         os.close(devnull)
 
 
+def quiet_tensorflow_info_logs() -> None:
+    """Python logging at WARNING (absl's verbosity, which sets the root logger's level): under
+    absl's ``app.run`` it passes INFO, and writing a SavedModel logs INFO lines through absl
+    (one lists hundreds of renamed signature inputs) on stderr. Warnings and errors still
+    pass; ``--debug`` keeps the INFO lines."""
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
 def guarded(main: Callable[[list[str]], int | None], argv: list[str]) -> int:
     """``main(argv)`` after the module's declared paths are checked; any exception is one
     line (:func:`fail`), and a failed run's new output files and empty folders are removed
@@ -181,6 +190,7 @@ def guarded(main: Callable[[list[str]], int | None], argv: list[str]) -> int:
         guard = paths.OutputGuard.snapshot(declared, flags.FLAGS, argv)
         if not debug_enabled():
             import_tensorflow_quietly()
+            quiet_tensorflow_info_logs()
         code = main(argv)
     except SystemExit as e:
         code = e.code
