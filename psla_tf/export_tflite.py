@@ -127,6 +127,14 @@ def _frozen_scorer(scorer: "ScoringModel", spec: "ExportSpec", input_samples: in
     return compat.freeze_function(infer.get_concrete_function())
 
 
+def _converter(concrete) -> "tf.lite.TFLiteConverter":
+    """A TFLite converter of a :func:`_frozen_scorer` function. Its weights are constants, so
+    there is no variable for a trackable object to keep alive; an empty one is passed so that
+    the converter does not warn on stderr that none was given."""
+    return tf.lite.TFLiteConverter.from_concrete_functions([concrete],
+                                                           trackable_obj=tf.Module())
+
+
 def _convert_int8(concrete, calibration: Iterable[np.ndarray], input_samples: int,
                   progress: Callable[[int], None] | None) -> bytes:
     """Selective int8: the CNN runs in int8; the front end stays float32 (8-bit frames or
@@ -143,14 +151,14 @@ def _convert_int8(concrete, calibration: Iterable[np.ndarray], input_samples: in
                 progress(i)
             yield [x]
 
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
+    converter = _converter(concrete)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
     converter.representative_dataset = representative
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
                                            tf.lite.OpsSet.TFLITE_BUILTINS]
     converter.inference_input_type = tf.float32
     converter.inference_output_type = tf.float32
-    float_flat = tf.lite.TFLiteConverter.from_concrete_functions([concrete]).convert()
+    float_flat = _converter(concrete).convert()
     options = tf.lite.experimental.QuantizationDebugOptions(
         denylisted_ops=list(INT8_FLOAT_OPS),
         denylisted_nodes=_frontend_tensor_names(float_flat))
@@ -170,7 +178,7 @@ def _convert(concrete, quantize: str, float_kernel_elements: int, calibration,
     if quantize == "int8":
         flat = _convert_int8(concrete, calibration, input_samples, progress)
     else:
-        converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
+        converter = _converter(concrete)
         converter.optimizations = [] if quantize == "none" else [tf.lite.Optimize.DEFAULT]
         if quantize == "float16":
             converter.target_spec.supported_types = [tf.float16]

@@ -173,16 +173,19 @@ def saved_model(trained, tmp_path_factory):
     return out
 
 
-def test_export_cli_keeps_tensorflow_info_logs_off_stderr(trained, tmp_path):
-    """tools/export.py in its own process: writing a SavedModel, TensorFlow logs INFO lines
-    (absl format, "I1207 09:10:34.058479 ... functional_saver.py:440] ...", one of them
-    listing hundreds of renamed signature inputs); the command's stderr stays free of them
-    (warnings and errors still pass)."""
+def test_export_cli_keeps_tensorflow_log_lines_off_stderr(trained, tmp_path):
+    """tools/export.py in its own process, SavedModel and TFLite: writing a SavedModel,
+    TensorFlow logs INFO lines (absl format, "I1207 09:10:34.058479 ...
+    functional_saver.py:440] ...", one of them listing hundreds of renamed signature
+    inputs), and the TFLite converter warned that no trackable object was given (its weights
+    are constants); the command's stderr stays free of both (real warnings still pass)."""
     p = _run([sys.executable, "tools/export.py", f"--model={trained[0]}",
-              f"--saved_model_dir={tmp_path / 'sm'}"])
+              f"--saved_model_dir={tmp_path / 'sm'}", f"--tflite={tmp_path / 'm.tflite'}",
+              f"--tflite_seconds={TFLITE_SECONDS}"])
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert os.path.exists(tmp_path / "sm" / "1" / "saved_model.pb")
-    assert not re.search(r"^I\d{4} ", p.stderr, re.M), p.stderr[:2000]
+    assert os.path.getsize(tmp_path / "m.tflite") > 0
+    assert not re.search(r"^[IW]\d{4} ", p.stderr, re.M), p.stderr[:2000]
 
 
 def test_saved_model_fresh_process_matches_keras(saved_model, keras_model, trained, tmp_path):
