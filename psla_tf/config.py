@@ -77,6 +77,7 @@ class TrainConfig:
     stem_init: str = "random"
     backbone_init: str = "auto"
     zero_init_residual: bool = True
+    head_bias_init: str = "reference"
     bn_momentum: float = 0.99
     fused_batchnorm: bool = True
     pointwise_matmul: bool = True

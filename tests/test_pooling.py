@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from psla_tf.models.pooling import (AttentionPooling, MeanPooling, MultiHeadAttentionPooling,
-                                    make_pooling)
+                                    init_class_prior, make_pooling)
 
 B, T, D, C = 3, 7, 16, 5
 
@@ -146,3 +146,23 @@ def test_keras_round_trip(tmp_path):
 def test_bad_input_rank():
     with pytest.raises(ValueError, match="batch, time, features"):
         AttentionPooling(C)(tf.zeros((2, 3, 4, 5)))
+
+
+@pytest.mark.parametrize("att_head", [0, 1, 4, "dense"])
+def test_class_prior_initialisation_starts_scores_at_the_prior(att_head):
+    """--head_bias_init=prior: an untrained head on small features scores each class at its
+    prior (the pooled sigmoid of logit(p) is p; attention weights sum to 1, head weights too;
+    the global-pooling backbones' sigmoid Dense likewise)."""
+    keras.utils.set_random_seed(0)
+    prior = np.array([0.5, 0.2, 0.01, 1e-6, 0.9])
+    x = 1e-3 * _x()                       # features near 0: the kernels contribute ~1e-4
+    if att_head == "dense":
+        layer, x = keras.layers.Dense(C, activation="sigmoid"), x[:, 0]
+    else:
+        layer = make_pooling(C, att_head)
+    layer(x)
+    init_class_prior(layer, prior)
+    expected = np.broadcast_to(np.clip(prior, 1e-4, 1), (B, C))
+    np.testing.assert_allclose(layer(x).numpy(), expected, rtol=2e-3, atol=1e-5)
+    with pytest.raises(ValueError, match="shape"):
+        init_class_prior(layer, prior[:2])

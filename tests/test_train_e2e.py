@@ -65,6 +65,7 @@ BAD_FLAGS = [
     (["--vtlp=0.5"], "--vtlp must be"),
     (["--noise_prob=0.5", "--noise_snr_min_db=20", "--noise_snr_max_db=10"],
      "--noise_snr_max_db (10) must be"),
+    (["--head_bias_init=prior", "--append_classes"], "contradicts --append_classes"),
 ]
 
 
@@ -82,6 +83,8 @@ def runs(data, tmp_path_factory):
                          "--flagfile=" + os.path.join(ROOT, "configs", "balanced.flags"),
                          "--eff_b=0", "--att_head=1", "--target_length=48", "--batch_size=4",
                          "--pretrained=none", "--dry_run"], f"{out}/x")}
+    args["prior_head"] = ([*base, f"--exp_dir={out}/prior", *TINY, "--head_bias_init=prior",
+                           "--dry_run"], None)
     for extra, message in BAD_FLAGS:
         if extra == ["--eval_data=OTHER"]:
             other = _write_set(str(d / "other"), 4, 2, ["/m/x", "/m/b", "/m/c"])
@@ -164,3 +167,17 @@ def test_average_weights_rebuilds_the_runs_weight_average(runs, tmp_path):
             moving += 1
             assert not np.allclose(v.numpy(), mean, rtol=1e-4, atol=1e-5), v.path
     assert moving > 0
+
+
+def test_head_bias_init_prior_starts_at_the_balanced_stream_prior(runs):
+    """--head_bias_init=prior: the run's new head starts at the mean target of Algorithm 1's
+    draws, computed here from _write_set's labels with dense NumPy."""
+    p, _ = runs("prior_head")
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    hot = np.zeros((16, 3))
+    for i in range(16):
+        hot[i, [i % 3] + ([(i + 1) % 3] if i % 4 == 0 else [])] = 1.0
+    w = hot @ (1.0 / hot.sum(0))                     # w_i = sum_k 1 / c_k
+    prior = (w @ hot) / w.sum()
+    assert f"class biases at logit(prior)" in p.stdout
+    assert f"({prior.min():.4f}-{prior.max():.4f})" in p.stdout, p.stdout[-2000:]

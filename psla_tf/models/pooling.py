@@ -21,11 +21,13 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from psla_tf import params
 
-__all__ = ["MeanPooling", "AttentionPooling", "MultiHeadAttentionPooling", "make_pooling"]
+__all__ = ["MeanPooling", "AttentionPooling", "MultiHeadAttentionPooling", "make_pooling",
+           "init_class_prior", "prior_logits"]
 
 
 class _Pooling(keras.layers.Layer):
@@ -52,6 +54,13 @@ class _Pooling(keras.layers.Layer):
         bias = self.add_weight(name=f"{prefix}_bias", shape=(self.num_heads, self.num_classes),
                                initializer=b_init)
         return kernel, bias
+
+    def init_class_prior(self, prior) -> None:
+        """Start every head's class biases at logit(prior) ``[C]`` (:func:`prior_logits`),
+        so the untrained pooled scores are about the training set's mean targets instead of
+        0.5 (not in the reference; ``--head_bias_init=prior``)."""
+        logit = prior_logits(prior, self.num_classes)
+        self.cla_bias.assign(np.broadcast_to(logit, (self.num_heads, self.num_classes)))
 
     @staticmethod
     def _conv(x, kernel, bias):
@@ -171,6 +180,25 @@ class MultiHeadAttentionPooling(AttentionPooling):
         config = super().get_config()
         config.update(num_heads=self.num_heads)
         return config
+
+
+def prior_logits(prior, num_classes: int) -> np.ndarray:
+    """logit(p) ``[C]`` float32 of class priors ``[C]`` clipped to [1e-4, 1 − 1e-4]."""
+    p = np.clip(np.asarray(prior, np.float64), 1e-4, 1.0 - 1e-4)
+    if p.shape != (num_classes,):
+        raise ValueError(f"prior must have shape ({num_classes},), got {p.shape}")
+    return np.log(p / (1.0 - p)).astype(np.float32)
+
+
+def init_class_prior(head: keras.layers.Layer, prior) -> None:
+    """A tagger's head (a pooling layer above, or the sigmoid ``Dense`` of the global-pooling
+    backbones) starts its class scores at ``prior`` ``[C]``: biases at logit(prior)."""
+    if isinstance(head, _Pooling):
+        head.init_class_prior(prior)
+    elif isinstance(head, keras.layers.Dense) and head.use_bias:
+        head.bias.assign(prior_logits(prior, head.units))
+    else:
+        raise ValueError(f"no class biases to initialise in {type(head).__name__}")
 
 
 def make_pooling(num_classes: int, att_head: int, name: str = "pooling") -> _Pooling:

@@ -104,6 +104,12 @@ def _check_input(cfg: TrainConfig) -> None:
         raise ConfigError(f"--vtlp must be in [0, 0.5), got {cfg.vtlp:g}")
     if cfg.trim_onset_db < 0:
         raise ConfigError(f"--trim_onset_db must be ≥ 0 (0 off), got {cfg.trim_onset_db:g}")
+    if cfg.head_bias_init not in ("reference", "prior"):
+        raise ConfigError(f"--head_bias_init must be reference or prior, got "
+                          f"{cfg.head_bias_init!r}")
+    if cfg.head_bias_init == "prior" and cfg.append_classes:
+        raise ConfigError("--head_bias_init=prior contradicts --append_classes (the appended "
+                          "head keeps the source model's biases); leave it out")
     if (cfg.dataset_mean is None) != (cfg.dataset_std is None):
         raise ConfigError("give both --dataset_mean and --dataset_std, or neither")
     if cfg.dataset_std is not None and cfg.dataset_std <= 0:

@@ -148,10 +148,27 @@ def _build(cfg: TrainConfig, r: Resolved, strategy, replicas: int):
     elif cfg.init_from:  # fine-tuning: copy matching layers, new heads for a new vocabulary
         from psla_tf.training import finetune
         init_report = finetune.init_from(model, cfg.init_from, target_mids=r.train.mids)
+    new_head = not cfg.init_from or (init_report is not None
+                                     and bool(init_report.heads_reinitialised))
+    if cfg.head_bias_init == "prior" and new_head:   # (not with --append_classes: plan)
+        _init_head_prior(model, cfg, r)
     # the input pipeline seeds every op explicitly (stateless from --seed); a global TF seed
     # would only change tf.data's seed handling (and breaks tensor-valued shuffle seeds)
     tf.random.set_seed(None)
     return model, init_report, source_model
+
+
+def _init_head_prior(model, cfg: TrainConfig, r: Resolved) -> None:
+    """``--head_bias_init=prior``: the new head's class biases at logit of each class's mean
+    training target under the run's sampling (:func:`psla_tf.data.sampling.class_prior`)."""
+    from psla_tf.data import record_index, sampling
+    from psla_tf.models.pooling import init_class_prior
+    index = record_index.load_record_index(r.train, skip_corrupt=cfg.skip_corrupt_records)
+    prior = sampling.class_prior(index.label_indptr, index.label_indices,
+                                 r.train.class_counts, balanced=cfg.balanced_sampling)
+    init_class_prior(model.get_layer("classifier").get_layer("pooling"), prior)
+    print(f"head: class biases at logit(prior), the mean training target per class "
+          f"({prior.min():.4f}-{prior.max():.4f})", flush=True)
 
 
 def _announce(cfg: TrainConfig, strategy, replicas: int, chief: bool, init_report) -> None:
