@@ -151,8 +151,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "in the reference): from scratch, EfficientNet leaves the class-prior plateau epochs "
       "sooner (docs/learning.md). --pretrained weights replace it.", flag_values=fv)
     E("head_bias_init", d.head_bias_init, ["reference", "prior"], "Class biases of a new "
-      "pooling head (from scratch, or a new vocabulary): reference (U(+-1/sqrt(D)), the "
-      "untrained scores near 0.5) or prior (logit of each class's mean training target under "
+      "pooling head (from scratch, or a new vocabulary): reference (the reference's heads: "
+      "zero or U(+-1/sqrt(D)) biases, the untrained scores near 0.5) or prior (logit of each class's mean training target under "
       "the run's sampling, so the untrained scores start at the prior; not in the reference; "
       "from scratch it helped some seeds and hurt others, docs/learning.md).", flag_values=fv)
     F("bn_momentum", d.bn_momentum, "BatchNorm moving-average momentum, Keras convention "
