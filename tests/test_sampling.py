@@ -243,7 +243,8 @@ def test_class_prior_is_the_mean_target_of_the_draws(balanced):
     counts = hot.sum(0)
     indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
     indices = np.concatenate(rows)
-    prior = sampling.class_prior(indptr, indices, counts, balanced=balanced)
+    weights = sampling.balanced_sampling_weights(rows, counts) if balanced else None
+    prior = sampling.class_prior(indptr, indices, c, weights)
     np.testing.assert_allclose(
         prior, sampling.expected_class_frequency(hot, counts, balanced=balanced) / n, rtol=1e-12)
     w = sampling.balanced_sampling_weights(hot, counts) if balanced else np.ones(n)

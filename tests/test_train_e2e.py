@@ -179,5 +179,5 @@ def test_head_bias_init_prior_starts_at_the_balanced_stream_prior(runs):
         hot[i, [i % 3] + ([(i + 1) % 3] if i % 4 == 0 else [])] = 1.0
     w = hot @ (1.0 / hot.sum(0))                     # w_i = sum_k 1 / c_k
     prior = (w @ hot) / w.sum()
-    assert f"class biases at logit(prior)" in p.stdout
+    assert "class biases at logit(prior)" in p.stdout
     assert f"({prior.min():.4f}-{prior.max():.4f})" in p.stdout, p.stdout[-2000:]

@@ -121,33 +121,26 @@ def expected_class_frequency(labels: np.ndarray | Sequence[Sequence[int]],
     return poisson_rates(w, n, total=float(w.sum())) @ hot
 
 
-def class_prior(label_indptr: np.ndarray, label_indices: np.ndarray,
-                class_counts: Sequence[int] | np.ndarray, balanced: bool = True) -> np.ndarray:
+def class_prior(label_indptr: np.ndarray, label_indices: np.ndarray, num_classes: int,
+                weights: np.ndarray | None = None) -> np.ndarray:
     """Mean training target of each class ``[C]``: the fraction of drawn examples labelled k
     (mixup keeps it: a mixed target is a convex combination of two draws' targets).
 
-    Labels as CSR (``label_indptr`` ``[N + 1]``, ``label_indices`` ``[nnz]``); balanced:
-    sum_{i : k in labels(i)} w_i / W with Algorithm 1's weights, otherwise c_k / N.
+    Labels as CSR (``label_indptr`` ``[N + 1]``, ``label_indices`` ``[nnz]``); ``weights``
+    ``[N]``: each example's sampling weight (Algorithm 1's w_i for balanced sampling,
+    ``RecordIndex.sampling_weights``), None for every example once: sum_{i : k in labels(i)}
+    w_i / W, or c_k / N.
     """
-    counts = np.asarray(class_counts, np.float64)
     indptr = np.asarray(label_indptr, np.int64)
-    indices = np.asarray(label_indices, np.int64)
     n = indptr.shape[0] - 1
     if n < 1:
         raise ValueError("class_prior needs at least one example")
-    rows = np.repeat(np.arange(n), np.diff(indptr))
-    if not balanced:
-        hits = np.zeros(counts.shape[0], np.float64)
-        np.add.at(hits, indices, 1.0)
-        return hits / n
-    inv = inverse_class_counts(counts)
-    w = np.zeros(n, np.float64)
-    np.add.at(w, rows, inv[indices])
+    w = np.ones(n, np.float64) if weights is None else np.asarray(weights, np.float64)
     total = w.sum()
     if total <= 0:
         raise ValueError("all sampling weights are zero (no example has a label)")
-    mass = np.zeros(counts.shape[0], np.float64)
-    np.add.at(mass, indices, w[rows])
+    mass = np.zeros(int(num_classes), np.float64)
+    np.add.at(mass, np.asarray(label_indices, np.int64), np.repeat(w, np.diff(indptr)))
     return mass / total
 
 

@@ -164,8 +164,9 @@ def _init_head_prior(model, cfg: TrainConfig, r: Resolved) -> None:
     from psla_tf.data import record_index, sampling
     from psla_tf.models.pooling import init_class_prior
     index = record_index.load_record_index(r.train, skip_corrupt=cfg.skip_corrupt_records)
-    prior = sampling.class_prior(index.label_indptr, index.label_indices,
-                                 r.train.class_counts, balanced=cfg.balanced_sampling)
+    weights = index.sampling_weights(r.train.class_counts) if cfg.balanced_sampling else None
+    prior = sampling.class_prior(index.label_indptr, index.label_indices, index.num_classes,
+                                 weights)
     init_class_prior(model.get_layer("classifier").get_layer("pooling"), prior)
     print(f"head: class biases at logit(prior), the mean training target per class "
           f"({prior.min():.4f}-{prior.max():.4f})", flush=True)
