@@ -60,3 +60,8 @@ PSEUDO_LABEL_WEIGHT: float = 0.3
 IM_LEARNING_RATE: float = 1e-3
 # what it adapts: BatchNorm scale and offset (the default), or every backbone weight (SHOT)
 ADAPT_SCOPES: tuple[str, ...] = ("batchnorm", "encoder")
+# how SHOT's pseudo-labels are assigned: the nearest class centroid (SHOT), or the same
+# similarities spread evenly over the classes (Sinkhorn-Knopp; psla_tf.models.adaptation)
+PSEUDO_LABELS: tuple[str, ...] = ("centroid", "balanced")
+# the entropic regularisation of that balanced assignment (on cosine similarities; SwAV's)
+SINKHORN_EPSILON: float = 0.05

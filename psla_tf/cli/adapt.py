@@ -43,6 +43,10 @@ flags.DEFINE_float("pseudo_label_weight", params.PSEUDO_LABEL_WEIGHT, "With --ep
                    "weight β of SHOT's pseudo-label term (each clip labelled by the nearest "
                    "class centroid of the clips' embeddings, every epoch). 0: information "
                    "maximisation alone.", lower_bound=0)
+flags.DEFINE_enum("pseudo_labels", params.PSEUDO_LABELS[0], list(params.PSEUDO_LABELS),
+                  "With --epochs and --pseudo_label_weight > 0: centroid, each clip takes its "
+                  "nearest class centroid (SHOT); balanced, the same similarities assigned so "
+                  "that the clips spread evenly over the classes (Sinkhorn-Knopp).")
 flags.DEFINE_enum("scope", params.ADAPT_SCOPES[0], list(params.ADAPT_SCOPES), "With "
                   "--epochs: what information maximisation adapts: batchnorm, the BatchNorm scale and offset "
                   "(configs/fsdd.flags' choice); encoder, every backbone weight, the attention "
@@ -104,7 +108,7 @@ def main(argv: list[str] | None = None):
         kept, losses = adapter.maximise_information(
             FLAGS.epochs, progress=FLAGS.progress,
             pseudo_label_weight=FLAGS.pseudo_label_weight, scope=FLAGS.scope,
-            learning_rate=FLAGS.learning_rate)
+            learning_rate=FLAGS.learning_rate, pseudo_labels=FLAGS.pseudo_labels)
         print(f"information maximisation ({FLAGS.scope}) on {kept} clips: loss {losses[0]:.4f} "
               f"→ {losses[-1]:.4f} over {FLAGS.epochs} epochs")
     out_dir = os.path.dirname(os.path.abspath(FLAGS.output))

@@ -26,7 +26,11 @@ self-supervised pseudo-labels (:func:`shot_pseudo_labels`, Sec. 3.3 there): at t
 every epoch each clip is labelled by the nearest class centroid of the clips' embeddings, and
 ``β · CE(pseudo-label, p)`` joins the loss (β = 0.3, SHOT's value for digits). Clips of one
 speaker saying one digit lie close together: their centroid corrects the clips the classifier
-alone gets wrong. The adapted model is an ordinary tagger (``.keras``; exports as any other).
+alone gets wrong. ``pseudo_labels="balanced"`` assigns the same centroid similarities under
+the constraint that the clips spread evenly over the classes (:func:`balanced_assignment`,
+the equipartition of SwAV's Sinkhorn-Knopp step; Caron et al., 2020), the assumption the IM
+loss's diversity term already makes, so that a digit the classifier hears as another cannot
+draw both clusters to one centroid. The adapted model is an ordinary tagger (``.keras``; exports as any other).
 ``scope="encoder"`` adapts every backbone weight instead of the BatchNorm affine parameters
 alone, the attention head frozen — SHOT's own choice (the "hypothesis" fixed, the feature
 extractor adapted); on FSDD's validation speakers it was no better (docs/fsdd_recipe.md).
@@ -45,9 +49,10 @@ from psla_tf import params
 from psla_tf.models.batchnorm import BatchNormStatistics, batchnorm_layers
 
 __all__ = ["BatchNormAdapter", "adapt_batchnorm", "maximise_information",
-           "information_maximisation_loss", "shot_pseudo_labels", "is_single_label",
+           "information_maximisation_loss", "shot_pseudo_labels", "balanced_assignment",
+           "is_single_label",
            "adaptable_variables", "ClipSample", "MIN_ADAPT_CLIPS", "MAX_IM_CLIPS",
-           "PSEUDO_LABEL_WEIGHT", "SCOPES"]
+           "PSEUDO_LABEL_WEIGHT", "PSEUDO_LABELS", "SCOPES"]
 
 # fewer clips than this give statistics too noisy to replace the training domain's
 MIN_ADAPT_CLIPS = 16
@@ -58,6 +63,7 @@ IM_BATCH_SIZE = 50
 IM_LEARNING_RATE = params.IM_LEARNING_RATE
 PSEUDO_LABEL_WEIGHT = params.PSEUDO_LABEL_WEIGHT   # SHOT's β (docs/own_data.md)
 SCOPES = params.ADAPT_SCOPES   # what information maximisation adapts (adaptable_variables)
+PSEUDO_LABELS = params.PSEUDO_LABELS   # how shot_pseudo_labels assigns them
 
 
 def is_single_label(model: keras.Model) -> bool:
@@ -97,21 +103,50 @@ def information_maximisation_loss(probs):
     return entropy + tf.reduce_sum(mean * tf.math.log(mean))
 
 
-def shot_pseudo_labels(probs: np.ndarray, features: np.ndarray, rounds: int = 2
-                       ) -> np.ndarray:
+def balanced_assignment(scores: np.ndarray, epsilon: float = params.SINKHORN_EPSILON,
+                        iterations: int = 200, tol: float = 1e-9) -> np.ndarray:
+    """Each of N items' class ``[N]`` under an even spread over the C classes: the
+    entropic optimal transport of the uniform distribution over the items onto the uniform
+    distribution over the classes with gain ``scores`` ``[N, C]`` (Sinkhorn-Knopp; SwAV's
+    equipartition, Caron et al., 2020), each item then taking its most probable class.
+    ``epsilon``: the entropic regularisation (smaller: closer to the hard assignment);
+    columns of ``-inf`` (classes left out) get no item."""
+    scores = np.asarray(scores, np.float64)
+    keep = np.isfinite(scores).all(0)
+    if not keep.any():
+        raise ValueError("balanced_assignment: every class is left out")
+    s = scores[:, keep]
+    q = np.exp((s - s.max()) / epsilon)
+    n, c = q.shape
+    for _ in range(iterations):
+        q *= (1.0 / c) / np.maximum(q.sum(0, keepdims=True), 1e-300)
+        row = q.sum(1, keepdims=True)
+        q *= (1.0 / n) / np.maximum(row, 1e-300)
+        if np.abs(q.sum(0) * c - 1.0).max() < tol:
+            break
+    return np.flatnonzero(keep)[q.argmax(1)]
+
+
+def shot_pseudo_labels(probs: np.ndarray, features: np.ndarray, rounds: int = 2,
+                       assign: str = "centroid") -> np.ndarray:
     """SHOT's self-supervised pseudo-labels (Liang et al., 2020, Sec. 3.3, eqs. 4-6).
 
     Class centroids of the clips' features weighted by their class probabilities; each clip
     takes the class of its nearest centroid (cosine distance); the centroids again from those
     labels (classes with no clip left out), and the labels again (``rounds`` = 2 as SHOT).
     As SHOT's code, a constant 1 is appended to every feature vector before the rows are
-    L2-normalised.
+    L2-normalised. ``assign="balanced"``: each round's labels by :func:`balanced_assignment`
+    of the cosine similarities instead of the nearest centroid (the clips spread evenly over
+    the classes).
 
     Args:
       probs: ``[N, C]`` class probabilities; features: ``[N, D]`` embeddings of the clips.
     Returns:
       ``[N]`` int64 class indices.
     """
+    if assign not in PSEUDO_LABELS:
+        raise ValueError(f"pseudo-label assignment {assign!r}: expected one of "
+                         f"{', '.join(PSEUDO_LABELS)}")
     probs = np.asarray(probs, np.float64)
     f = np.asarray(features, np.float64)
     f = np.concatenate([f, np.ones((len(f), 1))], 1)
@@ -123,7 +158,8 @@ def shot_pseudo_labels(probs: np.ndarray, features: np.ndarray, rounds: int = 2
         centroids = weights.T @ f / (1e-8 + mass[:, None])
         similarity = f @ centroids.T / np.maximum(np.linalg.norm(centroids, axis=1), 1e-12)
         similarity[:, mass <= 0] = -np.inf
-        labels = similarity.argmax(1)
+        labels = (balanced_assignment(similarity) if assign == "balanced"
+                  else similarity.argmax(1))
         weights = np.eye(probs.shape[1])[labels]
     return labels
 
@@ -132,13 +168,14 @@ def maximise_information(model: keras.Model, waveform: np.ndarray, num_samples: 
                          epochs: int, batch_size: int = IM_BATCH_SIZE,
                          learning_rate: float = IM_LEARNING_RATE, seed: int = 0,
                          pseudo_label_weight: float = PSEUDO_LABEL_WEIGHT,
-                         progress: bool = False, scope: str = "batchnorm") -> list[float]:
+                         progress: bool = False, scope: str = "batchnorm",
+                         pseudo_labels: str = PSEUDO_LABELS[0]) -> list[float]:
     """Adapt a single-label tagger's BatchNorm γ, β (``scope``: :func:`adaptable_variables`)
     in place to unlabelled clips by SHOT
     (module doc): Adam, ``epochs`` passes over the clips in a random order (``seed``) in
     batches of ``batch_size``, minimising the IM loss plus ``pseudo_label_weight`` × the
     cross-entropy with each clip's :func:`shot_pseudo_labels` (recomputed at the start of
-    every epoch; 0: IM alone), the model in inference mode (its moving statistics, no
+    every epoch, assigned as ``pseudo_labels`` says; 0: IM alone), the model in inference mode (its moving statistics, no
     masking, dropout off). Call it after :func:`adapt_batchnorm`. ``progress``: a tqdm bar
     over the epochs.
 
@@ -155,6 +192,9 @@ def maximise_information(model: keras.Model, waveform: np.ndarray, num_samples: 
     variables = adaptable_variables(model, scope)
     if pseudo_label_weight < 0:
         raise ValueError(f"pseudo_label_weight must be >= 0, got {pseudo_label_weight}")
+    if pseudo_labels not in PSEUDO_LABELS:
+        raise ValueError(f"pseudo_labels {pseudo_labels!r}: expected one of "
+                         f"{', '.join(PSEUDO_LABELS)}")
     optimizer = keras.optimizers.Adam(learning_rate)
     beta = float(pseudo_label_weight)
 
@@ -187,8 +227,8 @@ def maximise_information(model: keras.Model, waveform: np.ndarray, num_samples: 
                          "num_samples": tf.constant(num_samples[i:i + batch_size])},
                         training=False) for i in range(0, len(waveform), batch_size)]
             labels = shot_pseudo_labels(np.concatenate([p.numpy() for p, _ in out]),
-                                        np.concatenate([f.numpy() for _, f in out])
-                                        ).astype(np.int32)
+                                        np.concatenate([f.numpy() for _, f in out]),
+                                        assign=pseudo_labels).astype(np.int32)
         order = rng.permutation(len(waveform))
         total = 0.0
         for i in range(0, len(order), batch_size):
@@ -309,7 +349,8 @@ class BatchNormAdapter:
     def maximise_information(self, epochs: int, progress: bool = False,
                              pseudo_label_weight: float = PSEUDO_LABEL_WEIGHT,
                              scope: str = "batchnorm",
-                             learning_rate: float = IM_LEARNING_RATE
+                             learning_rate: float = IM_LEARNING_RATE,
+                             pseudo_labels: str = PSEUDO_LABELS[0]
                              ) -> tuple[int, list[float]]:
         """After :meth:`finish`: the model's BatchNorm γ, β (``scope``) by
         :func:`maximise_information` over the kept clips (``keep_clips`` > 0) → (clips used,
@@ -320,7 +361,7 @@ class BatchNormAdapter:
         return len(waveform), maximise_information(
             self.model, waveform, num_samples, epochs=epochs, progress=progress,
             pseudo_label_weight=pseudo_label_weight, scope=scope,
-            learning_rate=learning_rate)
+            learning_rate=learning_rate, pseudo_labels=pseudo_labels)
 
     def abort(self) -> None:
         """Put the model back as it was (no statistics written)."""
@@ -335,11 +376,12 @@ class BatchNormAdapter:
 def adapt_batchnorm(model: keras.Model, batches: Iterable[Any],
                     min_clips: int = MIN_ADAPT_CLIPS, im_epochs: int = 0,
                     pseudo_label_weight: float = PSEUDO_LABEL_WEIGHT,
-                    scope: str = "batchnorm", learning_rate: float = IM_LEARNING_RATE
-                    ) -> int:
+                    scope: str = "batchnorm", learning_rate: float = IM_LEARNING_RATE,
+                    pseudo_labels: str = PSEUDO_LABELS[0]) -> int:
     """Adapt ``model``'s BatchNorm statistics (in place) to the clips of ``batches``; with
     ``im_epochs`` > 0 (single-label taggers) then its BatchNorm γ, β (``scope``) by
-    :func:`maximise_information` (``pseudo_label_weight``: SHOT's β; ``learning_rate``) over
+    :func:`maximise_information` (``pseudo_label_weight``: SHOT's β, ``pseudo_labels`` their
+    assignment; ``learning_rate``) over
     (a sample of at most ``MAX_IM_CLIPS`` of) them.
 
     ``batches`` yields ``{"waveform": [B, S], "num_samples": [B]}`` dicts or ``(dict,
@@ -361,5 +403,6 @@ def adapt_batchnorm(model: keras.Model, batches: Iterable[Any],
     clips = adapter.finish(min_clips)
     if im_epochs > 0:
         adapter.maximise_information(im_epochs, pseudo_label_weight=pseudo_label_weight,
-                                     scope=scope, learning_rate=learning_rate)
+                                     scope=scope, learning_rate=learning_rate,
+                                     pseudo_labels=pseudo_labels)
     return clips
