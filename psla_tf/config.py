@@ -49,6 +49,7 @@ class TrainConfig:
     adapt_batchnorm: bool = False
     adapt_epochs: int = 0
     adapt_pseudo_label_weight: float = params.PSEUDO_LABEL_WEIGHT
+    adapt_pseudo_labels: str = params.PSEUDO_LABELS[0]
     balanced_sampling: bool = True
     sampling_order: str = "iid"
     records_in_memory_mb: int = params.RECORDS_IN_MEMORY_MB

@@ -364,15 +364,18 @@ def test_adapted_row_is_the_model_adapted_to_the_held_out_group(tmp_path):
     assert again["adapted"]["accuracy"] == pytest.approx(before["adapted"]["accuracy"])
     assert (fold / "adapted_model.keras").exists()
     # --adapt_epochs: the row's model is then also adapted by information maximisation
-    # (with SHOT's pseudo-labels at --adapt_pseudo_label_weight)
+    # (with SHOT's pseudo-labels at --adapt_pseudo_label_weight, --adapt_pseudo_labels)
     im = train(dataclasses.replace(config_from_flagfile(str(fold / "flags.txt")),
-                                   verbose=0, adapt_epochs=2, adapt_pseudo_label_weight=0.1))[0]
+                                   verbose=0, adapt_epochs=2, adapt_pseudo_label_weight=0.1,
+                                   adapt_pseudo_labels="balanced"))[0]
     assert im["adapted"]["im_epochs"] == 2 and im["seconds"] == before["seconds"]
     assert im["adapted"]["pseudo_label_weight"] == 0.1
+    assert im["adapted"]["pseudo_labels"] == "balanced"
     ds1 = pipeline.make_eval_dataset(_flags(fold / "flags.txt")["eval_data"],
                                      cfg.eval_batch_size, pipeline.clip_samples_for_frames(40))
     want = load_tagger(str(fold / "final_model.keras"))
-    adapt_batchnorm(want, ds1, min_clips=2, im_epochs=2, pseudo_label_weight=0.1)
+    adapt_batchnorm(want, ds1, min_clips=2, im_epochs=2, pseudo_label_weight=0.1,
+                    pseudo_labels="balanced")
     got = load_tagger(str(fold / "adapted_model.keras"))
     for a, b in zip(want.weights, got.weights):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-4, atol=1e-5)

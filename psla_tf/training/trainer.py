@@ -47,7 +47,8 @@ _RESUME_FREE_FLAGS = ("verbose", "resume", "strategy", "tpu", "jit_compile", "de
                       "skip_corrupt_records", "eval_batch_size", "save_predictions",
                       "allow_cut_clips", "fbank_dft", "fused_batchnorm", "pointwise_matmul",
                       "swish_saved_sigmoid", "adapt_batchnorm", "adapt_epochs",
-                      "adapt_pseudo_label_weight", "records_in_memory_mb")
+                      "adapt_pseudo_label_weight", "adapt_pseudo_labels",
+                      "records_in_memory_mb")
 
 
 def check_resume_flags(cfg: TrainConfig, exp_dir: str) -> None:
@@ -441,12 +442,14 @@ def _adapted(cfg: TrainConfig, loop: _Loop, model, chief: bool) -> dict[str, Any
                            "im_epochs": cfg.adapt_epochs}
     if cfg.adapt_epochs:
         row["pseudo_label_weight"] = cfg.adapt_pseudo_label_weight
+        row["pseudo_labels"] = cfg.adapt_pseudo_labels
     for which, ev in (("eval", loop.evaluation), ("val", loop.val_eval)):
         if ev is None:
             continue
         copy.set_weights(weights)
         clips = adapt_batchnorm(copy, ev.dataset, im_epochs=cfg.adapt_epochs,
-                                pseudo_label_weight=cfg.adapt_pseudo_label_weight)
+                                pseudo_label_weight=cfg.adapt_pseudo_label_weight,
+                                pseudo_labels=cfg.adapt_pseudo_labels)
         result = ev.score(ev.predict(copy))
         if which == "val":
             row.update(selection.val_fields(result))
@@ -456,7 +459,8 @@ def _adapted(cfg: TrainConfig, loop: _Loop, model, chief: bool) -> dict[str, Any
         with atomic.atomic_path(path, ".keras") as tmp:
             copy.save(tmp)
     im = (f", {cfg.adapt_epochs} epochs of information maximisation (pseudo-label weight "
-          f"{cfg.adapt_pseudo_label_weight:g})" if cfg.adapt_epochs else "")
+          f"{cfg.adapt_pseudo_label_weight:g}, {cfg.adapt_pseudo_labels})"
+          if cfg.adapt_epochs else "")
     print(f"adapted ({row['model']}, BatchNorm statistics of the {row.get('clips')} "
           f"evaluated clips{im}): mAP {row['mAP']:.4f}"
           + (f" accuracy {row['accuracy']:.4f}" if "accuracy" in row else ""), flush=True)
