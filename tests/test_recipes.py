@@ -37,6 +37,21 @@ def test_defaults_are_the_full_audioset_recipe():
     assert default.pretrained == "imagenet" and default.sampling_order == "iid"
 
 
+def test_every_config_field_is_a_flag_with_its_default():
+    """main.py's flags and TrainConfig's fields are the same names with the same defaults
+    (a field without a flag could not be set from the command line)."""
+    from absl import flags
+
+    from psla_tf.training import flags as train_flags
+    from psla_tf.training.trainer import TrainConfig
+    fv = flags.FlagValues()
+    train_flags.define_flags(fv)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert fields == set(fv), (fields ^ set(fv))
+    default = TrainConfig()
+    assert {n: fv[n].default for n in fields} == {n: getattr(default, n) for n in fields}
+
+
 def _comment(recipe: str) -> str:
     with open(os.path.join(ROOT, "configs", recipe + ".flags")) as f:
         return " ".join(line[1:].strip() for line in f if line.startswith("#"))

@@ -46,7 +46,8 @@ flags.DEFINE_float("pseudo_label_weight", params.PSEUDO_LABEL_WEIGHT, "With --ep
 flags.DEFINE_enum("pseudo_labels", params.PSEUDO_LABELS[0], list(params.PSEUDO_LABELS),
                   "With --epochs and --pseudo_label_weight > 0: centroid, each clip takes its "
                   "nearest class centroid (SHOT); balanced, the same similarities assigned so "
-                  "that the clips spread evenly over the classes (Sinkhorn-Knopp).")
+                  "that the clips spread evenly over the classes (Sinkhorn-Knopp; lower on FSDD's "
+                  "validation speakers, docs/fsdd_recipe.md).")
 flags.DEFINE_enum("scope", params.ADAPT_SCOPES[0], list(params.ADAPT_SCOPES), "With "
                   "--epochs: what information maximisation adapts: batchnorm, the BatchNorm scale and offset "
                   "(configs/fsdd.flags' choice); encoder, every backbone weight, the attention "

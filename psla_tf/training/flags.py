@@ -75,6 +75,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "of the clips' embeddings, every epoch; cross-entropy with it joins the IM loss). 0: IM "
       "alone. 0.3 (SHOT's value) was chosen on FSDD's validation speakers.", lower_bound=0,
       flag_values=fv)
+    E("adapt_pseudo_labels", d.adapt_pseudo_labels, list(params.PSEUDO_LABELS), "With "
+      "--adapt_epochs: how the pseudo-labels are assigned. centroid: each clip its nearest "
+      "class centroid (SHOT); balanced: the same similarities assigned so that the clips "
+      "spread evenly over the classes (Sinkhorn-Knopp; assumes they cover the classes "
+      "evenly; lower on FSDD's validation speakers, docs/fsdd_recipe.md).", flag_values=fv)
     B("balanced_sampling", d.balanced_sampling, "Class-balanced sampling (Alg. 1; paper: on "
       "for full AudioSet and FSD50K, off for balanced AudioSet).", flag_values=fv)
     E("sampling_order", d.sampling_order, ["iid", "stream"], "Training order. iid (the "
