@@ -46,6 +46,7 @@ class TrainConfig:
     wa_start: int = 16
     wa_end: int = 30
     wa_bn_batches: int = 100
+    label_smoothing: float = 0.0
     adapt_batchnorm: bool = False
     adapt_epochs: int = 0
     adapt_pseudo_label_weight: float = params.PSEUDO_LABEL_WEIGHT

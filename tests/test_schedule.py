@@ -170,3 +170,29 @@ def test_bce_and_ce_against_numpy():
     assert float(np.mean(ce_loss(onehot, q))) == pytest.approx(ce, rel=1e-5)
     with pytest.raises(ValueError, match="unknown loss"):
         optim.make_loss("hinge")
+
+
+def test_label_smoothing_against_numpy_and_saved_with_the_model():
+    """--label_smoothing ε: ce against (1 − ε)·onehot(argmax y) + ε/C (mixed labels too),
+    bce against (1 − ε)·y + ε/2, with the same clamps; ε = 0 is the plain loss; the loss
+    round-trips through Keras serialisation; ε outside [0, 1) is refused."""
+    import keras
+    rng = np.random.default_rng(1)
+    y = rng.dirichlet(np.ones(5), size=6).astype(np.float32)        # mixup's soft labels
+    p = rng.dirichlet(np.ones(5), size=6).astype(np.float32)
+    p[0, y[0].argmax()] = 0.0                                        # clamped, finite
+    q = np.eye(5)[y.argmax(1)] * 0.9 + 0.1 / 5
+    want = np.mean(-(q * np.log(np.clip(p.astype(np.float64), 1e-7, 1))).sum(1))
+    ce = optim.make_loss("ce", 0.1)
+    assert float(ce(y, p)) == pytest.approx(want, rel=1e-5)
+    yb = (rng.random((6, 5)) < 0.3).astype(np.float32)
+    pb = rng.uniform(0.01, 0.99, (6, 5)).astype(np.float32)
+    qb = yb * 0.8 + 0.1
+    want = np.mean(-(qb * np.log(pb) + (1 - qb) * np.log(1 - pb)).mean(1))
+    assert float(optim.make_loss("bce", 0.2)(yb, pb)) == pytest.approx(want, rel=1e-5)
+    assert optim.make_loss("ce", 0.0) is optim.psla_ce
+    again = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(ce))
+    assert isinstance(again, optim.SmoothedLoss) and again.label_smoothing == 0.1
+    assert float(again(y, p)) == pytest.approx(float(ce(y, p)), rel=1e-6)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        optim.make_loss("ce", 1.0)

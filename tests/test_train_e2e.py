@@ -66,6 +66,7 @@ BAD_FLAGS = [
     (["--noise_prob=0.5", "--noise_snr_min_db=20", "--noise_snr_max_db=10"],
      "--noise_snr_max_db (10) must be"),
     (["--head_bias_init=prior", "--append_classes"], "contradicts --append_classes"),
+    (["--label_smoothing=0.1", "--labelled_fraction=0.5"], "smooths the labels"),
 ]
 
 

@@ -329,7 +329,7 @@ def make_loss(cfg, p: Plan):
     if p.distillation_loss:
         return DistillationLoss(p.class_lambda, cfg.loss)
     from psla_tf.training.optim import make_loss as label_loss
-    return label_loss(cfg.loss)
+    return label_loss(cfg.loss, cfg.label_smoothing)
 
 
 def source_teacher(source_model, spec, clip_samples: int, batch_size: int, path: str,

@@ -153,9 +153,49 @@ def psla_ce(y_true, y_pred):
     return -ops.sum(ops.one_hot(target, ops.shape(y_true)[-1]) * ops.log(p), axis=-1)
 
 
-def make_loss(name: str):
-    """``bce`` (multi-label, default) or ``ce`` (single-label) → a Keras loss function."""
+def smoothed_targets(y_true, loss: str, label_smoothing: float):
+    """Label smoothing (Szegedy et al., 2016; not in PSLA): ``ce``, the one-hot of
+    argmax(labels) ``[B, C]`` → ``(1 − ε)·onehot + ε/C``; ``bce``, each label y →
+    ``(1 − ε)·y + ε/2``."""
+    y_true = ops.cast(y_true, "float32")
+    if loss == "ce":
+        c = ops.shape(y_true)[-1]
+        onehot = ops.one_hot(ops.argmax(y_true, axis=-1), c)
+        return onehot * (1.0 - label_smoothing) + label_smoothing / ops.cast(c, "float32")
+    return y_true * (1.0 - label_smoothing) + label_smoothing / 2.0
+
+
+@keras.saving.register_keras_serializable(package="psla_tf")
+class SmoothedLoss(keras.losses.Loss):
+    """:func:`psla_ce` / :func:`psla_bce` against :func:`smoothed_targets` (``[B, C]`` labels
+    and scores → per-example loss ``[B]``)."""
+
+    def __init__(self, loss: str = "ce", label_smoothing: float = 0.1, name: str | None = None,
+                 **kwargs):
+        super().__init__(name=name or f"{loss}_smoothed", **kwargs)
+        if loss not in ("bce", "ce"):
+            raise ValueError(f"unknown loss {loss!r}; choose one of ['bce', 'ce']")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.loss_name, self.label_smoothing = loss, float(label_smoothing)
+
+    def call(self, y_true, y_pred):
+        q = smoothed_targets(y_true, self.loss_name, self.label_smoothing)
+        p = ops.cast(y_pred, "float32")
+        if self.loss_name == "ce":
+            return -ops.sum(q * ops.log(ops.clip(p, params.CLAMP_EPS, 1.0)), axis=-1)
+        p = ops.clip(p, params.CLAMP_EPS, 1.0 - params.CLAMP_EPS)
+        return -ops.mean(q * ops.log(p) + (1.0 - q) * ops.log(1.0 - p), axis=-1)
+
+    def get_config(self) -> dict[str, Any]:
+        return {"name": self.name, "loss": self.loss_name,
+                "label_smoothing": self.label_smoothing}
+
+
+def make_loss(name: str, label_smoothing: float = 0.0):
+    """``bce`` (multi-label, default) or ``ce`` (single-label) → a Keras loss; with
+    ``label_smoothing`` ε > 0 its :class:`SmoothedLoss`."""
     losses = {"bce": psla_bce, "ce": psla_ce}
     if name not in losses:
         raise ValueError(f"unknown loss {name!r}; choose one of {sorted(losses)}")
-    return losses[name]
+    return SmoothedLoss(name, label_smoothing) if label_smoothing else losses[name]

@@ -183,6 +183,9 @@ def resolve(cfg: TrainConfig) -> Resolved:
                           f"({train.num_examples} examples)")
     if ev.num_examples < 1:
         raise DataError("--eval_data holds no examples")
+    if cfg.label_smoothing and kd.distillation_loss:
+        raise ConfigError("--label_smoothing smooths the labels of the plain loss: not with a "
+                          "teacher's targets or --labelled_fraction")
     if cfg.adapt_epochs and not cfg.adapt_batchnorm:
         raise ConfigError("--adapt_epochs adapts the 'adapted' row: add --adapt_batchnorm")
     if cfg.adapt_epochs and cfg.loss != "ce":
