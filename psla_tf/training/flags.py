@@ -63,7 +63,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       lower_bound=0, flag_values=fv)
     F("label_smoothing", d.label_smoothing, "Label smoothing ε (not in PSLA): ce trains "
       "against (1 - ε)·one-hot + ε/C, bce against (1 - ε)·y + ε/2. 0: off. Not with a "
-      "teacher or --labelled_fraction.", lower_bound=0, upper_bound=0.5, flag_values=fv)
+      "teacher or --labelled_fraction. Lower on FSDD's validation speakers "
+      "(docs/fsdd_recipe.md).", lower_bound=0, upper_bound=0.5, flag_values=fv)
     B("adapt_batchnorm", d.adapt_batchnorm, "Also report the 'adapted' row: the exported "
       "model (weight average, else the last epoch) with its BatchNorm statistics re-estimated "
       "on the evaluated set's own clips, no labels (AdaBN, for unseen speakers / devices; "
