@@ -30,7 +30,8 @@ alone gets wrong. ``pseudo_labels="balanced"`` assigns the same centroid similar
 the constraint that the clips spread evenly over the classes (:func:`balanced_assignment`,
 the equipartition of SwAV's Sinkhorn-Knopp step; Caron et al., 2020), the assumption the IM
 loss's diversity term already makes, so that a digit the classifier hears as another cannot
-draw both clusters to one centroid. The adapted model is an ordinary tagger (``.keras``; exports as any other).
+draw both clusters to one centroid. The adapted model is an ordinary tagger (``.keras``;
+exports as any other).
 ``scope="encoder"`` adapts every backbone weight instead of the BatchNorm affine parameters
 alone, the attention head frozen — SHOT's own choice (the "hypothesis" fixed, the feature
 extractor adapted); on FSDD's validation speakers it was no better (docs/fsdd_recipe.md).
@@ -127,6 +128,12 @@ def balanced_assignment(scores: np.ndarray, epsilon: float = params.SINKHORN_EPS
     return np.flatnonzero(keep)[q.argmax(1)]
 
 
+def _check_assignment(assign: str) -> None:
+    if assign not in PSEUDO_LABELS:
+        raise ValueError(f"pseudo-label assignment (pseudo_labels) {assign!r}: expected one of "
+                         f"{', '.join(PSEUDO_LABELS)}")
+
+
 def shot_pseudo_labels(probs: np.ndarray, features: np.ndarray, rounds: int = 2,
                        assign: str = "centroid") -> np.ndarray:
     """SHOT's self-supervised pseudo-labels (Liang et al., 2020, Sec. 3.3, eqs. 4-6).
@@ -144,9 +151,7 @@ def shot_pseudo_labels(probs: np.ndarray, features: np.ndarray, rounds: int = 2,
     Returns:
       ``[N]`` int64 class indices.
     """
-    if assign not in PSEUDO_LABELS:
-        raise ValueError(f"pseudo-label assignment {assign!r}: expected one of "
-                         f"{', '.join(PSEUDO_LABELS)}")
+    _check_assignment(assign)
     probs = np.asarray(probs, np.float64)
     f = np.asarray(features, np.float64)
     f = np.concatenate([f, np.ones((len(f), 1))], 1)
@@ -175,7 +180,8 @@ def maximise_information(model: keras.Model, waveform: np.ndarray, num_samples: 
     (module doc): Adam, ``epochs`` passes over the clips in a random order (``seed``) in
     batches of ``batch_size``, minimising the IM loss plus ``pseudo_label_weight`` × the
     cross-entropy with each clip's :func:`shot_pseudo_labels` (recomputed at the start of
-    every epoch, assigned as ``pseudo_labels`` says; 0: IM alone), the model in inference mode (its moving statistics, no
+    every epoch, assigned as ``pseudo_labels`` says; 0: IM alone), the model in inference
+    mode (its moving statistics, no
     masking, dropout off). Call it after :func:`adapt_batchnorm`. ``progress``: a tqdm bar
     over the epochs.
 
@@ -192,9 +198,7 @@ def maximise_information(model: keras.Model, waveform: np.ndarray, num_samples: 
     variables = adaptable_variables(model, scope)
     if pseudo_label_weight < 0:
         raise ValueError(f"pseudo_label_weight must be >= 0, got {pseudo_label_weight}")
-    if pseudo_labels not in PSEUDO_LABELS:
-        raise ValueError(f"pseudo_labels {pseudo_labels!r}: expected one of "
-                         f"{', '.join(PSEUDO_LABELS)}")
+    _check_assignment(pseudo_labels)
     optimizer = keras.optimizers.Adam(learning_rate)
     beta = float(pseudo_label_weight)
 

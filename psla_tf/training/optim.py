@@ -148,9 +148,15 @@ def psla_ce(y_true, y_pred):
     """Cross-entropy of the single-label model's class probabilities (softmax output of
     ``SingleLabelScores``) against argmax(labels), as the reference's CE option takes the
     argmax of the (possibly mixed) label vector: ``-log p[argmax y]``, p clamped."""
-    target = ops.argmax(y_true, axis=-1)
+    target = ops.one_hot(ops.argmax(y_true, axis=-1), ops.shape(y_true)[-1])
+    return soft_ce(target, y_pred)
+
+
+def soft_ce(q, y_pred):
+    """Per-example cross-entropy ``-Σ_c q_c log p_c`` of target distributions ``q`` ``[B, C]``
+    and class probabilities ``y_pred`` ``[B, C]`` (p clamped below) → ``[B]``."""
     p = ops.clip(ops.cast(y_pred, "float32"), params.CLAMP_EPS, 1.0)
-    return -ops.sum(ops.one_hot(target, ops.shape(y_true)[-1]) * ops.log(p), axis=-1)
+    return -ops.sum(q * ops.log(p), axis=-1)
 
 
 def smoothed_targets(y_true, loss: str, label_smoothing: float):
@@ -181,11 +187,7 @@ class SmoothedLoss(keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         q = smoothed_targets(y_true, self.loss_name, self.label_smoothing)
-        p = ops.cast(y_pred, "float32")
-        if self.loss_name == "ce":
-            return -ops.sum(q * ops.log(ops.clip(p, params.CLAMP_EPS, 1.0)), axis=-1)
-        p = ops.clip(p, params.CLAMP_EPS, 1.0 - params.CLAMP_EPS)
-        return -ops.mean(q * ops.log(p) + (1.0 - q) * ops.log(1.0 - p), axis=-1)
+        return soft_ce(q, y_pred) if self.loss_name == "ce" else psla_bce(q, y_pred)
 
     def get_config(self) -> dict[str, Any]:
         return {"name": self.name, "loss": self.loss_name,
