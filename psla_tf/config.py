@@ -53,6 +53,7 @@ class TrainConfig:
     adapt_pseudo_labels: str = params.PSEUDO_LABELS[0]
     balanced_sampling: bool = True
     sampling_order: str = "iid"
+    group_batches: bool = False
     records_in_memory_mb: int = params.RECORDS_IN_MEMORY_MB
     mixup: float = params.MIXUP
     mixup_alpha: float = params.MIXUP_ALPHA

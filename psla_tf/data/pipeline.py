@@ -45,7 +45,7 @@ from psla_tf.data.records import DataError, DataSpec, shard_counts
 __all__ = ["DEFAULT_CLIP_SAMPLES", "make_train_dataset", "make_eval_dataset",
            "clip_samples_for_frames", "steps_per_epoch", "resolve_data",
            "READ_BUFFER_BYTES", "RECORDS_IN_MEMORY_MB", "records_fit_in_memory",
-           "configure_input_host"]
+           "configure_input_host", "group_batch_rows"]
 
 steps_per_epoch = sampling.steps_per_epoch
 AUTOTUNE = tf.data.AUTOTUNE
@@ -393,7 +393,7 @@ def _waveform_augmentations(batches: tf.data.Dataset, seed: tf.Tensor, random_ga
 def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
                        clip_samples: int | None = None, balanced_sampling: bool = True,
                        mixup: float = params.MIXUP, mixup_alpha: float = params.MIXUP_ALPHA,
-                       sampling_order: str = "iid",
+                       sampling_order: str = "iid", group_batches: bool = False,
                        shuffle_buffer: int = 1000, seed: int = 0, initial_epoch: int = 0,
                        num_epochs: int = 1, random_gain_db: float = 0.0,
                        random_speed: float = 0.0, noise_prob: float = 0.0,
@@ -424,6 +424,12 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
     (sequential reading through a ``shuffle_buffer`` shuffle; works on GZIP shards) — see
     the module doc and docs/decisions.md, "Training order".
 
+    ``group_batches`` (i.i.d. order only; not in PSLA, off by default): every global batch
+    is drawn from one prepared set (one shard prefix, e.g. one speaker's ``fold_{g}`` set of
+    ``tools/cross_validate.py``), so BatchNorm's batch statistics are one group's, as when
+    the trained model's statistics are adapted to one new group
+    (:func:`group_batch_rows`; the clips' marginal probabilities are unchanged).
+
     ``transform`` (:class:`psla_tf.data.teacher.ExampleTargets`) is applied to every parsed
     example, partners included, before mixup: it may map the labels into another vocabulary
     and add ``teacher`` [C] / ``has_teacher`` [] / ``has_labels`` []; with a teacher (or a
@@ -453,6 +459,8 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
         spec, batch_size, clip_samples, sampling_order, mixup, mixup_alpha, shuffle_buffer,
         random_gain_db, random_speed, noise_prob, noise_snr_db, features_in_pipeline,
         frontend)
+    if group_batches and sampling_order != "iid":
+        raise ValueError("group_batches needs sampling_order='iid'")
 
     pid, npipe, per_batch, replicas_per_pipeline = _pipeline_share(batch_size, input_context)
     base_seed = tf.constant([int(seed), 0x5053_4C41], tf.int64)
@@ -460,7 +468,7 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
     if sampling_order == "iid":
         examples = _iid_examples(spec, plan, base_seed, balanced_sampling, mixup, mixup_alpha,
                                  skip_corrupt_records, num_parallel_calls, transform,
-                                 records_in_memory_mb)
+                                 records_in_memory_mb, group_batches)
     else:
         examples = _stream_examples(spec, plan, base_seed, balanced_sampling, mixup,
                                     mixup_alpha, shuffle_buffer, skip_corrupt_records,
@@ -539,16 +547,29 @@ def _random_access_index(spec: DataSpec, skip_corrupt: bool):
 
 
 def _row_sampler(index, class_counts: np.ndarray, balanced: bool, draws: int,
-                 labelled: np.ndarray | None = None) -> Callable[[tf.Tensor], tf.Tensor]:
+                 labelled: np.ndarray | None = None, group_batch: int | None = None
+                 ) -> Callable[[tf.Tensor], tf.Tensor]:
     """epoch seed → the epoch's ``[draws]`` record rows (int64).
 
     Balanced: Algorithm 1 line 8, ``draws`` i.i.d. draws with replacement, P(i) = w_i / W;
     with a ``labelled`` row mask (bool [R]) the class counts are the labelled rows' and an
     unlabelled row weighs the labelled rows' mean weight (its labels are not used).
     Otherwise every record once per epoch in random order (more than one permutation only
-    when skipped corrupt records made the set smaller than ``draws``).
+    when skipped corrupt records made the set smaller than ``draws``). ``group_batch``: the
+    same, each block of that many draws from one shard prefix (:func:`group_batch_rows`).
     """
     n_rec = index.num_records
+    weights = None
+    if balanced:
+        weights = (index.sampling_weights(class_counts) if labelled is None
+                   else _transfer_set_weights(index, labelled))
+        if float(weights.sum()) <= 0:
+            raise DataError("balanced sampling: no training example has a label")
+    if group_batch:
+        groups = np.unique([records.shard_prefix(f) for f in index.files],
+                           return_inverse=True)[1]
+        return group_batch_rows(groups[index.file_index], draws // group_batch, group_batch,
+                                weights)
     if not balanced:
         perms = -(-draws // n_rec)
 
@@ -557,13 +578,8 @@ def _row_sampler(index, class_counts: np.ndarray, balanced: bool, draws: int,
                 tf.range(n_rec, dtype=tf.int64), seed=sampling.derive_seed(s, 0, r))
                 for r in range(perms)], 0)[:draws]
         return permuted
-    if labelled is None:
-        w = index.sampling_weights(class_counts)
-    else:
-        w = _transfer_set_weights(index, labelled)
+    w = weights
     total = float(w.sum())
-    if total <= 0:
-        raise DataError("balanced sampling: no training example has a label")
     cdf = tf.constant(np.cumsum(w), tf.float64)
     last = int(np.flatnonzero(w > 0)[-1])
 
@@ -571,6 +587,69 @@ def _row_sampler(index, class_counts: np.ndarray, balanced: bool, draws: int,
         u = tf.random.stateless_uniform([draws], seed=sampling.derive_seed(s, 0),
                                         dtype=tf.float64) * total
         return tf.minimum(tf.searchsorted(cdf, u, side="right", out_type=tf.int64), last)
+    return weighted
+
+
+def group_batch_rows(groups: np.ndarray, steps: int, batch_size: int,
+                     weights: np.ndarray | None = None) -> Callable[[tf.Tensor], tf.Tensor]:
+    """epoch seed → ``[steps * batch_size]`` rows (int64) whose every block of ``batch_size``
+    comes from one group (``groups``: int [R], the group of each row).
+
+    Without ``weights``: each group's rows in random order (its last block completed from a
+    second permutation) cut into blocks, the blocks shuffled and the first ``steps`` kept,
+    so a clip is used at most twice an epoch (e.g. 4 groups of 500 at batch 16: 128 blocks,
+    125 kept). With ``weights`` (float [R], Algorithm 1's w_i): each block's group drawn with
+    P(g) = W_g / W, then its rows i.i.d. with P(i | g) = w_i / W_g: every clip keeps
+    P(i) = w_i / W. Not in PSLA: per-group batches make BatchNorm's training statistics
+    those of one group (one speaker), as AdaBN's are on a new group (docs/decisions.md).
+    """
+    groups = np.asarray(groups)
+    ids = np.unique(groups)
+    members = [np.flatnonzero(groups == g) for g in ids]
+    if weights is None:
+        blocks = sum(-(-len(m) // batch_size) for m in members)
+        if blocks < steps:
+            raise DataError(f"{blocks} one-group batches of {batch_size} for {steps} steps")
+
+        def permuted(s):
+            per_group = []
+            for k, m in enumerate(members):
+                n_b = -(-len(m) // batch_size)
+                rows = tf.constant(m, tf.int64)
+                perms = [tf.random.experimental.stateless_shuffle(
+                    rows, seed=sampling.derive_seed(s, 0, k, r))
+                    for r in range(-(-n_b * batch_size // len(m)))]
+                per_group.append(tf.reshape(tf.concat(perms, 0)[:n_b * batch_size],
+                                            [n_b, batch_size]))
+            order = tf.random.experimental.stateless_shuffle(
+                tf.range(blocks, dtype=tf.int64), seed=sampling.derive_seed(s, 2))
+            return tf.reshape(tf.gather(tf.concat(per_group, 0), order[:steps]), [-1])
+        return permuted
+    order = np.concatenate(members)                     # rows sorted by group
+    w = np.asarray(weights, np.float64)[order]
+    cdf = np.cumsum(w)
+    ends = np.cumsum([len(m) for m in members]) - 1     # each group's last sorted position
+    group_w = np.array([w[e - len(m) + 1:e + 1].sum() for m, e in zip(members, ends)])
+    starts = cdf[ends] - group_w                        # cdf before each group
+    last = np.array([e - len(m) + 1 + np.flatnonzero(w[e - len(m) + 1:e + 1] > 0)[-1]
+                     if gw > 0 else e for m, e, gw in zip(members, ends, group_w)])
+    total = float(group_w.sum())
+    group_cdf, cdf_t = tf.constant(np.cumsum(group_w)), tf.constant(cdf)
+    starts_t, group_w_t = tf.constant(starts), tf.constant(group_w)
+    last_t, order_t = tf.constant(last, tf.int64), tf.constant(order, tf.int64)
+    last_group = int(np.flatnonzero(group_w > 0)[-1])
+
+    def weighted(s):
+        u = tf.random.stateless_uniform([steps], seed=sampling.derive_seed(s, 0),
+                                        dtype=tf.float64) * total
+        g = tf.minimum(tf.searchsorted(group_cdf, u, side="right", out_type=tf.int64),
+                       last_group)
+        v = tf.random.stateless_uniform([steps, batch_size], seed=sampling.derive_seed(s, 2),
+                                        dtype=tf.float64)
+        v = tf.gather(starts_t, g)[:, None] + v * tf.gather(group_w_t, g)[:, None]
+        pos = tf.searchsorted(cdf_t, tf.reshape(v, [-1]), side="right", out_type=tf.int64)
+        pos = tf.minimum(pos, tf.repeat(tf.gather(last_t, g), batch_size))
+        return tf.gather(order_t, pos)
     return weighted
 
 
@@ -634,14 +713,15 @@ def _record_reader(index, num_classes: int, transform: Transform | None,
 def _iid_examples(spec: DataSpec, plan: _EpochPlan, base_seed: tf.Tensor, balanced: bool,
                   mixup: float, mixup_alpha: float, skip_corrupt: bool,
                   num_parallel_calls: int, transform: Transform | None = None,
-                  records_in_memory_mb: float = 0.0
+                  records_in_memory_mb: float = 0.0, group_batches: bool = False
                   ) -> Callable[[tf.Tensor], tf.data.Dataset]:
     """epoch → dataset of parsed, mixed examples in i.i.d. order (see make_train_dataset)."""
     index = _random_access_index(spec, skip_corrupt)
     n_rec, draws = index.num_records, plan.draws
     labelled = getattr(transform, "labelled_keys", None)
     labelled = None if labelled is None else np.isin(index.keys(), labelled)
-    draw_rows = _row_sampler(index, spec.class_counts, balanced, draws, labelled)
+    draw_rows = _row_sampler(index, spec.class_counts, balanced, draws, labelled,
+                             plan.batch_size if group_batches else None)
     load = _record_reader(index, spec.num_classes, transform,
                           records_fit_in_memory(index, records_in_memory_mb))
 

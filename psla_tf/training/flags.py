@@ -10,9 +10,9 @@ from absl import flags
 from psla_tf import params
 from psla_tf.config import TrainConfig
 
-_BOOL_FIELDS = ("wa", "balanced_sampling", "dry_run", "save_predictions", "demo", "resume",
-                "jit_compile", "sync_batchnorm", "deterministic", "skip_corrupt_records",
-                "allow_cut_clips", "append_classes")
+_BOOL_FIELDS = ("wa", "balanced_sampling", "group_batches", "dry_run", "save_predictions",
+                "demo", "resume", "jit_compile", "sync_batchnorm", "deterministic",
+                "skip_corrupt_records", "allow_cut_clips", "append_classes")
 
 
 def _valid_high_freq(value: float) -> bool:
@@ -93,6 +93,10 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "{prefix}.index.npz is written by make_tfrecords or built once). stream: sequential "
       "reading with a --shuffle_buffer shuffle, balanced copies emitted back to back and one "
       "partner pass per epoch (bursty order; also for GZIP shards).", flag_values=fv)
+    B("group_batches", d.group_batches, "Every training batch from one prepared set (one "
+      "shard prefix: one speaker's set in tools/cross_validate.py), so BatchNorm's training "
+      "statistics are one group's, as --adapt_batchnorm's are on a new group (not in PSLA; "
+      "--sampling_order=iid; each clip's probability unchanged).", flag_values=fv)
     I("records_in_memory_mb", d.records_in_memory_mb, "The iid order reads a training set "
       "of at most this many MB (and a quarter of the free memory) once and keeps it in "
       "memory: each draw is a lookup, not a read at the record's offset (the same batches, "

@@ -81,6 +81,9 @@ def _check_input(cfg: TrainConfig) -> None:
         raise ConfigError("--mixup must be in [0, 1] and --mixup_alpha > 0")
     if cfg.sampling_order not in ("iid", "stream"):
         raise ConfigError(f"--sampling_order must be iid or stream, got {cfg.sampling_order!r}")
+    if cfg.group_batches and cfg.sampling_order != "iid":
+        raise ConfigError("--group_batches draws each batch from one prepared set: it needs "
+                          "--sampling_order=iid")
     if cfg.random_gain_db < 0:
         raise ConfigError(f"--random_gain_db must be ≥ 0, got {cfg.random_gain_db}")
     if not 0 <= cfg.random_speed < 1:
