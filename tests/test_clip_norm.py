@@ -219,3 +219,90 @@ def test_float16_tflite_keeps_the_lifter_float32(tmp_path):
     lifter = cepstral_lifter_matrix(128, 13)
     assert any(np.array_equal(it.get_tensor(t["index"]), lifter)
                for t in square if t["dtype"] == np.float32)
+
+
+def _np_pcen(fb, n, s, alpha=0.98, delta=2.0, r=0.5, eps=1e-6):
+    """PCEN by scipy's IIR filter (M[-1] = E[0]) and the formula, float64; then cmvn."""
+    from scipy.signal import lfilter
+    out = np.zeros_like(fb, np.float64)
+    for b in range(fb.shape[0]):
+        k = int(n[b])
+        if k == 0:
+            continue
+        e = np.exp(fb[b, :k].astype(np.float64))
+        m = lfilter([s], [1.0, s - 1.0], e, axis=0, zi=((1.0 - s) * e[:1]))[0]
+        out[b, :k] = (e / (eps + m) ** alpha + delta) ** r - delta ** r
+    return out
+
+
+def test_pcen_matches_scipy_and_librosa_smoother():
+    """``pcen`` against scipy's lfilter recursion; its smoother coefficient is librosa's for
+    a 0.4-s time constant at a 10-ms hop (0.02469); ``clip_norm="pcen"`` = cmvn of it."""
+    from psla_tf.models.frontend import clip_normalise, pcen, pcen_smoothing
+    s = pcen_smoothing()
+    assert s == pytest.approx((np.sqrt(1 + 4 * 40.0 ** 2) - 1) / (2 * 40.0 ** 2), rel=1e-12)
+    assert s == pytest.approx(0.024690, abs=1e-6)
+    rng = np.random.default_rng(3)
+    fb = rng.normal(14.0, 3.0, (3, 40, 6)).astype(np.float32)
+    n = np.array([40, 9, 0], np.int32)
+    fb[1, 9:] = 0.0
+    got = pcen(fb, n).numpy()
+    want = _np_pcen(fb, n, s)
+    np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
+    assert np.all(got[1, 9:] == 0) and np.all(got[2] == 0)
+    np.testing.assert_allclose(clip_normalise(fb, n, "pcen").numpy(),
+                               _np_clip_norm(want.astype(np.float32), n, "cmvn"), atol=1e-4)
+
+
+def test_pcen_frontend_matches_numpy():
+    """A clip of steady noise with a 0.1-s tone burst: the front end equals NumPy's PCEN +
+    cmvn of its own fbank, the same with the TFLite export's ``power_scale`` (16), and the
+    layer round-trips through its config."""
+    from psla_tf.models.frontend import AudioFrontend
+    rng = np.random.default_rng(1)
+    w = 0.01 * rng.standard_normal(CLIP).astype(np.float32)
+    t = np.arange(1600) / 16000.0
+    w[3200:4800] += 0.3 * np.sin(2 * np.pi * 1000 * t).astype(np.float32)
+    w = w[None]
+    n = np.array([CLIP], np.int32)
+    front = AudioFrontend(T, freqm=0, timem=0, clip_norm="pcen")
+    out = front(w, n).numpy()
+    want = _np_clip_norm(_np_pcen(front.fbank(w, n).numpy(), [T], front_s()), [T], "cmvn")
+    np.testing.assert_allclose(out, want, atol=2e-4)
+    scaled = AudioFrontend(T, freqm=0, timem=0, clip_norm="pcen", power_scale=16.0)
+    np.testing.assert_allclose(scaled(w, n).numpy(), out, atol=2e-4)
+    assert AudioFrontend.from_config(front.get_config()).clip_norm == "pcen"
+
+
+def front_s():
+    from psla_tf.models.frontend import pcen_smoothing
+    return pcen_smoothing()
+
+
+def test_exports_carry_pcen(tmp_path):
+    """A ``clip_norm="pcen"`` tagger: the SavedModel and the float32 TFLite model give the
+    Keras scores (1e-4)."""
+    import keras
+    from ai_edge_litert.interpreter import Interpreter
+    from psla_tf import export, export_tflite
+    from psla_tf.models.tagger import build_tagger
+    keras.utils.set_random_seed(1)
+    model = build_tagger(2, model="cnn", cnn_width=0.25, target_length=T, freqm=0, timem=0,
+                         clip_norm="pcen", num_mel_bins=64, high_freq=4000.0)
+    mids, names = ["/m/a", "/m/b"], ["a", "b"]
+    waves = np.stack([_speechlike(CLIP, s) for s in range(2)])
+    n = np.full([2], CLIP, np.int32)
+    ref = model({"waveform": waves, "num_samples": n}, training=False).numpy()
+    st = export.load_saved_model(export.export_saved_model(
+        model, str(tmp_path / "sm"), mids, names, clip_samples=CLIP))
+    np.testing.assert_allclose(st(waves, n)["scores"], ref, atol=1e-4)
+    path = str(tmp_path / "m.tflite")
+    export_tflite.export_tflite(model, path, mids, names, quantize="none",
+                                seconds=CLIP / 16000.0)
+    it = Interpreter(model_path=path)
+    it.allocate_tensors()
+    i, o = it.get_input_details()[0], it.get_output_details()[0]
+    for b in range(2):
+        it.set_tensor(i["index"], waves[b][None].astype(np.float32))
+        it.invoke()
+        np.testing.assert_allclose(it.get_tensor(o["index"])[0], ref[b], atol=1e-4)

@@ -33,6 +33,13 @@ removes. Over the clip's ``n`` valid frames (those steps 3-4 keep, f < n), per m
 * ``"cmn"``:  y = (x − μ_m) / dataset_std;
 * ``"cmvn"``: y = (x − μ_m) / sqrt(σ²_m + ``CMVN_VAR_FLOOR``) (``dataset_mean/std`` unused);
 
+* ``"pcen"``: per-channel energy normalisation (Wang et al. 2017, for keyword spotting in
+  noise) of the mel energies E = exp(x), then ``"cmvn"`` of the result: a smoother
+  M[f] = (1 − s) M[f − 1] + s E[f] with M[−1] = E[0], then
+  (E / (ε + M)^α + δ)^r − δ^r (:func:`pcen`; librosa's defaults: s for a 0.4-s time
+  constant at the 10-ms hop, α 0.98, δ 2, r 0.5, ε 1e-6). Each bin's gain follows its
+  recent level (a level and channel), and the offset δ suppresses a stationary background.
+
 padding frames (f ≥ n) are 0 (the clip's mean) instead of step 6's −mean/std of a zero
 frame, so no trace of the level is left, and in training the masks (step 5) are applied
 after the normalisation, to 0 = the clip's mean. A clip shorter than one frame gives zeros.
@@ -58,9 +65,9 @@ from psla_tf.features import (DFTS, cepstral_lifter_matrix, kaldi_fbank, mel_hig
                                resolve_dft, runtime_constant)
 
 __all__ = ["AudioFrontend", "CLIP_NORMS", "CMVN_VAR_FLOOR", "clip_normalise",
-           "drop_leading_frames", "leading_silence"]
+           "drop_leading_frames", "leading_silence", "pcen", "pcen_smoothing"]
 
-CLIP_NORMS = ("none", "cmn", "cmvn")
+CLIP_NORMS = ("none", "cmn", "cmvn", "pcen")
 #: variance floor of "cmvn" (log-mel units²): a bin whose level hardly moves within the clip
 #: (digital silence, a band-limited recording's empty bins) is not blown up to unit variance;
 #: 1e-2 is a std of 0.1, ~1/20 of a speech clip's typical within-clip std per bin
@@ -81,7 +88,43 @@ def clip_normalise(fb: tf.Tensor, n_frames: tf.Tensor, mode: str, dataset_std: f
     if mode == "cmvn":
         var = tf.reduce_sum(tf.square(x), axis=1, keepdims=True) / count     # [B, 1, M]
         return x * tf.math.rsqrt(var + var_floor)
+    if mode == "pcen":
+        return clip_normalise(pcen(fb, n_frames), n_frames, "cmvn", var_floor=var_floor)
     raise ValueError(f"clip_norm must be one of {CLIP_NORMS}, got {mode!r}")
+
+
+def pcen_smoothing(time_constant: float = 0.4, hop_seconds: float = params.FRAME_SHIFT
+                   / params.SAMPLE_RATE) -> float:
+    """PCEN's smoother coefficient s for a time constant in seconds (librosa's ``pcen``)."""
+    t = time_constant / hop_seconds
+    return float((1.0 + 4.0 * t * t) ** 0.5 - 1.0) / (2.0 * t * t)
+
+
+def pcen(fb: tf.Tensor, n_frames: tf.Tensor, s: float | None = None, alpha: float = 0.98,
+         delta: float = 2.0, r: float = 0.5, eps: float = 1e-6) -> tf.Tensor:
+    """Per-channel energy normalisation of the log-mel ``fb`` ``[B, T, M]`` (natural log of
+    mel power, Kaldi's) over each clip's first ``n_frames`` ``[B]`` frames → ``[B, T, M]``,
+    frames past them 0 (Wang et al. 2017, "Trainable frontend for robust and far-field
+    keyword spotting", eq. 1, fixed parameters).
+
+    E = exp(fb); M[f] = (1 − s) M[f − 1] + s E[f] with M[−1] = E[0] (a clip starts at its own
+    level); PCEN = (E / (ε + M)^α + δ)^r − δ^r. The recursion is one ``[T, T]`` matrix
+    product (a static time axis, so every export carries it as a MatMul); ``s`` defaults to
+    :func:`pcen_smoothing`'s 0.4-s time constant.
+    """
+    s = pcen_smoothing() if s is None else float(s)
+    frames = fb.shape[1] if fb.shape[1] is not None else tf.shape(fb)[1]
+    f = tf.range(frames, dtype=tf.float32)
+    lag = f[tf.newaxis, :] - f[:, tf.newaxis]                              # [T', T]: T − T'
+    decay = tf.where(lag >= 0, s * tf.pow(1.0 - s, tf.maximum(lag, 0.0)), 0.0)
+    energy = tf.exp(tf.cast(fb, tf.float32))
+    valid = (tf.range(frames)[tf.newaxis, :] < n_frames[:, tf.newaxis])[:, :, tf.newaxis]
+    energy = tf.where(valid, energy, 0.0)
+    smooth = (tf.einsum("btm,tu->bum", energy, decay)
+              + tf.pow(1.0 - s, f + 1.0)[tf.newaxis, :, tf.newaxis] * energy[:, :1])
+    gain = energy / tf.pow(eps + smooth, alpha)
+    out = tf.pow(gain + delta, r) - delta ** r
+    return tf.cast(tf.where(valid, out, 0.0), fb.dtype)
 
 
 def leading_silence(fb: tf.Tensor, n_frames: tf.Tensor, threshold_db: float) -> tf.Tensor:
