@@ -42,6 +42,7 @@ class TrainConfig:
     lrscheduler_start: int = 10
     lrscheduler_step: int = 5
     lrscheduler_decay: float = 0.5
+    weight_decay: float = params.WEIGHT_DECAY
     wa: bool = True
     wa_start: int = 16
     wa_end: int = 30

@@ -24,6 +24,7 @@ FREQM: int = 48                   # max frequency-mask width (bins)
 TIMEM: int = 192                  # max time-mask width (frames)
 MIXUP: float = 0.5                # mixup rate
 MIXUP_ALPHA: float = 10.0         # Beta(alpha, alpha)
+WEIGHT_DECAY: float = 5e-7        # Adam's coupled L2 (Sec. II-B, torch's weight_decay)
 # reading (not in the paper): the i.i.d. order holds a training set of at most this many MB in
 # memory and looks records up instead of reading them at their offsets (psla_tf.data.pipeline)
 RECORDS_IN_MEMORY_MB: int = 1024

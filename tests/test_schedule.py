@@ -196,3 +196,12 @@ def test_label_smoothing_against_numpy_and_saved_with_the_model():
     assert float(again(y, p)) == pytest.approx(float(ce(y, p)), rel=1e-6)
     with pytest.raises(ValueError, match="label_smoothing"):
         optim.make_loss("ce", 1.0)
+
+
+def test_weight_decay_flag_reaches_the_optimizer():
+    """``--weight_decay`` (default the paper's 5e-7) is the optimizer's coupled L2."""
+    from psla_tf.config import TrainConfig
+    from psla_tf.training import trainer
+    assert trainer.make_optimizer(TrainConfig(), 10).l2_weight_decay == 5e-7
+    opt = trainer.make_optimizer(TrainConfig(weight_decay=1e-4), 10)
+    assert opt.l2_weight_decay == 1e-4

@@ -52,6 +52,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       flag_values=fv)
     F("lrscheduler_decay", d.lrscheduler_decay, "Factor at each milestone (0.5).",
       flag_values=fv)
+    F("weight_decay", d.weight_decay, "Adam's coupled L2 weight decay, added to every "
+      "gradient (the paper's and the reference's 5e-7).", lower_bound=0, flag_values=fv)
     B("wa", d.wa, "Weight averaging of epochs --wa_start..--wa_end (Sec. VI-A).",
       flag_values=fv)
     I("wa_start", d.wa_start, "First epoch averaged (paper: 16 full, 41 balanced, 21 FSD50K).",

@@ -32,7 +32,7 @@ from psla_tf import params
 ADAM_BETA_1 = 0.95
 ADAM_BETA_2 = 0.999
 ADAM_EPSILON = 1e-8
-WEIGHT_DECAY = 5e-7
+WEIGHT_DECAY = params.WEIGHT_DECAY
 
 
 @keras.saving.register_keras_serializable(package="psla_tf")

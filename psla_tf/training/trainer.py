@@ -211,11 +211,17 @@ def _prepare_run_folder(cfg: TrainConfig, r: Resolved, resuming: bool, init_repo
                     r.kd.model_names)
 
 
+def make_optimizer(cfg: TrainConfig, steps_per_epoch: int):
+    """The recipe's optimizer: torch's Adam with coupled L2 ``--weight_decay`` on PSLA's
+    warm-up and step schedule (Sec. II-B)."""
+    from psla_tf.training.optim import TorchAdam
+    return TorchAdam(make_schedule(cfg, steps_per_epoch), l2_weight_decay=cfg.weight_decay)
+
+
 def _compile(model, cfg: TrainConfig, r: Resolved, strategy) -> None:
     from psla_tf.training import distill
-    from psla_tf.training.optim import TorchAdam
     with strategy.scope():
-        model.compile(optimizer=TorchAdam(make_schedule(cfg, r.steps_per_epoch)),
+        model.compile(optimizer=make_optimizer(cfg, r.steps_per_epoch),
                       loss=distill.make_loss(cfg, r.kd), jit_compile=bool(cfg.jit_compile))
         # the optimizer's slots now, not inside the first traced train step: a tf.function
         # that creates variables is traced twice (Keras defers this build to the trace on
