@@ -32,7 +32,6 @@ removes. Over the clip's ``n`` valid frames (those steps 3-4 keep, f < n), per m
 
 * ``"cmn"``:  y = (x − μ_m) / dataset_std;
 * ``"cmvn"``: y = (x − μ_m) / sqrt(σ²_m + ``CMVN_VAR_FLOOR``) (``dataset_mean/std`` unused);
-
 * ``"pcen"``: per-channel energy normalisation (Wang et al. 2017, for keyword spotting in
   noise) of the mel energies E = exp(x), then ``"cmvn"`` of the result: a smoother
   M[f] = (1 − s) M[f − 1] + s E[f] with M[−1] = E[0], then

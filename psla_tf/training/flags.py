@@ -246,8 +246,8 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "front end (the same features either way): auto = the real-FFT path on CPU and GPU "
       "(fastest), the folded [400, 514] matmul on TPU; exports always use the matmul form.",
       flag_values=fv)
-    E("clip_norm", d.clip_norm, ["none", "cmn", "cmvn", "pcen"], "Per-clip normalisation in the "
-      "model's front end (not in PSLA; exported models carry it): none = the dataset "
+    E("clip_norm", d.clip_norm, ["none", "cmn", "cmvn", "pcen"], "Per-clip normalisation in "
+      "the model's front end (not in PSLA; exported models carry it): none = the dataset "
       "mean/std (the paper); cmn = each clip's per-mel-bin mean over its frames removed "
       "(level and fixed channel), then / dataset std; cmvn = per-bin mean and variance of the "
       "clip; pcen = per-channel energy normalisation (a smoothed per-bin gain and a "
