@@ -32,7 +32,6 @@ from psla_tf import params
 ADAM_BETA_1 = 0.95
 ADAM_BETA_2 = 0.999
 ADAM_EPSILON = 1e-8
-WEIGHT_DECAY = params.WEIGHT_DECAY
 
 
 @keras.saving.register_keras_serializable(package="psla_tf")
@@ -47,7 +46,7 @@ class TorchAdam(keras.optimizers.Adam):
 
     def __init__(self, learning_rate: Any = 1e-3, beta_1: float = ADAM_BETA_1,
                  beta_2: float = ADAM_BETA_2, epsilon: float = ADAM_EPSILON,
-                 l2_weight_decay: float = WEIGHT_DECAY, fused: bool = True,
+                 l2_weight_decay: float = params.WEIGHT_DECAY, fused: bool = True,
                  name: str = "torch_adam", **kwargs):
         kwargs.pop("weight_decay", None)  # decoupled decay: deliberately not supported
         kwargs.pop("amsgrad", None)
@@ -148,8 +147,12 @@ def psla_ce(y_true, y_pred):
     """Cross-entropy of the single-label model's class probabilities (softmax output of
     ``SingleLabelScores``) against argmax(labels), as the reference's CE option takes the
     argmax of the (possibly mixed) label vector: ``-log p[argmax y]``, p clamped."""
-    target = ops.one_hot(ops.argmax(y_true, axis=-1), ops.shape(y_true)[-1])
-    return soft_ce(target, y_pred)
+    return soft_ce(argmax_targets(y_true), y_pred)
+
+
+def argmax_targets(y_true):
+    """The one-hot ``[B, C]`` of argmax(labels) (float32): the CE target of a (mixed) label."""
+    return ops.one_hot(ops.argmax(y_true, axis=-1), ops.shape(y_true)[-1])
 
 
 def soft_ce(q, y_pred):
@@ -165,9 +168,8 @@ def smoothed_targets(y_true, loss: str, label_smoothing: float):
     ``(1 − ε)·y + ε/2``."""
     y_true = ops.cast(y_true, "float32")
     if loss == "ce":
-        c = ops.shape(y_true)[-1]
-        onehot = ops.one_hot(ops.argmax(y_true, axis=-1), c)
-        return onehot * (1.0 - label_smoothing) + label_smoothing / ops.cast(c, "float32")
+        c = ops.cast(ops.shape(y_true)[-1], "float32")
+        return argmax_targets(y_true) * (1.0 - label_smoothing) + label_smoothing / c
     return y_true * (1.0 - label_smoothing) + label_smoothing / 2.0
 
 
