@@ -25,6 +25,8 @@ import tensorflow as tf
 from psla_tf import params
 from psla_tf.features import hz_to_mel, mel_bin_edges, mel_high_edge, mel_to_hz
 
+NOISE_CORNER_HZ = 100.0   # coloured noise is flat below this frequency (random_noise)
+
 __all__ = ["FrequencyMasking", "TimeMasking", "TimeShift", "VocalTractPerturbation",
            "mask_along_axis", "mel_warp_matrix", "random_gain", "random_noise", "random_speed",
            "shift_along_time", "vtln_high_cutoff", "vtln_warp_freq"]
@@ -94,22 +96,31 @@ def random_gain(waveform: tf.Tensor, max_db: float, seed: tf.Tensor) -> tf.Tenso
 
 
 def random_noise(waveform: tf.Tensor, num_samples: tf.Tensor, snr_db: tuple[float, float],
-                 prob: float, seed: tf.Tensor) -> tf.Tensor:
-    """Additive white Gaussian noise: with probability ``prob`` a clip of ``waveform``
-    ``[B, S]`` gets noise at a signal-to-noise ratio ρ ~ U[``snr_db``] dB, one draw per clip
-    from the stateless ``seed`` ``[2]``.
+                 prob: float, seed: tf.Tensor, decay_db: tuple[float, float] = (0.0, 0.0),
+                 sample_rate: int = params.SAMPLE_RATE) -> tf.Tensor:
+    """Additive Gaussian noise: with probability ``prob`` a clip of ``waveform`` ``[B, S]``
+    gets noise at a signal-to-noise ratio ρ ~ U[``snr_db``] dB, one draw per clip from the
+    stateless ``seed`` ``[2]``.
 
     Returns ``[B, S]``: x + σ ε on the clip's ``num_samples`` ``[B]`` valid samples (zeros
-    after stay zero), ε ~ N(0, 1), σ² = P / 10^(ρ / 10) with P the mean power of those
-    samples (a silent clip stays silent). For recordings noisier than the training set's
-    (audiomentations' ``AddGaussianSNR``; not in PSLA, ``--noise_prob``,
-    ``--noise_snr_min_db``, ``--noise_snr_max_db``); identity when ``prob`` is 0.
+    after stay zero), σ² = P / 10^(ρ / 10) with P the mean power of those samples (a silent
+    clip stays silent). ε is white, N(0, 1), when ``decay_db`` is (0, 0) (audiomentations'
+    ``AddGaussianSNR``); otherwise coloured: its spectrum falls by δ ~ U[``decay_db``] dB per
+    octave above ``NOISE_CORNER_HZ`` (flat below; 3 is pink, 6 brown, as audiomentations'
+    ``AddColorNoise``), scaled to unit mean power over the valid samples. Room and
+    microphone noise falls with frequency (FSDD's recordings: 15-20 dB from 0.25 to 3.5 kHz,
+    docs/fsdd_recipe.md). Not in PSLA: ``--noise_prob``, ``--noise_snr_min_db``,
+    ``--noise_snr_max_db``, ``--noise_decay_min_db``, ``--noise_decay_max_db``; identity
+    when ``prob`` is 0.
     """
     low, high = (float(v) for v in snr_db)
+    d_low, d_high = (float(v) for v in decay_db)
     if not 0.0 <= float(prob) <= 1.0:
         raise ValueError(f"prob must be in [0, 1], got {prob}")
     if high < low:
         raise ValueError(f"snr_db must be (low, high) with low <= high, got {snr_db}")
+    if not 0.0 <= d_low <= d_high:
+        raise ValueError(f"decay_db must be (low, high) with 0 <= low <= high, got {decay_db}")
     if float(prob) == 0:
         return waveform
     x = tf.convert_to_tensor(waveform)
@@ -123,8 +134,30 @@ def random_noise(waveform: tf.Tensor, num_samples: tf.Tensor, snr_db: tuple[floa
     power = tf.reduce_sum(tf.where(valid, tf.square(xf), 0.0), axis=1) / n
     sigma = tf.sqrt(power / tf.pow(10.0, snr / 10.0)) * tf.cast(apply, tf.float32)
     eps = tf.random.stateless_normal(tf.shape(x), seed=seeds[2], dtype=tf.float32)
+    if d_high > 0:
+        delta = tf.random.stateless_uniform(
+            [batch], seed=tf.random.experimental.stateless_fold_in(tf.cast(seed, tf.int64), 3),
+            minval=d_low, maxval=d_high)
+        eps = _coloured(eps, delta, valid, n, sample_rate)
     noise = tf.where(valid, sigma[:, tf.newaxis] * eps, 0.0)
     return x + tf.cast(noise, x.dtype)
+
+
+def _coloured(eps: tf.Tensor, decay_db: tf.Tensor, valid: tf.Tensor, n: tf.Tensor,
+              sample_rate: int) -> tf.Tensor:
+    """White noise ``eps`` ``[B, S]`` shaped in the frequency domain: amplitude × (f / f_c) ^
+    (−δ / 20 log10 2) above the corner f_c = ``NOISE_CORNER_HZ`` (δ = ``decay_db`` ``[B]`` dB
+    per octave), then scaled to unit mean power over the ``valid`` ``[B, S]`` samples (``n``
+    ``[B]`` of them)."""
+    total = tf.shape(eps)[1]
+    bins = total // 2 + 1
+    freq = tf.cast(tf.range(bins), tf.float32) * (float(sample_rate) / tf.cast(total, tf.float32))
+    octaves = tf.math.log(tf.maximum(freq, NOISE_CORNER_HZ) / NOISE_CORNER_HZ) / np.log(2.0)
+    gain = tf.pow(10.0, -decay_db[:, tf.newaxis] * octaves[tf.newaxis, :] / 20.0)   # [B, K]
+    shaped = tf.signal.irfft(tf.signal.rfft(eps) * tf.cast(gain, tf.complex64),
+                             fft_length=[total])
+    power = tf.reduce_sum(tf.where(valid, tf.square(shaped), 0.0), axis=1) / n
+    return shaped * tf.math.rsqrt(tf.maximum(power, 1e-20))[:, tf.newaxis]
 
 
 def mask_along_axis(x: tf.Tensor, max_width: int, axis: int, uniform: tf.Tensor,

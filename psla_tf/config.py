@@ -63,6 +63,8 @@ class TrainConfig:
     noise_prob: float = 0.0
     noise_snr_min_db: float = params.NOISE_SNR_MIN_DB
     noise_snr_max_db: float = params.NOISE_SNR_MAX_DB
+    noise_decay_min_db: float = 0.0
+    noise_decay_max_db: float = 0.0
     freqm: int = params.FREQM
     timem: int = params.TIMEM
     time_shift: int = 0

@@ -200,6 +200,44 @@ def test_random_noise():
         random_noise(x, n, (30.0, 10.0), 1.0, seed)
 
 
+def test_random_noise_coloured():
+    """--noise_decay_min_db / --noise_decay_max_db: the noise's power spectrum (scipy's
+    Welch estimate) falls by the drawn dB per octave above 100 Hz and is flat below; its SNR
+    is the drawn one; (0, 0) is the white noise of test_random_noise, unchanged."""
+    from scipy import signal
+    from psla_tf.augment import random_noise
+    rng = np.random.default_rng(1)
+    b, s, sr = 64, 16000, 16000
+    x = tf.constant(rng.normal(size=(b, s)), tf.float32)
+    xn = x.numpy()
+    n = tf.fill([b], s)
+    seed = tf.constant([3, 4], tf.int64)
+    for decay in (3.0, 6.0):
+        noise = random_noise(x, n, (20.0, 20.0), 1.0, seed, (decay, decay), sr).numpy() - xn
+        snr = 10 * np.log10((xn ** 2).sum(1) / (noise ** 2).sum(1))
+        np.testing.assert_allclose(snr, 20.0, atol=1e-3)                  # unit-power shape
+        f, pxx = signal.welch(noise, fs=sr, nperseg=2048, axis=1)
+        db = 10 * np.log10(pxx.mean(0))
+        band = (f >= 200) & (f <= 6000)
+        slope = np.polyfit(np.log2(f[band]), db[band], 1)[0]              # dB per octave
+        assert abs(slope + decay) < 0.3, (decay, slope)
+        low = (f >= 20) & (f <= 80)
+        assert np.ptp(db[low]) < 2.0                                       # flat below 100 Hz
+    # a range: per-clip slopes spread over it (each clip's own Welch fit)
+    noise = random_noise(x, n, (20.0, 20.0), 1.0, seed, (0.0, 6.0), sr).numpy() - xn
+    f, pxx = signal.welch(noise, fs=sr, nperseg=1024, axis=1)
+    band = (f >= 200) & (f <= 6000)
+    slopes = [np.polyfit(np.log2(f[band]), 10 * np.log10(p[band]), 1)[0] for p in pxx]
+    assert -6.5 < min(slopes) and max(slopes) < 0.5 and np.ptp(slopes) > 3.0
+    white = random_noise(x, n, (10.0, 30.0), 0.5, seed).numpy()
+    np.testing.assert_array_equal(
+        random_noise(x, n, (10.0, 30.0), 0.5, seed, (0.0, 0.0)).numpy(), white)
+    with pytest.raises(ValueError, match="decay_db"):
+        random_noise(x, n, (10.0, 30.0), 1.0, seed, (6.0, 3.0))
+    with pytest.raises(ValueError, match="decay_db"):
+        random_noise(x, n, (10.0, 30.0), 1.0, seed, (-1.0, 3.0))
+
+
 def test_random_gain_in_training_pipeline(tmp_path):
     from helpers_data import write_shards
     from psla_tf.data import pipeline
@@ -234,6 +272,15 @@ def test_random_gain_in_training_pipeline(tmp_path):
         a, b = a["waveform"].numpy(), b["waveform"].numpy()
         snr = 10 * np.log10((a ** 2).sum(axis=1) / ((b - a) ** 2).sum(axis=1))
         np.testing.assert_allclose(snr, 20.0, atol=0.5)
+    brown = list(pipeline.make_train_dataset(glob, noise_prob=1.0, noise_snr_db=(20.0, 20.0),
+                                             noise_decay_db=(6.0, 6.0), **kw))
+    for (a, _), (b, _), (c, _) in zip(plain, noisy, brown):   # coloured: same SNR, not white
+        a, b, c = (v["waveform"].numpy() for v in (a, b, c))
+        snr = 10 * np.log10((a ** 2).sum(axis=1) / ((c - a) ** 2).sum(axis=1))
+        np.testing.assert_allclose(snr, 20.0, atol=0.5)
+        assert not np.allclose(b, c)
+    with pytest.raises(ValueError, match="noise_decay_db"):
+        pipeline.make_train_dataset(glob, noise_prob=1.0, noise_decay_db=(3.0, 1.0), **kw)
     with pytest.raises(ValueError, match="random_gain_db"):
         pipeline.make_train_dataset(glob, random_gain_db=-1.0, **kw)
     with pytest.raises(ValueError, match="noise_prob"):

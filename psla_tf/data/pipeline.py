@@ -317,7 +317,7 @@ def _check_train_args(spec: DataSpec, batch_size: int, clip_samples: int | None,
                       sampling_order: str, mixup: float, mixup_alpha: float,
                       shuffle_buffer: int, random_gain_db: float, random_speed: float,
                       noise_prob: float, noise_snr_db: tuple[float, float],
-                      features_in_pipeline: bool, frontend: Callable | None
+                      noise_decay_db: tuple[float, float], features_in_pipeline: bool, frontend: Callable | None
                       ) -> tuple[int, int]:
     """:func:`make_train_dataset`'s arguments checked → (clip_samples, steps per epoch)."""
     if sampling_order not in SAMPLING_ORDERS:
@@ -332,6 +332,9 @@ def _check_train_args(spec: DataSpec, batch_size: int, clip_samples: int | None,
     if noise_snr_db[1] < noise_snr_db[0]:
         raise ValueError(f"noise_snr_db must be (low, high) with low <= high, got "
                          f"{noise_snr_db}")
+    if not 0 <= noise_decay_db[0] <= noise_decay_db[1]:
+        raise ValueError(f"noise_decay_db must be (low, high) with 0 <= low <= high, got "
+                         f"{noise_decay_db}")
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if not 0.0 <= mixup <= 1.0:
@@ -371,10 +374,12 @@ def _pipeline_share(batch_size: int, input_context: tf.distribute.InputContext |
 
 def _waveform_augmentations(batches: tf.data.Dataset, seed: tf.Tensor, random_gain_db: float,
                             random_speed: float, noise_prob: float,
-                            noise_snr_db: tuple[float, float]) -> tf.data.Dataset:
-    """Each batch's waveforms at a random rate in [1 ± random_speed], with white noise at
-    U[noise_snr_db] dB SNR on a noise_prob share of the clips, then scaled by a random gain of
-    ±random_gain_db dB (:mod:`psla_tf.augment`; not in PSLA), seeded per batch."""
+                            noise_snr_db: tuple[float, float],
+                            noise_decay_db: tuple[float, float]) -> tf.data.Dataset:
+    """Each batch's waveforms at a random rate in [1 ± random_speed], with noise at
+    U[noise_snr_db] dB SNR (white, or falling by U[noise_decay_db] dB per octave) on a
+    noise_prob share of the clips, then scaled by a random gain of ±random_gain_db dB
+    (:mod:`psla_tf.augment`; not in PSLA), seeded per batch."""
     from psla_tf.augment import random_gain, random_noise
     from psla_tf.augment import random_speed as speed_fn
 
@@ -383,7 +388,8 @@ def _waveform_augmentations(batches: tf.data.Dataset, seed: tf.Tensor, random_ga
         s = sampling.derive_seed(seed, index)
         w, n = speed_fn(feats["waveform"], feats["num_samples"], random_speed,
                         sampling.derive_seed(s, 1))
-        w = random_noise(w, n, noise_snr_db, noise_prob, sampling.derive_seed(s, 2))
+        w = random_noise(w, n, noise_snr_db, noise_prob, sampling.derive_seed(s, 2),
+                         noise_decay_db)
         w = random_gain(w, random_gain_db, s)
         return dict(feats, waveform=w, num_samples=n), labels
     return batches.enumerate().map(_nag(gain))
@@ -397,6 +403,7 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
                        shuffle_buffer: int = 1000, seed: int = 0, initial_epoch: int = 0,
                        num_epochs: int = 1, random_gain_db: float = 0.0,
                        random_speed: float = 0.0, noise_prob: float = 0.0,
+                       noise_decay_db: tuple[float, float] = (0.0, 0.0),
                        noise_snr_db: tuple[float, float] = (params.NOISE_SNR_MIN_DB,
                                                             params.NOISE_SNR_MAX_DB),
                        input_context: tf.distribute.InputContext | None = None,
@@ -450,14 +457,16 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
     (:func:`psla_tf.augment.random_gain`; not in PSLA, off by default); ``random_speed`` > 0
     plays each at a random rate in [1 - random_speed, 1 + random_speed]
     (:func:`psla_tf.augment.random_speed`; also not in PSLA, off by default);
-    ``noise_prob`` > 0 adds white noise at an SNR U[``noise_snr_db``] dB to that share of the
-    clips, after the speed change and before the gain (:func:`psla_tf.augment.random_noise`;
-    not in PSLA, off by default).
+    ``noise_prob`` > 0 adds noise at an SNR U[``noise_snr_db``] dB to that share of the
+    clips, after the speed change and before the gain, white or, with ``noise_decay_db``
+    above (0, 0), falling by U[``noise_decay_db``] dB per octave
+    (:func:`psla_tf.augment.random_noise`; not in PSLA, off by default).
     """
     spec = resolve_data(data)
     clip_samples, steps = _check_train_args(
         spec, batch_size, clip_samples, sampling_order, mixup, mixup_alpha, shuffle_buffer,
-        random_gain_db, random_speed, noise_prob, noise_snr_db, features_in_pipeline,
+        random_gain_db, random_speed, noise_prob, noise_snr_db, noise_decay_db,
+        features_in_pipeline,
         frontend)
     if group_batches and sampling_order != "iid":
         raise ValueError("group_batches needs sampling_order='iid'")
@@ -490,7 +499,8 @@ def make_train_dataset(data: str | DataSpec, *, batch_size: int = 100,
         if random_gain_db > 0 or random_speed > 0 or noise_prob > 0:
             gain_seed = sampling.derive_seed(base_seed, _SALT_GAIN, epoch, pid)
             batches = _waveform_augmentations(batches, gain_seed, random_gain_db,
-                                              random_speed, noise_prob, noise_snr_db)
+                                              random_speed, noise_prob, noise_snr_db,
+                                              noise_decay_db)
         return batches
 
     epochs = tf.data.Dataset.range(int(initial_epoch), int(initial_epoch) + int(num_epochs))

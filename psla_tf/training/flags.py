@@ -119,6 +119,11 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       flag_values=fv)
     F("noise_snr_max_db", d.noise_snr_max_db, "Highest SNR of --noise_prob's noise, dB.",
       flag_values=fv)
+    F("noise_decay_min_db", d.noise_decay_min_db, "Coloured noise: --noise_prob's noise "
+      "spectrum falls by U[--noise_decay_min_db, --noise_decay_max_db] dB per octave above "
+      "100 Hz, drawn per clip (3 pink, 6 brown; both 0: white).", flag_values=fv)
+    F("noise_decay_max_db", d.noise_decay_max_db, "Largest fall of --noise_prob's noise "
+      "spectrum, dB per octave (see --noise_decay_min_db).", flag_values=fv)
     I("freqm", d.freqm, "Max frequency-mask width in bins (paper: 48; 0 off).", flag_values=fv)
     I("timem", d.timem, "Max time-mask width in frames (paper: 192; 0 off).", flag_values=fv)
     I("time_shift", d.time_shift, "Random delay of each training clip's fbank by 0..x frames "

@@ -90,6 +90,10 @@ def _check_input(cfg: TrainConfig) -> None:
         raise ConfigError(f"--random_speed must be in [0, 1), got {cfg.random_speed}")
     if not 0 <= cfg.noise_prob <= 1:
         raise ConfigError(f"--noise_prob must be in [0, 1], got {cfg.noise_prob:g}")
+    if not 0 <= cfg.noise_decay_min_db <= cfg.noise_decay_max_db:
+        raise ConfigError(f"--noise_decay_min_db ({cfg.noise_decay_min_db:g}) and "
+                          f"--noise_decay_max_db ({cfg.noise_decay_max_db:g}) need "
+                          "0 <= min <= max")
     if cfg.noise_snr_max_db < cfg.noise_snr_min_db:
         raise ConfigError(f"--noise_snr_max_db ({cfg.noise_snr_max_db:g}) must be ≥ "
                           f"--noise_snr_min_db ({cfg.noise_snr_min_db:g})")

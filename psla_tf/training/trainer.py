@@ -362,6 +362,7 @@ def train_pipeline(cfg: TrainConfig, r: Resolved, strategy, replicas: int,
                   random_gain_db=cfg.random_gain_db, random_speed=cfg.random_speed,
                   noise_prob=cfg.noise_prob,
                   noise_snr_db=(cfg.noise_snr_min_db, cfg.noise_snr_max_db),
+                  noise_decay_db=(cfg.noise_decay_min_db, cfg.noise_decay_max_db),
                   seed=cfg.seed, initial_epoch=initial_epoch,
                   num_epochs=(cfg.n_epochs - initial_epoch if num_epochs is None
                               else num_epochs),
