@@ -52,6 +52,8 @@ class TrainConfig:
     adapt_epochs: int = 0
     adapt_pseudo_label_weight: float = params.PSEUDO_LABEL_WEIGHT
     adapt_pseudo_labels: str = params.PSEUDO_LABELS[0]
+    self_train_epochs: int = 0
+    self_train_lr: float = params.SELF_TRAIN_LR
     balanced_sampling: bool = True
     sampling_order: str = "iid"
     group_batches: bool = False

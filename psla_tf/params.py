@@ -59,6 +59,9 @@ DYNAMIC_FLOAT_MAX_ELEMENTS: int = 50000
 PSEUDO_LABEL_WEIGHT: float = 0.3
 # Adam's learning rate of that adaptation (BatchNorm scale and offset)
 IM_LEARNING_RATE: float = 1e-3
+# self-training on the adapted model's pseudo-labels (--self_train_epochs; not in the paper):
+# the constant learning rate of its fine-tuning (psla_tf.training.self_training)
+SELF_TRAIN_LR: float = 1e-4
 # what it adapts: BatchNorm scale and offset (the default), or every backbone weight (SHOT)
 ADAPT_SCOPES: tuple[str, ...] = ("batchnorm", "encoder")
 # how SHOT's pseudo-labels are assigned: the nearest class centroid (SHOT), or the same

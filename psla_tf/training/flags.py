@@ -86,6 +86,14 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       "class centroid (SHOT); balanced: the same similarities assigned so that the clips "
       "spread evenly over the classes (Sinkhorn-Knopp; assumes they cover the classes "
       "evenly; lower on FSDD's validation speakers, docs/fsdd_recipe.md).", flag_values=fv)
+    I("self_train_epochs", d.self_train_epochs, "With --adapt_batchnorm, --wa and a "
+      "single-label model: then label each evaluated clip with the adapted model's top class "
+      "and fine-tune the weight-averaged model this many epochs on the training set plus "
+      "those clips, average them and adapt again; that run (exp_dir/self_training_eval) "
+      "gives the 'adapted' row (self-training; not in PSLA). 0: off.", lower_bound=0,
+      flag_values=fv)
+    F("self_train_lr", d.self_train_lr, "With --self_train_epochs: the fine-tuning's "
+      "constant learning rate.", lower_bound=0, flag_values=fv)
     B("balanced_sampling", d.balanced_sampling, "Class-balanced sampling (Alg. 1; paper: on "
       "for full AudioSet and FSD50K, off for balanced AudioSet).", flag_values=fv)
     E("sampling_order", d.sampling_order, ["iid", "stream"], "Training order. iid (the "

@@ -145,6 +145,10 @@ def _check_strategy(cfg: TrainConfig) -> None:
 
 def _check_objective(cfg: TrainConfig) -> None:
     """Metric, fine-tuning and distillation."""
+    if cfg.self_train_epochs and not (cfg.adapt_batchnorm and cfg.wa and cfg.loss == "ce"):
+        raise ConfigError("--self_train_epochs fine-tunes the weight average on the adapted "
+                          "model's pseudo-labels: it needs --adapt_batchnorm, --wa and a "
+                          "single-label model (--loss=ce)")
     if cfg.metric not in METRIC_KEYS:
         raise ConfigError(f"--metric must be one of {sorted(METRIC_KEYS)}, got {cfg.metric!r}")
     if cfg.freeze_backbone_epochs < 0:
@@ -198,6 +202,13 @@ def resolve(cfg: TrainConfig) -> Resolved:
     if cfg.adapt_epochs and cfg.loss != "ce":
         raise ConfigError("--adapt_epochs (information maximisation) needs a single-label "
                           "model (--loss=ce)")
+    if cfg.self_train_epochs:
+        if kd.distillation_loss or cfg.append_classes:
+            raise ConfigError("--self_train_epochs: not with a teacher, --labelled_fraction "
+                              "or --append_classes")
+        if any(kd.label_maps.get(w) is not None for w in ("eval", "val")):
+            raise ConfigError("--self_train_epochs trains on the evaluated clips: --eval_data "
+                              "and --val_data need the training set's vocabulary")
     if cfg.adapt_batchnorm:
         from psla_tf.models.adaptation import MIN_ADAPT_CLIPS
         for flag, spec in (("eval_data", ev), ("val_data", val)):

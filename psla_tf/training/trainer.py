@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import shutil
 import time
 from typing import Any
 
@@ -425,15 +426,16 @@ def _previous_seconds(exp_dir: str, default: float) -> float:
         return default
 
 
-def _adapted(cfg: TrainConfig, loop: _Loop, model, chief: bool) -> dict[str, Any] | None:
+def _adapted(cfg: TrainConfig, loop: _Loop, model, chief: bool
+             ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """``--adapt_batchnorm``: the exported model (weight average, else the last epoch) with
     its BatchNorm statistics re-estimated on each evaluated set's own clips, no labels
     (:mod:`psla_tf.models.adaptation`; ``--adapt_epochs``: then its BatchNorm γ, β by
     information maximisation and SHOT's pseudo-labels on them), scored on those clips; the
     eval set's adapted model is saved to ``adapted_model.keras``. Computed on a copy built
-    outside any strategy."""
+    outside any strategy. Returns the row and the adapted scores of each set (eval, val)."""
     if not cfg.adapt_batchnorm or not chief:
-        return None
+        return None, {}
     from psla_tf.models.adaptation import adapt_batchnorm
     from psla_tf.training import selection
     wa = loop.wa
@@ -450,6 +452,7 @@ def _adapted(cfg: TrainConfig, loop: _Loop, model, chief: bool) -> dict[str, Any
     if cfg.adapt_epochs:
         row["pseudo_label_weight"] = cfg.adapt_pseudo_label_weight
         row["pseudo_labels"] = cfg.adapt_pseudo_labels
+    scores = {}
     for which, ev in (("eval", loop.evaluation), ("val", loop.val_eval)):
         if ev is None:
             continue
@@ -457,7 +460,8 @@ def _adapted(cfg: TrainConfig, loop: _Loop, model, chief: bool) -> dict[str, Any
         clips = adapt_batchnorm(copy, ev.dataset, im_epochs=cfg.adapt_epochs,
                                 pseudo_label_weight=cfg.adapt_pseudo_label_weight,
                                 pseudo_labels=cfg.adapt_pseudo_labels)
-        result = ev.score(ev.predict(copy))
+        scores[which] = ev.predict(copy)
+        result = ev.score(scores[which])
         if which == "val":
             row.update(selection.val_fields(result))
             continue
@@ -471,7 +475,31 @@ def _adapted(cfg: TrainConfig, loop: _Loop, model, chief: bool) -> dict[str, Any
     print(f"adapted ({row['model']}, BatchNorm statistics of the {row.get('clips')} "
           f"evaluated clips{im}): mAP {row['mAP']:.4f}"
           + (f" accuracy {row['accuracy']:.4f}" if "accuracy" in row else ""), flush=True)
-    return row
+    return row, scores
+
+
+def _self_trained(cfg: TrainConfig, r: Resolved, loop: _Loop, row: dict[str, Any],
+                  scores: dict[str, Any]) -> dict[str, Any]:
+    """``--self_train_epochs``: each evaluated set's self-training run
+    (:mod:`psla_tf.training.self_training`) replaces the ``adapted`` row's numbers for that set
+    (and, for the eval set, ``adapted_model.keras``)."""
+    from psla_tf.training import selection, self_training
+    out = dict(row)
+    for which, ev, spec, data in (("eval", loop.evaluation, r.eval, cfg.eval_data),
+                                  ("val", loop.val_eval, r.val, cfg.val_data)):
+        if ev is None:
+            continue
+        sub = self_training.self_train(cfg, which, spec, data, scores[which], ev.targets)
+        if which == "val":
+            out.update(selection.val_fields(sub), val_self_training=sub["self_training"])
+            continue
+        out = {k: v for k, v in out.items() if k.startswith("val_")} | sub
+        shutil.copyfile(os.path.join(cfg.exp_dir, sub["self_training"]["run"],
+                                     run_folder.ADAPTED_MODEL),
+                        run_folder.path(cfg.exp_dir, run_folder.ADAPTED_MODEL))
+    print(f"adapted after self-training: mAP {out['mAP']:.4f}"
+          + (f" accuracy {out['accuracy']:.4f}" if "accuracy" in out else ""), flush=True)
+    return out
 
 
 def _summary(cfg: TrainConfig, r: Resolved, loop: _Loop, model, source_model,
@@ -560,7 +588,9 @@ def _train(cfg: TrainConfig, r: Resolved, strategy, replicas: int, chief: bool,
     if initial_epoch >= cfg.n_epochs:     # a finished run again: its training time stays
         seconds = _previous_seconds(exp, seconds)
     _finish(loop, model)
-    adapted = _adapted(cfg, loop, model, chief)
+    adapted, adapted_scores = _adapted(cfg, loop, model, chief)
+    if adapted is not None and cfg.self_train_epochs:
+        adapted = _self_trained(cfg, r, loop, adapted, adapted_scores)
     summary = _summary(cfg, r, loop, model, source_model, replicas, seconds, adapted)
     if chief:
         with atomic.atomic_path(run_folder.path(exp, run_folder.FINAL_MODEL), ".keras") as tmp:
