@@ -61,7 +61,7 @@ def test_self_training_trains_on_the_adapted_models_pseudo_labels(tmp_path):
         sub_row = json.loads((sub / "summary.json").read_text())["adapted"]
         st = summary["adapted"]["self_training" if which == "eval" else "val_self_training"]
         assert st["pseudo_label_accuracy"] == pytest.approx(float(np.mean(want == truth)))
-        assert st["epochs"] == 1 and st["run"] == sub.name
+        assert st["epochs"] == 1 and st["run"] == sub.name and st["seconds"] > 0
         if which == "eval":   # the row and the model are the self-trained run's
             for k in ("accuracy", "mAP", "AUC"):
                 assert summary["adapted"][k] == pytest.approx(sub_row[k])
@@ -78,6 +78,7 @@ def test_self_training_needs_the_adapted_weight_average(tmp_path):
                               eval_data="e")
     check_config(dataclasses.replace(cfg, adapt_batchnorm=True, wa=True))
     for bad in (dict(), dict(adapt_batchnorm=True), dict(wa=True, adapt_batchnorm=True,
-                                                         loss="bce")):
+                                                         loss="bce"),
+                dict(wa=True, adapt_batchnorm=True, strategy="multi_worker")):
         with pytest.raises(ConfigError, match="self_train_epochs"):
             check_config(dataclasses.replace(cfg, **bad))

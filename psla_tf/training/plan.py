@@ -133,6 +133,10 @@ def _check_strategy(cfg: TrainConfig) -> None:
     if cfg.jit_compile and cfg.deterministic:   # Keras would drop XLA without a word
         raise ConfigError("--jit_compile and --deterministic cannot be combined: Keras turns "
                           "XLA off while op determinism is enabled")
+    if cfg.self_train_epochs and cfg.strategy == "multi_worker":
+        raise ConfigError("--self_train_epochs runs its fine-tuning on the chief alone: not "
+                          "with --strategy=multi_worker (self-train after the run, on one "
+                          "machine)")
     if cfg.strategy == "multi_worker" and not os.environ.get("TF_CONFIG"):
         raise ConfigError("--strategy=multi_worker needs the TF_CONFIG environment variable "
                           "(cluster and this task; see docs/scale.md)")

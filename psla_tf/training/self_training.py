@@ -81,5 +81,5 @@ def self_train(cfg: TrainConfig, which: str, spec, data: str, scores: np.ndarray
     row["self_training"] = {"epochs": cfg.self_train_epochs, "lr": cfg.self_train_lr,
                             "pseudo_label_accuracy": float(np.mean(
                                 labels == np.asarray(targets).argmax(axis=1))),
-                            "run": os.path.basename(out)}
+                            "run": os.path.basename(out), "seconds": summary["seconds"]}
     return row
