@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -62,12 +62,12 @@ def self_train_config(cfg: TrainConfig, which: str, data: str, pseudo_glob: str)
 
 
 def self_train(cfg: TrainConfig, which: str, spec, data: str, scores: np.ndarray,
-               targets: np.ndarray) -> dict[str, Any]:
+               targets: np.ndarray, run: Callable[[TrainConfig], dict[str, Any]]
+               ) -> dict[str, Any]:
     """Pseudo-label the evaluated set ``which`` (``spec``, glob ``data``) by ``scores`` (the
-    adapted model's), run the self-training (:func:`self_train_config`) and return its
-    ``adapted`` row with a ``self_training`` entry (epochs, lr, the pseudo-labels' accuracy
-    against ``targets``, the run folder)."""
-    from psla_tf.training.trainer import run
+    adapted model's), run the self-training (:func:`self_train_config`) with ``run`` (the
+    trainer's) and return its ``adapted`` row with a ``self_training`` entry (epochs, lr, the
+    pseudo-labels' accuracy against ``targets``, the run folder, its seconds)."""
     out = os.path.join(cfg.exp_dir, SELF_TRAIN_DIR.format(which))
     if os.path.isdir(out):
         shutil.rmtree(out)   # a self-training is redone whole with its run

@@ -489,7 +489,7 @@ def _self_trained(cfg: TrainConfig, r: Resolved, loop: _Loop, row: dict[str, Any
                                   ("val", loop.val_eval, r.val, cfg.val_data)):
         if ev is None:
             continue
-        sub = self_training.self_train(cfg, which, spec, data, scores[which], ev.targets)
+        sub = self_training.self_train(cfg, which, spec, data, scores[which], ev.targets, run)
         if which == "val":
             out.update(selection.val_fields(sub), val_self_training=sub["self_training"])
             continue
