@@ -25,8 +25,6 @@ import tensorflow as tf
 from psla_tf import params
 from psla_tf.features import hz_to_mel, mel_bin_edges, mel_high_edge, mel_to_hz
 
-NOISE_CORNER_HZ = 100.0   # coloured noise is flat below this frequency (random_noise)
-
 __all__ = ["FrequencyMasking", "TimeMasking", "TimeShift", "VocalTractPerturbation",
            "mask_along_axis", "mel_warp_matrix", "random_gain", "random_noise", "random_speed",
            "shift_along_time", "vtln_high_cutoff", "vtln_warp_freq"]
@@ -106,7 +104,7 @@ def random_noise(waveform: tf.Tensor, num_samples: tf.Tensor, snr_db: tuple[floa
     after stay zero), σ² = P / 10^(ρ / 10) with P the mean power of those samples (a silent
     clip stays silent). ε is white, N(0, 1), when ``decay_db`` is (0, 0) (audiomentations'
     ``AddGaussianSNR``); otherwise coloured: its spectrum falls by δ ~ U[``decay_db``] dB per
-    octave above ``NOISE_CORNER_HZ`` (flat below; 3 is pink, 6 brown, as audiomentations'
+    octave above ``params.NOISE_CORNER_HZ`` (flat below; 3 is pink, 6 brown, as audiomentations'
     ``AddColorNoise``), scaled to unit mean power over the valid samples. Room and
     microphone noise falls with frequency (FSDD's recordings: 15-20 dB from 0.25 to 3.5 kHz,
     docs/fsdd_recipe.md). Not in PSLA: ``--noise_prob``, ``--noise_snr_min_db``,
@@ -146,13 +144,14 @@ def random_noise(waveform: tf.Tensor, num_samples: tf.Tensor, snr_db: tuple[floa
 def _coloured(eps: tf.Tensor, decay_db: tf.Tensor, valid: tf.Tensor, n: tf.Tensor,
               sample_rate: int) -> tf.Tensor:
     """White noise ``eps`` ``[B, S]`` shaped in the frequency domain: amplitude × (f / f_c) ^
-    (−δ / 20 log10 2) above the corner f_c = ``NOISE_CORNER_HZ`` (δ = ``decay_db`` ``[B]`` dB
-    per octave), then scaled to unit mean power over the ``valid`` ``[B, S]`` samples (``n``
+    (−δ / 20 log10 2) above the corner f_c = ``params.NOISE_CORNER_HZ`` (δ = ``decay_db``
+    ``[B]`` dB per octave), then scaled to unit mean power over the ``valid`` ``[B, S]`` samples (``n``
     ``[B]`` of them)."""
     total = tf.shape(eps)[1]
     bins = total // 2 + 1
     freq = tf.cast(tf.range(bins), tf.float32) * (float(sample_rate) / tf.cast(total, tf.float32))
-    octaves = tf.math.log(tf.maximum(freq, NOISE_CORNER_HZ) / NOISE_CORNER_HZ) / np.log(2.0)
+    corner = params.NOISE_CORNER_HZ
+    octaves = tf.math.log(tf.maximum(freq, corner) / corner) / np.log(2.0)
     gain = tf.pow(10.0, -decay_db[:, tf.newaxis] * octaves[tf.newaxis, :] / 20.0)   # [B, K]
     shaped = tf.signal.irfft(tf.signal.rfft(eps) * tf.cast(gain, tf.complex64),
                              fft_length=[total])

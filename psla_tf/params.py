@@ -32,6 +32,7 @@ RECORDS_IN_MEMORY_MB: int = 1024
 # the signal-to-noise ratio range in dB (psla_tf.augment.random_noise)
 NOISE_SNR_MIN_DB: float = 10.0
 NOISE_SNR_MAX_DB: float = 30.0
+NOISE_CORNER_HZ: float = 100.0    # coloured noise (--noise_decay_*_db) is flat below this
 
 CLAMP_EPS: float = 1e-7           # outputs clamped to [eps, 1 - eps] for BCE / attention
 
