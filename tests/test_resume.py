@@ -9,6 +9,7 @@ epochs; the final weights within 1e-6.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -149,6 +150,10 @@ def test_resume_with_other_flags_is_refused(data, tmp_path):
     trainer.check_resume_flags(plan.resolve(
         trainer.TrainConfig(**{**cfg.__dict__, "verbose": 2, "strategy": "mirrored",
                                 "fused_batchnorm": False})).cfg, exp)
+    # the adapted row and its self-training run after training: free on a finished run
+    trainer.check_resume_flags(dataclasses.replace(
+        cfg_r, adapt_batchnorm=True, adapt_epochs=10, self_train_epochs=3,
+        self_train_lr=1e-3), exp)
     # a run written before a flag existed ran with its default: only a new value differs
     text = config.flagfile_text(cfg_r).replace("--num_mel_bins=128\n", "")
     assert "num_mel_bins" not in text

@@ -49,7 +49,7 @@ _RESUME_FREE_FLAGS = ("verbose", "resume", "strategy", "tpu", "jit_compile", "de
                       "allow_cut_clips", "fbank_dft", "fused_batchnorm", "pointwise_matmul",
                       "swish_saved_sigmoid", "adapt_batchnorm", "adapt_epochs",
                       "adapt_pseudo_label_weight", "adapt_pseudo_labels",
-                      "records_in_memory_mb")
+                      "self_train_epochs", "self_train_lr", "records_in_memory_mb")
 
 
 def check_resume_flags(cfg: TrainConfig, exp_dir: str) -> None:
