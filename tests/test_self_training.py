@@ -71,6 +71,24 @@ def test_self_training_trains_on_the_adapted_models_pseudo_labels(tmp_path):
             assert summary["adapted"]["val_accuracy"] == pytest.approx(sub_row["accuracy"])
 
 
+def test_self_training_added_to_a_finished_run(tmp_path):
+    """A finished run rerun with --self_train_epochs (a resume-free flag) keeps its training
+    and gets the self-trained adapted row."""
+    from psla_tf.config import config_from_flagfile
+    from psla_tf.training.trainer import train
+    fold = _run(tmp_path)
+    before = json.loads((fold / "summary.json").read_text())
+    assert "self_training" not in before["adapted"]
+    again = train(dataclasses.replace(config_from_flagfile(str(fold / "flags.txt")),
+                                      verbose=0, self_train_epochs=1))[0]
+    assert again["seconds"] == before["seconds"] > 0
+    assert again["single"] == before["single"]
+    st = again["adapted"]["self_training"]
+    assert st["epochs"] == 1 and (fold / st["run"] / "summary.json").exists()
+    sub_row = json.loads((fold / st["run"] / "summary.json").read_text())["adapted"]
+    assert again["adapted"]["accuracy"] == pytest.approx(sub_row["accuracy"])
+
+
 def test_self_training_needs_the_adapted_weight_average(tmp_path):
     from psla_tf.errors import ConfigError
     from psla_tf.training.plan import check_config
