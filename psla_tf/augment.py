@@ -145,8 +145,8 @@ def _coloured(eps: tf.Tensor, decay_db: tf.Tensor, valid: tf.Tensor, n: tf.Tenso
               sample_rate: int) -> tf.Tensor:
     """White noise ``eps`` ``[B, S]`` shaped in the frequency domain: amplitude × (f / f_c) ^
     (−δ / 20 log10 2) above the corner f_c = ``params.NOISE_CORNER_HZ`` (δ = ``decay_db``
-    ``[B]`` dB per octave), then scaled to unit mean power over the ``valid`` ``[B, S]`` samples (``n``
-    ``[B]`` of them)."""
+    ``[B]`` dB per octave), then scaled to unit mean power over the ``valid`` ``[B, S]``
+    samples (``n`` ``[B]`` of them)."""
     total = tf.shape(eps)[1]
     bins = total // 2 + 1
     freq = tf.cast(tf.range(bins), tf.float32) * (float(sample_rate) / tf.cast(total, tf.float32))
