@@ -18,12 +18,12 @@ import glob
 import os
 
 import numpy as np
-import scipy.fft
 import soundfile as sf
 import soxr
 
+from psla_tf.label_propagation import TRIM, utterance_cepstra  # TRIM: 6 log units (~26 dB)
+
 SEGMENTS = 8            # time points per utterance
-TRIM = 6.0              # frames kept: mean log-mel within this of the clip's loudest frame
 SAMPLES = 10480         # 64 frames at 16 kHz, the input of configs/fsdd.flags
 
 
@@ -48,10 +48,7 @@ def load_fbank(fsdd_dir: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def features(fb: np.ndarray, num_ceps: int) -> np.ndarray:
     """``[64, 128]`` log-mel → ``[SEGMENTS * num_ceps]`` (module doc)."""
-    level = fb.mean(1)
-    kept = np.flatnonzero(level > level.max() - TRIM)
-    c = scipy.fft.dct(fb[kept[0]:kept[-1] + 1], type=2, axis=1, norm="ortho")[:, 1:num_ceps + 1]
-    c = c - c.mean(0)
+    c = utterance_cepstra(fb, num_ceps, TRIM)
     t = np.linspace(0, len(c) - 1, SEGMENTS)
     return np.stack([np.interp(t, np.arange(len(c)), c[:, k]) for k in range(num_ceps)], 1).ravel()
 

@@ -54,6 +54,8 @@ class TrainConfig:
     adapt_pseudo_labels: str = params.PSEUDO_LABELS[0]
     self_train_epochs: int = 0
     self_train_lr: float = params.SELF_TRAIN_LR
+    self_train_neighbours: int = 0
+    self_train_alpha: float = params.SELF_TRAIN_ALPHA
     balanced_sampling: bool = True
     sampling_order: str = "iid"
     group_batches: bool = False

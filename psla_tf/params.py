@@ -63,6 +63,10 @@ IM_LEARNING_RATE: float = 1e-3
 # self-training on the adapted model's pseudo-labels (--self_train_epochs; not in the paper):
 # the constant learning rate of its fine-tuning (psla_tf.training.self_training)
 SELF_TRAIN_LR: float = 1e-4
+# its pseudo-labels propagated over the evaluated clips' DTW neighbours
+# (--self_train_neighbours; psla_tf.label_propagation): Zhou et al.'s alpha, chosen with k = 5
+# on FSDD's validation speakers
+SELF_TRAIN_ALPHA: float = 0.9
 # what it adapts: BatchNorm scale and offset (the default), or every backbone weight (SHOT)
 ADAPT_SCOPES: tuple[str, ...] = ("batchnorm", "encoder")
 # how SHOT's pseudo-labels are assigned: the nearest class centroid (SHOT), or the same

@@ -11,7 +11,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "psla_tf"
 LAYERS = (
     ("psla_tf.params", "psla_tf.errors", "psla_tf.config", "psla_tf.atomic",
      "psla_tf.run_folder", "psla_tf.ontology", "psla_tf._keras_objects", "psla_tf.compat"),
-    ("psla_tf.features", "psla_tf.augment", "psla_tf.metrics"),
+    ("psla_tf.features", "psla_tf.augment", "psla_tf.metrics", "psla_tf.label_propagation"),
     ("psla_tf.data", "psla_tf.demo"),
     ("psla_tf.models",),
     ("psla_tf.training", "psla_tf.provenance"),

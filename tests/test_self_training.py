@@ -72,19 +72,40 @@ def test_self_training_trains_on_the_adapted_models_pseudo_labels(tmp_path):
 
 
 def test_self_training_added_to_a_finished_run(tmp_path):
-    """A finished run rerun with --self_train_epochs (a resume-free flag) keeps its training
-    and gets the self-trained adapted row."""
+    """A finished run rerun with --self_train_epochs and --self_train_neighbours (resume-free
+    flags) keeps its training and gets the self-trained adapted row, its pseudo-labels the
+    adapted model's scores propagated over the evaluated clips' DTW neighbours."""
+    from psla_tf import label_propagation
     from psla_tf.config import config_from_flagfile
+    from psla_tf.data import pipeline, records
+    from psla_tf.data.shard_copy import record_labels
+    from psla_tf.models.adaptation import adapt_batchnorm
+    from psla_tf.models.loading import load_tagger
     from psla_tf.training.trainer import train
     fold = _run(tmp_path)
     before = json.loads((fold / "summary.json").read_text())
     assert "self_training" not in before["adapted"]
-    again = train(dataclasses.replace(config_from_flagfile(str(fold / "flags.txt")),
-                                      verbose=0, self_train_epochs=1))[0]
+    cfg = dataclasses.replace(config_from_flagfile(str(fold / "flags.txt")), verbose=0,
+                              self_train_epochs=1, self_train_neighbours=3, self_train_alpha=0.5)
+    again = train(cfg)[0]
     assert again["seconds"] == before["seconds"] > 0
     assert again["single"] == before["single"]
     st = again["adapted"]["self_training"]
     assert st["epochs"] == 1 and (fold / st["run"] / "summary.json").exists()
+    assert (st["neighbours"], st["alpha"]) == (3, 0.5)
+    # the pseudo-labels: the adapted model's scores propagated (recomputed here)
+    ds = pipeline.make_eval_dataset(cfg.eval_data, 6, pipeline.clip_samples_for_frames(40))
+    adapted = load_tagger(str(fold / "wa_model.keras"))
+    adapt_batchnorm(adapted, ds, min_clips=2)
+    scores = np.concatenate([adapted(x, training=False).numpy() for x, _ in ds])
+    waves = np.concatenate([x["waveform"].numpy() for x, _ in ds])
+    want = label_propagation.propagate_scores(waves, scores, k=3, alpha=0.5, sample_rate=16000,
+                                              num_mel_bins=cfg.num_mel_bins).argmax(1)
+    truth = np.concatenate([t.numpy() for _, t in ds]).argmax(1)
+    _, labels = record_labels(records.load_data_spec(str(fold / st["run"] / "pseudo-*.tfrecord*")))
+    np.testing.assert_array_equal([l[0] for l in labels], want)
+    assert st["pseudo_label_accuracy"] == pytest.approx(float(np.mean(want == truth)))
+    assert st["model_label_accuracy"] == pytest.approx(float(np.mean(scores.argmax(1) == truth)))
     sub_row = json.loads((fold / st["run"] / "summary.json").read_text())["adapted"]
     assert again["adapted"]["accuracy"] == pytest.approx(sub_row["accuracy"])
 

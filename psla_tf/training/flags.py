@@ -94,6 +94,14 @@ def define_flags(fv: flags.FlagValues = flags.FLAGS) -> None:
       flag_values=fv)
     F("self_train_lr", d.self_train_lr, "With --self_train_epochs: the fine-tuning's "
       "constant learning rate.", lower_bound=0, flag_values=fv)
+    I("self_train_neighbours", d.self_train_neighbours, "With --self_train_epochs: propagate "
+      "the adapted model's scores over each evaluated clip's this many nearest clips by DTW of "
+      "their cepstra before taking the top class (label propagation, Zhou et al. 2004; "
+      "psla_tf.label_propagation; for sets of words or short events from one speaker / "
+      "device). 0: the adapted model's own top class.", lower_bound=0, flag_values=fv)
+    F("self_train_alpha", d.self_train_alpha, "With --self_train_neighbours: the share the "
+      "neighbours carry, in [0, 1) (0: none).", lower_bound=0, upper_bound=0.999,
+      flag_values=fv)
     B("balanced_sampling", d.balanced_sampling, "Class-balanced sampling (Alg. 1; paper: on "
       "for full AudioSet and FSD50K, off for balanced AudioSet).", flag_values=fv)
     E("sampling_order", d.sampling_order, ["iid", "stream"], "Training order. iid (the "

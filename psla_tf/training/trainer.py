@@ -49,7 +49,8 @@ _RESUME_FREE_FLAGS = ("verbose", "resume", "strategy", "tpu", "jit_compile", "de
                       "allow_cut_clips", "fbank_dft", "fused_batchnorm", "pointwise_matmul",
                       "swish_saved_sigmoid", "adapt_batchnorm", "adapt_epochs",
                       "adapt_pseudo_label_weight", "adapt_pseudo_labels",
-                      "self_train_epochs", "self_train_lr", "records_in_memory_mb")
+                      "self_train_epochs", "self_train_lr", "self_train_neighbours",
+                      "self_train_alpha", "records_in_memory_mb")
 
 
 def check_resume_flags(cfg: TrainConfig, exp_dir: str) -> None:
@@ -489,7 +490,8 @@ def _self_trained(cfg: TrainConfig, r: Resolved, loop: _Loop, row: dict[str, Any
                                   ("val", loop.val_eval, r.val, cfg.val_data)):
         if ev is None:
             continue
-        sub = self_training.self_train(cfg, which, spec, data, scores[which], ev.targets, run)
+        sub = self_training.self_train(cfg, which, spec, data, scores[which], ev.targets, run,
+                                       ev.dataset)
         if which == "val":
             out.update(selection.val_fields(sub), val_self_training=sub["self_training"])
             continue
