@@ -19,9 +19,10 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
-__all__ = ["TRIM", "NUM_CEPS", "utterance_cepstra", "dtw_distances", "knn_graph", "propagate",
+__all__ = ["MAX_CLIPS", "TRIM", "NUM_CEPS", "utterance_cepstra", "dtw_distances", "knn_graph", "propagate",
            "propagate_scores"]
 
+MAX_CLIPS = 10000   # the dense [N, N] graph: 0.8 GB at this size
 TRIM = 6.0       # frames kept: mean log-mel within this (natural log, ~26 dB) of the loudest
 NUM_CEPS = 13    # cepstral coefficients c1..c13 per frame
 

@@ -395,6 +395,18 @@ def test_adapted_row_is_the_model_adapted_to_the_held_out_group(tmp_path):
             resolve(few)
         finally:
             adaptation.MIN_ADAPT_CLIPS = old
+    # --self_train_neighbours builds an [N, N] graph: a set above its size limit is refused
+    import psla_tf.label_propagation as label_propagation
+    prop = dataclasses.replace(few, wa=True, wa_start=1, wa_end=1, self_train_epochs=1,
+                               self_train_neighbours=5)
+    resolve(prop)
+    old, label_propagation.MAX_CLIPS = label_propagation.MAX_CLIPS, 17
+    try:
+        with pytest.raises(ConfigError, match="at most 17 in --eval_data"):
+            resolve(prop)
+        resolve(dataclasses.replace(prop, self_train_neighbours=0))   # without it: fine
+    finally:
+        label_propagation.MAX_CLIPS = old
     # the validation-adapted metrics take part in the choice; ties prefer unadapted rows
     s = {"single": {"accuracy": 0.7, "epoch": 1, "val_accuracy": 0.70},
          "weight_averaging": {"accuracy": 0.8, "epochs": [1], "val_accuracy": 0.75},

@@ -213,6 +213,12 @@ def resolve(cfg: TrainConfig) -> Resolved:
         if any(kd.label_maps.get(w) is not None for w in ("eval", "val")):
             raise ConfigError("--self_train_epochs trains on the evaluated clips: --eval_data "
                               "and --val_data need the training set's vocabulary")
+        from psla_tf.label_propagation import MAX_CLIPS
+        for flag, spec in (("eval_data", ev), ("val_data", val)):
+            if cfg.self_train_neighbours and spec is not None and spec.num_examples > MAX_CLIPS:
+                raise ConfigError(f"--self_train_neighbours compares every pair of clips: at "
+                                  f"most {MAX_CLIPS} in --{flag} (it has {spec.num_examples}); "
+                                  "split the set by speaker or device, or leave it at 0")
     if cfg.adapt_batchnorm:
         from psla_tf.models.adaptation import MIN_ADAPT_CLIPS
         for flag, spec in (("eval_data", ev), ("val_data", val)):
