@@ -1,4 +1,6 @@
-"""Label propagation over a set's own acoustic neighbours (``--self_train_neighbours``; not in PSLA).
+"""Label propagation over a set's own acoustic neighbours (``--self_train_neighbours``).
+
+Not in PSLA.
 
 A new speaker (device, session) says each word many times; within one speaker the clips of a
 word are each other's nearest neighbours by dynamic time warping (DTW) of their cepstra
@@ -19,12 +21,12 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
-__all__ = ["MAX_CLIPS", "TRIM", "NUM_CEPS", "utterance_cepstra", "dtw_distances", "knn_graph", "propagate",
-           "propagate_scores"]
+__all__ = ["MAX_CLIPS", "TRIM", "NUM_CEPS", "utterance_cepstra", "dtw_distances", "knn_graph",
+           "propagate", "propagate_scores"]
 
 MAX_CLIPS = 10000   # the dense [N, N] graph: 0.8 GB at this size
-TRIM = 6.0       # frames kept: mean log-mel within this (natural log, ~26 dB) of the loudest
-NUM_CEPS = 13    # cepstral coefficients c1..c13 per frame
+TRIM = 6.0          # frames kept: mean log-mel within this (natural log, ~26 dB) of the loudest
+NUM_CEPS = 13       # cepstral coefficients c1..c13 per frame
 
 
 def utterance_cepstra(log_mel: np.ndarray, num_ceps: int = NUM_CEPS,

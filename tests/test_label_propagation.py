@@ -6,16 +6,11 @@ clips of a digit are each other's DTW neighbours).
 """
 from __future__ import annotations
 
-import glob
-import os
-
 import numpy as np
 import pytest
 import scipy.fft
 
 from psla_tf import label_propagation as lp
-
-FSDD = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "fsdd", "recordings")
 
 
 def _dtw(a: np.ndarray, b: np.ndarray) -> float:
@@ -114,19 +109,18 @@ def test_propagated_scores_recover_flipped_labels_of_two_sound_shapes():
     assert np.mean(got.argmax(1) == truth) >= 0.95 > np.mean(noisy == truth)
 
 
-@pytest.mark.skipif(not glob.glob(os.path.join(FSDD, "*_jackson_*.wav")),
-                    reason="../shared/data/fsdd (FSDD recordings) not present")
-def test_propagation_over_one_speakers_digits_corrects_wrong_labels():
+def test_propagation_over_one_speakers_digits_corrects_wrong_labels(shared):
     """Real audio: 20 clips each of three digits by one speaker, a quarter of their labels
     wrong (fixed seed); propagated over 5 DTW neighbours (the recipe's alpha) at least 90 %
     are right."""
     import soundfile as sf
     import soxr
+    fsdd = shared("data", "fsdd", "recordings")
     rng = np.random.default_rng(5)
     clips, truth = [], []
     for k, digit in enumerate((2, 3, 6)):
         for n in range(20):
-            x, sr = sf.read(os.path.join(FSDD, f"{digit}_jackson_{n}.wav"), dtype="float32")
+            x, sr = sf.read(str(fsdd / f"{digit}_jackson_{n}.wav"), dtype="float32")
             x = soxr.resample(x, sr, 16000)[:10480]
             clips.append(np.pad(x, (0, 10480 - len(x))))
             truth.append(k)

@@ -113,11 +113,14 @@ def test_self_training_added_to_a_finished_run(tmp_path):
 def test_self_training_needs_the_adapted_weight_average(tmp_path):
     from psla_tf.errors import ConfigError
     from psla_tf.training.plan import check_config
-    cfg = dataclasses.replace(_cfg(tmp_path / "exp"), self_train_epochs=1, train_data="t", wa_start=1, wa_end=1,
-                              eval_data="e")
+    cfg = dataclasses.replace(_cfg(tmp_path / "exp"), self_train_epochs=1, train_data="t",
+                              wa_start=1, wa_end=1, eval_data="e")
     check_config(dataclasses.replace(cfg, adapt_batchnorm=True, wa=True))
     for bad in (dict(), dict(adapt_batchnorm=True), dict(wa=True, adapt_batchnorm=True,
                                                          loss="bce"),
                 dict(wa=True, adapt_batchnorm=True, strategy="multi_worker")):
         with pytest.raises(ConfigError, match="self_train_epochs"):
             check_config(dataclasses.replace(cfg, **bad))
+    with pytest.raises(ConfigError, match="add --self_train_epochs"):
+        check_config(dataclasses.replace(cfg, adapt_batchnorm=True, wa=True,
+                                         self_train_epochs=0, self_train_neighbours=5))

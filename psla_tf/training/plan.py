@@ -149,6 +149,9 @@ def _check_strategy(cfg: TrainConfig) -> None:
 
 def _check_objective(cfg: TrainConfig) -> None:
     """Metric, fine-tuning and distillation."""
+    if cfg.self_train_neighbours and not cfg.self_train_epochs:
+        raise ConfigError("--self_train_neighbours propagates self-training's pseudo-labels: "
+                          "add --self_train_epochs")
     if cfg.self_train_epochs and not (cfg.adapt_batchnorm and cfg.wa and cfg.loss == "ce"):
         raise ConfigError("--self_train_epochs fine-tunes the weight average on the adapted "
                           "model's pseudo-labels: it needs --adapt_batchnorm, --wa and a "

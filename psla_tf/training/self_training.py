@@ -3,10 +3,10 @@
 After a run's ``adapted`` row (:func:`psla_tf.models.adaptation.adapt_batchnorm`: the weight
 average adapted to an evaluated set's own clips), each clip of that set is labelled with the
 adapted model's top class (``--self_train_neighbours``: of its scores propagated over the
-clips' DTW neighbours, :mod:`psla_tf.label_propagation`), and the weight-averaged model is fine-tuned for a few epochs on the
-training set plus those pseudo-labelled clips (Lee, 2013; the self-training step of SHOT++,
-Liang et al., 2021), at a constant learning rate, its epochs weight-averaged, then adapted
-again as the run adapts. The evaluated set's labels are never read (only reported: the
+clips' DTW neighbours, :mod:`psla_tf.label_propagation`), and the weight-averaged model is
+fine-tuned for a few epochs on the training set plus those pseudo-labelled clips (Lee, 2013;
+the self-training step of SHOT++, Liang et al., 2021), at a constant learning rate, its epochs
+weight-averaged, then adapted again as the run adapts. The evaluated set's labels are never read (only reported: the
 pseudo-labels' accuracy).
 
 Each self-training is a run of its own in ``{exp_dir}/self_training_{eval|val}/`` (its
@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -75,7 +75,7 @@ def propagated_scores(cfg: TrainConfig, scores: np.ndarray, waveforms: np.ndarra
 
 def self_train(cfg: TrainConfig, which: str, spec, data: str, scores: np.ndarray,
                targets: np.ndarray, run: Callable[[TrainConfig], dict[str, Any]],
-               clips=None) -> dict[str, Any]:
+               clips: Iterable[tuple[dict[str, Any], Any]] | None = None) -> dict[str, Any]:
     """Pseudo-label the evaluated set ``which`` (``spec``, glob ``data``) by ``scores`` (the
     adapted model's; with ``cfg.self_train_neighbours``, propagated over the neighbours of its
     ``clips``, the evaluation dataset's ``({"waveform": [B, samples], ...}, labels)``
