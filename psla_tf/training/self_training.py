@@ -60,7 +60,8 @@ def self_train_config(cfg: TrainConfig, which: str, data: str, pseudo_glob: str)
         head_bias_init="reference", freeze_backbone_epochs=0,
         train_data=f"{cfg.train_data},{pseudo_glob}", eval_data=data, val_data=None,
         n_epochs=epochs, lr=cfg.self_train_lr, warmup_steps=0, lrscheduler_start=epochs + 1,
-        wa=True, wa_start=1, wa_end=epochs, self_train_epochs=0, resume=False)
+        wa=True, wa_start=1, wa_end=epochs, self_train_epochs=0, self_train_neighbours=0,
+        resume=False)
 
 
 def propagated_scores(cfg: TrainConfig, scores: np.ndarray, waveforms: np.ndarray
